@@ -1,0 +1,241 @@
+//! Builds tollgate from its configuration and runs it until shutdown.
+//!
+//! [`App::build`] does everything that can fail at start (bind both ports, open the database,
+//! apply migrations) so a bad address or database stops the process before it serves anything.
+//! [`App::run`] serves until its shutdown future resolves, then stops in order: gRPC health and
+//! `/readyz` report not serving → stop accepting → finish in-flight checks → stop background
+//! tasks → flush the request log → close the database.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::Context;
+use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+
+use crate::authz::AuthzService;
+use crate::clock::{Clock, SystemClock};
+use crate::config::Config;
+use crate::grpc::authz::AuthzGrpc;
+use crate::http::{HttpState, router};
+use crate::keys::cache::KeyCache;
+use crate::limiter::memory::MemoryLimiter;
+use crate::reqlog::{self, RequestLog};
+use crate::store::{self, Stores};
+use crate::telemetry::Metrics;
+
+/// A built, not yet running, tollgate.
+pub struct App {
+    config: Config,
+    grpc: TcpListener,
+    http: TcpListener,
+    stores: Stores,
+    cache: Arc<KeyCache>,
+    authz: Arc<AuthzService>,
+    log: RequestLog,
+    log_writer: Option<JoinHandle<()>>,
+    drain: CancellationToken,
+    metrics: Arc<Metrics>,
+}
+
+impl App {
+    pub async fn build(config: Config) -> anyhow::Result<App> {
+        Self::build_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// Like [`App::build`], with the clock every time-dependent rule reads (tests set it).
+    pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<App> {
+        let grpc = TcpListener::bind(config.grpc_addr)
+            .await
+            .with_context(|| format!("cannot listen on grpc_addr {}", config.grpc_addr))?;
+        let http = TcpListener::bind(config.http_addr)
+            .await
+            .with_context(|| format!("cannot listen on http_addr {}", config.http_addr))?;
+        let stores = store::open(config.database_url.expose(), true)
+            .await
+            .with_context(|| format!("cannot open database {}", config.database_url))?;
+        let metrics = Arc::new(Metrics::default());
+        let drain = CancellationToken::new();
+        let (log, log_writer) = reqlog::start(
+            &config.request_log,
+            stores.log.clone(),
+            metrics.clone(),
+            drain.clone(),
+        );
+        let cache = Arc::new(KeyCache::new(
+            stores.keys.clone(),
+            config.cache.key_ttl.0,
+            config.cache.negative_ttl.0,
+        ));
+        let authz = Arc::new(AuthzService::new(
+            &config,
+            cache.clone(),
+            Arc::new(MemoryLimiter::new()),
+            stores.quotas.clone(),
+            log.clone(),
+            clock,
+            metrics.clone(),
+        ));
+        Ok(App {
+            config,
+            grpc,
+            http,
+            stores,
+            cache,
+            authz,
+            log,
+            log_writer,
+            drain,
+            metrics,
+        })
+    }
+
+    /// The bound gRPC address (useful when the configured port was 0).
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc.local_addr().expect("bound socket")
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http.local_addr().expect("bound socket")
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// Serves until `shutdown` resolves (or a server fails), then shuts down in order.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let App {
+            config,
+            grpc,
+            http,
+            stores,
+            cache,
+            authz,
+            log,
+            log_writer,
+            drain,
+            metrics,
+        } = self;
+        let grpc_addr = grpc.local_addr()?;
+        let http_addr = http.local_addr()?;
+
+        let background = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        tasks.spawn(
+            cache
+                .clone()
+                .watch_changes(config.cache.poll_interval.0, background.clone()),
+        );
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<AuthorizationServer<AuthzGrpc>>().await;
+        let shutting_down = Arc::new(AtomicBool::new(false));
+
+        let grpc_stop = CancellationToken::new();
+        let authz_grpc = AuthzGrpc::new(
+            authz,
+            config.authz.key_id_header.clone(),
+            config.authz.hide_credentials,
+        );
+        let mut grpc_server = tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(AuthorizationServer::new(authz_grpc))
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(grpc).with_nodelay(Some(true)),
+                    grpc_stop.clone().cancelled_owned(),
+                ),
+        );
+
+        let http_stop = CancellationToken::new();
+        let state = HttpState {
+            metrics,
+            keys: stores.keys.clone(),
+            cache,
+            log,
+            shutting_down: shutting_down.clone(),
+        };
+        let mut http_server = tokio::spawn(
+            axum::serve(http, router(state))
+                .with_graceful_shutdown(http_stop.clone().cancelled_owned())
+                .into_future(),
+        );
+        tracing::info!(%grpc_addr, %http_addr, database = %config.database_url, "tollgate serving");
+
+        let mut failure = None;
+        tokio::select! {
+            _ = shutdown => tracing::info!("shutdown requested"),
+            r = &mut grpc_server => failure = Some(format!("gRPC server stopped: {r:?}")),
+            r = &mut http_server => failure = Some(format!("HTTP server stopped: {r:?}")),
+        }
+
+        // 1. Tell Envoy and the orchestrator we are going.
+        shutting_down.store(true, Ordering::Relaxed);
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        health
+            .set_not_serving::<AuthorizationServer<AuthzGrpc>>()
+            .await;
+        // 2. Stop accepting; let in-flight checks finish.
+        let deadline = config.shutdown_timeout.0;
+        grpc_stop.cancel();
+        http_stop.cancel();
+        if !grpc_server.is_finished()
+            && tokio::time::timeout(deadline, &mut grpc_server)
+                .await
+                .is_err()
+        {
+            tracing::warn!("in-flight checks still running after {deadline:?}; stopping");
+            grpc_server.abort();
+        }
+        if tokio::time::timeout(deadline, &mut http_server)
+            .await
+            .is_err()
+        {
+            http_server.abort();
+        }
+        // 3. Background tasks.
+        background.cancel();
+        tasks.close();
+        tasks.wait().await;
+        // 4. Every queued log row.
+        drain.cancel();
+        if let Some(writer) = log_writer
+            && tokio::time::timeout(deadline, writer).await.is_err()
+        {
+            tracing::error!("request log flush did not finish within {deadline:?}");
+        }
+        // 5. The database.
+        stores.close().await;
+        tracing::info!("tollgate stopped");
+        match failure {
+            Some(f) => anyhow::bail!(f),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

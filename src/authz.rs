@@ -1,0 +1,296 @@
+//! ext_authz Check, the domain side: key extraction → key lookup → per-minute window → quota →
+//! decision. Reads top to bottom in the order a request meets the rules.
+//!
+//! Envoy's types never appear here; `grpc/authz.rs` translates.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+
+use crate::clock::{self, Clock};
+use crate::config::Config;
+use crate::decision::{Allowed, Decision, Denial, DenyReason, LimitKind, LimitState};
+use crate::keys::{self, ApiKey, KeyStatus, cache::KeyCache};
+use crate::limiter::WindowLimiter;
+use crate::reqlog::{RequestLog, clip};
+use crate::store::{LogRow, Quota, QuotaOutcome, QuotaStore};
+use crate::telemetry::Metrics;
+
+/// Per-minute window length.
+const MINUTE: u64 = 60;
+/// Values longer than this in a key header are refused without a look.
+const MAX_CREDENTIAL_LEN: usize = 512;
+
+/// What a check needs to know about the HTTP request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CheckInput<'a> {
+    /// The key and the header it came in, if any.
+    pub credential: Option<(&'a str, &'a Arc<str>)>,
+    pub method: Option<&'a str>,
+    pub path: Option<&'a str>,
+    pub host: Option<&'a str>,
+    pub request_id: Option<&'a str>,
+    pub client_addr: Option<&'a str>,
+}
+
+/// Decides Check requests.
+pub struct AuthzService {
+    key_headers: Vec<Arc<str>>,
+    authorization: Arc<str>,
+    bearer: bool,
+    rate_limit: bool,
+    default_per_minute: Option<u64>,
+    keys: Arc<KeyCache>,
+    limiter: Arc<dyn WindowLimiter>,
+    quotas: Arc<dyn QuotaStore>,
+    log: RequestLog,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+}
+
+impl AuthzService {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: &Config,
+        keys: Arc<KeyCache>,
+        limiter: Arc<dyn WindowLimiter>,
+        quotas: Arc<dyn QuotaStore>,
+        log: RequestLog,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            key_headers: config
+                .authz
+                .key_headers
+                .iter()
+                .map(|h| Arc::from(h.as_str()))
+                .collect(),
+            authorization: Arc::from("authorization"),
+            bearer: config.authz.bearer,
+            rate_limit: config.authz.rate_limit,
+            default_per_minute: config.limits.default_per_minute,
+            keys,
+            limiter,
+            quotas,
+            log,
+            clock,
+            metrics,
+        }
+    }
+
+    /// Finds the key among the request's headers: the configured key headers in order, then
+    /// `Authorization: Bearer <key>`. `header` looks a lower-case header name up.
+    pub fn credential<'a>(
+        &'a self,
+        header: impl Fn(&str) -> Option<&'a str>,
+    ) -> Option<(&'a str, &'a Arc<str>)> {
+        for name in &self.key_headers {
+            if let Some(v) = header(name).map(str::trim).filter(|v| !v.is_empty()) {
+                return Some((v, name));
+            }
+        }
+        if self.bearer {
+            let auth = header(&self.authorization)?.trim();
+            let (scheme, token) = auth.split_once(' ')?;
+            let token = token.trim();
+            if scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() {
+                return Some((token, &self.authorization));
+            }
+        }
+        None
+    }
+
+    /// Decides one request, counts it, and queues its log row.
+    pub async fn check(&self, input: &CheckInput<'_>) -> Decision {
+        let now = self.clock.now();
+        let decision = self.decide(input, now).await;
+        self.metrics.record_decision(&decision);
+        let key_id = match &decision {
+            Decision::Allow(a) => Some(a.key.id),
+            Decision::Deny(d) => d.key_id,
+        };
+        self.log.record(LogRow {
+            ts: now,
+            request_id: input.request_id.map(clip),
+            key_id,
+            method: input.method.map(clip),
+            path: input.path.map(clip),
+            host: input.host.map(clip),
+            client_addr: input.client_addr.map(clip),
+            allowed: matches!(decision, Decision::Allow(_)),
+            reason: decision.reason_code(),
+            status: decision.status(),
+        });
+        decision
+    }
+
+    async fn decide(&self, input: &CheckInput<'_>, now: DateTime<Utc>) -> Decision {
+        // 1. A key, of the right shape.
+        let Some((presented, header)) = input.credential else {
+            return deny(DenyReason::MissingKey, None);
+        };
+        if presented.len() > MAX_CREDENTIAL_LEN || !keys::is_well_formed(presented) {
+            return deny(DenyReason::InvalidKey, None);
+        }
+
+        // 2. A known key, active and unexpired.
+        let key = match self.keys.lookup(&keys::hash(presented)).await {
+            Ok((found, outcome)) => {
+                self.metrics.record_cache(outcome);
+                match found {
+                    Some(key) => key,
+                    None => return deny(DenyReason::InvalidKey, None),
+                }
+            }
+            Err(e) => {
+                self.metrics.backend_errors_database.inc();
+                tracing::warn!(error = %e, "key lookup failed");
+                return unavailable(None);
+            }
+        };
+        if key.status == KeyStatus::Revoked {
+            return deny(DenyReason::KeyRevoked, Some(key.id));
+        }
+        if key.is_expired(now) {
+            return deny(DenyReason::KeyExpired, Some(key.id));
+        }
+
+        // 3. The per-minute window. Checked before the quota, so a request it refuses
+        //    spends no quota (DESIGN rule 4).
+        let mut limits = Vec::with_capacity(3);
+        let per_minute = self
+            .rate_limit
+            .then(|| key.limits.per_minute.or(self.default_per_minute))
+            .flatten();
+        let window_key = window_key(&key);
+        if let Some(limit) = per_minute {
+            match self.limiter.hit(&window_key, limit, MINUTE, 1, now).await {
+                Ok(w) => {
+                    let state = LimitState {
+                        kind: LimitKind::PerMinute,
+                        limit,
+                        remaining: w.remaining,
+                        reset_after: w.reset_after,
+                        window_secs: MINUTE,
+                    };
+                    if !w.allowed {
+                        return Decision::Deny(Denial {
+                            reason: DenyReason::RateLimited,
+                            retry_after: Some(w.reset_after),
+                            limit: Some(state),
+                            key_id: Some(key.id),
+                        });
+                    }
+                    limits.push(state);
+                }
+                Err(e) => {
+                    self.metrics.backend_errors_limiter.inc();
+                    tracing::warn!(error = %e, key_id = key.id, "rate limiter failed");
+                    return unavailable(Some(key.id));
+                }
+            }
+        }
+
+        // 4. The daily and monthly quota: one atomic statement. Every admitted request is
+        //    counted, also for keys without quotas, so usage and the log agree.
+        let quota = Quota {
+            daily: key.limits.daily,
+            monthly: key.limits.monthly,
+        };
+        let outcome = self.quotas.consume(key.id, quota, 1, now).await;
+        let refused = match outcome {
+            Ok(QuotaOutcome::Admitted { daily, monthly }) => {
+                if let Some(limit) = quota.daily {
+                    limits.push(LimitState {
+                        kind: LimitKind::Daily,
+                        limit,
+                        remaining: limit.saturating_sub(daily),
+                        reset_after: clock::secs_until_next_day(now),
+                        window_secs: 86_400,
+                    });
+                }
+                if let Some(limit) = quota.monthly {
+                    limits.push(LimitState {
+                        kind: LimitKind::Monthly,
+                        limit,
+                        remaining: limit.saturating_sub(monthly),
+                        reset_after: clock::secs_until_next_month(now),
+                        window_secs: clock::month_length_secs(now),
+                    });
+                }
+                return Decision::Allow(Allowed {
+                    key,
+                    limits,
+                    credential_header: header.clone(),
+                });
+            }
+            Ok(QuotaOutcome::DailyExceeded { .. }) => {
+                let limit = quota.daily.unwrap_or_default();
+                let reset = clock::secs_until_next_day(now);
+                Decision::Deny(Denial {
+                    reason: DenyReason::DailyQuotaExceeded,
+                    retry_after: Some(reset),
+                    limit: Some(LimitState {
+                        kind: LimitKind::Daily,
+                        limit,
+                        remaining: 0,
+                        reset_after: reset,
+                        window_secs: 86_400,
+                    }),
+                    key_id: Some(key.id),
+                })
+            }
+            Ok(QuotaOutcome::MonthlyExceeded { .. }) => {
+                let limit = quota.monthly.unwrap_or_default();
+                let reset = clock::secs_until_next_month(now);
+                Decision::Deny(Denial {
+                    reason: DenyReason::MonthlyQuotaExceeded,
+                    retry_after: Some(reset),
+                    limit: Some(LimitState {
+                        kind: LimitKind::Monthly,
+                        limit,
+                        remaining: 0,
+                        reset_after: reset,
+                        window_secs: clock::month_length_secs(now),
+                    }),
+                    key_id: Some(key.id),
+                })
+            }
+            Err(e) => {
+                self.metrics.backend_errors_database.inc();
+                tracing::warn!(error = %e, key_id = key.id, "quota update failed");
+                unavailable(Some(key.id))
+            }
+        };
+        // The request was refused after its per-minute hit was counted: give the hit back,
+        // so a refused request costs nothing.
+        if per_minute.is_some()
+            && let Err(e) = self.limiter.refund(&window_key, MINUTE, 1, now).await
+        {
+            tracing::warn!(error = %e, key_id = key.id, "rate limit refund failed");
+        }
+        refused
+    }
+}
+
+/// The counter key of a key's per-minute window.
+fn window_key(key: &ApiKey) -> String {
+    format!("key:{}", key.id)
+}
+
+fn deny(reason: DenyReason, key_id: Option<i64>) -> Decision {
+    Decision::Deny(Denial {
+        key_id,
+        ..Denial::new(reason)
+    })
+}
+
+fn unavailable(key_id: Option<i64>) -> Decision {
+    Decision::Deny(Denial {
+        reason: DenyReason::BackendUnavailable,
+        retry_after: Some(1),
+        limit: None,
+        key_id,
+    })
+}

@@ -1,0 +1,382 @@
+//! The `tollgate` command line: argument types and the admin commands behind `tollgate keys`.
+//!
+//! The binary parses [`Cli`] and calls into here or into [`crate::app`]; the output formats
+//! (text for people, `--json` for scripts) live here too.
+
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use crate::config::Config;
+use crate::keys::{self, ApiKey, Limits};
+use crate::store::{LimitsPatch, Stores, Usage};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "tollgate",
+    version,
+    about = "API keys, rate limits and usage quotas for Envoy (ext_authz)"
+)]
+pub struct Cli {
+    /// Configuration file (YAML). Also TOLLGATE_CONFIG. Every setting can be overridden by a
+    /// TOLLGATE_<SETTING> environment variable.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve ext_authz Check and gRPC health on grpc_addr, /healthz /readyz /metrics on http_addr.
+    Serve,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Validate the configuration and print it (passwords redacted).
+    CheckConfig,
+    /// Create, list, inspect, revoke API keys and change their limits.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key and print it (the only time it is shown).
+    Create {
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        limits: LimitArgs,
+        /// When the key stops working (RFC 3339, e.g. 2027-01-01T00:00:00Z).
+        #[arg(long, value_name = "RFC3339", value_parser = parse_time)]
+        expires_at: Option<DateTime<Utc>>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List all keys.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one key's limits and current usage.
+    Show {
+        id: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key: it is refused (403) from then on, within a second on running servers.
+    Revoke { id: i64 },
+    /// Change some of a key's limits; "unlimited" removes one.
+    SetLimits {
+        id: i64,
+        #[command(flatten)]
+        limits: LimitArgs,
+    },
+}
+
+/// Limit flags. A value is a positive count, or `unlimited`.
+#[derive(Debug, Args, Clone, Copy)]
+pub struct LimitArgs {
+    /// Requests per minute (unset: the configured default, limits.default_per_minute).
+    #[arg(long, value_name = "N", value_parser = parse_limit)]
+    pub per_minute: Option<LimitValue>,
+    /// Requests per UTC day (unset: unlimited).
+    #[arg(long, value_name = "N", value_parser = parse_limit)]
+    pub daily: Option<LimitValue>,
+    /// Requests per UTC month (unset: unlimited).
+    #[arg(long, value_name = "N", value_parser = parse_limit)]
+    pub monthly: Option<LimitValue>,
+}
+
+/// A limit given on the command line: a count, or `None` for unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitValue(pub Option<u64>);
+
+impl LimitArgs {
+    fn patch(self) -> LimitsPatch {
+        LimitsPatch {
+            per_minute: self.per_minute.map(|v| v.0),
+            daily: self.daily.map(|v| v.0),
+            monthly: self.monthly.map(|v| v.0),
+        }
+    }
+}
+
+/// `"100"` → `Some(100)`; `"unlimited"` / `"none"` → `None`; `"0"` and garbage are errors.
+pub fn parse_limit(s: &str) -> Result<LimitValue, String> {
+    parse_limit_count(s).map(LimitValue)
+}
+
+fn parse_limit_count(s: &str) -> Result<Option<u64>, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "unlimited" | "none" => Ok(None),
+        n => match n.parse::<u64>() {
+            Ok(0) => Err("0 is not a limit: use a count of at least 1, or \"unlimited\" (to block a key, revoke it)".into()),
+            Ok(n) if n > i64::MAX as u64 => Err(format!("{n} is too large")),
+            Ok(n) => Ok(Some(n)),
+            Err(_) => Err(format!("{s:?} is not a count or \"unlimited\"")),
+        },
+    }
+}
+
+fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| format!("{s:?} is not an RFC 3339 time such as 2027-01-01T00:00:00Z ({e})"))
+}
+
+/// Runs a `tollgate keys …` command against the configured database; returns what to print.
+pub async fn run_keys(
+    command: KeysCommand,
+    config: &Config,
+    stores: &Stores,
+    now: DateTime<Utc>,
+) -> anyhow::Result<String> {
+    let default_pm = config.limits.default_per_minute;
+    Ok(match command {
+        KeysCommand::Create {
+            name,
+            limits,
+            expires_at,
+            json,
+        } => {
+            anyhow::ensure!(!name.trim().is_empty(), "--name must not be empty");
+            let limits = limits.patch().apply(Limits::default());
+            let new = keys::generate();
+            let key = stores
+                .keys
+                .create(name.trim(), &new, limits, expires_at, now)
+                .await?;
+            if json {
+                let mut v = key_json(&key, default_pm);
+                v["key"] = new.plaintext.clone().into();
+                format!("{v}\n")
+            } else {
+                format!(
+                    "Created API key {id} ({name:?}).\n\n    {plain}\n\n\
+                     This is the only time the key is shown: store it now.\n{limits}",
+                    id = key.id,
+                    name = key.name,
+                    plain = new.plaintext,
+                    limits = limits_text(&key, default_pm),
+                )
+            }
+        }
+        KeysCommand::List { json } => {
+            let all = stores.keys.list().await?;
+            if json {
+                let v: Vec<_> = all.iter().map(|k| key_json(k, default_pm)).collect();
+                format!("{}\n", serde_json::Value::from(v))
+            } else {
+                list_text(&all, default_pm)
+            }
+        }
+        KeysCommand::Show { id, json } => {
+            let key = stores.keys.get(id).await?.ok_or_else(|| no_key(id))?;
+            let usage = stores.keys.usage(id, now).await?;
+            if json {
+                let mut v = key_json(&key, default_pm);
+                v["usage"] = json!({
+                    "daily": usage.daily,
+                    "monthly": usage.monthly,
+                    "total": usage.total,
+                });
+                format!("{v}\n")
+            } else {
+                show_text(&key, usage, default_pm)
+            }
+        }
+        KeysCommand::Revoke { id } => {
+            anyhow::ensure!(stores.keys.revoke(id, now).await?, no_key(id));
+            format!("Revoked API key {id}.\n")
+        }
+        KeysCommand::SetLimits { id, limits } => {
+            let patch = limits.patch();
+            anyhow::ensure!(
+                patch.per_minute.is_some() || patch.daily.is_some() || patch.monthly.is_some(),
+                "nothing to change: give --per-minute, --daily and/or --monthly"
+            );
+            let key = stores
+                .keys
+                .set_limits(id, patch, now)
+                .await?
+                .ok_or_else(|| no_key(id))?;
+            format!("Updated API key {id}.\n{}", limits_text(&key, default_pm))
+        }
+    })
+}
+
+fn no_key(id: i64) -> anyhow::Error {
+    anyhow::anyhow!("no API key with id {id}")
+}
+
+fn key_json(key: &ApiKey, default_pm: Option<u64>) -> serde_json::Value {
+    json!({
+        "id": key.id,
+        "name": key.name,
+        "prefix": key.prefix,
+        "status": key.status.as_str(),
+        "expires_at": key.expires_at.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+        "per_minute": key.limits.per_minute,
+        "effective_per_minute": key.limits.per_minute.or(default_pm),
+        "daily": key.limits.daily,
+        "monthly": key.limits.monthly,
+    })
+}
+
+fn limit_text(v: Option<u64>) -> String {
+    v.map(|n| n.to_string())
+        .unwrap_or_else(|| "unlimited".into())
+}
+
+fn per_minute_text(key: &ApiKey, default_pm: Option<u64>) -> String {
+    match (key.limits.per_minute, default_pm) {
+        (Some(n), _) => n.to_string(),
+        (None, Some(d)) => format!("{d} (default)"),
+        (None, None) => "unlimited".into(),
+    }
+}
+
+fn limits_text(key: &ApiKey, default_pm: Option<u64>) -> String {
+    format!(
+        "Limits: per minute {}, daily {}, monthly {}.\n",
+        per_minute_text(key, default_pm),
+        limit_text(key.limits.daily),
+        limit_text(key.limits.monthly),
+    )
+}
+
+fn show_text(key: &ApiKey, usage: Usage, default_pm: Option<u64>) -> String {
+    let expires = key
+        .expires_at
+        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+        .unwrap_or_else(|| "never".into());
+    format!(
+        "id:          {}\nname:        {}\nprefix:      {}…\nstatus:      {}\nexpires:     {}\n\
+         per minute:  {}\ndaily:       {} of {}\nmonthly:     {} of {}\ntotal:       {}\n",
+        key.id,
+        key.name,
+        key.prefix,
+        key.status.as_str(),
+        expires,
+        per_minute_text(key, default_pm),
+        usage.daily,
+        limit_text(key.limits.daily),
+        usage.monthly,
+        limit_text(key.limits.monthly),
+        usage.total,
+    )
+}
+
+fn list_text(all: &[ApiKey], default_pm: Option<u64>) -> String {
+    if all.is_empty() {
+        return "No API keys yet: create one with `tollgate keys create --name NAME`.\n".into();
+    }
+    let mut out = format!(
+        "{:>6}  {:<20}  {:<12}  {:<8}  {:>14}  {:>10}  {:>10}  {}\n",
+        "ID", "NAME", "PREFIX", "STATUS", "PER MINUTE", "DAILY", "MONTHLY", "EXPIRES"
+    );
+    for k in all {
+        out.push_str(&format!(
+            "{:>6}  {:<20}  {:<12}  {:<8}  {:>14}  {:>10}  {:>10}  {}\n",
+            k.id,
+            k.name,
+            k.prefix,
+            k.status.as_str(),
+            per_minute_text(k, default_pm),
+            limit_text(k.limits.daily),
+            limit_text(k.limits.monthly),
+            k.expires_at
+                .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+                .unwrap_or_else(|| "never".into()),
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits_parse() {
+        assert_eq!(parse_limit("100"), Ok(LimitValue(Some(100))));
+        assert_eq!(parse_limit("unlimited"), Ok(LimitValue(None)));
+        assert_eq!(parse_limit("NONE"), Ok(LimitValue(None)));
+        assert!(parse_limit("0").unwrap_err().contains("revoke"));
+        assert!(parse_limit("-3").is_err());
+        assert!(parse_limit("lots").is_err());
+        assert!(parse_limit("99999999999999999999").is_err());
+    }
+
+    #[test]
+    fn cli_shape_is_the_contract() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let cli = Cli::try_parse_from([
+            "tollgate",
+            "keys",
+            "create",
+            "--name",
+            "a",
+            "--per-minute",
+            "5",
+            "--daily",
+            "unlimited",
+            "--expires-at",
+            "2027-01-01T00:00:00Z",
+            "--json",
+            "--config",
+            "x.yaml",
+        ])
+        .unwrap();
+        assert_eq!(cli.config, Some(PathBuf::from("x.yaml")));
+        match cli.command {
+            Command::Keys {
+                command:
+                    KeysCommand::Create {
+                        limits,
+                        json,
+                        expires_at,
+                        ..
+                    },
+            } => {
+                assert!(json);
+                assert_eq!(limits.per_minute, Some(LimitValue(Some(5))));
+                assert_eq!(limits.daily, Some(LimitValue(None)));
+                assert_eq!(limits.monthly, None);
+                assert!(expires_at.is_some());
+            }
+            other => panic!("{other:?}"),
+        }
+        for args in [
+            &["tollgate", "serve", "--config", "f"][..],
+            &["tollgate", "migrate"],
+            &["tollgate", "check-config"],
+            &["tollgate", "keys", "list", "--json"],
+            &["tollgate", "keys", "show", "3", "--json"],
+            &["tollgate", "keys", "revoke", "3"],
+            &["tollgate", "keys", "set-limits", "3", "--monthly", "9"],
+        ] {
+            Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        }
+        assert!(Cli::try_parse_from(["tollgate", "keys", "create"]).is_err());
+        assert!(
+            Cli::try_parse_from([
+                "tollgate",
+                "keys",
+                "create",
+                "--name",
+                "a",
+                "--expires-at",
+                "tomorrow"
+            ])
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,541 @@
+//! Configuration: one YAML file, every setting overridable by an environment variable.
+//!
+//! A setting at path `a.b_c` is overridden by `TOLLGATE_A_B_C`. The list of settings, and so of
+//! variables, comes from the defaults themselves, so a new setting gets its variable for free and
+//! an unknown `TOLLGATE_…` variable is an error, like an unknown key in the file. Everything is
+//! checked at start; an error names the file (or variable) and the field.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_yaml::Value;
+
+/// Environment variable prefix.
+pub const ENV_PREFIX: &str = "TOLLGATE_";
+/// Environment variable naming the config file, when `--config` is not given.
+pub const ENV_CONFIG_FILE: &str = "TOLLGATE_CONFIG";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where ext_authz Check and gRPC health are served.
+    pub grpc_addr: SocketAddr,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served.
+    pub http_addr: SocketAddr,
+    /// `sqlite://PATH` (created when missing).
+    pub database_url: SecretUrl,
+    /// Unset: per-minute windows are counted in this process.
+    pub redis_url: Option<SecretUrl>,
+    pub authz: AuthzConfig,
+    pub limits: LimitsConfig,
+    pub cache: CacheConfig,
+    pub request_log: RequestLogConfig,
+    pub log: LogConfig,
+    /// How long shutdown waits for in-flight checks and the log flush.
+    pub shutdown_timeout: Dur,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            grpc_addr: "127.0.0.1:8081".parse().expect("literal"),
+            http_addr: "127.0.0.1:9090".parse().expect("literal"),
+            database_url: SecretUrl("sqlite://tollgate.db".into()),
+            redis_url: None,
+            authz: AuthzConfig::default(),
+            limits: LimitsConfig::default(),
+            cache: CacheConfig::default(),
+            request_log: RequestLogConfig::default(),
+            log: LogConfig::default(),
+            shutdown_timeout: Dur(Duration::from_secs(10)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthzConfig {
+    /// Request headers that may carry the key, tried in order (lower case).
+    pub key_headers: Vec<String>,
+    /// Also accept `Authorization: Bearer <key>`.
+    pub bearer: bool,
+    /// Remove the header that carried the key before the request goes upstream.
+    pub hide_credentials: bool,
+    /// Header set on allowed requests, for the upstream, with the key's id.
+    pub key_id_header: String,
+    /// Enforce keys' per-minute limits in Check. Switch off when Envoy's ratelimit filter
+    /// enforces them instead.
+    pub rate_limit: bool,
+}
+
+impl Default for AuthzConfig {
+    fn default() -> Self {
+        Self {
+            key_headers: vec!["x-api-key".into()],
+            bearer: true,
+            hide_credentials: false,
+            key_id_header: "x-tollgate-key-id".into(),
+            rate_limit: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    /// Per-minute limit of keys that have none of their own; unset = unlimited.
+    pub default_per_minute: Option<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// How long a verified key is used without asking the database again.
+    pub key_ttl: Dur,
+    /// How long an unknown key is remembered as unknown.
+    pub negative_ttl: Dur,
+    /// How often the database is asked which keys changed (revoked, limits set, created).
+    pub poll_interval: Dur,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        Self {
+            key_ttl: Dur(Duration::from_secs(60)),
+            negative_ttl: Dur(Duration::from_secs(5)),
+            poll_interval: Dur(Duration::from_millis(250)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RequestLogConfig {
+    pub enabled: bool,
+    /// Rows waiting to be written; past this, rows are dropped and counted.
+    pub queue_capacity: usize,
+    /// Rows per write.
+    pub batch_size: usize,
+    /// Longest a row waits before a write.
+    pub flush_interval: Dur,
+}
+
+impl Default for RequestLogConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            queue_capacity: 65_536,
+            batch_size: 1_000,
+            flush_interval: Dur(Duration::from_millis(500)),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `text` or `json`.
+    pub format: LogFormat,
+    /// A `tracing` filter such as `info` or `tollgate=debug,info`.
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            level: "info".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// A duration written as `"250ms"`, `"30s"`, `"5m"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl Serialize for Dur {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
+            serde::de::Error::custom(format!("{s:?} is not a duration like \"30s\" ({e})"))
+        })
+    }
+}
+
+/// A URL that may hold a password: `Debug` shows it without.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct SecretUrl(pub String);
+
+impl SecretUrl {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", redact_url(&self.0))
+    }
+}
+
+impl std::fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&redact_url(&self.0))
+    }
+}
+
+/// `scheme://user:secret@host/…` → `scheme://user:***@host/…`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    let Some(at) = rest[..authority_end].rfind('@') else {
+        return url.to_string();
+    };
+    match rest[..at].split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
+        None => url.to_string(),
+    }
+}
+
+/// A configuration problem: where, which field, what is wrong.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration in {source_name}: {field}: {message}")]
+pub struct ConfigError {
+    pub source_name: String,
+    pub field: String,
+    pub message: String,
+}
+
+impl Config {
+    /// Reads the file (if any), applies `TOLLGATE_*` overrides from `env`, and validates.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let source_name = file
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "defaults".into());
+        let mut tree = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+                    source_name: source_name.clone(),
+                    field: "(file)".into(),
+                    message: format!("cannot read: {e}"),
+                })?;
+                let value: Value = serde_yaml::from_str(&text).map_err(|e| ConfigError {
+                    source_name: source_name.clone(),
+                    field: e
+                        .location()
+                        .map(|l| format!("line {} column {}", l.line(), l.column()))
+                        .unwrap_or_else(|| "(file)".into()),
+                    message: e.to_string(),
+                })?;
+                if value.is_null() {
+                    Value::Mapping(Default::default())
+                } else {
+                    value
+                }
+            }
+            None => Value::Mapping(Default::default()),
+        };
+        let file_config = Self::from_tree(tree.clone(), &source_name)?;
+        apply_env(&mut tree, env, &file_config)?;
+        let config = Self::from_tree(tree, &format!("{source_name} with TOLLGATE_* overrides"))?;
+        config.validate(&source_name)?;
+        Ok(config)
+    }
+
+    /// Reads the file named by `--config` or `TOLLGATE_CONFIG`, with the process environment.
+    pub fn from_process(file: Option<PathBuf>) -> Result<Config, ConfigError> {
+        let file = file.or_else(|| std::env::var_os(ENV_CONFIG_FILE).map(PathBuf::from));
+        Self::load(file.as_deref(), std::env::vars())
+    }
+
+    fn from_tree(tree: Value, source_name: &str) -> Result<Config, ConfigError> {
+        serde_path_to_error::deserialize(tree).map_err(|e| ConfigError {
+            source_name: source_name.to_string(),
+            field: e.path().to_string(),
+            message: e.inner().to_string(),
+        })
+    }
+
+    fn validate(&self, source_name: &str) -> Result<(), ConfigError> {
+        let fail = |field: &str, message: String| ConfigError {
+            source_name: source_name.to_string(),
+            field: field.into(),
+            message,
+        };
+        let db = self.database_url.expose();
+        if !db.starts_with("sqlite:") {
+            return Err(fail(
+                "database_url",
+                format!("{} is not supported: use sqlite://PATH", redact_url(db)),
+            ));
+        }
+        if let Some(redis) = &self.redis_url {
+            return Err(fail(
+                "redis_url",
+                format!(
+                    "{redis} is set, but Redis windows are not available in this build; unset it to count in-process"
+                ),
+            ));
+        }
+        if self.authz.key_headers.is_empty() && !self.authz.bearer {
+            return Err(fail(
+                "authz.key_headers",
+                "empty while authz.bearer is false: no header could carry a key".into(),
+            ));
+        }
+        for (i, h) in self.authz.key_headers.iter().enumerate() {
+            if !is_header_name(h) {
+                return Err(fail(
+                    &format!("authz.key_headers[{i}]"),
+                    format!("{h:?} is not a lower-case HTTP header name"),
+                ));
+            }
+        }
+        if !is_header_name(&self.authz.key_id_header) {
+            return Err(fail(
+                "authz.key_id_header",
+                format!(
+                    "{:?} is not a lower-case HTTP header name",
+                    self.authz.key_id_header
+                ),
+            ));
+        }
+        if self.limits.default_per_minute == Some(0) {
+            return Err(fail(
+                "limits.default_per_minute",
+                "must be at least 1 (leave unset for unlimited)".into(),
+            ));
+        }
+        for (field, d) in [
+            ("cache.poll_interval", self.cache.poll_interval),
+            (
+                "request_log.flush_interval",
+                self.request_log.flush_interval,
+            ),
+        ] {
+            if d.0.is_zero() {
+                return Err(fail(field, "must be longer than 0".into()));
+            }
+        }
+        if self.cache.poll_interval.0 > Duration::from_secs(1) {
+            return Err(fail(
+                "cache.poll_interval",
+                "must be at most 1s, or key changes would take longer than 1s to apply".into(),
+            ));
+        }
+        if self.request_log.queue_capacity == 0 || self.request_log.batch_size == 0 {
+            let field = if self.request_log.queue_capacity == 0 {
+                "request_log.queue_capacity"
+            } else {
+                "request_log.batch_size"
+            };
+            return Err(fail(field, "must be at least 1".into()));
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(fail("log.level", format!("{:?}: {e}", self.log.level)));
+        }
+        Ok(())
+    }
+}
+
+fn is_header_name(h: &str) -> bool {
+    !h.is_empty()
+        && h.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_".contains(&b))
+}
+
+/// Every setting's path, from the defaults' own shape: `[("grpc_addr"), ("authz", "bearer"), …]`.
+fn setting_paths(tree: &Value, prefix: &mut Vec<String>, out: &mut Vec<(Vec<String>, Value)>) {
+    match tree {
+        Value::Mapping(map) => {
+            for (k, v) in map {
+                let Some(k) = k.as_str() else { continue };
+                prefix.push(k.to_string());
+                setting_paths(v, prefix, out);
+                prefix.pop();
+            }
+        }
+        leaf => out.push((prefix.clone(), leaf.clone())),
+    }
+}
+
+fn apply_env(
+    tree: &mut Value,
+    env: impl IntoIterator<Item = (String, String)>,
+    current: &Config,
+) -> Result<(), ConfigError> {
+    let shape = serde_yaml::to_value(current).expect("config serialises");
+    let mut paths = Vec::new();
+    setting_paths(&shape, &mut Vec::new(), &mut paths);
+    let mut env: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX) && k != ENV_CONFIG_FILE)
+        .collect();
+    env.sort();
+    for (name, raw) in env {
+        let Some((path, shape_leaf)) = paths
+            .iter()
+            .find(|(p, _)| format!("{ENV_PREFIX}{}", p.join("_").to_uppercase()) == name)
+        else {
+            return Err(ConfigError {
+                source_name: "environment".into(),
+                field: name,
+                message: "is not a tollgate setting".into(),
+            });
+        };
+        let value = match shape_leaf {
+            Value::Sequence(_) => Value::Sequence(
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| Value::String(s.to_string()))
+                    .collect(),
+            ),
+            Value::String(_) => Value::String(raw.clone()),
+            _ if raw.trim().is_empty() => Value::Null,
+            _ => serde_yaml::from_str(&raw).unwrap_or(Value::String(raw.clone())),
+        };
+        set_path(tree, path, value);
+    }
+    Ok(())
+}
+
+fn set_path(tree: &mut Value, path: &[String], value: Value) {
+    let mut node = tree;
+    for (i, part) in path.iter().enumerate() {
+        if !node.is_mapping() {
+            *node = Value::Mapping(Default::default());
+        }
+        let map = node.as_mapping_mut().expect("mapping");
+        let key = Value::String(part.clone());
+        if i == path.len() - 1 {
+            map.insert(key, value);
+            return;
+        }
+        node = map.entry(key).or_insert(Value::Mapping(Default::default()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn load_yaml(yaml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(yaml.as_bytes()).unwrap();
+        Config::load(
+            Some(f.path()),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    #[test]
+    fn defaults_need_no_file() {
+        let c = Config::load(None, []).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:8081");
+        assert_eq!(c.http_addr.to_string(), "127.0.0.1:9090");
+        assert_eq!(c.database_url.expose(), "sqlite://tollgate.db");
+    }
+
+    #[test]
+    fn file_values_and_env_overrides() {
+        let c = load_yaml(
+            "grpc_addr: 127.0.0.1:7000\nauthz:\n  hide_credentials: true\ncache:\n  key_ttl: 2m\n",
+            &[
+                ("TOLLGATE_HTTP_ADDR", "0.0.0.0:9999"),
+                ("TOLLGATE_AUTHZ_KEY_HEADERS", "x-key, x-api-key"),
+                ("TOLLGATE_LIMITS_DEFAULT_PER_MINUTE", "120"),
+                ("TOLLGATE_AUTHZ_RATE_LIMIT", "false"),
+                ("TOLLGATE_DATABASE_URL", "sqlite:///tmp/t.db"),
+                ("TOLLGATE_CONFIG", "ignored.yaml"),
+                ("OTHER", "x"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:7000");
+        assert_eq!(c.http_addr.to_string(), "0.0.0.0:9999");
+        assert!(c.authz.hide_credentials);
+        assert!(!c.authz.rate_limit);
+        assert_eq!(c.authz.key_headers, vec!["x-key", "x-api-key"]);
+        assert_eq!(c.limits.default_per_minute, Some(120));
+        assert_eq!(c.cache.key_ttl.0, Duration::from_secs(120));
+        assert_eq!(c.database_url.expose(), "sqlite:///tmp/t.db");
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let e = load_yaml("authz:\n  hide_credential: true\n", &[]).unwrap_err();
+        assert_eq!(e.field, "authz.hide_credential");
+        assert!(e.message.contains("unknown field"), "{e}");
+        assert!(
+            e.to_string().contains(".yaml") || e.to_string().contains("tmp"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let e = load_yaml("grpc_addr: nowhere\n", &[]).unwrap_err();
+        assert_eq!(e.field, "grpc_addr");
+        let e = load_yaml("cache:\n  key_ttl: soon\n", &[]).unwrap_err();
+        assert_eq!(e.field, "cache.key_ttl");
+        assert!(e.message.contains("soon"), "{e}");
+        let e = load_yaml("authz:\n  key_headers: [X-Api-Key]\n", &[]).unwrap_err();
+        assert_eq!(e.field, "authz.key_headers[0]");
+        let e = load_yaml("limits:\n  default_per_minute: 0\n", &[]).unwrap_err();
+        assert_eq!(e.field, "limits.default_per_minute");
+        let e = load_yaml("log:\n  format: xml\n", &[]).unwrap_err();
+        assert_eq!(e.field, "log.format");
+        let e = load_yaml("database_url: mysql://x\n", &[]).unwrap_err();
+        assert_eq!(e.field, "database_url");
+    }
+
+    #[test]
+    fn unknown_or_bad_env_is_named() {
+        let e = load_yaml("", &[("TOLLGATE_GRPC_ADRR", "1")]).unwrap_err();
+        assert_eq!(e.field, "TOLLGATE_GRPC_ADRR");
+        let e = load_yaml("", &[("TOLLGATE_REQUEST_LOG_BATCH_SIZE", "many")]).unwrap_err();
+        assert_eq!(e.field, "request_log.batch_size");
+        assert!(e.source_name.contains("TOLLGATE_"), "{e}");
+    }
+
+    #[test]
+    fn malformed_yaml_names_the_line() {
+        let e = load_yaml("grpc_addr: [\n", &[]).unwrap_err();
+        assert!(e.field.starts_with("line "), "{e}");
+    }
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact_url("postgres://u:hunter2@db:5432/x"),
+            "postgres://u:***@db:5432/x"
+        );
+        assert_eq!(redact_url("sqlite://a.db"), "sqlite://a.db");
+        let s = SecretUrl("redis://:pw@h:6379".into());
+        assert!(!format!("{s:?}").contains("pw"));
+    }
+}

@@ -1,0 +1,365 @@
+//! What a check decides, and the one place that turns a decision into what the client sees:
+//! status, `Retry-After`, rate-limit headers and the RFC 9457 problem body (DESIGN rule 6).
+
+use std::sync::Arc;
+
+use serde_json::json;
+
+use crate::keys::ApiKey;
+
+/// Which limit a [`LimitState`] describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    PerMinute,
+    Daily,
+    Monthly,
+}
+
+impl LimitKind {
+    /// The name used in problem bodies and `RateLimit-Policy`.
+    pub fn name(self) -> &'static str {
+        match self {
+            LimitKind::PerMinute => "per_minute",
+            LimitKind::Daily => "daily",
+            LimitKind::Monthly => "monthly",
+        }
+    }
+}
+
+/// One limit as it stands after a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitState {
+    pub kind: LimitKind,
+    pub limit: u64,
+    pub remaining: u64,
+    /// Whole seconds until it resets.
+    pub reset_after: u64,
+    /// Length of its window in seconds (60, 86400, the month's length).
+    pub window_secs: u64,
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenyReason {
+    MissingKey,
+    InvalidKey,
+    KeyRevoked,
+    KeyExpired,
+    RateLimited,
+    DailyQuotaExceeded,
+    MonthlyQuotaExceeded,
+    BackendUnavailable,
+}
+
+impl DenyReason {
+    pub const ALL: [DenyReason; 8] = [
+        DenyReason::MissingKey,
+        DenyReason::InvalidKey,
+        DenyReason::KeyRevoked,
+        DenyReason::KeyExpired,
+        DenyReason::RateLimited,
+        DenyReason::DailyQuotaExceeded,
+        DenyReason::MonthlyQuotaExceeded,
+        DenyReason::BackendUnavailable,
+    ];
+
+    /// The stable machine code in the body's `error` field.
+    pub fn code(self) -> &'static str {
+        match self {
+            DenyReason::MissingKey => "missing_key",
+            DenyReason::InvalidKey => "invalid_key",
+            DenyReason::KeyRevoked => "key_revoked",
+            DenyReason::KeyExpired => "key_expired",
+            DenyReason::RateLimited => "rate_limited",
+            DenyReason::DailyQuotaExceeded => "daily_quota_exceeded",
+            DenyReason::MonthlyQuotaExceeded => "monthly_quota_exceeded",
+            DenyReason::BackendUnavailable => "backend_unavailable",
+        }
+    }
+
+    pub fn status(self) -> u16 {
+        match self {
+            DenyReason::MissingKey | DenyReason::InvalidKey => 401,
+            DenyReason::KeyRevoked | DenyReason::KeyExpired => 403,
+            DenyReason::RateLimited
+            | DenyReason::DailyQuotaExceeded
+            | DenyReason::MonthlyQuotaExceeded => 429,
+            DenyReason::BackendUnavailable => 503,
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self.status() {
+            401 => "Unauthorized",
+            403 => "Forbidden",
+            429 => "Too Many Requests",
+            _ => "Service Unavailable",
+        }
+    }
+}
+
+/// A refusal, with everything the client is told about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    pub reason: DenyReason,
+    /// Seconds until a retry may succeed (limits) or is worth trying (outages).
+    pub retry_after: Option<u64>,
+    /// The limit that was hit, for 429s.
+    pub limit: Option<LimitState>,
+    /// The key, when it was identified.
+    pub key_id: Option<i64>,
+}
+
+impl Denial {
+    pub fn new(reason: DenyReason) -> Self {
+        Self {
+            reason,
+            retry_after: None,
+            limit: None,
+            key_id: None,
+        }
+    }
+
+    /// A human sentence for `detail`.
+    pub fn detail(&self) -> String {
+        let retry = self
+            .retry_after
+            .map(|s| format!(" Retry in {s} s."))
+            .unwrap_or_default();
+        let limit = self.limit.map(|l| l.limit).unwrap_or_default();
+        match self.reason {
+            DenyReason::MissingKey => {
+                "No API key: send it in the x-api-key header or as Authorization: Bearer <key>."
+                    .into()
+            }
+            DenyReason::InvalidKey => "The API key is not valid.".into(),
+            DenyReason::KeyRevoked => "The API key has been revoked.".into(),
+            DenyReason::KeyExpired => "The API key has expired.".into(),
+            DenyReason::RateLimited => {
+                format!("Rate limit of {limit} requests per minute exceeded.{retry}")
+            }
+            DenyReason::DailyQuotaExceeded => {
+                format!("Daily quota of {limit} requests exceeded; it resets at 00:00 UTC.{retry}")
+            }
+            DenyReason::MonthlyQuotaExceeded => format!(
+                "Monthly quota of {limit} requests exceeded; it resets on the 1st at 00:00 UTC.{retry}"
+            ),
+            DenyReason::BackendUnavailable => {
+                format!("tollgate cannot reach its database to check this request.{retry}")
+            }
+        }
+    }
+
+    /// The RFC 9457 problem body.
+    pub fn body(&self) -> String {
+        let detail = self.detail();
+        let mut body = json!({
+            "type": format!("urn:tollgate:error:{}", self.reason.code()),
+            "title": self.reason.title(),
+            "status": self.reason.status(),
+            "detail": detail,
+            "error": self.reason.code(),
+            "message": detail,
+        });
+        if let Some(s) = self.retry_after {
+            body["retry_after"] = s.into();
+        }
+        if let Some(l) = self.limit {
+            body["limit"] = json!({
+                "name": l.kind.name(),
+                "limit": l.limit,
+                "remaining": l.remaining,
+                "reset": l.reset_after,
+            });
+        }
+        body.to_string()
+    }
+
+    /// Headers of the denied response (besides the body's content type).
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut h = vec![
+            ("content-type", "application/problem+json".to_string()),
+            ("cache-control", "no-store".to_string()),
+        ];
+        match self.reason {
+            DenyReason::MissingKey => {
+                h.push(("www-authenticate", r#"Bearer realm="tollgate""#.into()))
+            }
+            DenyReason::InvalidKey => h.push((
+                "www-authenticate",
+                r#"Bearer realm="tollgate", error="invalid_token""#.into(),
+            )),
+            _ => {}
+        }
+        if let Some(s) = self.retry_after {
+            h.push(("retry-after", s.to_string()));
+        }
+        if let Some(l) = self.limit {
+            h.extend(rate_limit_headers(&[l]));
+        }
+        h
+    }
+}
+
+/// The outcome of a check.
+#[derive(Debug, Clone)]
+pub enum Decision {
+    Allow(Allowed),
+    Deny(Denial),
+}
+
+/// An admitted request.
+#[derive(Debug, Clone)]
+pub struct Allowed {
+    pub key: Arc<ApiKey>,
+    /// Every limit the key has, after this request.
+    pub limits: Vec<LimitState>,
+    /// The request header that carried the key (removed upstream with `hide_credentials`).
+    pub credential_header: Arc<str>,
+}
+
+impl Decision {
+    pub fn status(&self) -> u16 {
+        match self {
+            Decision::Allow(_) => 200,
+            Decision::Deny(d) => d.reason.status(),
+        }
+    }
+
+    pub fn reason_code(&self) -> &'static str {
+        match self {
+            Decision::Allow(_) => "ok",
+            Decision::Deny(d) => d.reason.code(),
+        }
+    }
+}
+
+/// The limit closest to exhaustion: fewest remaining, then the latest reset.
+pub fn closest(states: &[LimitState]) -> Option<&LimitState> {
+    states.iter().min_by(|a, b| {
+        a.remaining
+            .cmp(&b.remaining)
+            .then(b.reset_after.cmp(&a.reset_after))
+    })
+}
+
+/// `X-RateLimit-*` (Reset in seconds from now, like Envoy's draft-03 headers) and the IETF draft
+/// `RateLimit` for the limit closest to exhaustion; `RateLimit-Policy` lists every limit.
+pub fn rate_limit_headers(states: &[LimitState]) -> Vec<(&'static str, String)> {
+    let Some(c) = closest(states) else {
+        return Vec::new();
+    };
+    let policy = states
+        .iter()
+        .map(|s| format!("\"{}\";q={};w={}", s.kind.name(), s.limit, s.window_secs))
+        .collect::<Vec<_>>()
+        .join(", ");
+    vec![
+        ("x-ratelimit-limit", c.limit.to_string()),
+        ("x-ratelimit-remaining", c.remaining.to_string()),
+        ("x-ratelimit-reset", c.reset_after.to_string()),
+        ("ratelimit-policy", policy),
+        (
+            "ratelimit",
+            format!(
+                "\"{}\";r={};t={}",
+                c.kind.name(),
+                c.remaining,
+                c.reset_after
+            ),
+        ),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn minute(remaining: u64, reset: u64) -> LimitState {
+        LimitState {
+            kind: LimitKind::PerMinute,
+            limit: 100,
+            remaining,
+            reset_after: reset,
+            window_secs: 60,
+        }
+    }
+
+    fn day(remaining: u64) -> LimitState {
+        LimitState {
+            kind: LimitKind::Daily,
+            limit: 1000,
+            remaining,
+            reset_after: 3600,
+            window_secs: 86_400,
+        }
+    }
+
+    fn header<'a>(h: &'a [(&'static str, String)], name: &str) -> Option<&'a str> {
+        h.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str())
+    }
+
+    #[test]
+    fn headers_describe_the_limit_closest_to_exhaustion() {
+        let h = rate_limit_headers(&[minute(42, 18), day(7)]);
+        assert_eq!(header(&h, "x-ratelimit-limit"), Some("1000"));
+        assert_eq!(header(&h, "x-ratelimit-remaining"), Some("7"));
+        assert_eq!(header(&h, "x-ratelimit-reset"), Some("3600"));
+        assert_eq!(header(&h, "ratelimit"), Some("\"daily\";r=7;t=3600"));
+        assert_eq!(
+            header(&h, "ratelimit-policy"),
+            Some("\"per_minute\";q=100;w=60, \"daily\";q=1000;w=86400")
+        );
+        let h = rate_limit_headers(&[minute(3, 18), day(7)]);
+        assert_eq!(header(&h, "ratelimit"), Some("\"per_minute\";r=3;t=18"));
+        assert!(rate_limit_headers(&[]).is_empty());
+    }
+
+    #[test]
+    fn ties_pick_the_later_reset() {
+        let states = [minute(0, 18), day(0)];
+        assert_eq!(closest(&states).unwrap().kind, LimitKind::Daily);
+    }
+
+    #[test]
+    fn rate_limited_body_and_headers() {
+        let d = Denial {
+            reason: DenyReason::RateLimited,
+            retry_after: Some(23),
+            limit: Some(minute(0, 23)),
+            key_id: Some(9),
+        };
+        let body: serde_json::Value = serde_json::from_str(&d.body()).unwrap();
+        assert_eq!(body["status"], 429);
+        assert_eq!(body["error"], "rate_limited");
+        assert_eq!(body["title"], "Too Many Requests");
+        assert_eq!(body["type"], "urn:tollgate:error:rate_limited");
+        assert_eq!(body["retry_after"], 23);
+        assert_eq!(body["limit"]["name"], "per_minute");
+        assert_eq!(body["limit"]["limit"], 100);
+        assert!(
+            body["detail"]
+                .as_str()
+                .unwrap()
+                .contains("100 requests per minute")
+        );
+        let h = d.headers();
+        assert_eq!(header(&h, "retry-after"), Some("23"));
+        assert_eq!(header(&h, "content-type"), Some("application/problem+json"));
+        assert_eq!(header(&h, "x-ratelimit-remaining"), Some("0"));
+        assert_eq!(header(&h, "www-authenticate"), None);
+    }
+
+    #[test]
+    fn every_reason_has_a_status_code_and_body() {
+        for reason in DenyReason::ALL {
+            let d = Denial::new(reason);
+            let body: serde_json::Value = serde_json::from_str(&d.body()).unwrap();
+            assert_eq!(body["status"], reason.status());
+            assert_eq!(body["error"], reason.code());
+            assert!(body.get("retry_after").is_none());
+            let www = header(&d.headers(), "www-authenticate").is_some();
+            assert_eq!(www, reason.status() == 401, "{reason:?}");
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! `envoy.service.auth.v3.Authorization/Check`: translates a `CheckRequest` into a
+//! [`CheckInput`], asks [`AuthzService`], and translates the [`Decision`] back.
+//!
+//! Anything a request lacks (no attributes, no HTTP part, non-UTF-8 raw headers) simply reads as
+//! absent: the answer is always a well-formed allow or deny, never an error or a panic.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::{
+    HeaderValue, HeaderValueOption, address, header_value_option::HeaderAppendAction,
+};
+use envoy_types::pb::envoy::service::auth::v3::{
+    CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
+    attribute_context::HttpRequest, authorization_server::Authorization, check_response,
+};
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+use envoy_types::pb::google::rpc::Status;
+use tonic::{Request, Response};
+
+use crate::authz::{AuthzService, CheckInput};
+use crate::decision::{Allowed, Decision, Denial, DenyReason, rate_limit_headers};
+
+/// google.rpc.Code values Envoy sees in `CheckResponse.status`.
+const OK: i32 = 0;
+const PERMISSION_DENIED: i32 = 7;
+const RESOURCE_EXHAUSTED: i32 = 8;
+const UNAVAILABLE: i32 = 14;
+const UNAUTHENTICATED: i32 = 16;
+
+/// The tonic service for ext_authz.
+pub struct AuthzGrpc {
+    service: Arc<AuthzService>,
+    key_id_header: String,
+    hide_credentials: bool,
+}
+
+impl AuthzGrpc {
+    pub fn new(service: Arc<AuthzService>, key_id_header: String, hide_credentials: bool) -> Self {
+        Self {
+            service,
+            key_id_header,
+            hide_credentials,
+        }
+    }
+}
+
+/// The request's headers, whichever way Envoy sent them (`headers`, or `header_map` when the
+/// filter's `encode_raw_headers` is on).
+struct Headers<'a> {
+    map: Option<&'a HashMap<String, String>>,
+    raw: Vec<(&'a str, &'a str)>,
+}
+
+impl<'a> Headers<'a> {
+    fn of(http: Option<&'a HttpRequest>) -> Self {
+        let Some(http) = http else {
+            return Headers {
+                map: None,
+                raw: Vec::new(),
+            };
+        };
+        let raw = http
+            .header_map
+            .iter()
+            .flat_map(|m| m.headers.iter())
+            .filter_map(|h| {
+                let value = if h.raw_value.is_empty() {
+                    h.value.as_str()
+                } else {
+                    std::str::from_utf8(&h.raw_value).ok()?
+                };
+                Some((h.key.as_str(), value))
+            })
+            .collect();
+        Headers {
+            map: Some(&http.headers),
+            raw,
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&'a str> {
+        if let Some(v) = self.map.and_then(|m| m.get(name)) {
+            return Some(v.as_str());
+        }
+        self.raw
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| *v)
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for AuthzGrpc {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, tonic::Status> {
+        let request = request.into_inner();
+        let attributes = request.attributes.as_ref();
+        let http = attributes
+            .and_then(|a| a.request.as_ref())
+            .and_then(|r| r.http.as_ref());
+        let headers = Headers::of(http);
+        let client_addr = attributes
+            .and_then(|a| a.source.as_ref())
+            .and_then(|p| p.address.as_ref())
+            .and_then(|a| a.address.as_ref())
+            .and_then(|a| match a {
+                address::Address::SocketAddress(s) => Some(s.address.as_str()),
+                _ => None,
+            });
+        let input = CheckInput {
+            credential: self.service.credential(|name| headers.get(name)),
+            method: http.and_then(|h| non_empty(&h.method)),
+            path: http.and_then(|h| non_empty(&h.path)),
+            host: http.and_then(|h| non_empty(&h.host)),
+            request_id: http
+                .and_then(|h| non_empty(&h.id))
+                .or_else(|| headers.get("x-request-id")),
+            client_addr,
+        };
+        let decision = self.service.check(&input).await;
+        Ok(Response::new(match decision {
+            Decision::Allow(allowed) => self.ok_response(&allowed),
+            Decision::Deny(denial) => denied_response(&denial),
+        }))
+    }
+}
+
+impl AuthzGrpc {
+    fn ok_response(&self, allowed: &Allowed) -> CheckResponse {
+        let ok = OkHttpResponse {
+            headers: vec![header(&self.key_id_header, allowed.key.id.to_string())],
+            headers_to_remove: if self.hide_credentials {
+                vec![allowed.credential_header.to_string()]
+            } else {
+                Vec::new()
+            },
+            response_headers_to_add: rate_limit_headers(&allowed.limits)
+                .into_iter()
+                .map(|(k, v)| header(k, v))
+                .collect(),
+            ..Default::default()
+        };
+        let metadata = Struct {
+            fields: HashMap::from([
+                (
+                    "key_id".to_string(),
+                    string_value(allowed.key.id.to_string()),
+                ),
+                (
+                    "key_name".to_string(),
+                    string_value(allowed.key.name.clone()),
+                ),
+            ]),
+        };
+        CheckResponse {
+            status: Some(Status {
+                code: OK,
+                ..Default::default()
+            }),
+            dynamic_metadata: Some(metadata),
+            http_response: Some(check_response::HttpResponse::OkResponse(ok)),
+        }
+    }
+}
+
+fn denied_response(denial: &Denial) -> CheckResponse {
+    let code = match denial.reason {
+        DenyReason::MissingKey | DenyReason::InvalidKey => UNAUTHENTICATED,
+        DenyReason::KeyRevoked | DenyReason::KeyExpired => PERMISSION_DENIED,
+        DenyReason::BackendUnavailable => UNAVAILABLE,
+        _ => RESOURCE_EXHAUSTED,
+    };
+    let denied = DeniedHttpResponse {
+        status: Some(HttpStatus {
+            code: denial.reason.status() as i32,
+        }),
+        headers: denial
+            .headers()
+            .into_iter()
+            .map(|(k, v)| header(k, v))
+            .collect(),
+        body: denial.body(),
+    };
+    CheckResponse {
+        status: Some(Status {
+            code,
+            message: denial.reason.code().to_string(),
+            ..Default::default()
+        }),
+        dynamic_metadata: None,
+        http_response: Some(check_response::HttpResponse::DeniedResponse(denied)),
+    }
+}
+
+/// A header that replaces any value of the same name (so a client cannot smuggle its own
+/// `x-tollgate-key-id` upstream).
+fn header(key: &str, value: String) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_string(),
+            value,
+            raw_value: Vec::new(),
+        }),
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
+    }
+}
+
+fn non_empty(s: &str) -> Option<&str> {
+    Some(s).filter(|s| !s.is_empty())
+}
+
+fn string_value(s: String) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s)),
+    }
+}

@@ -1,0 +1,3 @@
+//! The gRPC edge: Envoy's protobuf in, domain calls, protobuf out. Nothing here decides anything.
+
+pub mod authz;

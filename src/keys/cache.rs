@@ -1,0 +1,174 @@
+//! Verified keys kept in memory, so a check costs no database round trip.
+//!
+//! Found keys are kept for `key_ttl`; unknown hashes for `negative_ttl` (briefly: a key created a
+//! moment ago must start working). A background task polls the store for changed keys every
+//! `poll_interval` and drops their entries, so a revoke or a limit change reaches this process
+//! well within a second. When the database is away, a key already verified keeps working from its
+//! cached entry, however old (DESIGN rule 7).
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+
+use super::{ApiKey, KeyHash};
+use crate::store::{KeyStore, StoreError};
+
+/// Most unknown hashes remembered at once; past that, misses are not cached (a flood of random
+/// keys cannot grow memory without bound).
+const MAX_NEGATIVE: usize = 100_000;
+
+#[derive(Debug, Clone)]
+enum Entry {
+    Found(Arc<ApiKey>, Instant),
+    Missing(Instant),
+}
+
+/// A key store with a cache in front.
+pub struct KeyCache {
+    store: Arc<dyn KeyStore>,
+    entries: RwLock<HashMap<KeyHash, Entry>>,
+    negatives: std::sync::atomic::AtomicUsize,
+    /// Bumped by every invalidation: a lookup that started before one does not cache its answer,
+    /// which may predate the change.
+    generation: std::sync::atomic::AtomicU64,
+    key_ttl: Duration,
+    negative_ttl: Duration,
+}
+
+/// How a lookup was answered; for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheOutcome {
+    Hit,
+    Miss,
+    /// The store failed and a stale entry answered.
+    Stale,
+}
+
+impl KeyCache {
+    pub fn new(store: Arc<dyn KeyStore>, key_ttl: Duration, negative_ttl: Duration) -> Self {
+        Self {
+            store,
+            entries: RwLock::new(HashMap::new()),
+            negatives: Default::default(),
+            generation: Default::default(),
+            key_ttl,
+            negative_ttl,
+        }
+    }
+
+    /// The key with this hash, from the cache when fresh, else from the store.
+    pub async fn lookup(
+        &self,
+        hash: &KeyHash,
+    ) -> Result<(Option<Arc<ApiKey>>, CacheOutcome), StoreError> {
+        let cached = self.entries.read().expect("cache lock").get(hash).cloned();
+        let now = Instant::now();
+        match &cached {
+            Some(Entry::Found(key, at)) if now.duration_since(*at) < self.key_ttl => {
+                return Ok((Some(key.clone()), CacheOutcome::Hit));
+            }
+            Some(Entry::Missing(at)) if now.duration_since(*at) < self.negative_ttl => {
+                return Ok((None, CacheOutcome::Hit));
+            }
+            _ => {}
+        }
+        let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
+        match self.store.find_by_hash(hash).await {
+            Ok(found) => {
+                let found = found.map(Arc::new);
+                self.insert(*hash, found.clone(), generation);
+                Ok((found, CacheOutcome::Miss))
+            }
+            Err(e) => match cached {
+                Some(Entry::Found(key, _)) => Ok((Some(key), CacheOutcome::Stale)),
+                _ => Err(e),
+            },
+        }
+    }
+
+    fn insert(&self, hash: KeyHash, found: Option<Arc<ApiKey>>, generation: u64) {
+        use std::sync::atomic::Ordering::{Acquire, Relaxed};
+        let mut entries = self.entries.write().expect("cache lock");
+        if self.generation.load(Acquire) != generation {
+            return;
+        }
+        let entry = match found {
+            Some(key) => Entry::Found(key, Instant::now()),
+            None if self.negatives.load(Relaxed) >= MAX_NEGATIVE => return,
+            None => Entry::Missing(Instant::now()),
+        };
+        let was_missing = matches!(entries.get(&hash), Some(Entry::Missing(_)));
+        let is_missing = matches!(entry, Entry::Missing(_));
+        entries.insert(hash, entry);
+        match (was_missing, is_missing) {
+            (false, true) => self.negatives.fetch_add(1, Relaxed),
+            (true, false) => self.negatives.fetch_sub(1, Relaxed),
+            _ => 0,
+        };
+    }
+
+    /// Drops the entries of these hashes, found or not.
+    pub fn invalidate(&self, hashes: &[KeyHash]) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut entries = self.entries.write().expect("cache lock");
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        for hash in hashes {
+            if let Some(Entry::Missing(_)) = entries.remove(hash) {
+                self.negatives.fetch_sub(1, Relaxed);
+            }
+        }
+    }
+
+    /// Number of cached entries (found and missing).
+    pub fn len(&self) -> usize {
+        self.entries.read().expect("cache lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Polls the store for changed keys until `stop` is cancelled. A failed poll keeps the cursor,
+    /// so no change is missed once the store answers again.
+    pub async fn watch_changes(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
+        let mut cursor = None;
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let Some(from) = cursor else {
+                match self.store.change_cursor().await {
+                    Ok(c) => {
+                        // Anything cached before the first cursor was read may be stale.
+                        let mut entries = self.entries.write().expect("cache lock");
+                        self.generation
+                            .fetch_add(1, std::sync::atomic::Ordering::Release);
+                        entries.clear();
+                        drop(entries);
+                        self.negatives
+                            .store(0, std::sync::atomic::Ordering::Relaxed);
+                        cursor = Some(c);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "key change poll failed"),
+                }
+                continue;
+            };
+            match self.store.changes_since(from).await {
+                Ok((hashes, next)) => {
+                    if !hashes.is_empty() {
+                        tracing::debug!(changed = hashes.len(), "dropping changed keys from cache");
+                        self.invalidate(&hashes);
+                    }
+                    cursor = Some(next);
+                }
+                Err(e) => tracing::warn!(error = %e, "key change poll failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! API keys: their format, their hash, and the cache that keeps verified keys close.
+//!
+//! A key is `tg_` followed by 40 base62 characters (about 238 random bits). Only its SHA-256 hash
+//! and a short visible prefix (`tg_` plus 8 characters) are ever stored (DESIGN rule 8); the key
+//! itself is printed once, by `tollgate keys create`.
+
+pub mod cache;
+
+use chrono::{DateTime, Utc};
+use rand::RngExt;
+use rand::distr::Alphanumeric;
+use sha2::{Digest, Sha256};
+
+/// What every tollgate key starts with, so a leaked key is recognisable (secret scanners, logs).
+pub const KEY_PREFIX: &str = "tg_";
+/// Random characters after [`KEY_PREFIX`].
+pub const KEY_RANDOM_LEN: usize = 40;
+/// Length of a whole key.
+pub const KEY_LEN: usize = KEY_PREFIX.len() + KEY_RANDOM_LEN;
+/// Length of the visible prefix kept for humans (`tg_` + 8 characters).
+pub const VISIBLE_PREFIX_LEN: usize = KEY_PREFIX.len() + 8;
+
+/// SHA-256 of a key: what the database stores and the cache is keyed by.
+pub type KeyHash = [u8; 32];
+
+/// A freshly generated key: shown once, then only its hash and prefix remain.
+#[derive(Clone, PartialEq, Eq)]
+pub struct NewKey {
+    pub plaintext: String,
+    pub hash: KeyHash,
+    pub prefix: String,
+}
+
+impl std::fmt::Debug for NewKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NewKey")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Generates a new random key from the thread's cryptographically secure generator.
+pub fn generate() -> NewKey {
+    let random: String = rand::rng()
+        .sample_iter(&Alphanumeric)
+        .take(KEY_RANDOM_LEN)
+        .map(char::from)
+        .collect();
+    let plaintext = format!("{KEY_PREFIX}{random}");
+    NewKey {
+        hash: hash(&plaintext),
+        prefix: plaintext[..VISIBLE_PREFIX_LEN].to_string(),
+        plaintext,
+    }
+}
+
+/// Hashes a key for storage and lookup.
+pub fn hash(key: &str) -> KeyHash {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+/// Lower-case hex of a hash, as stored in the `key_hash` column.
+pub fn hash_hex(hash: &KeyHash) -> String {
+    use std::fmt::Write;
+    hash.iter().fold(String::with_capacity(64), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Whether `candidate` has the shape of a tollgate key. Anything else is refused before it is
+/// hashed or looked up, so garbage and oversized values cost nothing.
+pub fn is_well_formed(candidate: &str) -> bool {
+    candidate.len() == KEY_LEN
+        && candidate.starts_with(KEY_PREFIX)
+        && candidate.as_bytes()[KEY_PREFIX.len()..]
+            .iter()
+            .all(u8::is_ascii_alphanumeric)
+}
+
+/// Whether a key may be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyStatus {
+    Active,
+    Revoked,
+}
+
+impl KeyStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyStatus::Active => "active",
+            KeyStatus::Revoked => "revoked",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(KeyStatus::Active),
+            "revoked" => Some(KeyStatus::Revoked),
+            _ => None,
+        }
+    }
+}
+
+/// A key's limits. `None` means unlimited; a `None` per-minute limit falls back to the configured
+/// default (`limits.default_per_minute`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub per_minute: Option<u64>,
+    pub daily: Option<u64>,
+    pub monthly: Option<u64>,
+}
+
+/// A stored key, as the request path needs it. Never holds the plaintext.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    pub id: i64,
+    pub name: String,
+    pub prefix: String,
+    pub status: KeyStatus,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub limits: Limits,
+}
+
+impl ApiKey {
+    pub fn is_expired(&self, now: DateTime<Utc>) -> bool {
+        self.expires_at.is_some_and(|at| at <= now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_keys_are_well_formed_and_distinct() {
+        let a = generate();
+        let b = generate();
+        assert!(is_well_formed(&a.plaintext), "{}", a.plaintext);
+        assert_ne!(a.plaintext, b.plaintext);
+        assert_eq!(a.prefix, &a.plaintext[..11]);
+        assert_eq!(a.hash, hash(&a.plaintext));
+        assert!(
+            !format!("{a:?}").contains(&a.plaintext),
+            "Debug must not print the key"
+        );
+    }
+
+    #[test]
+    fn malformed_keys_are_refused() {
+        let good = generate().plaintext;
+        assert!(is_well_formed(&good));
+        assert!(!is_well_formed(""));
+        assert!(!is_well_formed(&good[..KEY_LEN - 1]));
+        assert!(!is_well_formed(&format!("{good}x")));
+        assert!(!is_well_formed(&good.replacen("tg_", "xx_", 1)));
+        assert!(!is_well_formed(&format!("tg_{}", "é".repeat(20))));
+        assert!(!is_well_formed(&format!("tg_{}-", &good[3..KEY_LEN - 1])));
+        assert!(!is_well_formed(&"a".repeat(1 << 20)));
+    }
+
+    #[test]
+    fn hash_is_sha256_hex() {
+        assert_eq!(
+            hash_hex(&hash("abc")),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn expiry_is_inclusive_of_the_instant() {
+        let at: DateTime<Utc> = "2026-05-01T00:00:00Z".parse().unwrap();
+        let key = ApiKey {
+            id: 1,
+            name: "k".into(),
+            prefix: "tg_abcdefgh".into(),
+            status: KeyStatus::Active,
+            expires_at: Some(at),
+            limits: Limits::default(),
+        };
+        assert!(!key.is_expired(at - chrono::Duration::seconds(1)));
+        assert!(key.is_expired(at));
+    }
+}

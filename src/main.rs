@@ -1,0 +1,59 @@
+//! The `tollgate` binary: parse the command line, load the configuration, run the command.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tollgate::app::{App, shutdown_signal};
+use tollgate::cli::{Cli, Command, run_keys};
+use tollgate::config::Config;
+use tollgate::{store, telemetry};
+
+/// Exit code for an invalid configuration (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::from_process(cli.config.clone()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("tollgate: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match run(cli.command, config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tollgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Serve => {
+            telemetry::init_logging(&config.log);
+            App::build(config).await?.run(shutdown_signal()).await
+        }
+        Command::Migrate => {
+            store::open(config.database_url.expose(), true)
+                .await?
+                .close()
+                .await;
+            println!("Migrations applied to {}.", config.database_url);
+            Ok(())
+        }
+        Command::CheckConfig => {
+            println!("Configuration is valid.\n{config:#?}");
+            Ok(())
+        }
+        Command::Keys { command } => {
+            let stores = store::open(config.database_url.expose(), true).await?;
+            let out = run_keys(command, &config, &stores, chrono::Utc::now()).await;
+            stores.close().await;
+            print!("{}", out?);
+            Ok(())
+        }
+    }
+}

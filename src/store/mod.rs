@@ -1,0 +1,229 @@
+//! Durable state: keys, usage quotas and the request log, behind one trait per seam.
+//!
+//! The backend is chosen once, from `database_url`, by [`open`]; nothing on the request path knows
+//! which one it has. `sqlite.rs` is the embedded default.
+
+pub mod sqlite;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::keys::{ApiKey, KeyHash, Limits, NewKey};
+
+/// What went wrong talking to the database.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("database error: {0}")]
+    Query(#[source] sqlx::Error),
+    #[error("migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("unsupported database URL {0:?}: use sqlite://PATH")]
+    UnsupportedUrl(String),
+    #[error("corrupt row in {table}: {detail}")]
+    Corrupt { table: &'static str, detail: String },
+}
+
+impl StoreError {
+    /// Whether retrying later may succeed (the server is away or busy), as opposed to a bug or a
+    /// bad schema that retrying cannot fix.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Io(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(e),
+            sqlx::Error::Database(db) if db.message().contains("database is locked") => {
+                StoreError::Unavailable(e)
+            }
+            _ => StoreError::Query(e),
+        }
+    }
+}
+
+/// A key's usage counters as of `now` (a counter from an earlier day or month reads as 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Usage {
+    pub daily: u64,
+    pub monthly: u64,
+    pub total: u64,
+}
+
+/// A change to some of a key's limits. `Some(None)` makes that limit unlimited.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LimitsPatch {
+    pub per_minute: Option<Option<u64>>,
+    pub daily: Option<Option<u64>>,
+    pub monthly: Option<Option<u64>>,
+}
+
+impl LimitsPatch {
+    pub fn apply(&self, limits: Limits) -> Limits {
+        Limits {
+            per_minute: self.per_minute.unwrap_or(limits.per_minute),
+            daily: self.daily.unwrap_or(limits.daily),
+            monthly: self.monthly.unwrap_or(limits.monthly),
+        }
+    }
+}
+
+/// Keys: lookups for the request path, and the admin operations behind `tollgate keys`.
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// The key with this hash, whatever its status, or `None` if there is none.
+    async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<ApiKey>, StoreError>;
+
+    /// Hashes of keys changed (created, revoked, limits set) after `cursor`, and the new cursor.
+    /// `cursor` 0 with an empty result means "nothing yet"; the first call should pass
+    /// [`KeyStore::change_cursor`].
+    async fn changes_since(&self, cursor: i64) -> Result<(Vec<KeyHash>, i64), StoreError>;
+
+    /// The current change cursor.
+    async fn change_cursor(&self) -> Result<i64, StoreError>;
+
+    /// Stores a new key with its usage row; `now` is its creation time.
+    async fn create(
+        &self,
+        name: &str,
+        key: &NewKey,
+        limits: Limits,
+        expires_at: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<ApiKey, StoreError>;
+
+    async fn get(&self, id: i64) -> Result<Option<ApiKey>, StoreError>;
+
+    /// All keys, oldest first.
+    async fn list(&self) -> Result<Vec<ApiKey>, StoreError>;
+
+    /// Marks a key revoked. `false` if there is no such key.
+    async fn revoke(&self, id: i64, now: DateTime<Utc>) -> Result<bool, StoreError>;
+
+    /// Changes some limits; returns the updated key, or `None` if there is no such key.
+    async fn set_limits(
+        &self,
+        id: i64,
+        patch: LimitsPatch,
+        now: DateTime<Utc>,
+    ) -> Result<Option<ApiKey>, StoreError>;
+
+    /// The key's counters as they stand at `now`.
+    async fn usage(&self, id: i64, now: DateTime<Utc>) -> Result<Usage, StoreError>;
+
+    /// A cheap round trip, for `/readyz`.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// The daily and monthly limits a quota check enforces (`None` = unlimited).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Quota {
+    pub daily: Option<u64>,
+    pub monthly: Option<u64>,
+}
+
+/// The answer of [`QuotaStore::consume`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QuotaOutcome {
+    /// The cost was added; counters after the increment.
+    Admitted { daily: u64, monthly: u64 },
+    /// Nothing was added: the month has no room (reported before the day, as it resets later).
+    MonthlyExceeded { used: u64 },
+    /// Nothing was added: today has no room.
+    DailyExceeded { used: u64 },
+}
+
+/// Daily and monthly usage quotas.
+#[async_trait]
+pub trait QuotaStore: Send + Sync + 'static {
+    /// Adds `cost` to the key's daily, monthly and total counters if, and only if, the whole cost
+    /// fits in both today's and this month's room; one atomic statement (DESIGN rules 1 and 2).
+    /// Days and months are the UTC ones `now` falls in; a counter from an earlier day or month
+    /// counts as 0. Errors leave the counters unchanged.
+    async fn consume(
+        &self,
+        key_id: i64,
+        quota: Quota,
+        cost: u64,
+        now: DateTime<Utc>,
+    ) -> Result<QuotaOutcome, StoreError>;
+}
+
+/// One row of the request log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRow {
+    pub ts: DateTime<Utc>,
+    pub request_id: Option<String>,
+    pub key_id: Option<i64>,
+    pub method: Option<String>,
+    pub path: Option<String>,
+    pub host: Option<String>,
+    pub client_addr: Option<String>,
+    pub allowed: bool,
+    pub reason: &'static str,
+    pub status: u16,
+}
+
+/// Where the request log's batches go.
+#[async_trait]
+pub trait RequestLogSink: Send + Sync + 'static {
+    /// Writes all rows, or none (one transaction / one statement per batch).
+    async fn write_batch(&self, rows: &[LogRow]) -> Result<(), StoreError>;
+}
+
+/// The three stores of one database, shared by the whole process.
+#[derive(Clone)]
+pub struct Stores {
+    pub keys: Arc<dyn KeyStore>,
+    pub quotas: Arc<dyn QuotaStore>,
+    pub log: Arc<dyn RequestLogSink>,
+    closer: Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, ()> + Send + Sync>,
+}
+
+impl std::fmt::Debug for Stores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stores").finish_non_exhaustive()
+    }
+}
+
+impl Stores {
+    /// Closes the connection pools; in-flight statements finish first.
+    pub async fn close(&self) {
+        (self.closer)().await
+    }
+}
+
+/// Opens the database named by `url`, applying migrations first when `migrate` is set.
+pub async fn open(url: &str, migrate: bool) -> Result<Stores, StoreError> {
+    if url.starts_with("sqlite:") {
+        let db = Arc::new(sqlite::SqliteStore::open(url).await?);
+        if migrate {
+            db.migrate().await?;
+        }
+        let closer_db = db.clone();
+        Ok(Stores {
+            keys: db.clone(),
+            quotas: db.clone(),
+            log: db,
+            closer: Arc::new(move || {
+                let db = closer_db.clone();
+                Box::pin(async move { db.close().await })
+            }),
+        })
+    } else {
+        Err(StoreError::UnsupportedUrl(crate::config::redact_url(url)))
+    }
+}
+
+/// RFC 3339 UTC with milliseconds: the text form of times in SQLite.
+pub(crate) fn ts_text(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}

@@ -1,0 +1,429 @@
+//! The embedded default: keys, quotas and the request log in one SQLite file.
+//!
+//! SQLite allows one writer at a time, so writes go through a pool of exactly one connection
+//! (they queue in-process instead of failing with `SQLITE_BUSY`), and reads through a separate
+//! pool that WAL mode lets run beside the writer. Other processes (`tollgate keys …` while
+//! `serve` runs) wait on the busy timeout.
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::Row;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
+};
+
+use super::{
+    KeyStore, LimitsPatch, LogRow, Quota, QuotaOutcome, QuotaStore, RequestLogSink, StoreError,
+    Usage, ts_text,
+};
+use crate::clock::{day_label, month_label};
+use crate::keys::{self, ApiKey, KeyHash, KeyStatus, Limits, NewKey};
+
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    read: SqlitePool,
+    write: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing) the database file named by a `sqlite://PATH` URL.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // WAL + NORMAL: a commit survives a process crash; only an OS crash can lose the
+            // last transactions. The quota counters are not worth an fsync per request here.
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect_with(options.clone())
+            .await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_with(options.read_only(false))
+            .await?;
+        Ok(Self { read, write })
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.read.close().await;
+        self.write.close().await;
+    }
+
+    async fn key_by_id(&self, pool: &SqlitePool, id: i64) -> Result<Option<ApiKey>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit \
+             FROM api_keys WHERE id = ?1",
+        )
+        .bind(id)
+        .fetch_optional(pool)
+        .await?;
+        row.map(|r| key_from_row(&r)).transpose()
+    }
+}
+
+fn key_from_row(row: &SqliteRow) -> Result<ApiKey, StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt {
+        table: "api_keys",
+        detail,
+    };
+    let status: String = row.try_get("status")?;
+    let expires_at: Option<String> = row.try_get("expires_at")?;
+    let limit = |col: &str| -> Result<Option<u64>, StoreError> {
+        Ok(row.try_get::<Option<i64>, _>(col)?.map(|v| v.max(0) as u64))
+    };
+    Ok(ApiKey {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        prefix: row.try_get("prefix")?,
+        status: KeyStatus::parse(&status).ok_or_else(|| corrupt(format!("status {status:?}")))?,
+        expires_at: expires_at
+            .map(|s| {
+                DateTime::parse_from_rfc3339(&s)
+                    .map(|t| t.with_timezone(&Utc))
+                    .map_err(|e| corrupt(format!("expires_at {s:?}: {e}")))
+            })
+            .transpose()?,
+        limits: Limits {
+            per_minute: limit("per_minute")?,
+            daily: limit("daily_limit")?,
+            monthly: limit("monthly_limit")?,
+        },
+    })
+}
+
+fn opt_i64(v: Option<u64>) -> Option<i64> {
+    v.map(|v| v.min(i64::MAX as u64) as i64)
+}
+
+#[async_trait]
+impl KeyStore for SqliteStore {
+    async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<ApiKey>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit \
+             FROM api_keys WHERE key_hash = ?1",
+        )
+        .bind(keys::hash_hex(hash))
+        .fetch_optional(&self.read)
+        .await?;
+        row.map(|r| key_from_row(&r)).transpose()
+    }
+
+    async fn changes_since(&self, cursor: i64) -> Result<(Vec<KeyHash>, i64), StoreError> {
+        let rows = sqlx::query(
+            "SELECT key_hash, change_seq FROM api_keys WHERE change_seq > ?1 ORDER BY change_seq",
+        )
+        .bind(cursor)
+        .fetch_all(&self.read)
+        .await?;
+        let mut next = cursor;
+        let mut hashes = Vec::with_capacity(rows.len());
+        for row in rows {
+            let hex: String = row.try_get("key_hash")?;
+            next = next.max(row.try_get("change_seq")?);
+            hashes.push(parse_hash_hex(&hex).ok_or_else(|| StoreError::Corrupt {
+                table: "api_keys",
+                detail: format!("key_hash {hex:?}"),
+            })?);
+        }
+        Ok((hashes, next))
+    }
+
+    async fn change_cursor(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(MAX(change_seq), 0) FROM api_keys")
+                .fetch_one(&self.read)
+                .await?,
+        )
+    }
+
+    async fn create(
+        &self,
+        name: &str,
+        key: &NewKey,
+        limits: Limits,
+        expires_at: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<ApiKey, StoreError> {
+        let now_text = ts_text(now);
+        let mut tx = self.write.begin().await?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO api_keys (name, prefix, key_hash, status, expires_at, per_minute, \
+               daily_limit, monthly_limit, created_at, updated_at, change_seq) \
+             VALUES (?1, ?2, ?3, 'active', ?4, ?5, ?6, ?7, ?8, ?8, \
+               (SELECT COALESCE(MAX(change_seq), 0) + 1 FROM api_keys)) \
+             RETURNING id",
+        )
+        .bind(name)
+        .bind(&key.prefix)
+        .bind(keys::hash_hex(&key.hash))
+        .bind(expires_at.map(ts_text))
+        .bind(opt_i64(limits.per_minute))
+        .bind(opt_i64(limits.daily))
+        .bind(opt_i64(limits.monthly))
+        .bind(&now_text)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO api_usage (api_key_id, day, month, updated_at) VALUES (?1, ?2, ?3, ?4)",
+        )
+        .bind(id)
+        .bind(day_label(now))
+        .bind(month_label(now))
+        .bind(&now_text)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(ApiKey {
+            id,
+            name: name.to_string(),
+            prefix: key.prefix.clone(),
+            status: KeyStatus::Active,
+            expires_at,
+            limits,
+        })
+    }
+
+    async fn get(&self, id: i64) -> Result<Option<ApiKey>, StoreError> {
+        self.key_by_id(&self.read, id).await
+    }
+
+    async fn list(&self) -> Result<Vec<ApiKey>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit \
+             FROM api_keys ORDER BY id",
+        )
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn revoke(&self, id: i64, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let done = sqlx::query(
+            "UPDATE api_keys SET status = 'revoked', updated_at = ?2, \
+               change_seq = (SELECT COALESCE(MAX(change_seq), 0) + 1 FROM api_keys) \
+             WHERE id = ?1",
+        )
+        .bind(id)
+        .bind(ts_text(now))
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn set_limits(
+        &self,
+        id: i64,
+        patch: LimitsPatch,
+        now: DateTime<Utc>,
+    ) -> Result<Option<ApiKey>, StoreError> {
+        // Read and write in one transaction on the single writer connection: no other write
+        // can slip between them.
+        let mut tx = self.write.begin().await?;
+        let Some(row) = sqlx::query(
+            "SELECT id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit \
+             FROM api_keys WHERE id = ?1",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let mut key = key_from_row(&row)?;
+        key.limits = patch.apply(key.limits);
+        sqlx::query(
+            "UPDATE api_keys SET per_minute = ?2, daily_limit = ?3, monthly_limit = ?4, \
+               updated_at = ?5, \
+               change_seq = (SELECT COALESCE(MAX(change_seq), 0) + 1 FROM api_keys) \
+             WHERE id = ?1",
+        )
+        .bind(id)
+        .bind(opt_i64(key.limits.per_minute))
+        .bind(opt_i64(key.limits.daily))
+        .bind(opt_i64(key.limits.monthly))
+        .bind(ts_text(now))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Some(key))
+    }
+
+    async fn usage(&self, id: i64, now: DateTime<Utc>) -> Result<Usage, StoreError> {
+        let row = sqlx::query(
+            "SELECT CASE WHEN day = ?2 THEN daily_requests ELSE 0 END AS daily, \
+                    CASE WHEN month = ?3 THEN monthly_requests ELSE 0 END AS monthly, \
+                    total_requests AS total \
+             FROM api_usage WHERE api_key_id = ?1",
+        )
+        .bind(id)
+        .bind(day_label(now))
+        .bind(month_label(now))
+        .fetch_optional(&self.read)
+        .await?;
+        Ok(match row {
+            None => Usage::default(),
+            Some(r) => Usage {
+                daily: r.try_get::<i64, _>("daily")?.max(0) as u64,
+                monthly: r.try_get::<i64, _>("monthly")?.max(0) as u64,
+                total: r.try_get::<i64, _>("total")?.max(0) as u64,
+            },
+        })
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.read).await?;
+        Ok(())
+    }
+}
+
+fn parse_hash_hex(hex: &str) -> Option<KeyHash> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+#[async_trait]
+impl QuotaStore for SqliteStore {
+    async fn consume(
+        &self,
+        key_id: i64,
+        quota: Quota,
+        cost: u64,
+        now: DateTime<Utc>,
+    ) -> Result<QuotaOutcome, StoreError> {
+        let (day, month, now_text) = (day_label(now), month_label(now), ts_text(now));
+        let cost = cost.min(i64::MAX as u64) as i64;
+        // Two tries: the usage row may be missing (a key created by an older version), and a
+        // refusal is classified by a second read that a concurrent rollover could confuse.
+        for _ in 0..3 {
+            // The one statement that checks and spends quota. Counters from an earlier day or
+            // month count as 0 (DESIGN rule 2), both in the room-left test and in the new value.
+            let admitted = sqlx::query(
+                "UPDATE api_usage SET \
+                   daily_requests = (CASE WHEN day = ?2 THEN daily_requests ELSE 0 END) + ?4, \
+                   monthly_requests = (CASE WHEN month = ?3 THEN monthly_requests ELSE 0 END) + ?4, \
+                   total_requests = total_requests + ?4, \
+                   day = ?2, month = ?3, updated_at = ?7 \
+                 WHERE api_key_id = ?1 \
+                   AND (?5 IS NULL OR (CASE WHEN day = ?2 THEN daily_requests ELSE 0 END) + ?4 <= ?5) \
+                   AND (?6 IS NULL OR (CASE WHEN month = ?3 THEN monthly_requests ELSE 0 END) + ?4 <= ?6) \
+                 RETURNING daily_requests, monthly_requests",
+            )
+            .bind(key_id)
+            .bind(&day)
+            .bind(&month)
+            .bind(cost)
+            .bind(opt_i64(quota.daily))
+            .bind(opt_i64(quota.monthly))
+            .bind(&now_text)
+            .fetch_optional(&self.write)
+            .await?;
+            if let Some(row) = admitted {
+                return Ok(QuotaOutcome::Admitted {
+                    daily: row.try_get::<i64, _>(0)? as u64,
+                    monthly: row.try_get::<i64, _>(1)? as u64,
+                });
+            }
+            // No row came back: either there is no usage row, or a limit has no room. Tell
+            // which, so "no row" never reads as "limit exceeded".
+            let current = sqlx::query(
+                "SELECT CASE WHEN day = ?2 THEN daily_requests ELSE 0 END, \
+                        CASE WHEN month = ?3 THEN monthly_requests ELSE 0 END \
+                 FROM api_usage WHERE api_key_id = ?1",
+            )
+            .bind(key_id)
+            .bind(&day)
+            .bind(&month)
+            .fetch_optional(&self.write)
+            .await?;
+            let Some(current) = current else {
+                sqlx::query(
+                    "INSERT INTO api_usage (api_key_id, day, month, updated_at) \
+                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (api_key_id) DO NOTHING",
+                )
+                .bind(key_id)
+                .bind(&day)
+                .bind(&month)
+                .bind(&now_text)
+                .execute(&self.write)
+                .await?;
+                continue;
+            };
+            let daily_used = current.try_get::<i64, _>(0)? as u64;
+            let monthly_used = current.try_get::<i64, _>(1)? as u64;
+            let cost = cost as u64;
+            if quota.monthly.is_some_and(|m| monthly_used + cost > m) {
+                return Ok(QuotaOutcome::MonthlyExceeded { used: monthly_used });
+            }
+            if quota.daily.is_some_and(|d| daily_used + cost > d) {
+                return Ok(QuotaOutcome::DailyExceeded { used: daily_used });
+            }
+        }
+        Err(StoreError::Corrupt {
+            table: "api_usage",
+            detail: format!("quota update for key {key_id} neither admitted nor refused"),
+        })
+    }
+}
+
+#[async_trait]
+impl RequestLogSink for SqliteStore {
+    async fn write_batch(&self, rows: &[LogRow]) -> Result<(), StoreError> {
+        let mut tx = self.write.begin().await?;
+        for row in rows {
+            sqlx::query(
+                "INSERT INTO api_requests_log (ts, request_id, api_key_id, method, path, host, \
+                   client_addr, decision, reason, status) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+            )
+            .bind(ts_text(row.ts))
+            .bind(row.request_id.as_deref())
+            .bind(row.key_id)
+            .bind(row.method.as_deref())
+            .bind(row.path.as_deref())
+            .bind(row.host.as_deref())
+            .bind(row.client_addr.as_deref())
+            .bind(if row.allowed { "allow" } else { "deny" })
+            .bind(row.reason)
+            .bind(row.status as i64)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hash_hex_round_trips() {
+        let h = keys::hash("tg_x");
+        assert_eq!(parse_hash_hex(&keys::hash_hex(&h)), Some(h));
+        assert_eq!(parse_hash_hex("zz"), None);
+        assert_eq!(parse_hash_hex(&"g".repeat(64)), None);
+    }
+}
