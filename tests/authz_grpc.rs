@@ -1,0 +1,504 @@
+//! Check over gRPC, as Envoy calls it, against a real tollgate on the embedded default.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use chrono::Duration as Span;
+use common::*;
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+use envoy_types::pb::envoy::service::auth::v3::{
+    AttributeContext, CheckRequest,
+    attribute_context::{HttpRequest, Request as AttrRequest},
+};
+use envoy_types::pb::google::protobuf::value::Kind;
+use tollgate::keys::Limits;
+
+fn limits(per_minute: Option<u64>, daily: Option<u64>, monthly: Option<u64>) -> Limits {
+    Limits {
+        per_minute,
+        daily,
+        monthly,
+    }
+}
+
+#[tokio::test]
+async fn missing_key_is_401_with_www_authenticate_and_problem_body() {
+    let tg = Tollgate::start().await;
+    let mut c = tg.client().await;
+    let d = denied(&c.check(check_request(&[])).await.unwrap().into_inner());
+    assert_eq!(d.status, 401);
+    assert_eq!(d.grpc_code, 16);
+    assert_eq!(d.headers["www-authenticate"], r#"Bearer realm="tollgate""#);
+    assert_eq!(d.headers["content-type"], "application/problem+json");
+    assert_eq!(d.body["error"], "missing_key");
+    assert_eq!(d.body["status"], 401);
+    assert_eq!(d.body["title"], "Unauthorized");
+    assert!(d.body["detail"].as_str().unwrap().contains("x-api-key"));
+    // A Basic credential is not a key either.
+    let d = denied(
+        &c.check(check_request(&[("authorization", "Basic dXNlcjpwdw==")]))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(d.body["error"], "missing_key");
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_and_malformed_keys_are_401_invalid_key() {
+    let tg = Tollgate::start().await;
+    let mut c = tg.client().await;
+    let unknown = tollgate::keys::generate().plaintext;
+    for key in [unknown.as_str(), "not-a-key", "tg_short"] {
+        let d = denied(&c.check(key_header(key)).await.unwrap().into_inner());
+        assert_eq!(
+            (d.status, d.body["error"].as_str()),
+            (401, Some("invalid_key")),
+            "{key}"
+        );
+        assert!(d.headers["www-authenticate"].contains(r#"error="invalid_token""#));
+    }
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn allowed_request_carries_key_id_headers_and_metadata() {
+    let tg = Tollgate::start().await;
+    let (key, id) = tg
+        .create_key("billing", limits(Some(10), Some(100), Some(1000)))
+        .await;
+    let mut c = tg.client().await;
+    let resp = c.check(key_header(&key)).await.unwrap().into_inner();
+    let ok = ok(&resp);
+    let upstream = headers_of(&ok.headers);
+    assert_eq!(upstream["x-tollgate-key-id"], id.to_string());
+    assert!(
+        ok.headers_to_remove.is_empty(),
+        "hide_credentials is off by default"
+    );
+    let client = headers_of(&ok.response_headers_to_add);
+    // The per-minute window (9 left of 10) is closest to exhaustion.
+    assert_eq!(client["x-ratelimit-limit"], "10");
+    assert_eq!(client["x-ratelimit-remaining"], "9");
+    assert_eq!(client["x-ratelimit-reset"], "40");
+    assert_eq!(client["ratelimit"], r#""per_minute";r=9;t=40"#);
+    assert_eq!(
+        client["ratelimit-policy"],
+        r#""per_minute";q=10;w=60, "daily";q=100;w=86400, "monthly";q=1000;w=2678400"#
+    );
+    let meta = resp.dynamic_metadata.expect("dynamic metadata");
+    let field = |k: &str| match &meta.fields[k].kind {
+        Some(Kind::StringValue(s)) => s.clone(),
+        other => panic!("{k}: {other:?}"),
+    };
+    assert_eq!(field("key_id"), id.to_string());
+    assert_eq!(field("key_name"), "billing");
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn bearer_token_works_and_hide_credentials_removes_the_header_used() {
+    let tg = Tollgate::start_with(|c| c.authz.hide_credentials = true).await;
+    let (key, _) = tg.create_key("b", Limits::default()).await;
+    let mut c = tg.client().await;
+    let bearer = format!("Bearer  {key} ");
+    let resp = c
+        .check(check_request(&[("authorization", &bearer)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok(&resp).headers_to_remove, vec!["authorization"]);
+    let lower = format!("bearer {key}");
+    let resp = c
+        .check(check_request(&[("authorization", &lower)]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok(&resp).headers_to_remove, vec!["authorization"]);
+    let resp = c.check(key_header(&key)).await.unwrap().into_inner();
+    assert_eq!(ok(&resp).headers_to_remove, vec!["x-api-key"]);
+    // A key without limits gets no rate-limit headers: there is nothing to report.
+    assert!(ok(&resp).response_headers_to_add.is_empty());
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn configured_key_headers_are_used_in_order() {
+    let tg = Tollgate::start_with(|c| {
+        c.authz.key_headers = vec!["x-key".into(), "x-api-key".into()];
+        c.authz.bearer = false;
+    })
+    .await;
+    let (key, _) = tg.create_key("h", Limits::default()).await;
+    let mut c = tg.client().await;
+    let resp = c
+        .check(check_request(&[("x-api-key", "junk"), ("x-key", &key)]))
+        .await
+        .unwrap()
+        .into_inner();
+    ok(&resp);
+    let bearer = format!("Bearer {key}");
+    let d = denied(
+        &c.check(check_request(&[("authorization", &bearer)]))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(d.body["error"], "missing_key", "bearer is switched off");
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn revoked_key_is_403_on_the_running_server_within_a_second() {
+    let tg = Tollgate::start().await;
+    let (key, id) = tg.create_key("r", Limits::default()).await;
+    let mut c = tg.client().await;
+    ok(&c.check(key_header(&key)).await.unwrap().into_inner());
+    let out = tg.cli(&["keys", "revoke", &id.to_string()]);
+    assert!(out.status.success(), "{out:?}");
+    let revoked_at = Instant::now();
+    loop {
+        let resp = c.check(key_header(&key)).await.unwrap().into_inner();
+        if resp.status.as_ref().unwrap().code != 0 {
+            let d = denied(&resp);
+            assert_eq!(
+                (d.status, d.body["error"].as_str()),
+                (403, Some("key_revoked"))
+            );
+            assert_eq!(d.grpc_code, 7);
+            break;
+        }
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(1),
+            "revoke not applied within 1s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn key_created_by_the_cli_works_on_the_running_server_within_a_second() {
+    let tg = Tollgate::start().await;
+    let mut c = tg.client().await;
+    let out = tg.cli(&["keys", "create", "--name", "late", "--daily", "5", "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let key = created["key"].as_str().unwrap().to_string();
+    let started = Instant::now();
+    // Asked once before it existed, so the unknown answer is cached: the change poll must
+    // still let it in within a second.
+    loop {
+        let resp = c.check(key_header(&key)).await.unwrap().into_inner();
+        if resp.status.as_ref().unwrap().code == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "new key not usable within 1s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn expired_key_is_403() {
+    let tg = Tollgate::start().await;
+    let (key, _) = tg
+        .create_key_expiring("e", Limits::default(), Some(t0() + Span::seconds(30)))
+        .await;
+    let mut c = tg.client().await;
+    ok(&c.check(key_header(&key)).await.unwrap().into_inner());
+    tg.clock.advance(Span::seconds(30));
+    let d = denied(&c.check(key_header(&key)).await.unwrap().into_inner());
+    assert_eq!(
+        (d.status, d.body["error"].as_str()),
+        (403, Some("key_expired"))
+    );
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn per_minute_limit_is_429_with_retry_after_until_the_window_turns() {
+    let tg = Tollgate::start().await;
+    let (key, id) = tg.create_key("pm", limits(Some(3), Some(100), None)).await;
+    let mut c = tg.client().await;
+    for left in [2, 1, 0] {
+        let resp = c.check(key_header(&key)).await.unwrap().into_inner();
+        let h = headers_of(&ok(&resp).response_headers_to_add);
+        assert_eq!(h["x-ratelimit-remaining"], left.to_string());
+    }
+    tg.clock.advance(Span::milliseconds(500)); // 12:00:20.5: 39.5 s left → 40
+    let d = denied(&c.check(key_header(&key)).await.unwrap().into_inner());
+    assert_eq!(d.status, 429);
+    assert_eq!(d.grpc_code, 8);
+    assert_eq!(d.headers["retry-after"], "40");
+    assert_eq!(d.headers["x-ratelimit-remaining"], "0");
+    assert_eq!(d.body["error"], "rate_limited");
+    assert_eq!(d.body["retry_after"], 40);
+    assert_eq!(d.body["limit"]["name"], "per_minute");
+    assert_eq!(d.body["limit"]["limit"], 3);
+    // Refused requests spent no quota. (The CLI reads the wall clock, not the test's, so
+    // compare the all-time total.)
+    let out = tg.cli(&["keys", "show", &id.to_string(), "--json"]);
+    let shown: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(shown["usage"]["total"], 3, "{shown}");
+    // The next minute starts from zero.
+    tg.clock.set("2026-03-10T12:01:00Z".parse().unwrap());
+    let resp = c.check(key_header(&key)).await.unwrap().into_inner();
+    let h = headers_of(&ok(&resp).response_headers_to_add);
+    assert_eq!(h["x-ratelimit-remaining"], "2");
+    assert_eq!(h["x-ratelimit-reset"], "60");
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn default_per_minute_applies_to_keys_without_their_own() {
+    let tg = Tollgate::start_with(|c| c.limits.default_per_minute = Some(1)).await;
+    let (key, _) = tg.create_key("d", Limits::default()).await;
+    let (own, _) = tg.create_key("o", limits(Some(5), None, None)).await;
+    let mut c = tg.client().await;
+    ok(&c.check(key_header(&key)).await.unwrap().into_inner());
+    let d = denied(&c.check(key_header(&key)).await.unwrap().into_inner());
+    assert_eq!(d.body["error"], "rate_limited");
+    ok(&c.check(key_header(&own)).await.unwrap().into_inner());
+    ok(&c.check(key_header(&own)).await.unwrap().into_inner());
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn daily_quota_is_429_until_utc_midnight_and_the_next_day_starts_from_zero() {
+    let tg = Tollgate::start().await;
+    let (key, id) = tg.create_key("d", limits(None, Some(2), Some(100))).await;
+    let mut c = tg.client().await;
+    tg.clock.set("2026-03-10T23:59:30Z".parse().unwrap());
+    ok(&c.check(key_header(&key)).await.unwrap().into_inner());
+    let resp = c.check(key_header(&key)).await.unwrap().into_inner();
+    let h = headers_of(&ok(&resp).response_headers_to_add);
+    assert_eq!(h["x-ratelimit-remaining"], "0");
+    assert_eq!(h["ratelimit"], r#""daily";r=0;t=30"#);
+    let d = denied(&c.check(key_header(&key)).await.unwrap().into_inner());
+    assert_eq!(d.status, 429);
+    assert_eq!(d.body["error"], "daily_quota_exceeded");
+    assert_eq!(d.headers["retry-after"], "30");
+    assert_eq!(d.body["retry_after"], 30);
+    assert_eq!(d.body["limit"]["name"], "daily");
+    assert_eq!(d.body["limit"]["limit"], 2);
+    // A key at yesterday's limit is allowed today, counting from zero.
+    tg.clock.set("2026-03-11T00:00:01Z".parse().unwrap());
+    let resp = c.check(key_header(&key)).await.unwrap().into_inner();
+    let h = headers_of(&ok(&resp).response_headers_to_add);
+    assert_eq!(h["ratelimit"], r#""daily";r=1;t=86399"#);
+    let usage = tg
+        .stores
+        .keys
+        .usage(id, "2026-03-11T00:00:02Z".parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!((usage.daily, usage.monthly, usage.total), (1, 3, 3));
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn monthly_quota_is_429_until_the_first_and_the_new_month_starts_from_zero() {
+    let tg = Tollgate::start().await;
+    let (key, _) = tg.create_key("m", limits(None, Some(10), Some(2))).await;
+    let mut c = tg.client().await;
+    tg.clock.set("2026-03-31T23:00:00Z".parse().unwrap());
+    ok(&c.check(key_header(&key)).await.unwrap().into_inner());
+    tg.clock.set("2026-03-31T23:30:00Z".parse().unwrap());
+    ok(&c.check(key_header(&key)).await.unwrap().into_inner());
+    let d = denied(&c.check(key_header(&key)).await.unwrap().into_inner());
+    assert_eq!(d.body["error"], "monthly_quota_exceeded");
+    assert_eq!(d.headers["retry-after"], "1800");
+    assert_eq!(d.body["limit"]["name"], "monthly");
+    tg.clock.set("2026-04-01T00:00:00Z".parse().unwrap());
+    ok(&c.check(key_header(&key)).await.unwrap().into_inner());
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn monthly_is_reported_when_both_quotas_are_spent() {
+    let tg = Tollgate::start().await;
+    let (key, _) = tg.create_key("both", limits(None, Some(1), Some(1))).await;
+    let mut c = tg.client().await;
+    ok(&c.check(key_header(&key)).await.unwrap().into_inner());
+    let d = denied(&c.check(key_header(&key)).await.unwrap().into_inner());
+    // Waiting for midnight would not help: the month is the binding limit.
+    assert_eq!(d.body["error"], "monthly_quota_exceeded");
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn limit_changes_reach_the_running_server() {
+    let tg = Tollgate::start().await;
+    let (key, id) = tg.create_key("c", limits(None, Some(1), None)).await;
+    let mut c = tg.client().await;
+    ok(&c.check(key_header(&key)).await.unwrap().into_inner());
+    denied(&c.check(key_header(&key)).await.unwrap().into_inner());
+    let out = tg.cli(&[
+        "keys",
+        "set-limits",
+        &id.to_string(),
+        "--daily",
+        "unlimited",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let started = Instant::now();
+    while c
+        .check(key_header(&key))
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap()
+        .code
+        != 0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "limit change not applied within 1s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn two_hundred_concurrent_checks_on_a_daily_limit_of_50_admit_exactly_50() {
+    let tg = Tollgate::start().await;
+    let (key, id) = tg.create_key("hot", limits(None, Some(50), None)).await;
+    let c = tg.client().await;
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let mut c = c.clone();
+            let key = key.clone();
+            tokio::spawn(async move {
+                let resp = c.check(key_header(&key)).await.unwrap().into_inner();
+                resp.status.unwrap().code == 0
+            })
+        })
+        .collect();
+    let mut allowed = 0;
+    for t in tasks {
+        allowed += t.await.unwrap() as u32;
+    }
+    assert_eq!(allowed, 50);
+    let stopped = tg.stop().await;
+    let usage = format!("SELECT daily_requests FROM api_usage WHERE api_key_id = {id}");
+    assert_eq!(stopped.scalar(&usage).await, 50);
+}
+
+#[tokio::test]
+async fn hostile_requests_get_well_formed_answers() {
+    let tg = Tollgate::start().await;
+    let (key, _) = tg.create_key("k", Limits::default()).await;
+    let mut c = tg.client().await;
+    // No attributes at all; attributes without an HTTP part.
+    for req in [
+        CheckRequest::default(),
+        CheckRequest {
+            attributes: Some(AttributeContext::default()),
+        },
+    ] {
+        let d = denied(&c.check(req).await.unwrap().into_inner());
+        assert_eq!(d.body["error"], "missing_key");
+    }
+    // A 1 MiB key header, control characters, and non-ASCII.
+    let huge = "a".repeat(1 << 20);
+    for value in [
+        huge.as_str(),
+        "tg_\u{0}\u{1}\r\n",
+        "tg_ключключключключключключключ",
+    ] {
+        let d = denied(&c.check(key_header(value)).await.unwrap().into_inner());
+        assert_eq!(d.body["error"], "invalid_key");
+    }
+    // Raw headers (encode_raw_headers): valid key found; invalid UTF-8 reads as absent.
+    let raw = |value: Vec<u8>| CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(AttrRequest {
+                http: Some(HttpRequest {
+                    header_map: Some(HeaderMap {
+                        headers: vec![HeaderValue {
+                            key: "x-api-key".into(),
+                            value: String::new(),
+                            raw_value: value,
+                        }],
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    };
+    ok(&c
+        .check(raw(key.clone().into_bytes()))
+        .await
+        .unwrap()
+        .into_inner());
+    let d = denied(
+        &c.check(raw(vec![0xff, 0xfe, b't', b'g']))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(d.body["error"], "missing_key");
+    // The server is still fine.
+    ok(&c.check(key_header(&key)).await.unwrap().into_inner());
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn every_check_is_logged_and_allowed_rows_match_usage_after_shutdown() {
+    let tg = Tollgate::start().await;
+    let (key, id) = tg.create_key("log", limits(Some(5), None, None)).await;
+    let c = tg.client().await;
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let mut c = c.clone();
+            let key = key.clone();
+            tokio::spawn(async move {
+                let req = if i % 4 == 0 {
+                    check_request(&[])
+                } else {
+                    key_header(&key)
+                };
+                c.check(req)
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .status
+                    .unwrap()
+                    .code
+                    == 0
+            })
+        })
+        .collect();
+    let mut allowed = 0;
+    for t in tasks {
+        allowed += t.await.unwrap() as i64;
+    }
+    assert_eq!(allowed, 5);
+    // A graceful stop flushes the queue.
+    let db = tg.stop().await;
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM api_requests_log").await, 20);
+    let allowed_rows = format!(
+        "SELECT COUNT(*) FROM api_requests_log WHERE decision = 'allow' AND api_key_id = {id}"
+    );
+    assert_eq!(db.scalar(&allowed_rows).await, allowed);
+    let usage = format!("SELECT total_requests FROM api_usage WHERE api_key_id = {id}");
+    assert_eq!(db.scalar(&usage).await, allowed);
+    let limited = format!(
+        "SELECT COUNT(*) FROM api_requests_log WHERE reason = 'rate_limited' AND status = 429 \
+         AND api_key_id = {id}"
+    );
+    assert_eq!(db.scalar(&limited).await, 10);
+    let missing = "SELECT COUNT(*) FROM api_requests_log WHERE reason = 'missing_key' \
+         AND status = 401 AND path = '/v1/things' AND method = 'GET' AND request_id = 'req-1'";
+    assert_eq!(db.scalar(missing).await, 5);
+}

