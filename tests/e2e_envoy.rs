@@ -1,0 +1,265 @@
+//! End to end: HTTP clients → real Envoy (envoy/ext_authz.yaml) → tollgate → demo upstream.
+//! What is asserted is what an API client sees.
+
+mod common;
+
+use chrono::Duration as Span;
+use common::*;
+use tollgate::keys::Limits;
+
+fn limits(per_minute: Option<u64>, daily: Option<u64>, monthly: Option<u64>) -> Limits {
+    Limits {
+        per_minute,
+        daily,
+        monthly,
+    }
+}
+
+struct Reply {
+    status: u16,
+    headers: reqwest::header::HeaderMap,
+    body: String,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {:?}", self.body))
+    }
+}
+
+async fn get(envoy: &Envoy, headers: &[(&str, &str)]) -> Reply {
+    let mut req = http_client().get(envoy.url("/v1/things"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.expect("envoy answers");
+    Reply {
+        status: resp.status().as_u16(),
+        headers: resp.headers().clone(),
+        body: resp.text().await.unwrap(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allowed_request_reaches_upstream_with_key_id_and_rate_limit_headers() {
+    let tg = Tollgate::start_with(|c| c.authz.hide_credentials = true).await;
+    let envoy = Envoy::start("ext_authz.yaml", tg.grpc).await;
+    let (key, id) = tg
+        .create_key("shop", limits(Some(100), Some(5), None))
+        .await;
+    let r = get(
+        &envoy,
+        &[
+            ("x-api-key", &key),
+            ("x-tollgate-key-id", "999"),
+            ("x-request-id", "e2e-1"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body, "hello from upstream\n");
+    // The upstream saw tollgate's key id (not the client's forgery) and no key (Envoy leaves
+    // out an echo header whose value is empty).
+    assert_eq!(
+        r.header("x-echo-tollgate-key-id"),
+        Some(id.to_string().as_str())
+    );
+    assert_eq!(r.header("x-echo-api-key"), None);
+    // The client sees the limit closest to exhaustion: 4 of 5 left today.
+    assert_eq!(r.header("x-ratelimit-limit"), Some("5"));
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("4"));
+    assert_eq!(r.header("ratelimit"), Some(r#""daily";r=4;t=43180"#));
+    assert_eq!(
+        r.header("ratelimit-policy"),
+        Some(r#""per_minute";q=100;w=60, "daily";q=5;w=86400"#)
+    );
+    // Envoy's access log has the key from tollgate's dynamic metadata.
+    let log = envoy.access_log_lines(1).await;
+    assert!(
+        log.iter().any(|l| l.contains("request_id=e2e-1")
+            && l.contains(&format!("key_id={id} "))
+            && l.contains("key_name=shop")
+            && l.contains(" 200 ")),
+        "{log:?}"
+    );
+    tg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_key_passes_and_authorization_reaches_upstream_unless_hidden() {
+    let tg = Tollgate::start().await;
+    let envoy = Envoy::start("ext_authz.yaml", tg.grpc).await;
+    let (key, _) = tg.create_key("b", Limits::default()).await;
+    let bearer = format!("Bearer {key}");
+    let r = get(&envoy, &[("authorization", &bearer)]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("x-echo-authorization"), Some(bearer.as_str()));
+    let r = get(&envoy, &[("x-api-key", &key)]).await;
+    assert_eq!(r.header("x-echo-api-key"), Some(key.as_str()));
+    tg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_and_unknown_keys_are_401_problems() {
+    let tg = Tollgate::start().await;
+    let envoy = Envoy::start("ext_authz.yaml", tg.grpc).await;
+    let r = get(&envoy, &[]).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(
+        r.header("www-authenticate"),
+        Some(r#"Bearer realm="tollgate""#)
+    );
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    let body = r.json();
+    assert_eq!(body["error"], "missing_key");
+    assert_eq!(body["status"], 401);
+    assert_eq!(body["type"], "urn:tollgate:error:missing_key");
+
+    let unknown = tollgate::keys::generate().plaintext;
+    let r = get(&envoy, &[("x-api-key", &unknown)]).await;
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["error"], "invalid_key");
+    assert!(
+        r.header("x-echo-tollgate-key-id").is_none(),
+        "never reached upstream"
+    );
+    tg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revoked_and_expired_keys_are_403_problems() {
+    let tg = Tollgate::start().await;
+    let envoy = Envoy::start("ext_authz.yaml", tg.grpc).await;
+    let (revoked, id) = tg.create_key("r", Limits::default()).await;
+    let (expiring, _) = tg
+        .create_key_expiring("e", Limits::default(), Some(t0() + Span::hours(1)))
+        .await;
+    tg.stores.keys.revoke(id, t0()).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    let r = get(&envoy, &[("x-api-key", &revoked)]).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["error"], "key_revoked");
+    assert_eq!(get(&envoy, &[("x-api-key", &expiring)]).await.status, 200);
+    tg.clock.advance(Span::hours(1));
+    let r = get(&envoy, &[("x-api-key", &expiring)]).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.json()["error"], "key_expired");
+    tg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_minute_limit_is_429_with_retry_after() {
+    let tg = Tollgate::start().await;
+    let envoy = Envoy::start("ext_authz.yaml", tg.grpc).await;
+    let (key, id) = tg.create_key("pm", limits(Some(2), Some(10), None)).await;
+    for _ in 0..2 {
+        assert_eq!(get(&envoy, &[("x-api-key", &key)]).await.status, 200);
+    }
+    let r = get(&envoy, &[("x-api-key", &key)]).await;
+    assert_eq!(r.status, 429);
+    assert_eq!(r.header("retry-after"), Some("40"));
+    assert_eq!(r.header("x-ratelimit-limit"), Some("2"));
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("0"));
+    assert_eq!(r.header("x-ratelimit-reset"), Some("40"));
+    let body = r.json();
+    assert_eq!(body["error"], "rate_limited");
+    assert_eq!(body["retry_after"], 40);
+    assert_eq!(body["limit"]["name"], "per_minute");
+    // The refused request did not touch the daily quota.
+    let usage = tg.stores.keys.usage(id, t0()).await.unwrap();
+    assert_eq!(usage.daily, 2);
+    tg.clock.advance(Span::seconds(40));
+    assert_eq!(get(&envoy, &[("x-api-key", &key)]).await.status, 200);
+    tg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daily_quota_is_429_until_midnight_then_the_new_day_is_allowed() {
+    let tg = Tollgate::start().await;
+    let envoy = Envoy::start("ext_authz.yaml", tg.grpc).await;
+    let (key, _) = tg.create_key("d", limits(None, Some(3), None)).await;
+    for _ in 0..3 {
+        assert_eq!(get(&envoy, &[("x-api-key", &key)]).await.status, 200);
+    }
+    let r = get(&envoy, &[("x-api-key", &key)]).await;
+    assert_eq!(r.status, 429);
+    // 12:00:20 → midnight is 11 h 59 min 40 s away.
+    assert_eq!(r.header("retry-after"), Some("43180"));
+    let body = r.json();
+    assert_eq!(body["error"], "daily_quota_exceeded");
+    assert_eq!(body["limit"]["name"], "daily");
+    assert_eq!(body["limit"]["limit"], 3);
+    // The key hit yesterday's limit; today it starts from zero.
+    tg.clock.set("2026-03-11T00:00:00Z".parse().unwrap());
+    let r = get(&envoy, &[("x-api-key", &key)]).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("x-ratelimit-remaining"), Some("2"));
+    tg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monthly_quota_is_429_until_the_first() {
+    let tg = Tollgate::start().await;
+    let envoy = Envoy::start("ext_authz.yaml", tg.grpc).await;
+    let (key, _) = tg.create_key("m", limits(None, None, Some(1))).await;
+    assert_eq!(get(&envoy, &[("x-api-key", &key)]).await.status, 200);
+    let r = get(&envoy, &[("x-api-key", &key)]).await;
+    assert_eq!(r.status, 429);
+    // 2026-03-10 12:00:20 → 2026-04-01 00:00:00.
+    let expected = (21 * 86_400 + 11 * 3600 + 59 * 60 + 40).to_string();
+    assert_eq!(r.header("retry-after"), Some(expected.as_str()));
+    assert_eq!(r.json()["error"], "monthly_quota_exceeded");
+    tg.clock.set("2026-04-01T00:00:00Z".parse().unwrap());
+    assert_eq!(get(&envoy, &[("x-api-key", &key)]).await.status, 200);
+    tg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_requests_on_a_daily_limit_of_50_let_exactly_50_through() {
+    let tg = Tollgate::start().await;
+    let envoy = Envoy::start("ext_authz.yaml", tg.grpc).await;
+    let (key, id) = tg.create_key("burst", limits(None, Some(50), None)).await;
+    let client = http_client();
+    let url = envoy.url("/v1/things");
+    let tasks: Vec<_> = (0..200)
+        .map(|_| {
+            let (client, url, key) = (client.clone(), url.clone(), key.clone());
+            tokio::spawn(async move {
+                let r = client
+                    .get(url)
+                    .header("x-api-key", key)
+                    .send()
+                    .await
+                    .unwrap();
+                r.status().as_u16()
+            })
+        })
+        .collect();
+    let mut statuses = std::collections::BTreeMap::new();
+    for t in tasks {
+        *statuses.entry(t.await.unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(statuses.get(&200), Some(&50), "{statuses:?}");
+    assert_eq!(statuses.get(&429), Some(&150), "{statuses:?}");
+    let db = tg.stop().await;
+    let usage = format!("SELECT daily_requests FROM api_usage WHERE api_key_id = {id}");
+    assert_eq!(db.scalar(&usage).await, 50);
+    let logged = format!(
+        "SELECT COUNT(*) FROM api_requests_log WHERE api_key_id = {id} AND decision = 'allow'"
+    );
+    assert_eq!(db.scalar(&logged).await, 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tollgate_unreachable_is_503_not_an_open_door() {
+    // A port nothing listens on.
+    let nowhere: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let envoy = Envoy::start("ext_authz.yaml", nowhere).await;
+    let r = get(&envoy, &[("x-api-key", "tg_whatever")]).await;
+    assert_eq!(r.status, 503);
+    assert!(r.header("x-echo-tollgate-key-id").is_none());
+}
