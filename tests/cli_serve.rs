@@ -1,0 +1,347 @@
+//! The `tollgate` binary as users and scripts drive it: `serve` with signals, health and metrics;
+//! `keys`, `migrate` and `check-config` with their outputs and exit codes.
+
+mod common;
+
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{check_request, free_port, http_client, key_header};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
+struct Bin {
+    dir: tempfile::TempDir,
+}
+
+impl Bin {
+    fn new() -> Bin {
+        Bin {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn db_url(&self) -> String {
+        format!("sqlite://{}", self.dir.path().join("t.db").display())
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        c.args(args)
+            .current_dir(self.dir.path())
+            .env("TOLLGATE_DATABASE_URL", self.db_url())
+            .env_remove("TOLLGATE_CONFIG");
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().unwrap()
+    }
+
+    fn run_ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn keys_commands_print_what_they_did() {
+    let bin = Bin::new();
+    let created = bin.run_ok(&[
+        "keys",
+        "create",
+        "--name",
+        "mobile app",
+        "--per-minute",
+        "60",
+        "--daily",
+        "1000",
+        "--expires-at",
+        "2030-01-01T00:00:00Z",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&created).unwrap();
+    let key = v["key"].as_str().unwrap();
+    assert!(key.starts_with("tg_") && key.len() == 43, "{key}");
+    assert_eq!(v["id"], 1);
+    assert_eq!(v["name"], "mobile app");
+    assert_eq!(v["per_minute"], 60);
+    assert_eq!(v["daily"], 1000);
+    assert_eq!(v["monthly"], serde_json::Value::Null);
+    assert_eq!(v["expires_at"], "2030-01-01T00:00:00Z");
+    assert_eq!(v["prefix"], &key[..11]);
+
+    let text = bin.run_ok(&["keys", "create", "--name", "other"]);
+    assert!(text.contains("Created API key 2"), "{text}");
+    assert!(text.contains("only time the key is shown"), "{text}");
+    assert!(
+        text.contains("per minute unlimited, daily unlimited, monthly unlimited"),
+        "{text}"
+    );
+
+    // Only the hash is stored: the key appears nowhere in the database file.
+    let db = std::fs::read(bin.dir.path().join("t.db")).unwrap();
+    let wal = std::fs::read(bin.dir.path().join("t.db-wal")).unwrap_or_default();
+    for bytes in [&db, &wal] {
+        assert!(
+            !bytes.windows(key.len()).any(|w| w == key.as_bytes()),
+            "plaintext key stored"
+        );
+    }
+
+    let list = bin.run_ok(&["keys", "list"]);
+    assert!(
+        list.contains("mobile app") && list.contains(&v["prefix"].as_str().unwrap().to_string())
+    );
+    assert!(!list.contains(key), "list never shows a key");
+    let list: serde_json::Value =
+        serde_json::from_str(&bin.run_ok(&["keys", "list", "--json"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    assert!(list[0].get("key").is_none());
+
+    let updated = bin.run_ok(&[
+        "keys",
+        "set-limits",
+        "1",
+        "--daily",
+        "unlimited",
+        "--monthly",
+        "5",
+    ]);
+    assert!(updated.contains("daily unlimited, monthly 5"), "{updated}");
+    let shown: serde_json::Value =
+        serde_json::from_str(&bin.run_ok(&["keys", "show", "1", "--json"])).unwrap();
+    assert_eq!(shown["daily"], serde_json::Value::Null);
+    assert_eq!(shown["monthly"], 5);
+    assert_eq!(shown["per_minute"], 60);
+    assert_eq!(shown["usage"]["total"], 0);
+    let shown = bin.run_ok(&["keys", "show", "1"]);
+    assert!(shown.contains("monthly:     0 of 5"), "{shown}");
+
+    assert!(
+        bin.run_ok(&["keys", "revoke", "2"])
+            .contains("Revoked API key 2")
+    );
+    let shown: serde_json::Value =
+        serde_json::from_str(&bin.run_ok(&["keys", "show", "2", "--json"])).unwrap();
+    assert_eq!(shown["status"], "revoked");
+
+    let missing = bin.run(&["keys", "revoke", "77"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(stderr(&missing).contains("no API key with id 77"));
+    let bad = bin.run(&["keys", "create", "--name", "x", "--daily", "0"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(stderr(&bad).contains("0 is not a limit"));
+}
+
+#[test]
+fn malformed_config_fails_at_start_naming_the_field() {
+    let bin = Bin::new();
+    let file = bin.dir.path().join("tollgate.yaml");
+    std::fs::write(
+        &file,
+        "authz:\n  key_headers: [x-api-key]\n  hide_credentails: true\n",
+    )
+    .unwrap();
+    for cmd in [&["check-config"][..], &["serve"], &["keys", "list"]] {
+        let mut args = cmd.to_vec();
+        args.extend(["--config", file.to_str().unwrap()]);
+        let out = bin.run(&args);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {out:?}");
+        let err = stderr(&out);
+        assert!(
+            err.contains("authz.hide_credentails") && err.contains("tollgate.yaml"),
+            "{err}"
+        );
+    }
+    let out = bin
+        .command(&["check-config"])
+        .env("TOLLGATE_CACHE_KEY_TTL", "forever")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(stderr(&out).contains("cache.key_ttl"), "{}", stderr(&out));
+    std::fs::write(
+        &file,
+        "grpc_addr: 127.0.0.1:7777\ndatabase_url: sqlite://x.db\n",
+    )
+    .unwrap();
+    let out = bin
+        .command(&["check-config", "--config", file.to_str().unwrap()])
+        .env_remove("TOLLGATE_DATABASE_URL")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("127.0.0.1:7777"));
+}
+
+#[test]
+fn migrate_creates_the_database() {
+    let bin = Bin::new();
+    let out = bin.run_ok(&["migrate"]);
+    assert!(out.contains("Migrations applied"), "{out}");
+    assert!(bin.dir.path().join("t.db").exists());
+    bin.run_ok(&["migrate"]);
+}
+
+struct Serving {
+    child: Child,
+    grpc: String,
+    http: String,
+}
+
+fn serve(bin: &Bin) -> Serving {
+    let (grpc, http) = (free_port(), free_port());
+    let child = bin
+        .command(&["serve"])
+        .env("TOLLGATE_GRPC_ADDR", format!("127.0.0.1:{grpc}"))
+        .env("TOLLGATE_HTTP_ADDR", format!("127.0.0.1:{http}"))
+        .env("TOLLGATE_REQUEST_LOG_FLUSH_INTERVAL", "10s")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    Serving {
+        child,
+        grpc: format!("http://127.0.0.1:{grpc}"),
+        http: format!("http://127.0.0.1:{http}"),
+    }
+}
+
+async fn wait_ready(http: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = http_client().get(format!("{http}/readyz")).send().await
+            && r.status().is_success()
+        {
+            return;
+        }
+        assert!(Instant::now() < deadline, "tollgate serve not ready in 20s");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_answers_health_and_metrics_then_sigterm_flushes_and_exits_0() {
+    let bin = Bin::new();
+    let created: serde_json::Value =
+        serde_json::from_str(&bin.run_ok(&["keys", "create", "--name", "s", "--json"])).unwrap();
+    let key = created["key"].as_str().unwrap().to_string();
+    let mut s = serve(&bin);
+    wait_ready(&s.http).await;
+
+    let health = http_client()
+        .get(format!("{}/healthz", s.http))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    let channel = tonic::transport::Endpoint::from_shared(s.grpc.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut h = HealthClient::new(channel);
+    for service in ["", "envoy.service.auth.v3.Authorization"] {
+        let status = h
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+
+    let mut c = AuthorizationClient::connect(s.grpc.clone()).await.unwrap();
+    for _ in 0..3 {
+        let r = c.check(key_header(&key)).await.unwrap().into_inner();
+        assert_eq!(r.status.unwrap().code, 0);
+    }
+    let r = c.check(check_request(&[])).await.unwrap().into_inner();
+    assert_eq!(r.status.unwrap().code, 16);
+
+    let metrics = http_client()
+        .get(format!("{}/metrics", s.http))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains(
+            "tollgate_decisions_total{api=\"authz\",outcome=\"allow\",reason=\"ok\"} 3\n"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains("reason=\"missing_key\"} 1\n"), "{metrics}");
+    assert!(!metrics.contains(&key));
+
+    // The flush interval is 10 s, so the rows are still queued: SIGTERM must write them.
+    signal(&s.child, "-TERM");
+    let status = tokio::task::spawn_blocking(move || s.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    let pool = sqlx::SqlitePool::connect(&bin.db_url()).await.unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_requests_log")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 4);
+    pool.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_also_stops_cleanly_and_the_port_is_released() {
+    let bin = Bin::new();
+    let mut s = serve(&bin);
+    wait_ready(&s.http).await;
+    signal(&s.child, "-INT");
+    let status = tokio::task::spawn_blocking(move || s.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(AuthorizationClient::connect(s.grpc.clone()).await.is_err());
+}
+
+#[test]
+fn serve_refuses_a_port_in_use_with_a_clear_error() {
+    let bin = Bin::new();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let out = bin
+        .command(&["serve"])
+        .env(
+            "TOLLGATE_GRPC_ADDR",
+            taken.local_addr().unwrap().to_string(),
+        )
+        .env("TOLLGATE_HTTP_ADDR", format!("127.0.0.1:{}", free_port()))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("cannot listen on grpc_addr"),
+        "{}",
+        stderr(&out)
+    );
+}
