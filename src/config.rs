@@ -529,6 +529,28 @@ mod tests {
     }
 
     #[test]
+    fn the_example_file_documents_every_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/tollgate.yaml");
+        let c = Config::load(Some(&path), []).unwrap();
+        assert_eq!(c, Config::default());
+        // And it names every setting there is.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut paths = Vec::new();
+        setting_paths(
+            &serde_yaml::to_value(Config::default()).unwrap(),
+            &mut Vec::new(),
+            &mut paths,
+        );
+        for (p, _) in paths {
+            let leaf = p.last().unwrap();
+            assert!(
+                text.contains(&format!("{leaf}:")),
+                "examples/tollgate.yaml lacks {p:?}"
+            );
+        }
+    }
+
+    #[test]
     fn passwords_are_redacted() {
         assert_eq!(
             redact_url("postgres://u:hunter2@db:5432/x"),
