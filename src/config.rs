@@ -1,9 +1,10 @@
 //! Configuration: one YAML file, every setting overridable by an environment variable.
 //!
 //! A setting at path `a.b_c` is overridden by `TOLLGATE_A_B_C`. The list of settings, and so of
-//! variables, comes from the defaults themselves, so a new setting gets its variable for free and
-//! an unknown `TOLLGATE_…` variable is an error, like an unknown key in the file. Everything is
-//! checked at start; an error names the file (or variable) and the field.
+//! variables, comes from the defaults themselves, so a new setting gets its variable for free.
+//! An unknown key in the file is an error; an unknown `TOLLGATE_…` variable only a warning, since
+//! Kubernetes injects `TOLLGATE_PORT`, `TOLLGATE_SERVICE_HOST`, … for a Service named tollgate.
+//! Everything is checked at start; an error names the file (or variable) and the field.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -35,6 +36,9 @@ pub struct Config {
     pub log: LogConfig,
     /// How long shutdown waits for in-flight checks and the log flush.
     pub shutdown_timeout: Dur,
+    /// Things worth telling the operator that did not stop the load (unknown variables).
+    #[serde(skip)]
+    pub warnings: Vec<String>,
 }
 
 impl Default for Config {
@@ -50,6 +54,7 @@ impl Default for Config {
             request_log: RequestLogConfig::default(),
             log: LogConfig::default(),
             shutdown_timeout: Dur(Duration::from_secs(10)),
+            warnings: Vec::new(),
         }
     }
 }
@@ -257,9 +262,14 @@ impl Config {
             None => Value::Mapping(Default::default()),
         };
         let file_config = Self::from_tree(tree.clone(), &source_name)?;
-        apply_env(&mut tree, env, &file_config)?;
-        let config = Self::from_tree(tree, &format!("{source_name} with TOLLGATE_* overrides"))?;
+        let unknown = apply_env(&mut tree, env, &file_config);
+        let mut config =
+            Self::from_tree(tree, &format!("{source_name} with TOLLGATE_* overrides"))?;
         config.validate(&source_name)?;
+        config.warnings = unknown
+            .into_iter()
+            .map(|name| format!("environment variable {name} is not a tollgate setting; ignored"))
+            .collect();
         Ok(config)
     }
 
@@ -380,11 +390,13 @@ fn setting_paths(tree: &Value, prefix: &mut Vec<String>, out: &mut Vec<(Vec<Stri
     }
 }
 
+/// Applies the overrides; returns the names of `TOLLGATE_*` variables that match no setting.
 fn apply_env(
     tree: &mut Value,
     env: impl IntoIterator<Item = (String, String)>,
     current: &Config,
-) -> Result<(), ConfigError> {
+) -> Vec<String> {
+    let mut unknown = Vec::new();
     let shape = serde_yaml::to_value(current).expect("config serialises");
     let mut paths = Vec::new();
     setting_paths(&shape, &mut Vec::new(), &mut paths);
@@ -398,11 +410,8 @@ fn apply_env(
             .iter()
             .find(|(p, _)| format!("{ENV_PREFIX}{}", p.join("_").to_uppercase()) == name)
         else {
-            return Err(ConfigError {
-                source_name: "environment".into(),
-                field: name,
-                message: "is not a tollgate setting".into(),
-            });
+            unknown.push(name);
+            continue;
         };
         let value = match shape_leaf {
             Value::Sequence(_) => Value::Sequence(
@@ -418,7 +427,7 @@ fn apply_env(
         };
         set_path(tree, path, value);
     }
-    Ok(())
+    unknown
 }
 
 fn set_path(tree: &mut Value, path: &[String], value: Value) {
@@ -514,9 +523,21 @@ mod tests {
     }
 
     #[test]
-    fn unknown_or_bad_env_is_named() {
-        let e = load_yaml("", &[("TOLLGATE_GRPC_ADRR", "1")]).unwrap_err();
-        assert_eq!(e.field, "TOLLGATE_GRPC_ADRR");
+    fn unknown_env_is_a_warning_and_bad_env_an_error() {
+        let c = load_yaml(
+            "",
+            &[
+                ("TOLLGATE_GRPC_ADRR", "1"),
+                ("TOLLGATE_PORT", "tcp://10.0.0.1:8081"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.warnings.len(), 2);
+        assert!(
+            c.warnings[0].contains("TOLLGATE_GRPC_ADRR"),
+            "{:?}",
+            c.warnings
+        );
         let e = load_yaml("", &[("TOLLGATE_REQUEST_LOG_BATCH_SIZE", "many")]).unwrap_err();
         assert_eq!(e.field, "request_log.batch_size");
         assert!(e.source_name.contains("TOLLGATE_"), "{e}");

@@ -34,6 +34,9 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
     match command {
         Command::Serve => {
             telemetry::init_logging(&config.log);
+            for w in &config.warnings {
+                tracing::warn!("{w}");
+            }
             App::build(config).await?.run(shutdown_signal()).await
         }
         Command::Migrate => {
@@ -45,6 +48,9 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::CheckConfig => {
+            for w in &config.warnings {
+                eprintln!("tollgate: warning: {w}");
+            }
             println!("Configuration is valid.\n{config:#?}");
             Ok(())
         }

@@ -239,9 +239,9 @@ pub fn ok(resp: &CheckResponse) -> &OkHttpResponse {
     }
 }
 
-/// Path of the envoy binary: `TOLLGATE_TEST_ENVOY`, else `envoy` on PATH.
+/// Path of the envoy binary: `TEST_ENVOY_BIN`, else `envoy` on PATH.
 pub fn envoy_binary() -> PathBuf {
-    if let Some(p) = std::env::var_os("TOLLGATE_TEST_ENVOY") {
+    if let Some(p) = std::env::var_os("TEST_ENVOY_BIN") {
         return PathBuf::from(p);
     }
     let found = std::env::var_os("PATH").and_then(|paths| {
