@@ -502,3 +502,46 @@ async fn every_check_is_logged_and_allowed_rows_match_usage_after_shutdown() {
          AND status = 401 AND path = '/v1/things' AND method = 'GET' AND request_id = 'req-1'";
     assert_eq!(db.scalar(missing).await, 5);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_finishes_in_flight_checks_and_logs_them() {
+    use sqlx::Connection;
+    let tg = Tollgate::start().await;
+    let (key, id) = tg.create_key("slow", limits(None, Some(100), None)).await;
+    // Another connection takes SQLite's write lock, so every quota UPDATE waits (busy timeout).
+    let mut blocker = sqlx::SqliteConnection::connect(&tg.db_url).await.unwrap();
+    sqlx::query("BEGIN IMMEDIATE")
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    let c = tg.client().await;
+    let in_flight: Vec<_> = (0..10)
+        .map(|_| {
+            let mut c = c.clone();
+            let key = key.clone();
+            tokio::spawn(async move { c.check(key_header(&key)).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        in_flight.iter().all(|t| !t.is_finished()),
+        "checks should be waiting"
+    );
+    // Shut down while they wait; let the database go a moment later.
+    let stopping = tokio::spawn(tg.stop());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+    blocker.close().await.unwrap();
+    for t in in_flight {
+        let resp = t
+            .await
+            .unwrap()
+            .expect("in-flight check answered")
+            .into_inner();
+        assert_eq!(resp.status.unwrap().code, 0);
+    }
+    let db = stopping.await.unwrap();
+    let usage = format!("SELECT daily_requests FROM api_usage WHERE api_key_id = {id}");
+    assert_eq!(db.scalar(&usage).await, 10);
+    assert_eq!(db.scalar("SELECT COUNT(*) FROM api_requests_log").await, 10);
+}
