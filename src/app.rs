@@ -58,9 +58,9 @@ impl App {
         let http = TcpListener::bind(config.http_addr)
             .await
             .with_context(|| format!("cannot listen on http_addr {}", config.http_addr))?;
-        let stores = store::open(config.database_url.expose(), true)
+        let stores = store::open(config.database.url.expose(), true)
             .await
-            .with_context(|| format!("cannot open database {}", config.database_url))?;
+            .with_context(|| format!("cannot open database {}", config.database.url))?;
         let metrics = Arc::new(Metrics::default());
         let drain = CancellationToken::new();
         let (log, log_writer) = reqlog::start(
@@ -168,7 +168,7 @@ impl App {
                 .with_graceful_shutdown(http_stop.clone().cancelled_owned())
                 .into_future(),
         );
-        tracing::info!(%grpc_addr, %http_addr, database = %config.database_url, "tollgate serving");
+        tracing::info!(%grpc_addr, %http_addr, database = %config.database.url, "tollgate serving");
 
         let mut failure = None;
         tokio::select! {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 
 use crate::clock::{self, Clock};
-use crate::config::Config;
+use crate::config::{Config, FailureMode};
 use crate::decision::{Allowed, Decision, Denial, DenyReason, LimitKind, LimitState};
 use crate::keys::{self, ApiKey, KeyStatus, cache::KeyCache};
 use crate::limiter::WindowLimiter;
@@ -40,6 +40,10 @@ pub struct AuthzService {
     bearer: bool,
     rate_limit: bool,
     default_per_minute: Option<u64>,
+    database_failure: FailureMode,
+    limiter_failure: FailureMode,
+    warn_limiter: WarnEvery,
+    warn_database: WarnEvery,
     keys: Arc<KeyCache>,
     limiter: Arc<dyn WindowLimiter>,
     quotas: Arc<dyn QuotaStore>,
@@ -70,6 +74,10 @@ impl AuthzService {
             bearer: config.authz.bearer,
             rate_limit: config.authz.rate_limit,
             default_per_minute: config.limits.default_per_minute,
+            database_failure: config.database.failure_mode,
+            limiter_failure: config.redis.failure_mode,
+            warn_limiter: WarnEvery::default(),
+            warn_database: WarnEvery::default(),
             keys,
             limiter,
             quotas,
@@ -186,8 +194,14 @@ impl AuthzService {
                 }
                 Err(e) => {
                     self.metrics.backend_errors_limiter.inc();
-                    tracing::warn!(error = %e, key_id = key.id, "rate limiter failed");
-                    return unavailable(Some(key.id));
+                    if self.warn_limiter.due() {
+                        tracing::warn!(error = %e, failure_mode = ?self.limiter_failure,
+                            "rate limiter unavailable; per-minute limits follow the failure mode");
+                    }
+                    if self.limiter_failure == FailureMode::Closed {
+                        return unavailable(Some(key.id));
+                    }
+                    self.metrics.fail_open_limiter.inc();
                 }
             }
         }
@@ -259,7 +273,19 @@ impl AuthzService {
             }
             Err(e) => {
                 self.metrics.backend_errors_database.inc();
-                tracing::warn!(error = %e, key_id = key.id, "quota update failed");
+                if self.warn_database.due() {
+                    tracing::warn!(error = %e, failure_mode = ?self.database_failure,
+                        "quota update failed; quotas follow the failure mode");
+                }
+                if self.database_failure == FailureMode::Open {
+                    // Admitted uncounted: the database cannot count it.
+                    self.metrics.fail_open_database.inc();
+                    return Decision::Allow(Allowed {
+                        key,
+                        limits,
+                        credential_header: header.clone(),
+                    });
+                }
                 unavailable(Some(key.id))
             }
         };
@@ -271,6 +297,28 @@ impl AuthzService {
             tracing::warn!(error = %e, key_id = key.id, "rate limit refund failed");
         }
         refused
+    }
+}
+
+/// Lets a warning through at most once per [`WarnEvery::INTERVAL`], so an outage logs a line
+/// every few seconds, not one per request.
+#[derive(Debug, Default)]
+struct WarnEvery(std::sync::atomic::AtomicU64);
+
+impl WarnEvery {
+    const INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+    fn due(&self) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        let now = START
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_millis() as u64
+            + Self::INTERVAL.as_millis() as u64;
+        let last = self.0.load(Relaxed);
+        now.saturating_sub(last) >= Self::INTERVAL.as_millis() as u64
+            && self.0.compare_exchange(last, now, Relaxed, Relaxed).is_ok()
     }
 }
 

@@ -25,10 +25,10 @@ pub struct Config {
     pub grpc_addr: SocketAddr,
     /// Where `/healthz`, `/readyz` and `/metrics` are served.
     pub http_addr: SocketAddr,
-    /// `sqlite://PATH` (created when missing).
-    pub database_url: SecretUrl,
-    /// Unset: per-minute windows are counted in this process.
-    pub redis_url: Option<SecretUrl>,
+    /// Keys, usage quotas and the request log.
+    pub database: DatabaseConfig,
+    /// Per-minute windows; without a URL they are counted in this process.
+    pub redis: RedisConfig,
     pub authz: AuthzConfig,
     pub limits: LimitsConfig,
     pub cache: CacheConfig,
@@ -46,8 +46,8 @@ impl Default for Config {
         Self {
             grpc_addr: "127.0.0.1:8081".parse().expect("literal"),
             http_addr: "127.0.0.1:9090".parse().expect("literal"),
-            database_url: SecretUrl("sqlite://tollgate.db".into()),
-            redis_url: None,
+            database: DatabaseConfig::default(),
+            redis: RedisConfig::default(),
             authz: AuthzConfig::default(),
             limits: LimitsConfig::default(),
             cache: CacheConfig::default(),
@@ -55,6 +55,53 @@ impl Default for Config {
             log: LogConfig::default(),
             shutdown_timeout: Dur(Duration::from_secs(10)),
             warnings: Vec::new(),
+        }
+    }
+}
+
+/// What a check does when a backend cannot answer (DESIGN rule 7).
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureMode {
+    /// Allow the request, log a warning, count it in a metric.
+    Open,
+    /// Refuse the request with 503 and a body that says why.
+    Closed,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `sqlite://PATH` (created when missing).
+    pub url: SecretUrl,
+    /// Quotas when the database cannot be reached. Keys already verified keep working from the
+    /// cache either way.
+    pub failure_mode: FailureMode,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        Self {
+            url: SecretUrl("sqlite://tollgate.db".into()),
+            failure_mode: FailureMode::Closed,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// Unset: per-minute windows are counted in this process.
+    pub url: Option<SecretUrl>,
+    /// Per-minute limits when Redis cannot be reached.
+    pub failure_mode: FailureMode,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            failure_mode: FailureMode::Open,
         }
     }
 }
@@ -293,16 +340,16 @@ impl Config {
             field: field.into(),
             message,
         };
-        let db = self.database_url.expose();
+        let db = self.database.url.expose();
         if !db.starts_with("sqlite:") {
             return Err(fail(
-                "database_url",
+                "database.url",
                 format!("{} is not supported: use sqlite://PATH", redact_url(db)),
             ));
         }
-        if let Some(redis) = &self.redis_url {
+        if let Some(redis) = &self.redis.url {
             return Err(fail(
-                "redis_url",
+                "redis.url",
                 format!(
                     "{redis} is set, but Redis windows are not available in this build; unset it to count in-process"
                 ),
@@ -466,7 +513,7 @@ mod tests {
         assert_eq!(c, Config::default());
         assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:8081");
         assert_eq!(c.http_addr.to_string(), "127.0.0.1:9090");
-        assert_eq!(c.database_url.expose(), "sqlite://tollgate.db");
+        assert_eq!(c.database.url.expose(), "sqlite://tollgate.db");
     }
 
     #[test]
@@ -479,6 +526,7 @@ mod tests {
                 ("TOLLGATE_LIMITS_DEFAULT_PER_MINUTE", "120"),
                 ("TOLLGATE_AUTHZ_RATE_LIMIT", "false"),
                 ("TOLLGATE_DATABASE_URL", "sqlite:///tmp/t.db"),
+                ("TOLLGATE_DATABASE_FAILURE_MODE", "open"),
                 ("TOLLGATE_CONFIG", "ignored.yaml"),
                 ("OTHER", "x"),
             ],
@@ -491,7 +539,8 @@ mod tests {
         assert_eq!(c.authz.key_headers, vec!["x-key", "x-api-key"]);
         assert_eq!(c.limits.default_per_minute, Some(120));
         assert_eq!(c.cache.key_ttl.0, Duration::from_secs(120));
-        assert_eq!(c.database_url.expose(), "sqlite:///tmp/t.db");
+        assert_eq!(c.database.url.expose(), "sqlite:///tmp/t.db");
+        assert_eq!(c.database.failure_mode, FailureMode::Open);
     }
 
     #[test]
@@ -518,8 +567,10 @@ mod tests {
         assert_eq!(e.field, "limits.default_per_minute");
         let e = load_yaml("log:\n  format: xml\n", &[]).unwrap_err();
         assert_eq!(e.field, "log.format");
-        let e = load_yaml("database_url: mysql://x\n", &[]).unwrap_err();
-        assert_eq!(e.field, "database_url");
+        let e = load_yaml("database:\n  url: mysql://x\n", &[]).unwrap_err();
+        assert_eq!(e.field, "database.url");
+        let e = load_yaml("redis:\n  failure_mode: sometimes\n", &[]).unwrap_err();
+        assert_eq!(e.field, "redis.failure_mode");
     }
 
     #[test]

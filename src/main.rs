@@ -40,11 +40,11 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             App::build(config).await?.run(shutdown_signal()).await
         }
         Command::Migrate => {
-            store::open(config.database_url.expose(), true)
+            store::open(config.database.url.expose(), true)
                 .await?
                 .close()
                 .await;
-            println!("Migrations applied to {}.", config.database_url);
+            println!("Migrations applied to {}.", config.database.url);
             Ok(())
         }
         Command::CheckConfig => {
@@ -55,7 +55,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Keys { command } => {
-            let stores = store::open(config.database_url.expose(), true).await?;
+            let stores = store::open(config.database.url.expose(), true).await?;
             let out = run_keys(command, &config, &stores, chrono::Utc::now()).await;
             stores.close().await;
             print!("{}", out?);

@@ -48,6 +48,9 @@ pub struct Metrics {
     cache: [Counter; 3],
     pub backend_errors_database: Counter,
     pub backend_errors_limiter: Counter,
+    /// Requests allowed because a backend was down and its failure mode is `open`.
+    pub fail_open_database: Counter,
+    pub fail_open_limiter: Counter,
     pub reqlog_written: Counter,
     pub reqlog_dropped: Counter,
     pub reqlog_failed: Counter,
@@ -128,6 +131,18 @@ impl Metrics {
             out,
             "tollgate_backend_errors_total{{backend=\"limiter\"}} {}",
             self.backend_errors_limiter.get()
+        );
+        out.push_str("# HELP tollgate_fail_open_total Requests allowed unchecked because a backend was down (failure_mode: open).\n");
+        out.push_str("# TYPE tollgate_fail_open_total counter\n");
+        let _ = writeln!(
+            out,
+            "tollgate_fail_open_total{{backend=\"database\"}} {}",
+            self.fail_open_database.get()
+        );
+        let _ = writeln!(
+            out,
+            "tollgate_fail_open_total{{backend=\"limiter\"}} {}",
+            self.fail_open_limiter.get()
         );
         for (name, help, value) in [
             (

@@ -545,3 +545,57 @@ async fn shutdown_finishes_in_flight_checks_and_logs_them() {
     assert_eq!(db.scalar(&usage).await, 10);
     assert_eq!(db.scalar("SELECT COUNT(*) FROM api_requests_log").await, 10);
 }
+
+/// Breaks quota writes (the usage table disappears) while the key stays cached.
+async fn break_quota_table(tg: &Tollgate) {
+    use sqlx::Connection;
+    let mut conn = sqlx::SqliteConnection::connect(&tg.db_url).await.unwrap();
+    sqlx::query("DROP TABLE api_usage")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn database_failure_closed_refuses_with_503() {
+    let tg = Tollgate::start().await;
+    let (key, _) = tg.create_key("f", limits(None, Some(10), None)).await;
+    let mut c = tg.client().await;
+    ok(&c.check(key_header(&key)).await.unwrap().into_inner());
+    break_quota_table(&tg).await;
+    let d = denied(&c.check(key_header(&key)).await.unwrap().into_inner());
+    assert_eq!((d.status, d.grpc_code), (503, 14));
+    assert_eq!(d.body["error"], "backend_unavailable");
+    assert_eq!(d.headers["retry-after"], "1");
+    tg.stop().await;
+}
+
+#[tokio::test]
+async fn database_failure_open_allows_uncounted_and_says_so_in_metrics() {
+    let tg = Tollgate::start_with(|c| {
+        c.database.failure_mode = tollgate::config::FailureMode::Open;
+    })
+    .await;
+    let (key, _) = tg.create_key("f", limits(None, Some(10), None)).await;
+    let mut c = tg.client().await;
+    ok(&c.check(key_header(&key)).await.unwrap().into_inner());
+    break_quota_table(&tg).await;
+    for _ in 0..3 {
+        ok(&c.check(key_header(&key)).await.unwrap().into_inner());
+    }
+    // An unknown key is never let in, whatever the failure mode.
+    let stranger = tollgate::keys::generate().plaintext;
+    denied(&c.check(key_header(&stranger)).await.unwrap().into_inner());
+    let metrics = reqwest::get(format!("http://{}/metrics", tg.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tollgate_fail_open_total{backend=\"database\"} 3\n"),
+        "{metrics}"
+    );
+    tg.stop().await;
+}

@@ -170,7 +170,7 @@ fn malformed_config_fails_at_start_naming_the_field() {
     assert!(stderr(&out).contains("cache.key_ttl"), "{}", stderr(&out));
     std::fs::write(
         &file,
-        "grpc_addr: 127.0.0.1:7777\ndatabase_url: sqlite://x.db\n",
+        "grpc_addr: 127.0.0.1:7777\ndatabase:\n  url: sqlite://x.db\n",
     )
     .unwrap();
     let out = bin

@@ -1,6 +1,6 @@
 //! Durable state: keys, usage quotas and the request log, behind one trait per seam.
 //!
-//! The backend is chosen once, from `database_url`, by [`open`]; nothing on the request path knows
+//! The backend is chosen once, from `database.url`, by [`open`]; nothing on the request path knows
 //! which one it has. `sqlite.rs` is the embedded default.
 
 pub mod sqlite;

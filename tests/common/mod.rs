@@ -56,9 +56,9 @@ impl Tollgate {
         let mut config = Config {
             grpc_addr: "127.0.0.1:0".parse().unwrap(),
             http_addr: "127.0.0.1:0".parse().unwrap(),
-            database_url: SecretUrl(db_url.clone()),
             ..Config::default()
         };
+        config.database.url = SecretUrl(db_url.clone());
         config.request_log.flush_interval = Dur(Duration::from_millis(50));
         tweak(&mut config);
         let clock = ManualClock::new(t0());
