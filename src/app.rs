@@ -58,7 +58,7 @@ impl App {
         let http = TcpListener::bind(config.http_addr)
             .await
             .with_context(|| format!("cannot listen on http_addr {}", config.http_addr))?;
-        let stores = store::open(config.database.url.expose(), true)
+        let stores = store::open(&config.database, true)
             .await
             .with_context(|| format!("cannot open database {}", config.database.url))?;
         let metrics = Arc::new(Metrics::default());

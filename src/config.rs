@@ -72,11 +72,15 @@ pub enum FailureMode {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
-    /// `sqlite://PATH` (created when missing).
+    /// `sqlite://PATH` (created when missing) or `postgres://USER:PASSWORD@HOST:PORT/DB`.
     pub url: SecretUrl,
     /// Quotas when the database cannot be reached. Keys already verified keep working from the
     /// cache either way.
     pub failure_mode: FailureMode,
+    /// PostgreSQL connections per replica.
+    pub max_connections: u32,
+    /// Longest a check waits on the database: for a connection, and for a statement.
+    pub timeout: Dur,
 }
 
 impl Default for DatabaseConfig {
@@ -84,6 +88,8 @@ impl Default for DatabaseConfig {
         Self {
             url: SecretUrl("sqlite://tollgate.db".into()),
             failure_mode: FailureMode::Closed,
+            max_connections: 16,
+            timeout: Dur(Duration::from_secs(2)),
         }
     }
 }
@@ -341,11 +347,26 @@ impl Config {
             message,
         };
         let db = self.database.url.expose();
-        if !db.starts_with("sqlite:") {
+        if !["sqlite:", "postgres://", "postgresql://"]
+            .iter()
+            .any(|scheme| db.starts_with(scheme))
+        {
             return Err(fail(
                 "database.url",
-                format!("{} is not supported: use sqlite://PATH", redact_url(db)),
+                format!(
+                    "{} is not supported: use sqlite://PATH or postgres://USER@HOST/DB",
+                    redact_url(db)
+                ),
             ));
+        }
+        if self.database.max_connections == 0 {
+            return Err(fail(
+                "database.max_connections",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.database.timeout.0.is_zero() {
+            return Err(fail("database.timeout", "must be longer than 0".into()));
         }
         if let Some(redis) = &self.redis.url {
             return Err(fail(

@@ -40,10 +40,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             App::build(config).await?.run(shutdown_signal()).await
         }
         Command::Migrate => {
-            store::open(config.database.url.expose(), true)
-                .await?
-                .close()
-                .await;
+            store::open(&config.database, true).await?.close().await;
             println!("Migrations applied to {}.", config.database.url);
             Ok(())
         }
@@ -55,7 +52,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Keys { command } => {
-            let stores = store::open(config.database.url.expose(), true).await?;
+            let stores = store::open(&config.database, true).await?;
             let out = run_keys(command, &config, &stores, chrono::Utc::now()).await;
             stores.close().await;
             print!("{}", out?);

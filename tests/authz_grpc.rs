@@ -22,9 +22,8 @@ fn limits(per_minute: Option<u64>, daily: Option<u64>, monthly: Option<u64>) -> 
     }
 }
 
-#[tokio::test]
-async fn missing_key_is_401_with_www_authenticate_and_problem_body() {
-    let tg = Tollgate::start().await;
+async fn missing_key_is_401_with_www_authenticate_and_problem_body(db: Db) {
+    let tg = Tollgate::on(db).await;
     let mut c = tg.client().await;
     let d = denied(&c.check(check_request(&[])).await.unwrap().into_inner());
     assert_eq!(d.status, 401);
@@ -46,9 +45,8 @@ async fn missing_key_is_401_with_www_authenticate_and_problem_body() {
     tg.stop().await;
 }
 
-#[tokio::test]
-async fn unknown_and_malformed_keys_are_401_invalid_key() {
-    let tg = Tollgate::start().await;
+async fn unknown_and_malformed_keys_are_401_invalid_key(db: Db) {
+    let tg = Tollgate::on(db).await;
     let mut c = tg.client().await;
     let unknown = tollgate::keys::generate().plaintext;
     for key in [unknown.as_str(), "not-a-key", "tg_short"] {
@@ -63,9 +61,8 @@ async fn unknown_and_malformed_keys_are_401_invalid_key() {
     tg.stop().await;
 }
 
-#[tokio::test]
-async fn allowed_request_carries_key_id_headers_and_metadata() {
-    let tg = Tollgate::start().await;
+async fn allowed_request_carries_key_id_headers_and_metadata(db: Db) {
+    let tg = Tollgate::on(db).await;
     let (key, id) = tg
         .create_key("billing", limits(Some(10), Some(100), Some(1000)))
         .await;
@@ -98,9 +95,8 @@ async fn allowed_request_carries_key_id_headers_and_metadata() {
     tg.stop().await;
 }
 
-#[tokio::test]
-async fn bearer_token_works_and_hide_credentials_removes_the_header_used() {
-    let tg = Tollgate::start_with(|c| c.authz.hide_credentials = true).await;
+async fn bearer_token_works_and_hide_credentials_removes_the_header_used(db: Db) {
+    let tg = Tollgate::on_with(db, |c| c.authz.hide_credentials = true).await;
     let (key, _) = tg.create_key("b", Limits::default()).await;
     let mut c = tg.client().await;
     let bearer = format!("Bearer  {key} ");
@@ -124,9 +120,8 @@ async fn bearer_token_works_and_hide_credentials_removes_the_header_used() {
     tg.stop().await;
 }
 
-#[tokio::test]
-async fn configured_key_headers_are_used_in_order() {
-    let tg = Tollgate::start_with(|c| {
+async fn configured_key_headers_are_used_in_order(db: Db) {
+    let tg = Tollgate::on_with(db, |c| {
         c.authz.key_headers = vec!["x-key".into(), "x-api-key".into()];
         c.authz.bearer = false;
     })
@@ -150,9 +145,8 @@ async fn configured_key_headers_are_used_in_order() {
     tg.stop().await;
 }
 
-#[tokio::test]
-async fn revoked_key_is_403_on_the_running_server_within_a_second() {
-    let tg = Tollgate::start().await;
+async fn revoked_key_is_403_on_the_running_server_within_a_second(db: Db) {
+    let tg = Tollgate::on(db).await;
     let (key, id) = tg.create_key("r", Limits::default()).await;
     let mut c = tg.client().await;
     ok(&c.check(key_header(&key)).await.unwrap().into_inner());
@@ -179,9 +173,8 @@ async fn revoked_key_is_403_on_the_running_server_within_a_second() {
     tg.stop().await;
 }
 
-#[tokio::test]
-async fn key_created_by_the_cli_works_on_the_running_server_within_a_second() {
-    let tg = Tollgate::start().await;
+async fn key_created_by_the_cli_works_on_the_running_server_within_a_second(db: Db) {
+    let tg = Tollgate::on(db).await;
     let mut c = tg.client().await;
     let out = tg.cli(&["keys", "create", "--name", "late", "--daily", "5", "--json"]);
     assert!(out.status.success(), "{out:?}");
@@ -204,9 +197,8 @@ async fn key_created_by_the_cli_works_on_the_running_server_within_a_second() {
     tg.stop().await;
 }
 
-#[tokio::test]
-async fn expired_key_is_403() {
-    let tg = Tollgate::start().await;
+async fn expired_key_is_403(db: Db) {
+    let tg = Tollgate::on(db).await;
     let (key, _) = tg
         .create_key_expiring("e", Limits::default(), Some(t0() + Span::seconds(30)))
         .await;
@@ -221,9 +213,8 @@ async fn expired_key_is_403() {
     tg.stop().await;
 }
 
-#[tokio::test]
-async fn per_minute_limit_is_429_with_retry_after_until_the_window_turns() {
-    let tg = Tollgate::start().await;
+async fn per_minute_limit_is_429_with_retry_after_until_the_window_turns(db: Db) {
+    let tg = Tollgate::on(db).await;
     let (key, id) = tg.create_key("pm", limits(Some(3), Some(100), None)).await;
     let mut c = tg.client().await;
     for left in [2, 1, 0] {
@@ -255,9 +246,8 @@ async fn per_minute_limit_is_429_with_retry_after_until_the_window_turns() {
     tg.stop().await;
 }
 
-#[tokio::test]
-async fn default_per_minute_applies_to_keys_without_their_own() {
-    let tg = Tollgate::start_with(|c| c.limits.default_per_minute = Some(1)).await;
+async fn default_per_minute_applies_to_keys_without_their_own(db: Db) {
+    let tg = Tollgate::on_with(db, |c| c.limits.default_per_minute = Some(1)).await;
     let (key, _) = tg.create_key("d", Limits::default()).await;
     let (own, _) = tg.create_key("o", limits(Some(5), None, None)).await;
     let mut c = tg.client().await;
@@ -269,9 +259,8 @@ async fn default_per_minute_applies_to_keys_without_their_own() {
     tg.stop().await;
 }
 
-#[tokio::test]
-async fn daily_quota_is_429_until_utc_midnight_and_the_next_day_starts_from_zero() {
-    let tg = Tollgate::start().await;
+async fn daily_quota_is_429_until_utc_midnight_and_the_next_day_starts_from_zero(db: Db) {
+    let tg = Tollgate::on(db).await;
     let (key, id) = tg.create_key("d", limits(None, Some(2), Some(100))).await;
     let mut c = tg.client().await;
     tg.clock.set("2026-03-10T23:59:30Z".parse().unwrap());
@@ -302,9 +291,8 @@ async fn daily_quota_is_429_until_utc_midnight_and_the_next_day_starts_from_zero
     tg.stop().await;
 }
 
-#[tokio::test]
-async fn monthly_quota_is_429_until_the_first_and_the_new_month_starts_from_zero() {
-    let tg = Tollgate::start().await;
+async fn monthly_quota_is_429_until_the_first_and_the_new_month_starts_from_zero(db: Db) {
+    let tg = Tollgate::on(db).await;
     let (key, _) = tg.create_key("m", limits(None, Some(10), Some(2))).await;
     let mut c = tg.client().await;
     tg.clock.set("2026-03-31T23:00:00Z".parse().unwrap());
@@ -320,9 +308,8 @@ async fn monthly_quota_is_429_until_the_first_and_the_new_month_starts_from_zero
     tg.stop().await;
 }
 
-#[tokio::test]
-async fn monthly_is_reported_when_both_quotas_are_spent() {
-    let tg = Tollgate::start().await;
+async fn monthly_is_reported_when_both_quotas_are_spent(db: Db) {
+    let tg = Tollgate::on(db).await;
     let (key, _) = tg.create_key("both", limits(None, Some(1), Some(1))).await;
     let mut c = tg.client().await;
     ok(&c.check(key_header(&key)).await.unwrap().into_inner());
@@ -332,9 +319,8 @@ async fn monthly_is_reported_when_both_quotas_are_spent() {
     tg.stop().await;
 }
 
-#[tokio::test]
-async fn limit_changes_reach_the_running_server() {
-    let tg = Tollgate::start().await;
+async fn limit_changes_reach_the_running_server(db: Db) {
+    let tg = Tollgate::on(db).await;
     let (key, id) = tg.create_key("c", limits(None, Some(1), None)).await;
     let mut c = tg.client().await;
     ok(&c.check(key_header(&key)).await.unwrap().into_inner());
@@ -367,9 +353,8 @@ async fn limit_changes_reach_the_running_server() {
     tg.stop().await;
 }
 
-#[tokio::test]
-async fn two_hundred_concurrent_checks_on_a_daily_limit_of_50_admit_exactly_50() {
-    let tg = Tollgate::start().await;
+async fn two_hundred_concurrent_checks_on_a_daily_limit_of_50_admit_exactly_50(db: Db) {
+    let tg = Tollgate::on(db).await;
     let (key, id) = tg.create_key("hot", limits(None, Some(50), None)).await;
     let c = tg.client().await;
     let tasks: Vec<_> = (0..200)
@@ -392,9 +377,8 @@ async fn two_hundred_concurrent_checks_on_a_daily_limit_of_50_admit_exactly_50()
     assert_eq!(stopped.scalar(&usage).await, 50);
 }
 
-#[tokio::test]
-async fn hostile_requests_get_well_formed_answers() {
-    let tg = Tollgate::start().await;
+async fn hostile_requests_get_well_formed_answers(db: Db) {
+    let tg = Tollgate::on(db).await;
     let (key, _) = tg.create_key("k", Limits::default()).await;
     let mut c = tg.client().await;
     // No attributes at all; attributes without an HTTP part.
@@ -453,9 +437,8 @@ async fn hostile_requests_get_well_formed_answers() {
     tg.stop().await;
 }
 
-#[tokio::test]
-async fn every_check_is_logged_and_allowed_rows_match_usage_after_shutdown() {
-    let tg = Tollgate::start().await;
+async fn every_check_is_logged_and_allowed_rows_match_usage_after_shutdown(db: Db) {
+    let tg = Tollgate::on(db).await;
     let (key, id) = tg.create_key("log", limits(Some(5), None, None)).await;
     let c = tg.client().await;
     let tasks: Vec<_> = (0..20)
@@ -503,17 +486,11 @@ async fn every_check_is_logged_and_allowed_rows_match_usage_after_shutdown() {
     assert_eq!(db.scalar(missing).await, 5);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shutdown_finishes_in_flight_checks_and_logs_them() {
-    use sqlx::Connection;
-    let tg = Tollgate::start().await;
+async fn shutdown_finishes_in_flight_checks_and_logs_them(db: Db) {
+    let tg = Tollgate::on(db).await;
     let (key, id) = tg.create_key("slow", limits(None, Some(100), None)).await;
-    // Another connection takes SQLite's write lock, so every quota UPDATE waits (busy timeout).
-    let mut blocker = sqlx::SqliteConnection::connect(&tg.db_url).await.unwrap();
-    sqlx::query("BEGIN IMMEDIATE")
-        .execute(&mut blocker)
-        .await
-        .unwrap();
+    // Another connection takes a lock that makes every quota UPDATE wait.
+    let blocker = tg.db.lock_quota_writes().await;
     let c = tg.client().await;
     let in_flight: Vec<_> = (0..10)
         .map(|_| {
@@ -530,8 +507,7 @@ async fn shutdown_finishes_in_flight_checks_and_logs_them() {
     // Shut down while they wait; let the database go a moment later.
     let stopping = tokio::spawn(tg.stop());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
-    blocker.close().await.unwrap();
+    blocker.release().await;
     for t in in_flight {
         let resp = t
             .await
@@ -548,18 +524,11 @@ async fn shutdown_finishes_in_flight_checks_and_logs_them() {
 
 /// Breaks quota writes (the usage table disappears) while the key stays cached.
 async fn break_quota_table(tg: &Tollgate) {
-    use sqlx::Connection;
-    let mut conn = sqlx::SqliteConnection::connect(&tg.db_url).await.unwrap();
-    sqlx::query("DROP TABLE api_usage")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    conn.close().await.unwrap();
+    tg.db.execute("DROP TABLE api_usage").await;
 }
 
-#[tokio::test]
-async fn database_failure_closed_refuses_with_503() {
-    let tg = Tollgate::start().await;
+async fn database_failure_closed_refuses_with_503(db: Db) {
+    let tg = Tollgate::on(db).await;
     let (key, _) = tg.create_key("f", limits(None, Some(10), None)).await;
     let mut c = tg.client().await;
     ok(&c.check(key_header(&key)).await.unwrap().into_inner());
@@ -571,9 +540,8 @@ async fn database_failure_closed_refuses_with_503() {
     tg.stop().await;
 }
 
-#[tokio::test]
-async fn database_failure_open_allows_uncounted_and_says_so_in_metrics() {
-    let tg = Tollgate::start_with(|c| {
+async fn database_failure_open_allows_uncounted_and_says_so_in_metrics(db: Db) {
+    let tg = Tollgate::on_with(db, |c| {
         c.database.failure_mode = tollgate::config::FailureMode::Open;
     })
     .await;
@@ -599,3 +567,26 @@ async fn database_failure_open_allows_uncounted_and_says_so_in_metrics() {
     );
     tg.stop().await;
 }
+
+every_database!(
+    missing_key_is_401_with_www_authenticate_and_problem_body,
+    unknown_and_malformed_keys_are_401_invalid_key,
+    allowed_request_carries_key_id_headers_and_metadata,
+    bearer_token_works_and_hide_credentials_removes_the_header_used,
+    configured_key_headers_are_used_in_order,
+    revoked_key_is_403_on_the_running_server_within_a_second,
+    key_created_by_the_cli_works_on_the_running_server_within_a_second,
+    expired_key_is_403,
+    per_minute_limit_is_429_with_retry_after_until_the_window_turns,
+    default_per_minute_applies_to_keys_without_their_own,
+    daily_quota_is_429_until_utc_midnight_and_the_next_day_starts_from_zero,
+    monthly_quota_is_429_until_the_first_and_the_new_month_starts_from_zero,
+    monthly_is_reported_when_both_quotas_are_spent,
+    limit_changes_reach_the_running_server,
+    two_hundred_concurrent_checks_on_a_daily_limit_of_50_admit_exactly_50,
+    hostile_requests_get_well_formed_answers,
+    every_check_is_logged_and_allowed_rows_match_usage_after_shutdown,
+    shutdown_finishes_in_flight_checks_and_logs_them,
+    database_failure_closed_refuses_with_503,
+    database_failure_open_allows_uncounted_and_says_so_in_metrics,
+);

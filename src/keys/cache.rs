@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use super::{ApiKey, KeyHash};
-use crate::store::{KeyStore, StoreError};
+use crate::store::{KeyChange, KeyStore, StoreError};
 
 /// Most unknown hashes remembered at once; past that, misses are not cached (a flood of random
 /// keys cannot grow memory without bound).
@@ -131,43 +131,27 @@ impl KeyCache {
         self.len() == 0
     }
 
-    /// Polls the store for changed keys until `stop` is cancelled. A failed poll keeps the cursor,
-    /// so no change is missed once the store answers again.
+    /// Applies changes the store reports until `stop` is cancelled.
     pub async fn watch_changes(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
-        let mut cursor = None;
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = ticker.tick() => {}
+        let cache = self.clone();
+        self.store
+            .watch_changes(interval, &move |change| cache.apply(change), stop)
+            .await;
+    }
+
+    fn apply(&self, change: KeyChange) {
+        match change {
+            KeyChange::Keys(hashes) => {
+                tracing::debug!(changed = hashes.len(), "dropping changed keys from cache");
+                self.invalidate(&hashes);
             }
-            let Some(from) = cursor else {
-                match self.store.change_cursor().await {
-                    Ok(c) => {
-                        // Anything cached before the first cursor was read may be stale.
-                        let mut entries = self.entries.write().expect("cache lock");
-                        self.generation
-                            .fetch_add(1, std::sync::atomic::Ordering::Release);
-                        entries.clear();
-                        drop(entries);
-                        self.negatives
-                            .store(0, std::sync::atomic::Ordering::Relaxed);
-                        cursor = Some(c);
-                    }
-                    Err(e) => tracing::warn!(error = %e, "key change poll failed"),
-                }
-                continue;
-            };
-            match self.store.changes_since(from).await {
-                Ok((hashes, next)) => {
-                    if !hashes.is_empty() {
-                        tracing::debug!(changed = hashes.len(), "dropping changed keys from cache");
-                        self.invalidate(&hashes);
-                    }
-                    cursor = Some(next);
-                }
-                Err(e) => tracing::warn!(error = %e, "key change poll failed"),
+            KeyChange::All => {
+                let mut entries = self.entries.write().expect("cache lock");
+                self.generation
+                    .fetch_add(1, std::sync::atomic::Ordering::Release);
+                entries.clear();
+                self.negatives
+                    .store(0, std::sync::atomic::Ordering::Relaxed);
             }
         }
     }

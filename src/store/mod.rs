@@ -3,13 +3,17 @@
 //! The backend is chosen once, from `database.url`, by [`open`]; nothing on the request path knows
 //! which one it has. `sqlite.rs` is the embedded default.
 
+pub mod postgres;
 pub mod sqlite;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
 
+use crate::config::DatabaseConfig;
 use crate::keys::{ApiKey, KeyHash, Limits, NewKey};
 
 /// What went wrong talking to the database.
@@ -21,7 +25,7 @@ pub enum StoreError {
     Query(#[source] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("unsupported database URL {0:?}: use sqlite://PATH")]
+    #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://…")]
     UnsupportedUrl(String),
     #[error("corrupt row in {table}: {detail}")]
     Corrupt { table: &'static str, detail: String },
@@ -48,6 +52,15 @@ impl From<sqlx::Error> for StoreError {
             _ => StoreError::Query(e),
         }
     }
+}
+
+/// What [`KeyStore::watch_changes`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyChange {
+    /// These keys changed.
+    Keys(Vec<KeyHash>),
+    /// Anything may have changed.
+    All,
 }
 
 /// A key's usage counters as of `now` (a counter from an earlier day or month reads as 0).
@@ -82,13 +95,16 @@ pub trait KeyStore: Send + Sync + 'static {
     /// The key with this hash, whatever its status, or `None` if there is none.
     async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<ApiKey>, StoreError>;
 
-    /// Hashes of keys changed (created, revoked, limits set) after `cursor`, and the new cursor.
-    /// `cursor` 0 with an empty result means "nothing yet"; the first call should pass
-    /// [`KeyStore::change_cursor`].
-    async fn changes_since(&self, cursor: i64) -> Result<(Vec<KeyHash>, i64), StoreError>;
-
-    /// The current change cursor.
-    async fn change_cursor(&self) -> Result<i64, StoreError>;
+    /// Reports changed keys (created, revoked, limits set) to `on_change` until `stop` is
+    /// cancelled, each within `interval` of its commit. Reports [`KeyChange::All`] first, and
+    /// whenever changes may have been missed (the database was unreachable), so a cache built
+    /// before then is dropped. Errors are logged and retried, never returned.
+    async fn watch_changes(
+        &self,
+        interval: Duration,
+        on_change: &(dyn Fn(KeyChange) + Send + Sync),
+        stop: CancellationToken,
+    );
 
     /// Stores a new key with its usage row; `now` is its creation time.
     async fn create(
@@ -201,25 +217,49 @@ impl Stores {
     }
 }
 
-/// Opens the database named by `url`, applying migrations first when `migrate` is set.
-pub async fn open(url: &str, migrate: bool) -> Result<Stores, StoreError> {
+/// Opens the database `config.url` names, applying migrations first when `migrate` is set.
+pub async fn open(config: &DatabaseConfig, migrate: bool) -> Result<Stores, StoreError> {
+    let url = config.url.expose();
     if url.starts_with("sqlite:") {
         let db = Arc::new(sqlite::SqliteStore::open(url).await?);
         if migrate {
             db.migrate().await?;
         }
-        let closer_db = db.clone();
-        Ok(Stores {
+        let closer = db.clone();
+        Ok(Stores::new(db, move || {
+            let db = closer.clone();
+            Box::pin(async move { db.close().await })
+        }))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        let settings = postgres::PgSettings {
+            max_connections: config.max_connections,
+            timeout: config.timeout.0,
+        };
+        let db = Arc::new(postgres::PgStore::open(url, settings).await?);
+        if migrate {
+            db.migrate().await?;
+        }
+        let closer = db.clone();
+        Ok(Stores::new(db, move || {
+            let db = closer.clone();
+            Box::pin(async move { db.close().await })
+        }))
+    } else {
+        Err(StoreError::UnsupportedUrl(crate::config::redact_url(url)))
+    }
+}
+
+impl Stores {
+    fn new<S: KeyStore + QuotaStore + RequestLogSink>(
+        db: Arc<S>,
+        closer: impl Fn() -> futures_util::future::BoxFuture<'static, ()> + Send + Sync + 'static,
+    ) -> Self {
+        Stores {
             keys: db.clone(),
             quotas: db.clone(),
             log: db,
-            closer: Arc::new(move || {
-                let db = closer_db.clone();
-                Box::pin(async move { db.close().await })
-            }),
-        })
-    } else {
-        Err(StoreError::UnsupportedUrl(crate::config::redact_url(url)))
+            closer: Arc::new(closer),
+        }
     }
 }
 

@@ -16,9 +16,11 @@ use sqlx::sqlite::{
     SqliteSynchronous,
 };
 
+use tokio_util::sync::CancellationToken;
+
 use super::{
-    KeyStore, LimitsPatch, LogRow, Quota, QuotaOutcome, QuotaStore, RequestLogSink, StoreError,
-    Usage, ts_text,
+    KeyChange, KeyStore, LimitsPatch, LogRow, Quota, QuotaOutcome, QuotaStore, RequestLogSink,
+    StoreError, Usage, ts_text,
 };
 use crate::clock::{day_label, month_label};
 use crate::keys::{self, ApiKey, KeyHash, KeyStatus, Limits, NewKey};
@@ -63,6 +65,34 @@ impl SqliteStore {
     pub async fn close(&self) {
         self.read.close().await;
         self.write.close().await;
+    }
+
+    async fn changes_since(&self, cursor: i64) -> Result<(Vec<KeyHash>, i64), StoreError> {
+        let rows = sqlx::query(
+            "SELECT key_hash, change_seq FROM api_keys WHERE change_seq > ?1 ORDER BY change_seq",
+        )
+        .bind(cursor)
+        .fetch_all(&self.read)
+        .await?;
+        let mut next = cursor;
+        let mut hashes = Vec::with_capacity(rows.len());
+        for row in rows {
+            let hex: String = row.try_get("key_hash")?;
+            next = next.max(row.try_get("change_seq")?);
+            hashes.push(parse_hash_hex(&hex).ok_or_else(|| StoreError::Corrupt {
+                table: "api_keys",
+                detail: format!("key_hash {hex:?}"),
+            })?);
+        }
+        Ok((hashes, next))
+    }
+
+    async fn change_cursor(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(MAX(change_seq), 0) FROM api_keys")
+                .fetch_one(&self.read)
+                .await?,
+        )
     }
 
     async fn key_by_id(&self, pool: &SqlitePool, id: i64) -> Result<Option<ApiKey>, StoreError> {
@@ -124,32 +154,38 @@ impl KeyStore for SqliteStore {
         row.map(|r| key_from_row(&r)).transpose()
     }
 
-    async fn changes_since(&self, cursor: i64) -> Result<(Vec<KeyHash>, i64), StoreError> {
-        let rows = sqlx::query(
-            "SELECT key_hash, change_seq FROM api_keys WHERE change_seq > ?1 ORDER BY change_seq",
-        )
-        .bind(cursor)
-        .fetch_all(&self.read)
-        .await?;
-        let mut next = cursor;
-        let mut hashes = Vec::with_capacity(rows.len());
-        for row in rows {
-            let hex: String = row.try_get("key_hash")?;
-            next = next.max(row.try_get("change_seq")?);
-            hashes.push(parse_hash_hex(&hex).ok_or_else(|| StoreError::Corrupt {
-                table: "api_keys",
-                detail: format!("key_hash {hex:?}"),
-            })?);
+    async fn watch_changes(
+        &self,
+        interval: Duration,
+        on_change: &(dyn Fn(KeyChange) + Send + Sync),
+        stop: CancellationToken,
+    ) {
+        // SQLite has one writer at a time, so change_seq grows in commit order and a cursor
+        // over it misses nothing.
+        let mut cursor: Option<i64> = None;
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let polled = match cursor {
+                None => self.change_cursor().await.map(|c| (KeyChange::All, c)),
+                Some(from) => self
+                    .changes_since(from)
+                    .await
+                    .map(|(hashes, next)| (KeyChange::Keys(hashes), next)),
+            };
+            match polled {
+                Ok((KeyChange::Keys(hashes), _)) if hashes.is_empty() => {}
+                Ok((change, next)) => {
+                    on_change(change);
+                    cursor = Some(next);
+                }
+                Err(e) => tracing::warn!(error = %e, "key change poll failed"),
+            }
         }
-        Ok((hashes, next))
-    }
-
-    async fn change_cursor(&self) -> Result<i64, StoreError> {
-        Ok(
-            sqlx::query_scalar("SELECT COALESCE(MAX(change_seq), 0) FROM api_keys")
-                .fetch_one(&self.read)
-                .await?,
-        )
     }
 
     async fn create(
@@ -292,7 +328,7 @@ impl KeyStore for SqliteStore {
     }
 }
 
-fn parse_hash_hex(hex: &str) -> Option<KeyHash> {
+pub(crate) fn parse_hash_hex(hex: &str) -> Option<KeyHash> {
     if hex.len() != 64 {
         return None;
     }

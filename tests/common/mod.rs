@@ -32,11 +32,204 @@ pub fn t0() -> DateTime<Utc> {
     "2026-03-10T12:00:20Z".parse().unwrap()
 }
 
+/// Which database a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Db {
+    Sqlite,
+    Postgres,
+}
+
+/// The PostgreSQL server tests create their databases on: `TEST_POSTGRES_URL`, else the
+/// machine's local server.
+pub fn postgres_admin_url() -> String {
+    std::env::var("TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A database of the test's own, removed when dropped (also when the test fails).
+pub struct TestDb {
+    pub url: String,
+    pub kind: Db,
+    pg: Option<(String, String)>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestDb {
+    pub async fn create(kind: Db) -> TestDb {
+        let dir = tempfile::tempdir().unwrap();
+        match kind {
+            Db::Sqlite => TestDb {
+                url: format!("sqlite://{}", dir.path().join("tollgate.db").display()),
+                kind,
+                pg: None,
+                _dir: dir,
+            },
+            Db::Postgres => {
+                let admin = postgres_admin_url();
+                let name = format!("tollgate_test_{}", rand_suffix());
+                let mut conn = connect_pg(&admin).await;
+                sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+                    .execute(&mut conn)
+                    .await
+                    .unwrap();
+                let base = admin.rsplit_once('/').unwrap().0;
+                TestDb {
+                    url: format!("{base}/{name}"),
+                    kind,
+                    pg: Some((admin, name)),
+                    _dir: dir,
+                }
+            }
+        }
+    }
+
+    /// Runs one statement on this database.
+    pub async fn execute(&self, sql: &str) {
+        use sqlx::Connection;
+        match self.kind {
+            Db::Sqlite => {
+                let mut c = sqlx::SqliteConnection::connect(&self.url).await.unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
+                c.close().await.unwrap();
+            }
+            Db::Postgres => {
+                let mut c = connect_pg(&self.url).await;
+                sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
+                c.close().await.unwrap();
+            }
+        }
+    }
+
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        scalar(&self.url, sql).await
+    }
+
+    /// Takes a lock that makes every quota write wait until [`QuotaLock::release`].
+    pub async fn lock_quota_writes(&self) -> QuotaLock {
+        use sqlx::Connection;
+        match self.kind {
+            Db::Sqlite => {
+                let mut c = sqlx::SqliteConnection::connect(&self.url).await.unwrap();
+                sqlx::query("BEGIN IMMEDIATE")
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
+                QuotaLock::Sqlite(c)
+            }
+            Db::Postgres => {
+                let mut c = connect_pg(&self.url).await;
+                sqlx::query("BEGIN").execute(&mut c).await.unwrap();
+                sqlx::query("LOCK TABLE api_usage IN EXCLUSIVE MODE")
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
+                QuotaLock::Postgres(c)
+            }
+        }
+    }
+}
+
+/// See [`TestDb::lock_quota_writes`].
+pub enum QuotaLock {
+    Sqlite(sqlx::SqliteConnection),
+    Postgres(sqlx::PgConnection),
+}
+
+impl QuotaLock {
+    pub async fn release(self) {
+        use sqlx::Connection;
+        match self {
+            QuotaLock::Sqlite(mut c) => {
+                sqlx::query("ROLLBACK").execute(&mut c).await.unwrap();
+                c.close().await.unwrap();
+            }
+            QuotaLock::Postgres(mut c) => {
+                sqlx::query("ROLLBACK").execute(&mut c).await.unwrap();
+                c.close().await.unwrap();
+            }
+        }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some((admin, name)) = self.pg.take() else {
+            return;
+        };
+        // Drop is not async: drop the database from a thread with a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                let mut conn = connect_pg(&admin).await;
+                let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                )))
+                .execute(&mut conn)
+                .await;
+            })
+        })
+        .join();
+    }
+}
+
+async fn connect_pg(url: &str) -> sqlx::PgConnection {
+    use sqlx::Connection;
+    sqlx::PgConnection::connect(url).await.unwrap_or_else(|e| {
+        panic!(
+            "PostgreSQL is not reachable at {url}: {e}. Run scripts/test, which starts it, \
+             or set TEST_POSTGRES_URL."
+        )
+    })
+}
+
+pub fn rand_suffix() -> String {
+    use rand::RngExt;
+    rand::rng()
+        .sample_iter(&rand::distr::Alphanumeric)
+        .take(12)
+        .map(|c| char::from(c).to_ascii_lowercase())
+        .collect()
+}
+
+/// Runs each named `async fn NAME(db: Db)` once on SQLite and once on PostgreSQL, as the tests
+/// `sqlite::NAME` and `postgres::NAME`.
+#[macro_export]
+macro_rules! every_database {
+    ($($name:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Db::Sqlite).await
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name($crate::common::Db::Postgres).await
+                }
+            )*
+        }
+    };
+}
+
 /// A tollgate serving on ephemeral ports from its own database.
 pub struct Tollgate {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     pub db_url: String,
+    pub db: TestDb,
     pub clock: ManualClock,
     pub metrics: Arc<Metrics>,
     pub stores: Stores,
@@ -51,8 +244,18 @@ impl Tollgate {
     }
 
     pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Tollgate {
+        Self::on_with(Db::Sqlite, tweak).await
+    }
+
+    pub async fn on(db: Db) -> Tollgate {
+        Self::on_with(db, |_| {}).await
+    }
+
+    /// Starts on a new database of kind `db`, with the configuration changed by `tweak`.
+    pub async fn on_with(db: Db, tweak: impl FnOnce(&mut Config)) -> Tollgate {
         let dir = tempfile::tempdir().unwrap();
-        let db_url = format!("sqlite://{}", dir.path().join("tollgate.db").display());
+        let db = TestDb::create(db).await;
+        let db_url = db.url.clone();
         let mut config = Config {
             grpc_addr: "127.0.0.1:0".parse().unwrap(),
             http_addr: "127.0.0.1:0".parse().unwrap(),
@@ -61,6 +264,7 @@ impl Tollgate {
         config.database.url = SecretUrl(db_url.clone());
         config.request_log.flush_interval = Dur(Duration::from_millis(50));
         tweak(&mut config);
+        let config_db = config.database.clone();
         let clock = ManualClock::new(t0());
         let app = App::build_with_clock(config, Arc::new(clock.clone()))
             .await
@@ -70,11 +274,12 @@ impl Tollgate {
         let handle = tokio::spawn(app.run(async {
             let _ = stopped.await;
         }));
-        let stores = store::open(&db_url, false).await.unwrap();
+        let stores = store::open(&config_db, false).await.unwrap();
         Tollgate {
             grpc,
             http,
             db_url,
+            db,
             clock,
             metrics,
             stores,
@@ -114,6 +319,7 @@ impl Tollgate {
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         Command::new(env!("CARGO_BIN_EXE_tollgate"))
             .args(args)
+            .env_remove("TOLLGATE_CONFIG")
             .env("TOLLGATE_DATABASE_URL", &self.db_url)
             .current_dir(self.dir.path())
             .output()
@@ -144,26 +350,28 @@ impl Tollgate {
                 .expect("run task")
                 .expect("run returns Ok");
         }
-        Stopped {
-            db_url: self.db_url.clone(),
-            _dir: std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()),
-        }
+        let placeholder = TestDb {
+            url: String::new(),
+            kind: Db::Sqlite,
+            pg: None,
+            _dir: tempfile::tempdir().unwrap(),
+        };
+        std::mem::replace(&mut self.db, placeholder)
     }
 }
 
 /// What is left of a stopped tollgate: its database.
-pub struct Stopped {
-    pub db_url: String,
-    _dir: tempfile::TempDir,
-}
+pub type Stopped = TestDb;
 
-impl Stopped {
-    pub async fn scalar(&self, sql: &str) -> i64 {
-        scalar(&self.db_url, sql).await
+pub async fn scalar(db_url: &str, sql: &str) -> i64 {
+    if db_url.starts_with("postgres") {
+        let mut c = connect_pg(db_url).await;
+        let v: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+        return v;
     }
-}
-
-async fn scalar(db_url: &str, sql: &str) -> i64 {
     let pool = sqlx::SqlitePool::connect(db_url).await.unwrap();
     let v: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
         .fetch_one(&pool)

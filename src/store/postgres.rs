@@ -1,0 +1,429 @@
+//! PostgreSQL: keys, quotas and the request log shared by every replica.
+//!
+//! The quota check is one conditional `UPDATE … RETURNING` on the key's `api_usage` row; the row
+//! lock serialises concurrent checks of one key across all replicas, and PostgreSQL re-evaluates
+//! the `WHERE` against the row as the previous transaction left it, so the room-left test is
+//! always against the latest count. Key changes reach replicas through `LISTEN`/`NOTIFY`, sent by
+//! a trigger on `api_keys` (so a change made by hand in SQL is seen too).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use sqlx::Row;
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use tokio_util::sync::CancellationToken;
+
+use super::sqlite::parse_hash_hex;
+use super::{
+    KeyChange, KeyStore, LimitsPatch, LogRow, Quota, QuotaOutcome, QuotaStore, RequestLogSink,
+    StoreError, Usage,
+};
+use crate::keys::{self, ApiKey, KeyHash, KeyStatus, Limits, NewKey};
+
+/// The channel the `api_keys` trigger notifies.
+const KEY_CHANNEL: &str = "tollgate_key_changes";
+
+/// Settings of the connection pool.
+#[derive(Debug, Clone, Copy)]
+pub struct PgSettings {
+    pub max_connections: u32,
+    /// Longest wait for a connection, and the server-side statement timeout.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+}
+
+impl PgStore {
+    /// Connects to the database named by a `postgres://` URL.
+    pub async fn open(url: &str, settings: PgSettings) -> Result<Self, StoreError> {
+        let statement_timeout = format!("{}", settings.timeout.as_millis().max(1));
+        let options = PgConnectOptions::from_str(url)?
+            .application_name("tollgate")
+            .options([("statement_timeout", statement_timeout.as_str())]);
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .min_connections(1)
+            .acquire_timeout(settings.timeout)
+            .connect_with(options)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    /// Applies migrations; several replicas may do so at once (sqlx holds an advisory lock).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("./migrations/postgres")
+            .run(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Listens for key changes until the connection drops or `stop` is cancelled. Returns
+    /// `Ok(())` when stopped, `Err` when the connection was lost.
+    async fn listen(
+        &self,
+        on_change: &(dyn Fn(KeyChange) + Send + Sync),
+        stop: &CancellationToken,
+    ) -> Result<(), StoreError> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(KEY_CHANNEL).await?;
+        // Anything cached before this moment may have changed unheard.
+        on_change(KeyChange::All);
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                n = listener.try_recv() => n?,
+            };
+            match next {
+                Some(n) => match parse_hash_hex(n.payload()) {
+                    Some(hash) => on_change(KeyChange::Keys(vec![hash])),
+                    None => on_change(KeyChange::All),
+                },
+                None => {
+                    return Err(StoreError::Unavailable(sqlx::Error::Protocol(
+                        "key change listener lost its connection".into(),
+                    )));
+                }
+            }
+        }
+    }
+}
+
+fn key_from_row(row: &PgRow) -> Result<ApiKey, StoreError> {
+    let status: String = row.try_get("status")?;
+    let limit = |col: &str| -> Result<Option<u64>, StoreError> {
+        Ok(row.try_get::<Option<i64>, _>(col)?.map(|v| v.max(0) as u64))
+    };
+    Ok(ApiKey {
+        id: row.try_get("id")?,
+        name: row.try_get("name")?,
+        prefix: row.try_get("prefix")?,
+        status: KeyStatus::parse(&status).ok_or_else(|| StoreError::Corrupt {
+            table: "api_keys",
+            detail: format!("status {status:?}"),
+        })?,
+        expires_at: row.try_get("expires_at")?,
+        limits: Limits {
+            per_minute: limit("per_minute")?,
+            daily: limit("daily_limit")?,
+            monthly: limit("monthly_limit")?,
+        },
+    })
+}
+
+fn opt_i64(v: Option<u64>) -> Option<i64> {
+    v.map(|v| v.min(i64::MAX as u64) as i64)
+}
+
+/// The UTC day and the first day of the UTC month `now` falls in.
+fn day_and_month(now: DateTime<Utc>) -> (NaiveDate, NaiveDate) {
+    let day = now.date_naive();
+    (day, day.with_day(1).expect("first of month"))
+}
+
+#[async_trait]
+impl KeyStore for PgStore {
+    async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<ApiKey>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit \
+             FROM api_keys WHERE key_hash = $1",
+        )
+        .bind(keys::hash_hex(hash))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| key_from_row(&r)).transpose()
+    }
+
+    async fn watch_changes(
+        &self,
+        _interval: Duration,
+        on_change: &(dyn Fn(KeyChange) + Send + Sync),
+        stop: CancellationToken,
+    ) {
+        let mut backoff = Duration::from_millis(100);
+        while !stop.is_cancelled() {
+            match self.listen(on_change, &stop).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "key change listener failed; reconnecting");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    async fn create(
+        &self,
+        name: &str,
+        key: &NewKey,
+        limits: Limits,
+        expires_at: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<ApiKey, StoreError> {
+        let (day, month) = day_and_month(now);
+        let mut tx = self.pool.begin().await?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO api_keys (name, prefix, key_hash, expires_at, per_minute, daily_limit, \
+               monthly_limit, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) RETURNING id",
+        )
+        .bind(name)
+        .bind(&key.prefix)
+        .bind(keys::hash_hex(&key.hash))
+        .bind(expires_at)
+        .bind(opt_i64(limits.per_minute))
+        .bind(opt_i64(limits.daily))
+        .bind(opt_i64(limits.monthly))
+        .bind(now)
+        .fetch_one(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO api_usage (api_key_id, day, month, updated_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(id)
+        .bind(day)
+        .bind(month)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(ApiKey {
+            id,
+            name: name.to_string(),
+            prefix: key.prefix.clone(),
+            status: KeyStatus::Active,
+            expires_at,
+            limits,
+        })
+    }
+
+    async fn get(&self, id: i64) -> Result<Option<ApiKey>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit \
+             FROM api_keys WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| key_from_row(&r)).transpose()
+    }
+
+    async fn list(&self) -> Result<Vec<ApiKey>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit \
+             FROM api_keys ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(key_from_row).collect()
+    }
+
+    async fn revoke(&self, id: i64, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("UPDATE api_keys SET status = 'revoked', updated_at = $2 WHERE id = $1")
+                .bind(id)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn set_limits(
+        &self,
+        id: i64,
+        patch: LimitsPatch,
+        now: DateTime<Utc>,
+    ) -> Result<Option<ApiKey>, StoreError> {
+        // Each limit is either replaced ($n given, flag true) or kept, in one statement, so
+        // two concurrent set-limits never undo each other's other fields.
+        let row = sqlx::query(
+            "UPDATE api_keys SET \
+               per_minute = CASE WHEN $2 THEN $3 ELSE per_minute END, \
+               daily_limit = CASE WHEN $4 THEN $5 ELSE daily_limit END, \
+               monthly_limit = CASE WHEN $6 THEN $7 ELSE monthly_limit END, \
+               updated_at = $8 \
+             WHERE id = $1 \
+             RETURNING id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit",
+        )
+        .bind(id)
+        .bind(patch.per_minute.is_some())
+        .bind(opt_i64(patch.per_minute.flatten()))
+        .bind(patch.daily.is_some())
+        .bind(opt_i64(patch.daily.flatten()))
+        .bind(patch.monthly.is_some())
+        .bind(opt_i64(patch.monthly.flatten()))
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.map(|r| key_from_row(&r)).transpose()
+    }
+
+    async fn usage(&self, id: i64, now: DateTime<Utc>) -> Result<Usage, StoreError> {
+        let (day, month) = day_and_month(now);
+        let row = sqlx::query(
+            "SELECT CASE WHEN day = $2 THEN daily_requests ELSE 0 END AS daily, \
+                    CASE WHEN month = $3 THEN monthly_requests ELSE 0 END AS monthly, \
+                    total_requests AS total \
+             FROM api_usage WHERE api_key_id = $1",
+        )
+        .bind(id)
+        .bind(day)
+        .bind(month)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(match row {
+            None => Usage::default(),
+            Some(r) => Usage {
+                daily: r.try_get::<i64, _>("daily")?.max(0) as u64,
+                monthly: r.try_get::<i64, _>("monthly")?.max(0) as u64,
+                total: r.try_get::<i64, _>("total")?.max(0) as u64,
+            },
+        })
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+/// The statement that checks and spends quota. A counter from an earlier day or month counts as
+/// 0 both in the room-left test and in the new value (DESIGN rule 2).
+pub const CONSUME_SQL: &str = "UPDATE api_usage SET \
+       daily_requests = (CASE WHEN day = $2 THEN daily_requests ELSE 0 END) + $4, \
+       monthly_requests = (CASE WHEN month = $3 THEN monthly_requests ELSE 0 END) + $4, \
+       total_requests = total_requests + $4, \
+       day = $2, month = $3, updated_at = now() \
+     WHERE api_key_id = $1 \
+       AND ($5::bigint IS NULL OR (CASE WHEN day = $2 THEN daily_requests ELSE 0 END) + $4 <= $5) \
+       AND ($6::bigint IS NULL OR (CASE WHEN month = $3 THEN monthly_requests ELSE 0 END) + $4 <= $6) \
+     RETURNING daily_requests, monthly_requests";
+
+#[async_trait]
+impl QuotaStore for PgStore {
+    async fn consume(
+        &self,
+        key_id: i64,
+        quota: Quota,
+        cost: u64,
+        now: DateTime<Utc>,
+    ) -> Result<QuotaOutcome, StoreError> {
+        let (day, month) = day_and_month(now);
+        let cost_i = cost.min(i64::MAX as u64) as i64;
+        for _ in 0..3 {
+            let admitted = sqlx::query(CONSUME_SQL)
+                .bind(key_id)
+                .bind(day)
+                .bind(month)
+                .bind(cost_i)
+                .bind(opt_i64(quota.daily))
+                .bind(opt_i64(quota.monthly))
+                .fetch_optional(&self.pool)
+                .await?;
+            if let Some(row) = admitted {
+                return Ok(QuotaOutcome::Admitted {
+                    daily: row.try_get::<i64, _>(0)? as u64,
+                    monthly: row.try_get::<i64, _>(1)? as u64,
+                });
+            }
+            // No row: a limit has no room, or the usage row is missing. Tell which, so "no
+            // row" never reads as "limit exceeded".
+            let current = sqlx::query(
+                "SELECT CASE WHEN day = $2 THEN daily_requests ELSE 0 END, \
+                        CASE WHEN month = $3 THEN monthly_requests ELSE 0 END \
+                 FROM api_usage WHERE api_key_id = $1",
+            )
+            .bind(key_id)
+            .bind(day)
+            .bind(month)
+            .fetch_optional(&self.pool)
+            .await?;
+            let Some(current) = current else {
+                sqlx::query(
+                    "INSERT INTO api_usage (api_key_id, day, month) VALUES ($1, $2, $3) \
+                     ON CONFLICT (api_key_id) DO NOTHING",
+                )
+                .bind(key_id)
+                .bind(day)
+                .bind(month)
+                .execute(&self.pool)
+                .await?;
+                continue;
+            };
+            let daily_used = current.try_get::<i64, _>(0)?.max(0) as u64;
+            let monthly_used = current.try_get::<i64, _>(1)?.max(0) as u64;
+            if quota.monthly.is_some_and(|m| monthly_used + cost > m) {
+                return Ok(QuotaOutcome::MonthlyExceeded { used: monthly_used });
+            }
+            if quota.daily.is_some_and(|d| daily_used + cost > d) {
+                return Ok(QuotaOutcome::DailyExceeded { used: daily_used });
+            }
+            // Room appeared between the two statements (another request was refunded, or the
+            // day turned): try again.
+        }
+        Err(StoreError::Corrupt {
+            table: "api_usage",
+            detail: format!("quota update for key {key_id} neither admitted nor refused"),
+        })
+    }
+}
+
+#[async_trait]
+impl RequestLogSink for PgStore {
+    async fn write_batch(&self, rows: &[LogRow]) -> Result<(), StoreError> {
+        // One statement per batch: the rows travel as arrays and UNNEST turns them back into rows.
+        let mut ts = Vec::with_capacity(rows.len());
+        let mut request_id = Vec::with_capacity(rows.len());
+        let mut key_id = Vec::with_capacity(rows.len());
+        let mut method = Vec::with_capacity(rows.len());
+        let mut path = Vec::with_capacity(rows.len());
+        let mut host = Vec::with_capacity(rows.len());
+        let mut client = Vec::with_capacity(rows.len());
+        let mut decision = Vec::with_capacity(rows.len());
+        let mut reason = Vec::with_capacity(rows.len());
+        let mut status = Vec::with_capacity(rows.len());
+        for r in rows {
+            ts.push(r.ts);
+            request_id.push(r.request_id.clone());
+            key_id.push(r.key_id);
+            method.push(r.method.clone());
+            path.push(r.path.clone());
+            host.push(r.host.clone());
+            client.push(r.client_addr.clone());
+            decision.push(if r.allowed { "allow" } else { "deny" });
+            reason.push(r.reason);
+            status.push(r.status as i16);
+        }
+        sqlx::query(
+            "INSERT INTO api_requests_log (ts, request_id, api_key_id, method, path, host, \
+               client_addr, decision, reason, status) \
+             SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::bigint[], $4::text[], \
+               $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::smallint[])",
+        )
+        .bind(ts)
+        .bind(request_id)
+        .bind(key_id)
+        .bind(method)
+        .bind(path)
+        .bind(host)
+        .bind(client)
+        .bind(decision)
+        .bind(reason)
+        .bind(status)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+}
