@@ -1,0 +1,324 @@
+//! PostgreSQL-specific guarantees: the indexes tollgate's lookups use, concurrent migration, and
+//! what happens when the server goes away and comes back (on a private server the test owns).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tollgate::config::{FailureMode, SecretUrl};
+use tollgate::keys::Limits;
+
+/// The plan PostgreSQL picks for `sql`, as text.
+async fn explain(db: &TestDb, sql: &str) -> String {
+    use sqlx::{Connection, Row};
+    let mut c = sqlx::PgConnection::connect(&db.url).await.unwrap();
+    let rows = sqlx::query(sqlx::AssertSqlSafe(format!("EXPLAIN {sql}")))
+        .fetch_all(&mut c)
+        .await
+        .unwrap();
+    rows.iter()
+        .map(|r| r.get::<String, _>(0))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_lookup_tollgate_makes_uses_an_index() {
+    let db = TestDb::create(Db::Postgres).await;
+    let stores = tollgate::store::open(
+        &tollgate::config::DatabaseConfig {
+            url: SecretUrl(db.url.clone()),
+            ..Default::default()
+        },
+        true,
+    )
+    .await
+    .unwrap();
+    stores.close().await;
+    // Enough rows that a sequential scan would be the planner's choice without an index.
+    db.execute(
+        "INSERT INTO api_keys (name, prefix, key_hash) \
+         SELECT 'k' || g, 'tg_' || g, md5(g::text) || md5((g + 1)::text) \
+         FROM generate_series(1, 20000) g",
+    )
+    .await;
+    db.execute(
+        "INSERT INTO api_usage (api_key_id, day, month) SELECT id, current_date, current_date FROM api_keys",
+    )
+    .await;
+    db.execute(
+        "INSERT INTO api_requests_log (ts, api_key_id, decision, reason, status) \
+         SELECT now(), 1 + g % 20000, 'allow', 'ok', 200 FROM generate_series(1, 50000) g",
+    )
+    .await;
+    db.execute("ANALYZE").await;
+
+    let lookup = explain(&db, "SELECT id FROM api_keys WHERE key_hash = 'abc'").await;
+    assert!(
+        lookup.contains("Index Scan using api_keys_key_hash"),
+        "{lookup}"
+    );
+    let consume = explain(
+        &db,
+        &tollgate::store::postgres::CONSUME_SQL
+            .replace("$1", "42")
+            .replace("$2", "current_date")
+            .replace("$3", "current_date")
+            .replace("$4", "1")
+            .replace("$5", "100")
+            .replace("$6", "1000"),
+    )
+    .await;
+    assert!(
+        consume.contains("Index Scan using api_usage_pkey"),
+        "{consume}"
+    );
+    let history = explain(
+        &db,
+        "SELECT count(*) FROM api_requests_log WHERE api_key_id = 7 AND ts >= now() - interval '1 day'",
+    )
+    .await;
+    assert!(history.contains("api_requests_log_key_ts"), "{history}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_starting_together_migrate_once() {
+    let db = TestDb::create(Db::Postgres).await;
+    let config = tollgate::config::DatabaseConfig {
+        url: SecretUrl(db.url.clone()),
+        ..Default::default()
+    };
+    let opens: Vec<_> = (0..6)
+        .map(|_| {
+            let config = config.clone();
+            tokio::spawn(async move { tollgate::store::open(&config, true).await })
+        })
+        .collect();
+    for o in opens {
+        o.await
+            .unwrap()
+            .expect("every replica starts")
+            .close()
+            .await;
+    }
+    assert_eq!(db.scalar("SELECT count(*) FROM _sqlx_migrations").await, 1);
+}
+
+/// A PostgreSQL server of the test's own, in a temporary directory, on a free port.
+struct PrivatePostgres {
+    bin: PathBuf,
+    data: PathBuf,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+fn postgres_bin() -> PathBuf {
+    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("PostgreSQL server binaries under /usr/lib/postgresql")
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("pg_ctl").exists())
+        .collect();
+    versions.sort();
+    versions.pop().expect("a PostgreSQL version with pg_ctl")
+}
+
+/// Runs a PostgreSQL tool as the `postgres` user (the server refuses to run as root).
+fn as_postgres(bin: &Path, tool: &str, args: &[&str]) {
+    let tool = bin.join(tool);
+    let mut cmd = if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(&tool);
+        c
+    } else {
+        Command::new(&tool)
+    };
+    let out = cmd.args(args).output().expect("postgres tool runs");
+    assert!(out.status.success(), "{tool:?} {args:?}: {out:?}");
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+impl PrivatePostgres {
+    fn start() -> PrivatePostgres {
+        let dir = tempfile::tempdir().unwrap();
+        if is_root() {
+            Command::new("chown")
+                .args(["-R", "postgres:postgres"])
+                .arg(dir.path())
+                .status()
+                .unwrap();
+        }
+        let bin = postgres_bin();
+        let data = dir.path().join("data");
+        as_postgres(
+            &bin,
+            "initdb",
+            &[
+                "-D",
+                data.to_str().unwrap(),
+                "-A",
+                "trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+            ],
+        );
+        let pg = PrivatePostgres {
+            bin,
+            data,
+            port: free_port(),
+            _dir: dir,
+        };
+        pg.up();
+        pg
+    }
+
+    fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn up(&self) {
+        let opts = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off",
+            self.port,
+            self.data.display()
+        );
+        as_postgres(
+            &self.bin,
+            "pg_ctl",
+            &[
+                "-D",
+                self.data.to_str().unwrap(),
+                "-o",
+                &opts,
+                "-w",
+                "-l",
+                &format!("{}/log", self.data.display()),
+                "start",
+            ],
+        );
+    }
+
+    fn down(&self) {
+        as_postgres(
+            &self.bin,
+            "pg_ctl",
+            &[
+                "-D",
+                self.data.to_str().unwrap(),
+                "-m",
+                "immediate",
+                "-w",
+                "stop",
+            ],
+        );
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args(["-u", "postgres", "--"])
+            .arg(self.bin.join("pg_ctl"))
+            .args(["-D", self.data.to_str().unwrap(), "-m", "immediate", "stop"])
+            .output();
+    }
+}
+
+async fn check_code(tg: &Tollgate, key: &str) -> (i32, Duration) {
+    let mut c = tg.client().await;
+    let started = Instant::now();
+    let resp = c.check(key_header(key)).await.unwrap().into_inner();
+    (resp.status.unwrap().code, started.elapsed())
+}
+
+async fn outage(mode: FailureMode) {
+    let pg = PrivatePostgres::start();
+    let tg = Tollgate::on_with(Db::Sqlite, |c| {
+        c.database.url = SecretUrl(pg.url());
+        c.database.failure_mode = mode;
+        c.database.timeout = tollgate::config::Dur(Duration::from_millis(500));
+    })
+    .await;
+    let (known, id) = tg
+        .create_key(
+            "known",
+            Limits {
+                daily: Some(1000),
+                ..Default::default()
+            },
+        )
+        .await;
+    let (unverified, _) = tg.create_key("unverified", Limits::default()).await;
+    assert_eq!(check_code(&tg, &known).await.0, 0);
+
+    pg.down();
+    // The verified key is served from the cache; its quota follows the failure mode. The key
+    // never verified cannot be let in. Neither waits long.
+    let (code, took) = check_code(&tg, &known).await;
+    assert_eq!(code, if mode == FailureMode::Open { 0 } else { 14 });
+    assert!(
+        took < Duration::from_secs(3),
+        "check waited {took:?} on a dead database"
+    );
+    let (code, took) = check_code(&tg, &unverified).await;
+    assert_eq!(code, 14);
+    assert!(
+        took < Duration::from_secs(3),
+        "check waited {took:?} on a dead database"
+    );
+    let text = reqwest::get(format!("http://{}/readyz", tg.http))
+        .await
+        .unwrap();
+    assert_eq!(text.status(), 503);
+
+    pg.up();
+    // Back without a restart: counting resumes and the other key is verified.
+    let started = Instant::now();
+    loop {
+        if check_code(&tg, &unverified).await.0 == 0 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no recovery within 10s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(check_code(&tg, &known).await.0, 0);
+    let usage = tg.stores.keys.usage(id, t0()).await.unwrap();
+    assert_eq!(
+        usage.daily, 2,
+        "the request admitted during the outage was not counted"
+    );
+    // The change listener is back too: a revoke reaches the cache within a second.
+    tg.stores.keys.revoke(id, t0()).await.unwrap();
+    let started = Instant::now();
+    while check_code(&tg, &known).await.0 == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "revoke not seen after recovery"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_fail_closed_then_recovery() {
+    outage(FailureMode::Closed).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_outage_fail_open_then_recovery() {
+    outage(FailureMode::Open).await;
+}
