@@ -3,10 +3,9 @@
 
 mod common;
 
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
 
-use common::{check_request, free_port, http_client, key_header};
+use common::{Replica, check_request, free_port, http_client, key_header};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
@@ -191,50 +190,16 @@ fn migrate_creates_the_database() {
     bin.run_ok(&["migrate"]);
 }
 
-struct Serving {
-    child: Child,
-    grpc: String,
-    http: String,
-}
-
-fn serve(bin: &Bin) -> Serving {
-    let (grpc, http) = (free_port(), free_port());
-    let child = bin
-        .command(&["serve"])
-        .env("TOLLGATE_GRPC_ADDR", format!("127.0.0.1:{grpc}"))
-        .env("TOLLGATE_HTTP_ADDR", format!("127.0.0.1:{http}"))
-        .env("TOLLGATE_REQUEST_LOG_FLUSH_INTERVAL", "10s")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    Serving {
-        child,
-        grpc: format!("http://127.0.0.1:{grpc}"),
-        http: format!("http://127.0.0.1:{http}"),
-    }
-}
-
-async fn wait_ready(http: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(r) = http_client().get(format!("{http}/readyz")).send().await
-            && r.status().is_success()
-        {
-            return;
-        }
-        assert!(Instant::now() < deadline, "tollgate serve not ready in 20s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
+async fn serve(bin: &Bin) -> Replica {
+    let db = bin.db_url();
+    Replica::spawn(
+        bin.dir.path(),
+        &[
+            ("TOLLGATE_DATABASE_URL", db.as_str()),
+            ("TOLLGATE_REQUEST_LOG_FLUSH_INTERVAL", "10s"),
+        ],
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,8 +208,7 @@ async fn serve_answers_health_and_metrics_then_sigterm_flushes_and_exits_0() {
     let created: serde_json::Value =
         serde_json::from_str(&bin.run_ok(&["keys", "create", "--name", "s", "--json"])).unwrap();
     let key = created["key"].as_str().unwrap().to_string();
-    let mut s = serve(&bin);
-    wait_ready(&s.http).await;
+    let s = serve(&bin).await;
 
     let health = http_client()
         .get(format!("{}/healthz", s.http))
@@ -296,12 +260,7 @@ async fn serve_answers_health_and_metrics_then_sigterm_flushes_and_exits_0() {
     assert!(!metrics.contains(&key));
 
     // The flush interval is 10 s, so the rows are still queued: SIGTERM must write them.
-    signal(&s.child, "-TERM");
-    let status = tokio::task::spawn_blocking(move || s.child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
+    assert_eq!(s.stop_with("-TERM").await.code(), Some(0));
     let pool = sqlx::SqlitePool::connect(&bin.db_url()).await.unwrap();
     let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_requests_log")
         .fetch_one(&pool)
@@ -314,15 +273,10 @@ async fn serve_answers_health_and_metrics_then_sigterm_flushes_and_exits_0() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigint_also_stops_cleanly_and_the_port_is_released() {
     let bin = Bin::new();
-    let mut s = serve(&bin);
-    wait_ready(&s.http).await;
-    signal(&s.child, "-INT");
-    let status = tokio::task::spawn_blocking(move || s.child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0));
-    assert!(AuthorizationClient::connect(s.grpc.clone()).await.is_err());
+    let s = serve(&bin).await;
+    let grpc = s.grpc.clone();
+    assert_eq!(s.stop_with("-INT").await.code(), Some(0));
+    assert!(AuthorizationClient::connect(grpc).await.is_err());
 }
 
 #[test]

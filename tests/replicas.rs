@@ -1,0 +1,127 @@
+//! Several tollgate processes sharing one PostgreSQL: no answer may depend on which replica was
+//! asked.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+async fn create_key(dir: &std::path::Path, db_url: &str, args: &[&str]) -> (String, i64) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["keys", "create", "--json"])
+        .args(args)
+        .current_dir(dir)
+        .env_remove("TOLLGATE_CONFIG")
+        .env("TOLLGATE_DATABASE_URL", db_url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    (
+        v["key"].as_str().unwrap().to_string(),
+        v["id"].as_i64().unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_admit_exactly_the_daily_limit_and_the_log_agrees() {
+    let db = TestDb::create(Db::Postgres).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (key, id) = create_key(dir.path(), &db.url, &["--name", "hot", "--daily", "300"]).await;
+    let env = [
+        ("TOLLGATE_DATABASE_URL", db.url.as_str()),
+        ("TOLLGATE_DATABASE_TIMEOUT", "20s"),
+    ];
+    let replicas = [
+        Replica::spawn(dir.path(), &env).await,
+        Replica::spawn(dir.path(), &env).await,
+    ];
+    let clients = [replicas[0].client().await, replicas[1].client().await];
+    let tasks: Vec<_> = (0..1000)
+        .map(|i| {
+            let mut c = clients[i % 2].clone();
+            let key = key.clone();
+            tokio::spawn(async move {
+                let resp = c.check(key_header(&key)).await.unwrap().into_inner();
+                (i % 2, resp.status.unwrap().code)
+            })
+        })
+        .collect();
+    let mut allowed = [0; 2];
+    let mut refused = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            (r, 0) => allowed[r] += 1,
+            (_, 8) => refused += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert_eq!(allowed[0] + allowed[1], 300, "{allowed:?}");
+    assert_eq!(refused, 700);
+    assert!(
+        allowed[0] > 0 && allowed[1] > 0,
+        "both replicas admitted some: {allowed:?}"
+    );
+    let usage = format!("SELECT daily_requests FROM api_usage WHERE api_key_id = {id}");
+    assert_eq!(db.scalar(&usage).await, 300);
+    // Both stop gracefully; their logs together hold exactly the admitted requests.
+    for r in replicas {
+        assert_eq!(r.stop_with("-TERM").await.code(), Some(0));
+    }
+    let logged = format!(
+        "SELECT count(*) FROM api_requests_log WHERE api_key_id = {id} AND decision = 'allow'"
+    );
+    assert_eq!(db.scalar(&logged).await, 300);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM api_requests_log").await,
+        1000
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_reaches_every_replica_within_a_second() {
+    let db = TestDb::create(Db::Postgres).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (key, id) = create_key(dir.path(), &db.url, &["--name", "shared"]).await;
+    let env = [("TOLLGATE_DATABASE_URL", db.url.as_str())];
+    let replicas = [
+        Replica::spawn(dir.path(), &env).await,
+        Replica::spawn(dir.path(), &env).await,
+    ];
+    let mut clients = [replicas[0].client().await, replicas[1].client().await];
+    // Both have the key cached.
+    for c in clients.iter_mut() {
+        let code = c
+            .check(key_header(&key))
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap()
+            .code;
+        assert_eq!(code, 0);
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["keys", "revoke", &id.to_string()])
+        .current_dir(dir.path())
+        .env("TOLLGATE_DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let revoked = Instant::now();
+    for c in clients.iter_mut() {
+        loop {
+            let resp = c.check(key_header(&key)).await.unwrap().into_inner();
+            if resp.status.as_ref().unwrap().code != 0 {
+                assert_eq!(denied(&resp).body["error"], "key_revoked");
+                break;
+            }
+            assert!(
+                revoked.elapsed() < Duration::from_secs(1),
+                "revoke took over 1s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
