@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 
 use crate::clock::{self, Clock};
 use crate::config::{Config, FailureMode};
-use crate::decision::{Allowed, Decision, Denial, DenyReason, LimitKind, LimitState};
+use crate::decision::{Allowed, Decision, Denial, DenyReason, LimitKind, LimitState, MAX_COST};
 use crate::keys::{self, ApiKey, KeyStatus, cache::KeyCache};
 use crate::limiter::WindowLimiter;
 use crate::reqlog::{RequestLog, clip};
@@ -31,6 +31,8 @@ pub struct CheckInput<'a> {
     pub host: Option<&'a str>,
     pub request_id: Option<&'a str>,
     pub client_addr: Option<&'a str>,
+    /// What the request costs, as the route configured it (unset: 1).
+    pub cost: Option<&'a str>,
 }
 
 /// Decides Check requests.
@@ -142,6 +144,16 @@ impl AuthzService {
             return deny(DenyReason::InvalidKey, None);
         }
 
+        // What the route says this request costs: 0 checks without spending.
+        let cost = match input.cost.map(|c| c.trim().parse::<u64>()) {
+            None => 1,
+            Some(Ok(c)) if c <= MAX_COST => c,
+            Some(_) => {
+                tracing::error!(cost = ?input.cost, "invalid cost in the route's ext_authz context_extensions");
+                return deny(DenyReason::InvalidCost, None);
+            }
+        };
+
         // 2. A known key, active and unexpired.
         let key = match self.keys.lookup(&keys::hash(presented)).await {
             Ok((found, outcome)) => {
@@ -173,7 +185,11 @@ impl AuthzService {
             .flatten();
         let window_key = window_key(&key);
         if let Some(limit) = per_minute {
-            match self.limiter.hit(&window_key, limit, MINUTE, 1, now).await {
+            match self
+                .limiter
+                .hit(&window_key, limit, MINUTE, cost, now)
+                .await
+            {
                 Ok(w) => {
                     let state = LimitState {
                         kind: LimitKind::PerMinute,
@@ -212,7 +228,7 @@ impl AuthzService {
             daily: key.limits.daily,
             monthly: key.limits.monthly,
         };
-        let outcome = self.quotas.consume(key.id, quota, 1, now).await;
+        let outcome = self.quotas.consume(key.id, quota, cost, now).await;
         let refused = match outcome {
             Ok(QuotaOutcome::Admitted { daily, monthly }) => {
                 if let Some(limit) = quota.daily {
@@ -292,7 +308,7 @@ impl AuthzService {
         // The request was refused after its per-minute hit was counted: give the hit back,
         // so a refused request costs nothing.
         if per_minute.is_some()
-            && let Err(e) = self.limiter.refund(&window_key, MINUTE, 1, now).await
+            && let Err(e) = self.limiter.refund(&window_key, MINUTE, cost, now).await
         {
             tracing::warn!(error = %e, key_id = key.id, "rate limit refund failed");
         }

@@ -7,6 +7,9 @@ use serde_json::json;
 
 use crate::keys::ApiKey;
 
+/// The largest cost one request may have.
+pub const MAX_COST: u64 = 1_000_000;
+
 /// Which limit a [`LimitState`] describes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LimitKind {
@@ -49,10 +52,12 @@ pub enum DenyReason {
     DailyQuotaExceeded,
     MonthlyQuotaExceeded,
     BackendUnavailable,
+    /// The route's `cost` setting is not a count: the operator's mistake, not the client's.
+    InvalidCost,
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 8] = [
+    pub const ALL: [DenyReason; 9] = [
         DenyReason::MissingKey,
         DenyReason::InvalidKey,
         DenyReason::KeyRevoked,
@@ -61,6 +66,7 @@ impl DenyReason {
         DenyReason::DailyQuotaExceeded,
         DenyReason::MonthlyQuotaExceeded,
         DenyReason::BackendUnavailable,
+        DenyReason::InvalidCost,
     ];
 
     /// The stable machine code in the body's `error` field.
@@ -74,6 +80,7 @@ impl DenyReason {
             DenyReason::DailyQuotaExceeded => "daily_quota_exceeded",
             DenyReason::MonthlyQuotaExceeded => "monthly_quota_exceeded",
             DenyReason::BackendUnavailable => "backend_unavailable",
+            DenyReason::InvalidCost => "invalid_cost",
         }
     }
 
@@ -85,6 +92,7 @@ impl DenyReason {
             | DenyReason::DailyQuotaExceeded
             | DenyReason::MonthlyQuotaExceeded => 429,
             DenyReason::BackendUnavailable => 503,
+            DenyReason::InvalidCost => 500,
         }
     }
 
@@ -93,6 +101,7 @@ impl DenyReason {
             401 => "Unauthorized",
             403 => "Forbidden",
             429 => "Too Many Requests",
+            500 => "Internal Server Error",
             _ => "Service Unavailable",
         }
     }
@@ -147,6 +156,10 @@ impl Denial {
             DenyReason::BackendUnavailable => {
                 format!("tollgate cannot reach its database to check this request.{retry}")
             }
+            DenyReason::InvalidCost => format!(
+                "This route's cost setting is not a whole number from 0 to {MAX_COST}: \
+                 fix the ext_authz context_extensions \"cost\" in Envoy's configuration."
+            ),
         }
     }
 

@@ -568,7 +568,76 @@ async fn database_failure_open_allows_uncounted_and_says_so_in_metrics(db: Db) {
     tg.stop().await;
 }
 
+async fn route_cost_is_spent_whole_or_not_at_all(db: Db) {
+    let tg = Tollgate::on(db).await;
+    let (key, id) = tg.create_key("c", limits(Some(100), Some(12), None)).await;
+    let mut c = tg.client().await;
+    let costing = |cost: &str| {
+        let mut r = key_header(&key);
+        r.attributes
+            .as_mut()
+            .unwrap()
+            .context_extensions
+            .insert("cost".into(), cost.into());
+        r
+    };
+    let remaining = |resp: &envoy_types::pb::envoy::service::auth::v3::CheckResponse| {
+        headers_of(&ok(resp).response_headers_to_add)["x-ratelimit-remaining"].clone()
+    };
+    let r = c.check(costing("5")).await.unwrap().into_inner();
+    assert_eq!(remaining(&r), "7");
+    let r = c.check(costing(" 5 ")).await.unwrap().into_inner();
+    assert_eq!(remaining(&r), "2");
+    // 5 does not fit in the 2 left: nothing is spent, the per-minute hits are given back.
+    let d = denied(&c.check(costing("5")).await.unwrap().into_inner());
+    assert_eq!(d.body["error"], "daily_quota_exceeded");
+    // Cost 0 checks without spending.
+    let r = c.check(costing("0")).await.unwrap().into_inner();
+    assert_eq!(remaining(&r), "2");
+    let h = headers_of(&ok(&r).response_headers_to_add);
+    assert!(h["ratelimit-policy"].contains("\"per_minute\";q=100"));
+    let r = c.check(costing("2")).await.unwrap().into_inner();
+    assert_eq!(remaining(&r), "0");
+    let usage = format!("SELECT daily_requests FROM api_usage WHERE api_key_id = {id}");
+    assert_eq!(tg.scalar(&usage).await, 12);
+    // The per-minute window holds 5 + 5 + 0 + 2: the refused 5 were given back.
+    tg.stores
+        .keys
+        .set_limits(
+            id,
+            tollgate::store::LimitsPatch {
+                daily: Some(None),
+                ..Default::default()
+            },
+            t0(),
+        )
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let h = loop {
+        let r = c.check(costing("0")).await.unwrap().into_inner();
+        let h = headers_of(&ok(&r).response_headers_to_add);
+        if !h["ratelimit-policy"].contains("daily") {
+            break h;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "limit change not applied"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(h["ratelimit"], r#""per_minute";r=88;t=40"#);
+    // A route configured with nonsense gets a clear 500, never a guess.
+    for bad in ["abc", "-1", "1.5", "2000000"] {
+        let d = denied(&c.check(costing(bad)).await.unwrap().into_inner());
+        assert_eq!((d.status, d.grpc_code), (500, 13), "{bad}");
+        assert_eq!(d.body["error"], "invalid_cost");
+    }
+    tg.stop().await;
+}
+
 every_database!(
+    route_cost_is_spent_whole_or_not_at_all,
     missing_key_is_401_with_www_authenticate_and_problem_body,
     unknown_and_malformed_keys_are_401_invalid_key,
     allowed_request_carries_key_id_headers_and_metadata,

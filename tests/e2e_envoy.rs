@@ -255,6 +255,38 @@ async fn two_hundred_concurrent_requests_on_a_daily_limit_of_50_let_exactly_50_t
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_with_a_cost_spends_that_much() {
+    let tg = Tollgate::start().await;
+    let envoy = Envoy::start("ext_authz.yaml", tg.grpc).await;
+    let (key, id) = tg.create_key("costly", limits(None, Some(25), None)).await;
+    let client = http_client();
+    let report = |key: &str| {
+        client
+            .get(envoy.url("/v1/reports/monthly"))
+            .header("x-api-key", key.to_string())
+            .send()
+    };
+    let r = report(&key).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["x-ratelimit-remaining"], "15");
+    assert_eq!(report(&key).await.unwrap().status(), 200);
+    // 10 more do not fit in the 5 left; a plain request still does.
+    let r = report(&key).await.unwrap();
+    assert_eq!(r.status(), 429);
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["error"],
+        "daily_quota_exceeded"
+    );
+    let r = get(&envoy, &[("x-api-key", &key)]).await;
+    assert_eq!(
+        (r.status, r.header("x-ratelimit-remaining")),
+        (200, Some("4"))
+    );
+    assert_eq!(tg.stores.keys.usage(id, t0()).await.unwrap().daily, 21);
+    tg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tollgate_unreachable_is_503_not_an_open_door() {
     // A port nothing listens on.
     let nowhere: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();

@@ -26,8 +26,12 @@ use crate::decision::{Allowed, Decision, Denial, DenyReason, rate_limit_headers}
 const OK: i32 = 0;
 const PERMISSION_DENIED: i32 = 7;
 const RESOURCE_EXHAUSTED: i32 = 8;
+const INTERNAL: i32 = 13;
 const UNAVAILABLE: i32 = 14;
 const UNAUTHENTICATED: i32 = 16;
+
+/// The ext_authz `context_extensions` entry (set per route in Envoy) with a request's cost.
+pub const COST_EXTENSION: &str = "cost";
 
 /// The tonic service for ext_authz.
 pub struct AuthzGrpc {
@@ -120,6 +124,9 @@ impl Authorization for AuthzGrpc {
                 .and_then(|h| non_empty(&h.id))
                 .or_else(|| headers.get("x-request-id")),
             client_addr,
+            cost: attributes
+                .and_then(|a| a.context_extensions.get(COST_EXTENSION))
+                .map(String::as_str),
         };
         let decision = self.service.check(&input).await;
         Ok(Response::new(match decision {
@@ -172,6 +179,7 @@ fn denied_response(denial: &Denial) -> CheckResponse {
         DenyReason::MissingKey | DenyReason::InvalidKey => UNAUTHENTICATED,
         DenyReason::KeyRevoked | DenyReason::KeyExpired => PERMISSION_DENIED,
         DenyReason::BackendUnavailable => UNAVAILABLE,
+        DenyReason::InvalidCost => INTERNAL,
         _ => RESOURCE_EXHAUSTED,
     };
     let denied = DeniedHttpResponse {
