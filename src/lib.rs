@@ -9,6 +9,7 @@
 //! - [`decision`]: decisions and how the client sees them (status, headers, problem body).
 //! - [`keys`]: key format, hashing, and the in-memory key cache.
 //! - [`limiter`]: per-minute windows; in-process now.
+//! - [`ratelimit`]: envoyproxy/ratelimit-style descriptor rules (the RLS API comes next).
 //! - [`store`]: keys, quotas and the request log in the database (SQLite now).
 //! - [`reqlog`]: the bounded queue and batch writer of the request log.
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
@@ -26,6 +27,7 @@ pub mod grpc;
 pub mod http;
 pub mod keys;
 pub mod limiter;
+pub mod ratelimit;
 pub mod reqlog;
 pub mod store;
 pub mod telemetry;

@@ -1,0 +1,3 @@
+//! Envoy's rate limit service (ratelimit.v3): descriptor rules and their evaluation.
+
+pub mod rules;
