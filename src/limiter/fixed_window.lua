@@ -11,8 +11,8 @@
 -- ARGV[1]  "hit" or "refund"
 -- ARGV[2]  limit
 -- ARGV[3]  cost
--- ARGV[4]  the key's time to live (ms): until the window ends, plus a second's grace for
---          replicas whose clocks are a little behind
+-- ARGV[4]  the key's time to live (ms): until the window ends, plus a few seconds' grace
+--          for replicas whose clocks are a little behind
 -- Returns {allowed (1/0), the window's count after this call}.
 
 local count = tonumber(redis.call('GET', KEYS[1]) or '0')

@@ -35,8 +35,9 @@ const FIXED_WINDOW: &str = include_str!("fixed_window.lua");
 const SLIDING_WINDOW: &str = include_str!("sliding_window.lua");
 const TOKEN_BUCKET: &str = include_str!("token_bucket.lua");
 
-/// Keys live this much longer than their window needs, for replicas whose clocks are behind.
-const EXPIRY_GRACE_MS: i64 = 1000;
+/// Keys live this much longer than their state matters, for replicas whose clocks are a little
+/// behind (and for tests, whose clocks jump while Redis's runs).
+const EXPIRY_GRACE_MS: i64 = 5000;
 
 /// URL schemes of `redis.url`.
 pub const SCHEMES: &[&str] = &["redis", "rediss", "redis+cluster", "rediss+cluster"];
@@ -203,7 +204,7 @@ impl RedisLimiter {
                 let end = window_start_ms(now_ms, rate.window_secs) + rate.window_ms();
                 call.arg(end - now_ms + EXPIRY_GRACE_MS)
             }
-            _ => call.arg(rate.window_ms()).arg(now_ms),
+            _ => call.arg(rate.window_ms()).arg(now_ms).arg(EXPIRY_GRACE_MS),
         };
         let conn = self.conn.clone();
         let answer = async move {

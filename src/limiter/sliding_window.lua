@@ -14,6 +14,7 @@
 -- ARGV[3]  cost
 -- ARGV[4]  window (ms)
 -- ARGV[5]  now (ms, tollgate's clock)
+-- ARGV[6]  grace (ms) the key outlives its use, for replicas whose clocks are a little behind
 -- Returns {allowed (1/0), previous count, current count, ms since the current window began}.
 
 local cost = tonumber(ARGV[3])
@@ -46,9 +47,8 @@ if p * (w - e) + (c + cost) * w <= tonumber(ARGV[2]) * w then
   c = c + cost
   redis.call('HSET', KEYS[1], 's', string.format('%.0f', start),
     'p', string.format('%.0f', p), 'c', string.format('%.0f', c))
-  -- This window's count matters until the end of the next one (plus a second's grace for
-  -- replicas whose clocks are a little behind).
-  redis.call('PEXPIRE', KEYS[1], string.format('%.0f', start + 2 * w - now + 1000))
+  -- This window's count matters until the end of the next one.
+  redis.call('PEXPIRE', KEYS[1], string.format('%.0f', start + 2 * w - now + tonumber(ARGV[6])))
   return {1, p, c, e}
 end
 return {0, p, c, e}

@@ -14,6 +14,7 @@
 -- ARGV[3]  cost
 -- ARGV[4]  window (ms)
 -- ARGV[5]  now (ms, tollgate's clock)
+-- ARGV[6]  grace (ms) the key outlives its use, for replicas whose clocks are a little behind
 -- Returns {allowed (1/0), debt after the hit (allowed) or before it (refused)}.
 
 local limit = tonumber(ARGV[2])
@@ -35,9 +36,8 @@ local function store(debt)
     return
   end
   redis.call('HSET', KEYS[1], 'b', string.format('%.0f', now), 'd', string.format('%.0f', debt))
-  -- The bucket is full again, and the key can go, once now reaches the TAT (plus a second's
-  -- grace for replicas whose clocks are a little behind).
-  redis.call('PEXPIRE', KEYS[1], string.format('%.0f', math.floor(debt / limit) + 1000))
+  -- The bucket is full again, and the key can go, once now reaches the TAT.
+  redis.call('PEXPIRE', KEYS[1], string.format('%.0f', math.floor(debt / limit) + 1 + tonumber(ARGV[6])))
 end
 
 if ARGV[1] == 'refund' then
