@@ -26,7 +26,9 @@ use crate::config::Config;
 use crate::grpc::authz::AuthzGrpc;
 use crate::http::{HttpState, router};
 use crate::keys::cache::KeyCache;
+use crate::limiter::WindowLimiter;
 use crate::limiter::memory::MemoryLimiter;
+use crate::limiter::redis::RedisLimiter;
 use crate::reqlog::{self, RequestLog};
 use crate::store::{self, Stores};
 use crate::telemetry::Metrics;
@@ -74,10 +76,11 @@ impl App {
             config.cache.key_ttl.0,
             config.cache.negative_ttl.0,
         ));
+        let limiter = limiter(&config)?;
         let authz = Arc::new(AuthzService::new(
             &config,
             cache.clone(),
-            Arc::new(MemoryLimiter::new()),
+            limiter,
             stores.quotas.clone(),
             log.clone(),
             clock,
@@ -222,6 +225,26 @@ impl App {
             None => Ok(()),
         }
     }
+}
+
+/// The window store, chosen once at start: Redis when `redis.url` is set, else this process.
+/// Redis is not contacted here: if it is down at start, tollgate serves anyway, follows
+/// `redis.failure_mode`, and the connection comes up when Redis does.
+fn limiter(config: &Config) -> anyhow::Result<Arc<dyn WindowLimiter>> {
+    Ok(match &config.redis.url {
+        Some(url) => {
+            let redis = RedisLimiter::new(
+                url.expose(),
+                &config.redis.key_prefix,
+                config.redis.timeout.0,
+            )
+            .with_context(|| format!("cannot use redis.url {url}"))?;
+            tracing::info!(redis = %url, algorithm = config.limits.algorithm.as_str(),
+                "rate-limit windows in Redis");
+            Arc::new(redis)
+        }
+        None => Arc::new(MemoryLimiter::new()),
+    })
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -11,7 +11,7 @@ use crate::clock::{self, Clock};
 use crate::config::{Config, FailureMode};
 use crate::decision::{Allowed, Decision, Denial, DenyReason, LimitKind, LimitState, MAX_COST};
 use crate::keys::{self, ApiKey, KeyStatus, cache::KeyCache};
-use crate::limiter::WindowLimiter;
+use crate::limiter::{Algorithm, Rate, WindowLimiter};
 use crate::reqlog::{RequestLog, clip};
 use crate::store::{LogRow, Quota, QuotaOutcome, QuotaStore};
 use crate::telemetry::Metrics;
@@ -42,6 +42,7 @@ pub struct AuthzService {
     bearer: bool,
     rate_limit: bool,
     default_per_minute: Option<u64>,
+    algorithm: Algorithm,
     database_failure: FailureMode,
     limiter_failure: FailureMode,
     warn_limiter: WarnEvery,
@@ -76,6 +77,7 @@ impl AuthzService {
             bearer: config.authz.bearer,
             rate_limit: config.authz.rate_limit,
             default_per_minute: config.limits.default_per_minute,
+            algorithm: config.limits.algorithm,
             database_failure: config.database.failure_mode,
             limiter_failure: config.redis.failure_mode,
             warn_limiter: WarnEvery::default(),
@@ -182,14 +184,12 @@ impl AuthzService {
         let per_minute = self
             .rate_limit
             .then(|| key.limits.per_minute.or(self.default_per_minute))
-            .flatten();
+            .flatten()
+            .map(|limit| Rate::new(limit, MINUTE, self.algorithm));
         let window_key = window_key(&key);
-        if let Some(limit) = per_minute {
-            match self
-                .limiter
-                .hit(&window_key, limit, MINUTE, cost, now)
-                .await
-            {
+        if let Some(rate) = per_minute {
+            let limit = rate.limit;
+            match self.limiter.hit(&window_key, rate, cost, now).await {
                 Ok(w) => {
                     let state = LimitState {
                         kind: LimitKind::PerMinute,
@@ -307,8 +307,8 @@ impl AuthzService {
         };
         // The request was refused after its per-minute hit was counted: give the hit back,
         // so a refused request costs nothing.
-        if per_minute.is_some()
-            && let Err(e) = self.limiter.refund(&window_key, MINUTE, cost, now).await
+        if let Some(rate) = per_minute
+            && let Err(e) = self.limiter.refund(&window_key, rate, cost, now).await
         {
             tracing::warn!(error = %e, key_id = key.id, "rate limit refund failed");
         }

@@ -13,6 +13,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_yaml::Value;
 
+use crate::limiter::Algorithm;
+
 /// Environment variable prefix.
 pub const ENV_PREFIX: &str = "TOLLGATE_";
 /// Environment variable naming the config file, when `--config` is not given.
@@ -97,10 +99,15 @@ impl Default for DatabaseConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// Unset: per-minute windows are counted in this process.
+    /// Unset: per-minute windows are counted in this process. `redis://HOST:PORT[/DB]`,
+    /// `rediss://…` (TLS), or `redis+cluster://HOST:PORT,HOST:PORT,…` for a Redis Cluster.
     pub url: Option<SecretUrl>,
-    /// Per-minute limits when Redis cannot be reached.
+    /// Per-minute limits when Redis cannot be reached (or answers too slowly).
     pub failure_mode: FailureMode,
+    /// The longest a check waits for Redis, connecting included.
+    pub timeout: Dur,
+    /// Put before every Redis key tollgate writes.
+    pub key_prefix: String,
 }
 
 impl Default for RedisConfig {
@@ -108,6 +115,8 @@ impl Default for RedisConfig {
         Self {
             url: None,
             failure_mode: FailureMode::Open,
+            timeout: Dur(Duration::from_millis(100)),
+            key_prefix: "tollgate:".into(),
         }
     }
 }
@@ -145,6 +154,8 @@ impl Default for AuthzConfig {
 pub struct LimitsConfig {
     /// Per-minute limit of keys that have none of their own; unset = unlimited.
     pub default_per_minute: Option<u64>,
+    /// How per-minute limits are counted: `fixed_window`, `sliding_window` or `token_bucket`.
+    pub algorithm: Algorithm,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -368,11 +379,20 @@ impl Config {
         if self.database.timeout.0.is_zero() {
             return Err(fail("database.timeout", "must be longer than 0".into()));
         }
-        if let Some(redis) = &self.redis.url {
+        if let Some(redis) = &self.redis.url
+            && let Err(e) = crate::limiter::redis::parse_url(redis.expose())
+        {
+            return Err(fail("redis.url", format!("{redis} {e}")));
+        }
+        if self.redis.timeout.0.is_zero() {
+            return Err(fail("redis.timeout", "must be longer than 0".into()));
+        }
+        if self.redis.key_prefix.contains(['{', '}']) {
             return Err(fail(
-                "redis.url",
+                "redis.key_prefix",
                 format!(
-                    "{redis} is set, but Redis windows are not available in this build; unset it to count in-process"
+                    "{:?} contains {{ or }}, which would break the hash tags that keep a counter's keys in one cluster slot",
+                    self.redis.key_prefix
                 ),
             ));
         }
@@ -565,6 +585,33 @@ mod tests {
     }
 
     #[test]
+    fn redis_settings() {
+        let c = load_yaml(
+            "redis:\n  url: redis+cluster://10.0.0.1:7000,10.0.0.2:7000\n  timeout: 250ms\n",
+            &[
+                ("TOLLGATE_REDIS_URL", "redis://:pw@cache:6379/2"),
+                ("TOLLGATE_REDIS_KEY_PREFIX", "tg:"),
+                ("TOLLGATE_LIMITS_ALGORITHM", "sliding_window"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.redis.url.as_ref().map(SecretUrl::expose),
+            Some("redis://:pw@cache:6379/2")
+        );
+        assert_eq!(c.redis.timeout.0, Duration::from_millis(250));
+        assert_eq!(c.redis.key_prefix, "tg:");
+        assert_eq!(c.limits.algorithm, Algorithm::SlidingWindow);
+        let c = load_yaml("redis:\n  url: redis+cluster://a:7000,b:7001\n", &[]).unwrap();
+        assert!(c.redis.url.is_some());
+        assert_eq!(
+            Config::default().redis.timeout.0,
+            Duration::from_millis(100)
+        );
+        assert_eq!(Config::default().limits.algorithm, Algorithm::FixedWindow);
+    }
+
+    #[test]
     fn unknown_field_is_named() {
         let e = load_yaml("authz:\n  hide_credential: true\n", &[]).unwrap_err();
         assert_eq!(e.field, "authz.hide_credential");
@@ -592,6 +639,15 @@ mod tests {
         assert_eq!(e.field, "database.url");
         let e = load_yaml("redis:\n  failure_mode: sometimes\n", &[]).unwrap_err();
         assert_eq!(e.field, "redis.failure_mode");
+        let e = load_yaml("redis:\n  url: http://cache:6379\n", &[]).unwrap_err();
+        assert_eq!(e.field, "redis.url");
+        assert!(e.message.contains("redis+cluster://"), "{e}");
+        let e = load_yaml("redis:\n  timeout: 0s\n", &[]).unwrap_err();
+        assert_eq!(e.field, "redis.timeout");
+        let e = load_yaml("redis:\n  key_prefix: \"t{1}:\"\n", &[]).unwrap_err();
+        assert_eq!(e.field, "redis.key_prefix");
+        let e = load_yaml("limits:\n  algorithm: leaky\n", &[]).unwrap_err();
+        assert_eq!(e.field, "limits.algorithm");
     }
 
     #[test]

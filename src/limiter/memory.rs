@@ -1,36 +1,50 @@
-//! Windows kept in this process: the embedded default, exact for one replica.
+//! Counters kept in this process: the embedded default, exact for one replica.
 //!
 //! Counters live in a fixed number of mutex-guarded shards picked by the counter key's hash; a
-//! hit locks one shard for a few instructions and never across an `.await`. A shard sweeps out
-//! windows that have ended whenever it has doubled in size since its last sweep, so memory follows
-//! the number of live counters, not the number ever seen.
+//! hit locks one shard for a few instructions and never across an `.await`. The arithmetic is
+//! the pure functions of [`super`]. A shard sweeps out counters that can no longer matter (fixed
+//! window ended, sliding window's next window ended, bucket full again) whenever it has doubled
+//! in size since its last sweep, so memory follows the number of live counters, not the number
+//! ever seen.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::{LimiterError, WindowLimiter, WindowState, reset_after_secs, window_start_ms};
+use super::{
+    Algorithm, Bucket, Fixed, LimiterError, Rate, Sliding, WindowLimiter, WindowState, bucket_hit,
+    bucket_refund, fixed_hit, fixed_refund, sliding_hit, sliding_refund,
+};
 
 const SHARDS: usize = 64;
 const MIN_SWEEP: usize = 1024;
 
 #[derive(Debug, Clone, Copy)]
-struct Slot {
-    window_start_ms: i64,
-    window_end_ms: i64,
-    count: u64,
+enum Counter {
+    Fixed(Fixed),
+    Sliding(Sliding),
+    Bucket(Bucket),
 }
+
+#[derive(Debug, Clone, Copy)]
+struct Slot {
+    counter: Counter,
+    /// After this instant (ms) the counter no longer affects any answer.
+    expires_ms: i64,
+}
+
+type SlotKey = (Box<str>, u64, Algorithm);
 
 #[derive(Debug, Default)]
 struct Shard {
-    slots: HashMap<(Box<str>, u64), Slot>,
+    slots: HashMap<SlotKey, Slot>,
     sweep_at: usize,
 }
 
-/// In-process fixed windows.
+/// In-process counters.
 #[derive(Debug)]
 pub struct MemoryLimiter {
     shards: Box<[Mutex<Shard>]>,
@@ -51,15 +65,18 @@ impl MemoryLimiter {
         Self::default()
     }
 
-    fn shard(&self, key: &str) -> &Mutex<Shard> {
-        &self.shards[self.hasher.hash_one(key) as usize % SHARDS]
+    fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
+        let shard = &self.shards[self.hasher.hash_one(key) as usize % SHARDS];
+        // A panic while holding a shard cannot leave a counter half-written (every update is a
+        // single assignment), so a poisoned lock is still good to use.
+        shard.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Live counters across all shards; for tests and metrics.
     pub fn len(&self) -> usize {
         self.shards
             .iter()
-            .map(|s| s.lock().expect("limiter shard").slots.len())
+            .map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).slots.len())
             .sum()
     }
 
@@ -68,64 +85,91 @@ impl MemoryLimiter {
     }
 }
 
+/// Until when a counter can still matter.
+fn expiry(counter: &Counter, rate: Rate) -> i64 {
+    let w = rate.window_ms();
+    match counter {
+        Counter::Fixed(f) => f.start_ms.saturating_add(w),
+        Counter::Sliding(s) => s.start_ms.saturating_add(2 * w),
+        Counter::Bucket(b) => b
+            .base_ms
+            .saturating_add((b.debt / rate.limit.max(1)) as i64 + 1),
+    }
+}
+
+fn fresh(alg: Algorithm) -> Counter {
+    match alg {
+        Algorithm::FixedWindow => Counter::Fixed(Fixed::default()),
+        Algorithm::SlidingWindow => Counter::Sliding(Sliding::default()),
+        Algorithm::TokenBucket => Counter::Bucket(Bucket::default()),
+    }
+}
+
 #[async_trait]
 impl WindowLimiter for MemoryLimiter {
     async fn hit(
         &self,
         key: &str,
-        limit: u64,
-        window_secs: u64,
+        rate: Rate,
         cost: u64,
         now: DateTime<Utc>,
     ) -> Result<WindowState, LimiterError> {
         let now_ms = now.timestamp_millis();
-        let start = window_start_ms(now_ms, window_secs);
-        let reset_after = reset_after_secs(now_ms, window_secs);
-        let mut shard = self.shard(key).lock().expect("limiter shard");
+        let mut shard = self.shard(key);
         if shard.slots.len() >= shard.sweep_at.max(MIN_SWEEP) {
-            shard.slots.retain(|_, slot| slot.window_end_ms > now_ms);
+            shard.slots.retain(|_, slot| slot.expires_ms > now_ms);
             shard.sweep_at = shard.slots.len() * 2;
         }
         let slot = shard
             .slots
-            .entry((key.into(), window_secs))
+            .entry((key.into(), rate.window_secs, rate.algorithm))
             .or_insert(Slot {
-                window_start_ms: start,
-                window_end_ms: start + (window_secs * 1000) as i64,
-                count: 0,
+                counter: fresh(rate.algorithm),
+                expires_ms: i64::MIN,
             });
-        if slot.window_start_ms != start {
-            *slot = Slot {
-                window_start_ms: start,
-                window_end_ms: start + (window_secs * 1000) as i64,
-                count: 0,
-            };
-        }
-        let allowed = slot.count.saturating_add(cost) <= limit;
-        if allowed {
-            slot.count += cost;
-        }
-        Ok(WindowState {
-            allowed,
-            limit,
-            remaining: if allowed { limit - slot.count } else { 0 },
-            reset_after,
-        })
+        let (counter, state) = match slot.counter {
+            Counter::Fixed(f) => {
+                let (f, s) = fixed_hit(f, rate, cost, now_ms);
+                (Counter::Fixed(f), s)
+            }
+            Counter::Sliding(sl) => {
+                let (sl, s) = sliding_hit(sl, rate, cost, now_ms);
+                (Counter::Sliding(sl), s)
+            }
+            Counter::Bucket(b) => {
+                let (b, s) = bucket_hit(b, rate, cost, now_ms);
+                (Counter::Bucket(b), s)
+            }
+        };
+        *slot = Slot {
+            counter,
+            expires_ms: expiry(&counter, rate),
+        };
+        Ok(state)
     }
 
     async fn refund(
         &self,
         key: &str,
-        window_secs: u64,
+        rate: Rate,
         cost: u64,
         now: DateTime<Utc>,
     ) -> Result<(), LimiterError> {
-        let start = window_start_ms(now.timestamp_millis(), window_secs);
-        let mut shard = self.shard(key).lock().expect("limiter shard");
-        if let Some(slot) = shard.slots.get_mut(&(key.into(), window_secs))
-            && slot.window_start_ms == start
+        let now_ms = now.timestamp_millis();
+        let mut shard = self.shard(key);
+        if let Some(slot) = shard
+            .slots
+            .get_mut(&(key.into(), rate.window_secs, rate.algorithm))
         {
-            slot.count = slot.count.saturating_sub(cost);
+            let counter = match slot.counter {
+                Counter::Fixed(f) => Counter::Fixed(fixed_refund(f, rate, cost, now_ms)),
+                Counter::Sliding(s) => Counter::Sliding(sliding_refund(s, rate, cost, now_ms)),
+                Counter::Bucket(b) => Counter::Bucket(bucket_refund(b, rate, cost, now_ms)),
+            };
+            *slot = Slot {
+                counter,
+                expires_ms: expiry(&counter, rate),
+            };
         }
         Ok(())
     }
@@ -140,78 +184,54 @@ mod tests {
         "2026-03-01T10:00:00Z".parse().unwrap()
     }
 
-    #[tokio::test]
-    async fn admits_up_to_the_limit_then_refuses_until_the_window_turns() {
-        let l = MemoryLimiter::new();
-        let now = t0() + Duration::seconds(20);
-        for i in 0..3 {
-            let s = l.hit("k", 3, 60, 1, now).await.unwrap();
-            assert!(s.allowed);
-            assert_eq!(s.remaining, 2 - i);
-            assert_eq!(s.reset_after, 40);
-        }
-        let refused = l.hit("k", 3, 60, 1, now).await.unwrap();
-        assert_eq!((refused.allowed, refused.remaining), (false, 0));
-        let next = l
-            .hit("k", 3, 60, 1, t0() + Duration::seconds(60))
-            .await
-            .unwrap();
-        assert_eq!(
-            (next.allowed, next.remaining, next.reset_after),
-            (true, 2, 60)
-        );
+    fn rate(limit: u64, alg: Algorithm) -> Rate {
+        Rate::new(limit, 60, alg)
     }
 
     #[tokio::test]
-    async fn a_cost_that_does_not_fit_counts_nothing() {
-        let l = MemoryLimiter::new();
-        assert!(l.hit("k", 5, 60, 4, t0()).await.unwrap().allowed);
-        assert!(!l.hit("k", 5, 60, 2, t0()).await.unwrap().allowed);
-        assert!(l.hit("k", 5, 60, 1, t0()).await.unwrap().allowed);
+    async fn ended_counters_are_swept() {
+        for alg in [
+            Algorithm::FixedWindow,
+            Algorithm::SlidingWindow,
+            Algorithm::TokenBucket,
+        ] {
+            let l = MemoryLimiter::new();
+            let r = rate(1, alg);
+            for i in 0..(SHARDS * MIN_SWEEP * 2) {
+                l.hit(&format!("k{i}"), r, 1, t0()).await.unwrap();
+            }
+            let later = t0() + Duration::seconds(180);
+            for i in 0..(SHARDS * MIN_SWEEP * 2) {
+                l.hit(&format!("j{i}"), r, 1, later).await.unwrap();
+            }
+            assert!(
+                l.len() < SHARDS * MIN_SWEEP * 4,
+                "{alg:?}: old counters kept: {}",
+                l.len()
+            );
+        }
     }
 
     #[tokio::test]
-    async fn refund_gives_back_only_in_the_same_window() {
+    async fn algorithms_and_windows_count_apart() {
         let l = MemoryLimiter::new();
-        assert!(l.hit("k", 1, 60, 1, t0()).await.unwrap().allowed);
-        l.refund("k", 60, 1, t0()).await.unwrap();
-        assert!(l.hit("k", 1, 60, 1, t0()).await.unwrap().allowed);
-        l.refund("k", 60, 1, t0() + Duration::seconds(61))
-            .await
-            .unwrap();
-        assert!(!l.hit("k", 1, 60, 1, t0()).await.unwrap().allowed);
-    }
-
-    #[tokio::test]
-    async fn ended_windows_are_swept() {
-        let l = MemoryLimiter::new();
-        for i in 0..(SHARDS * MIN_SWEEP * 2) {
-            l.hit(&format!("k{i}"), 1, 60, 1, t0()).await.unwrap();
-        }
-        let later = t0() + Duration::seconds(120);
-        for i in 0..(SHARDS * MIN_SWEEP * 2) {
-            l.hit(&format!("j{i}"), 1, 60, 1, later).await.unwrap();
-        }
         assert!(
-            l.len() < SHARDS * MIN_SWEEP * 4,
-            "old windows kept: {}",
-            l.len()
+            l.hit("k", rate(1, Algorithm::FixedWindow), 1, t0())
+                .await
+                .unwrap()
+                .allowed
         );
-    }
-
-    #[tokio::test]
-    async fn many_tasks_on_one_key_admit_exactly_the_limit() {
-        let l = std::sync::Arc::new(MemoryLimiter::new());
-        let tasks: Vec<_> = (0..500)
-            .map(|_| {
-                let l = l.clone();
-                tokio::spawn(async move { l.hit("hot", 100, 60, 1, t0()).await.unwrap().allowed })
-            })
-            .collect();
-        let mut allowed = 0;
-        for t in tasks {
-            allowed += t.await.unwrap() as usize;
-        }
-        assert_eq!(allowed, 100);
+        assert!(
+            l.hit("k", rate(1, Algorithm::TokenBucket), 1, t0())
+                .await
+                .unwrap()
+                .allowed
+        );
+        assert!(
+            l.hit("k", Rate::new(1, 1, Algorithm::FixedWindow), 1, t0())
+                .await
+                .unwrap()
+                .allowed
+        );
     }
 }

@@ -1,0 +1,301 @@
+//! Counters kept in Redis (one node or a Redis Cluster): exact across any number of replicas.
+//!
+//! Each hit is one Lua script run on the server (one per algorithm, in the `.lua` files beside
+//! this one): check, count and expiry happen as one atomic step (DESIGN rule 3). Scripts run by
+//! `EVALSHA`; a Redis that has lost them (restarted, failed over) answers `NOSCRIPT` and the
+//! `redis` crate loads the script and runs it again.
+//!
+//! **Time comes from tollgate, not Redis.** `now` (ms) is an argument of every script, so tests
+//! can drive the clock and every replica's window boundaries are its own clock's. Replicas
+//! sharing a Redis therefore need synchronised clocks (NTP); a replica whose clock is behind
+//! counts in the latest window another replica has written.
+//!
+//! Keys are `<key_prefix>{<counter key>}:<algorithm>:<window s>[:<window start>]`. The counter
+//! key sits in a hash tag, so every key of one counter is in one Redis Cluster slot.
+//!
+//! Connections are multiplexed: one `ConnectionManager` (which reconnects by itself) for a
+//! single node, one async cluster connection (which follows the cluster's slots and reconnects
+//! to nodes) for a cluster. Neither connects at start: tollgate starts while Redis is down and
+//! follows `redis.failure_mode` until it is back. Every call is bounded by `redis.timeout`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use redis::Script;
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+
+use super::{
+    Algorithm, LimiterError, Rate, WindowLimiter, WindowState, bucket_report, fixed_report,
+    sliding_report, window_start_ms,
+};
+
+const FIXED_WINDOW: &str = include_str!("fixed_window.lua");
+const SLIDING_WINDOW: &str = include_str!("sliding_window.lua");
+const TOKEN_BUCKET: &str = include_str!("token_bucket.lua");
+
+/// Keys live this much longer than their state matters, for replicas whose clocks are a little
+/// behind (and for tests, whose clocks jump while Redis's runs).
+const EXPIRY_GRACE_MS: i64 = 5000;
+
+/// URL schemes of `redis.url`.
+pub const SCHEMES: &[&str] = &["redis", "rediss", "redis+cluster", "rediss+cluster"];
+
+/// Where the counters live, from `redis.url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// `redis://host:port[/db]` or `rediss://…`.
+    Node(String),
+    /// `redis+cluster://host:port,host:port,…`: the seed nodes, each as a `redis://` URL.
+    Cluster(Vec<String>),
+}
+
+/// Reads `redis.url`. `redis+cluster://[user:password@]host:port,host:port,…` lists seed nodes of
+/// a Redis Cluster (the credentials apply to all); `redis://` and `rediss://` name one node.
+/// Checks the URLs without connecting.
+pub fn parse_url(url: &str) -> Result<Target, String> {
+    let (scheme, rest) = url.split_once("://").ok_or_else(|| {
+        "is not a URL: use redis://HOST:PORT or redis+cluster://HOST:PORT,…".to_string()
+    })?;
+    let check = |u: &str| {
+        redis::Client::open(u)
+            .map(|_| ())
+            .map_err(|e| format!("{}: {e}", crate::config::redact_url(u)))
+    };
+    match scheme {
+        "redis" | "rediss" => {
+            check(url)?;
+            Ok(Target::Node(url.to_string()))
+        }
+        "redis+cluster" | "rediss+cluster" => {
+            let node_scheme = scheme.trim_end_matches("+cluster");
+            let (auth, hosts) = match rest.rsplit_once('@') {
+                Some((auth, hosts)) => (format!("{auth}@"), hosts),
+                None => (String::new(), rest),
+            };
+            let hosts = hosts.split('/').next().unwrap_or_default();
+            let nodes: Vec<String> = hosts
+                .split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(|h| format!("{node_scheme}://{auth}{h}"))
+                .collect();
+            if nodes.is_empty() {
+                return Err(
+                    "names no cluster node: use redis+cluster://HOST:PORT,HOST:PORT".into(),
+                );
+            }
+            for n in &nodes {
+                check(n)?;
+            }
+            Ok(Target::Cluster(nodes))
+        }
+        other => Err(format!(
+            "scheme {other}:// is not supported: use one of {}",
+            SCHEMES
+                .iter()
+                .map(|s| format!("{s}://"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+#[derive(Clone)]
+enum Conn {
+    Node(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+/// Counters in Redis.
+pub struct RedisLimiter {
+    conn: Conn,
+    prefix: String,
+    timeout: Duration,
+    fixed: Script,
+    sliding: Script,
+    bucket: Script,
+}
+
+impl std::fmt::Debug for RedisLimiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisLimiter")
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RedisLimiter {
+    /// Sets up the connection without connecting (Redis may be down at start); must run inside
+    /// a Tokio runtime. `timeout` bounds every call, connecting included.
+    pub fn new(url: &str, key_prefix: &str, timeout: Duration) -> Result<Self, LimiterError> {
+        let fail = |e: String| LimiterError::Unavailable(e);
+        let conn = match parse_url(url).map_err(fail)? {
+            Target::Node(url) => {
+                let client = redis::Client::open(url).map_err(|e| fail(e.to_string()))?;
+                let config = redis::aio::ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout))
+                    .set_max_delay(Duration::from_secs(1));
+                Conn::Node(
+                    ConnectionManager::new_lazy_with_config(client, config)
+                        .map_err(|e| fail(e.to_string()))?,
+                )
+            }
+            Target::Cluster(nodes) => {
+                let client = redis::cluster::ClusterClientBuilder::new(nodes)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .retries(2)
+                    .build()
+                    .map_err(|e| fail(e.to_string()))?;
+                let config = redis::cluster::ClusterConfig::new()
+                    .set_connection_timeout(timeout)
+                    .set_response_timeout(timeout);
+                Conn::Cluster(client.get_pending_async_connection_with_config(config))
+            }
+        };
+        Ok(Self {
+            conn,
+            prefix: key_prefix.to_string(),
+            timeout,
+            fixed: Script::new(FIXED_WINDOW),
+            sliding: Script::new(SLIDING_WINDOW),
+            bucket: Script::new(TOKEN_BUCKET),
+        })
+    }
+
+    /// The Redis key of `counter`'s state for `rate` at `now_ms`.
+    fn redis_key(&self, counter: &str, rate: Rate, now_ms: i64) -> String {
+        let w = rate.window_secs;
+        match rate.algorithm {
+            Algorithm::FixedWindow => format!(
+                "{}{{{counter}}}:fw:{w}:{}",
+                self.prefix,
+                window_start_ms(now_ms, w)
+            ),
+            Algorithm::SlidingWindow => format!("{}{{{counter}}}:sw:{w}", self.prefix),
+            Algorithm::TokenBucket => format!("{}{{{counter}}}:tb:{w}", self.prefix),
+        }
+    }
+
+    /// Runs the rate's script once, within the timeout.
+    async fn run(
+        &self,
+        op: &str,
+        counter: &str,
+        rate: Rate,
+        cost: u64,
+        now_ms: i64,
+    ) -> Result<Vec<i64>, LimiterError> {
+        let mut call = match rate.algorithm {
+            Algorithm::FixedWindow => self.fixed.prepare_invoke(),
+            Algorithm::SlidingWindow => self.sliding.prepare_invoke(),
+            Algorithm::TokenBucket => self.bucket.prepare_invoke(),
+        };
+        call.key(self.redis_key(counter, rate, now_ms))
+            .arg(op)
+            .arg(rate.limit)
+            .arg(cost);
+        match rate.algorithm {
+            Algorithm::FixedWindow => {
+                let end = window_start_ms(now_ms, rate.window_secs) + rate.window_ms();
+                call.arg(end - now_ms + EXPIRY_GRACE_MS)
+            }
+            _ => call.arg(rate.window_ms()).arg(now_ms).arg(EXPIRY_GRACE_MS),
+        };
+        let conn = self.conn.clone();
+        let answer = async move {
+            match conn {
+                Conn::Node(mut c) => call.invoke_async::<Vec<i64>>(&mut c).await,
+                Conn::Cluster(mut c) => call.invoke_async::<Vec<i64>>(&mut c).await,
+            }
+        };
+        match tokio::time::timeout(self.timeout, answer).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(LimiterError::Unavailable(e.to_string())),
+            Err(_) => Err(LimiterError::Unavailable(format!(
+                "no answer from Redis within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+}
+
+fn field(v: &[i64], i: usize) -> Result<u64, LimiterError> {
+    v.get(i)
+        .map(|n| (*n).max(0) as u64)
+        .ok_or_else(|| LimiterError::Unavailable(format!("unexpected script reply {v:?}")))
+}
+
+#[async_trait]
+impl WindowLimiter for RedisLimiter {
+    async fn hit(
+        &self,
+        key: &str,
+        rate: Rate,
+        cost: u64,
+        now: DateTime<Utc>,
+    ) -> Result<WindowState, LimiterError> {
+        let now_ms = now.timestamp_millis();
+        let v = self.run("hit", key, rate, cost, now_ms).await?;
+        let allowed = field(&v, 0)? == 1;
+        Ok(match rate.algorithm {
+            Algorithm::FixedWindow => fixed_report(allowed, field(&v, 1)?, rate, now_ms),
+            Algorithm::SlidingWindow => {
+                let elapsed = field(&v, 3)? as i64;
+                sliding_report(allowed, field(&v, 1)?, field(&v, 2)?, elapsed, rate, cost)
+            }
+            Algorithm::TokenBucket => bucket_report(allowed, field(&v, 1)?, rate, cost),
+        })
+    }
+
+    async fn refund(
+        &self,
+        key: &str,
+        rate: Rate,
+        cost: u64,
+        now: DateTime<Utc>,
+    ) -> Result<(), LimiterError> {
+        self.run("refund", key, rate, cost, now.timestamp_millis())
+            .await
+            .map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            parse_url("redis://127.0.0.1:6379").unwrap(),
+            Target::Node("redis://127.0.0.1:6379".into())
+        );
+        assert_eq!(
+            parse_url("redis+cluster://a:7000, b:7001,c:7002").unwrap(),
+            Target::Cluster(vec![
+                "redis://a:7000".into(),
+                "redis://b:7001".into(),
+                "redis://c:7002".into()
+            ])
+        );
+        assert_eq!(
+            parse_url("redis+cluster://u:pw@a:7000,b:7001").unwrap(),
+            Target::Cluster(vec![
+                "redis://u:pw@a:7000".into(),
+                "redis://u:pw@b:7001".into()
+            ])
+        );
+        assert!(
+            parse_url("http://x")
+                .unwrap_err()
+                .contains("redis+cluster://")
+        );
+        assert!(parse_url("127.0.0.1:6379").is_err());
+        assert!(parse_url("redis+cluster://").is_err());
+    }
+}
