@@ -125,3 +125,75 @@ async fn a_revoke_reaches_every_replica_within_a_second() {
         }
     }
 }
+
+/// Waits until the wall clock is at least 5 s away from the next minute boundary, so a burst
+/// of fixed-window checks falls into one window.
+async fn away_from_a_minute_edge() {
+    use chrono::Timelike;
+    let s = chrono::Utc::now().second();
+    if s >= 55 {
+        tokio::time::sleep(Duration::from_secs(u64::from(61 - s))).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_postgres_and_redis_cluster_admit_exactly_the_per_minute_limit() {
+    let db = TestDb::create(Db::Postgres).await;
+    let redis = redis_cluster_url().await;
+    let prefix = unique_prefix("replicas");
+    let dir = tempfile::tempdir().unwrap();
+    let (key, id) = create_key(
+        dir.path(),
+        &db.url,
+        &["--name", "burst", "--per-minute", "100"],
+    )
+    .await;
+    let env = [
+        ("TOLLGATE_DATABASE_URL", db.url.as_str()),
+        ("TOLLGATE_DATABASE_TIMEOUT", "20s"),
+        ("TOLLGATE_REDIS_URL", redis.as_str()),
+        ("TOLLGATE_REDIS_KEY_PREFIX", prefix.as_str()),
+        ("TOLLGATE_REDIS_TIMEOUT", "5s"),
+        ("TOLLGATE_REDIS_FAILURE_MODE", "closed"),
+    ];
+    let replicas = [
+        Replica::spawn(dir.path(), &env).await,
+        Replica::spawn(dir.path(), &env).await,
+    ];
+    let clients = [replicas[0].client().await, replicas[1].client().await];
+    away_from_a_minute_edge().await;
+    let tasks: Vec<_> = (0..1000)
+        .map(|i| {
+            let mut c = clients[i % 2].clone();
+            let key = key.clone();
+            tokio::spawn(async move {
+                let resp = c.check(key_header(&key)).await.unwrap().into_inner();
+                (i % 2, resp)
+            })
+        })
+        .collect();
+    let mut allowed = [0; 2];
+    for t in tasks {
+        let (r, resp) = t.await.unwrap();
+        match resp.status.as_ref().unwrap().code {
+            0 => allowed[r] += 1,
+            _ => assert_eq!(denied(&resp).body["error"], "rate_limited"),
+        }
+    }
+    assert_eq!(allowed[0] + allowed[1], 100, "{allowed:?}");
+    assert!(
+        allowed[0] > 0 && allowed[1] > 0,
+        "both replicas admitted some: {allowed:?}"
+    );
+    // Refused requests spent no quota: usage counts exactly the admitted ones.
+    let usage = format!("SELECT daily_requests FROM api_usage WHERE api_key_id = {id}");
+    assert_eq!(db.scalar(&usage).await, 100);
+    for r in replicas {
+        assert_eq!(r.stop_with("-TERM").await.code(), Some(0));
+    }
+    let logged = format!(
+        "SELECT count(*) FROM api_requests_log WHERE api_key_id = {id} AND decision = 'allow'"
+    );
+    assert_eq!(db.scalar(&logged).await, 100);
+    delete_redis_keys(&redis, &prefix).await;
+}
