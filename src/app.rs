@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -24,11 +25,14 @@ use crate::authz::AuthzService;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::grpc::authz::AuthzGrpc;
+use crate::grpc::ratelimit::RateLimitGrpc;
 use crate::http::{HttpState, router};
 use crate::keys::cache::KeyCache;
 use crate::limiter::WindowLimiter;
 use crate::limiter::memory::MemoryLimiter;
 use crate::limiter::redis::RedisLimiter;
+use crate::ratelimit::rules::Rules;
+use crate::ratelimit::service::RateLimitService;
 use crate::reqlog::{self, RequestLog};
 use crate::store::{self, Stores};
 use crate::telemetry::Metrics;
@@ -41,6 +45,7 @@ pub struct App {
     stores: Stores,
     cache: Arc<KeyCache>,
     authz: Arc<AuthzService>,
+    ratelimit: Arc<RateLimitService>,
     log: RequestLog,
     log_writer: Option<JoinHandle<()>>,
     drain: CancellationToken,
@@ -54,6 +59,11 @@ impl App {
 
     /// Like [`App::build`], with the clock every time-dependent rule reads (tests set it).
     pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<App> {
+        // Rules first: a bad file stops the start before anything is opened.
+        let rules = match &config.ratelimit.rules {
+            Some(path) => Rules::load(path)?,
+            None => Rules::default(),
+        };
         let grpc = TcpListener::bind(config.grpc_addr)
             .await
             .with_context(|| format!("cannot listen on grpc_addr {}", config.grpc_addr))?;
@@ -80,9 +90,17 @@ impl App {
         let authz = Arc::new(AuthzService::new(
             &config,
             cache.clone(),
-            limiter,
+            limiter.clone(),
             stores.quotas.clone(),
             log.clone(),
+            clock.clone(),
+            metrics.clone(),
+        ));
+        let ratelimit = Arc::new(RateLimitService::new(
+            &config,
+            rules,
+            limiter,
+            cache.clone(),
             clock,
             metrics.clone(),
         ));
@@ -93,6 +111,7 @@ impl App {
             stores,
             cache,
             authz,
+            ratelimit,
             log,
             log_writer,
             drain,
@@ -122,6 +141,7 @@ impl App {
             stores,
             cache,
             authz,
+            ratelimit,
             log,
             log_writer,
             drain,
@@ -137,9 +157,21 @@ impl App {
                 .clone()
                 .watch_changes(config.cache.poll_interval.0, background.clone()),
         );
+        if let Some(path) = config.ratelimit.rules.clone() {
+            tasks.spawn(reload_rules(
+                path,
+                config.ratelimit.watch_interval.0,
+                ratelimit.clone(),
+                metrics.clone(),
+                background.clone(),
+            ));
+        }
 
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<AuthorizationServer<AuthzGrpc>>().await;
+        health
+            .set_serving::<RateLimitServiceServer<RateLimitGrpc>>()
+            .await;
         let shutting_down = Arc::new(AtomicBool::new(false));
 
         let grpc_stop = CancellationToken::new();
@@ -152,6 +184,7 @@ impl App {
             tonic::transport::Server::builder()
                 .add_service(health_service)
                 .add_service(AuthorizationServer::new(authz_grpc))
+                .add_service(RateLimitServiceServer::new(RateLimitGrpc::new(ratelimit)))
                 .serve_with_incoming_shutdown(
                     TcpIncoming::from(grpc).with_nodelay(Some(true)),
                     grpc_stop.clone().cancelled_owned(),
@@ -187,6 +220,9 @@ impl App {
             .await;
         health
             .set_not_serving::<AuthorizationServer<AuthzGrpc>>()
+            .await;
+        health
+            .set_not_serving::<RateLimitServiceServer<RateLimitGrpc>>()
             .await;
         // 2. Stop accepting; let in-flight checks finish.
         let deadline = config.shutdown_timeout.0;
@@ -245,6 +281,104 @@ fn limiter(config: &Config) -> anyhow::Result<Arc<dyn WindowLimiter>> {
         }
         None => Arc::new(MemoryLimiter::new()),
     })
+}
+
+/// Reloads the rate limit rules when their files change (checked every `interval`) or on
+/// SIGHUP. A change is loaded once the files have stayed the same for a whole interval, so a
+/// file caught half-written is not loaded. A file that does not load leaves the rules in force
+/// as they were: the error is logged and counted, and the next change is tried again.
+async fn reload_rules(
+    path: std::path::PathBuf,
+    interval: std::time::Duration,
+    service: Arc<RateLimitService>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let mut seen = rules_fingerprint(&path);
+    let mut pending = None;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<()>();
+        let forced = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => false,
+            _ = hangup => true,
+        };
+        let now = rules_fingerprint(&path);
+        if !forced {
+            if now == seen {
+                pending = None;
+                continue;
+            }
+            // Changed: wait until it holds still for one interval.
+            if pending.as_ref() != Some(&now) {
+                pending = Some(now);
+                continue;
+            }
+        }
+        pending = None;
+        seen = now;
+        match Rules::load(&path) {
+            Ok(rules) => {
+                service.replace_rules(rules);
+                metrics.rules_reloads_ok.inc();
+                metrics
+                    .rules_last_reload_failed
+                    .store(false, Ordering::Relaxed);
+                tracing::info!(path = %path.display(), "rate limit rules reloaded");
+            }
+            Err(e) => {
+                metrics.rules_reloads_failed.inc();
+                metrics
+                    .rules_last_reload_failed
+                    .store(true, Ordering::Relaxed);
+                tracing::error!(error = %e, "rate limit rules not reloaded; the previous rules stay in force");
+            }
+        }
+    }
+}
+
+/// Names, sizes and modification times of the rules files: changes when any file does.
+fn rules_fingerprint(
+    path: &std::path::Path,
+) -> Vec<(std::path::PathBuf, u64, Option<std::time::SystemTime>)> {
+    fn walk(
+        p: &std::path::Path,
+        out: &mut Vec<(std::path::PathBuf, u64, Option<std::time::SystemTime>)>,
+    ) {
+        let Ok(meta) = std::fs::metadata(p) else {
+            out.push((p.to_path_buf(), 0, None));
+            return;
+        };
+        if meta.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(p) {
+                let mut children: Vec<_> =
+                    entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+                children.sort();
+                for c in children {
+                    walk(&c, out);
+                }
+            }
+        } else {
+            out.push((p.to_path_buf(), meta.len(), meta.modified().ok()));
+        }
+    }
+    let mut out = Vec::new();
+    walk(path, &mut out);
+    out
 }
 
 /// Resolves on SIGTERM or SIGINT.

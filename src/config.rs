@@ -32,6 +32,7 @@ pub struct Config {
     /// Per-minute windows; without a URL they are counted in this process.
     pub redis: RedisConfig,
     pub authz: AuthzConfig,
+    pub ratelimit: RateLimitConfig,
     pub limits: LimitsConfig,
     pub cache: CacheConfig,
     pub request_log: RequestLogConfig,
@@ -51,6 +52,7 @@ impl Default for Config {
             database: DatabaseConfig::default(),
             redis: RedisConfig::default(),
             authz: AuthzConfig::default(),
+            ratelimit: RateLimitConfig::default(),
             limits: LimitsConfig::default(),
             cache: CacheConfig::default(),
             request_log: RequestLogConfig::default(),
@@ -156,6 +158,31 @@ pub struct LimitsConfig {
     pub default_per_minute: Option<u64>,
     /// How per-minute limits are counted: `fixed_window`, `sliding_window` or `token_bucket`.
     pub algorithm: Algorithm,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimitConfig {
+    /// A rules file, or a directory of them, in envoyproxy/ratelimit's format. Unset: only
+    /// descriptors that name an API key are limited.
+    pub rules: Option<PathBuf>,
+    /// Count everything but answer OK to every request (global shadow mode).
+    pub shadow_mode: bool,
+    /// How rules without an `algorithm` of their own count hits.
+    pub algorithm: crate::limiter::Algorithm,
+    /// How often the rules are checked for changes (SIGHUP reloads at once).
+    pub watch_interval: Dur,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            rules: None,
+            shadow_mode: false,
+            algorithm: crate::limiter::Algorithm::FixedWindow,
+            watch_interval: Dur(Duration::from_secs(1)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -426,6 +453,7 @@ impl Config {
             ));
         }
         for (field, d) in [
+            ("ratelimit.watch_interval", self.ratelimit.watch_interval),
             ("cache.poll_interval", self.cache.poll_interval),
             (
                 "request_log.flush_interval",

@@ -25,7 +25,14 @@ async fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tollgate: {e:#}");
-            ExitCode::FAILURE
+            // Bad rules are bad configuration.
+            if e.downcast_ref::<tollgate::ratelimit::rules::RulesError>()
+                .is_some()
+            {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }
@@ -47,6 +54,13 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::CheckConfig => {
             for w in &config.warnings {
                 eprintln!("tollgate: warning: {w}");
+            }
+            if let Some(path) = &config.ratelimit.rules {
+                let rules = tollgate::ratelimit::rules::Rules::load(path)?;
+                println!(
+                    "Rate limit rules are valid: {} domain(s).",
+                    rules.domains().count()
+                );
             }
             println!("Configuration is valid.\n{config:#?}");
             Ok(())

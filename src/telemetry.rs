@@ -51,6 +51,14 @@ pub struct Metrics {
     /// Requests allowed because a backend was down and its failure mode is `open`.
     pub fail_open_database: Counter,
     pub fail_open_limiter: Counter,
+    /// ShouldRateLimit descriptors by outcome.
+    pub rls_ok: Counter,
+    pub rls_over_limit: Counter,
+    pub rls_shadow: Counter,
+    /// Rules reloads by result, and whether the last one failed (the old rules stay in force).
+    pub rules_reloads_ok: Counter,
+    pub rules_reloads_failed: Counter,
+    pub rules_last_reload_failed: std::sync::atomic::AtomicBool,
     pub reqlog_written: Counter,
     pub reqlog_dropped: Counter,
     pub reqlog_failed: Counter,
@@ -105,6 +113,35 @@ impl Metrics {
                 self.decisions[1 + i].get()
             );
         }
+        out.push_str(
+            "# HELP tollgate_ratelimit_descriptors_total ShouldRateLimit descriptors by outcome.\n",
+        );
+        out.push_str("# TYPE tollgate_ratelimit_descriptors_total counter\n");
+        for (outcome, c) in [
+            ("ok", &self.rls_ok),
+            ("over_limit", &self.rls_over_limit),
+            ("shadow", &self.rls_shadow),
+        ] {
+            let _ = writeln!(
+                out,
+                "tollgate_ratelimit_descriptors_total{{outcome=\"{outcome}\"}} {}",
+                c.get()
+            );
+        }
+        out.push_str("# HELP tollgate_rules_reloads_total Rate limit rules reloads by result.\n");
+        out.push_str("# TYPE tollgate_rules_reloads_total counter\n");
+        let _ = writeln!(
+            out,
+            "tollgate_rules_reloads_total{{result=\"ok\"}} {}\ntollgate_rules_reloads_total{{result=\"error\"}} {}",
+            self.rules_reloads_ok.get(),
+            self.rules_reloads_failed.get()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_rules_last_reload_failed Whether the last reload failed, leaving older rules in force.\n\
+             # TYPE tollgate_rules_last_reload_failed gauge\ntollgate_rules_last_reload_failed {}",
+            u8::from(self.rules_last_reload_failed.load(Relaxed))
+        );
         out.push_str("# HELP tollgate_key_cache_lookups_total Key lookups by cache outcome.\n");
         out.push_str("# TYPE tollgate_key_cache_lookups_total counter\n");
         for (i, name) in ["hit", "miss", "stale"].iter().enumerate() {

@@ -1,3 +1,4 @@
 //! The gRPC edge: Envoy's protobuf in, domain calls, protobuf out. Nothing here decides anything.
 
 pub mod authz;
+pub mod ratelimit;

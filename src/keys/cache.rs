@@ -25,6 +25,9 @@ enum Entry {
     Missing(Instant),
 }
 
+/// A key (or its absence) looked up by id, and when.
+type IdEntry = (Option<Arc<ApiKey>>, Instant);
+
 /// A key store with a cache in front.
 pub struct KeyCache {
     store: Arc<dyn KeyStore>,
@@ -35,6 +38,9 @@ pub struct KeyCache {
     generation: std::sync::atomic::AtomicU64,
     key_ttl: Duration,
     negative_ttl: Duration,
+    /// Keys by id, for rate limit descriptors that name a key. Any reported change empties it
+    /// (changes are rare, and the change feed names hashes, not ids).
+    by_id: RwLock<HashMap<i64, IdEntry>>,
 }
 
 /// How a lookup was answered; for metrics.
@@ -55,6 +61,7 @@ impl KeyCache {
             generation: Default::default(),
             key_ttl,
             negative_ttl,
+            by_id: RwLock::new(HashMap::new()),
         }
     }
 
@@ -83,6 +90,41 @@ impl KeyCache {
             }
             Err(e) => match cached {
                 Some(Entry::Found(key, _)) => Ok((Some(key), CacheOutcome::Stale)),
+                _ => Err(e),
+            },
+        }
+    }
+
+    /// The key with this id, cached like [`KeyCache::lookup`]; a stale entry answers when the
+    /// store fails.
+    pub async fn lookup_id(&self, id: i64) -> Result<Option<Arc<ApiKey>>, StoreError> {
+        let cached = self.by_id.read().expect("cache lock").get(&id).cloned();
+        let ttl = |found: &Option<Arc<ApiKey>>| {
+            if found.is_some() {
+                self.key_ttl
+            } else {
+                self.negative_ttl
+            }
+        };
+        if let Some((found, at)) = &cached
+            && at.elapsed() < ttl(found)
+        {
+            return Ok(found.clone());
+        }
+        let generation = self.generation.load(std::sync::atomic::Ordering::Acquire);
+        match self.store.get(id).await {
+            Ok(found) => {
+                let found = found.map(Arc::new);
+                let mut by_id = self.by_id.write().expect("cache lock");
+                if self.generation.load(std::sync::atomic::Ordering::Acquire) == generation
+                    && (found.is_some() || by_id.len() < MAX_NEGATIVE)
+                {
+                    by_id.insert(id, (found.clone(), Instant::now()));
+                }
+                Ok(found)
+            }
+            Err(e) => match cached {
+                Some((Some(key), _)) => Ok(Some(key)),
                 _ => Err(e),
             },
         }
@@ -140,6 +182,7 @@ impl KeyCache {
     }
 
     fn apply(&self, change: KeyChange) {
+        self.by_id.write().expect("cache lock").clear();
         match change {
             KeyChange::Keys(hashes) => {
                 tracing::debug!(changed = hashes.len(), "dropping changed keys from cache");

@@ -1,3 +1,4 @@
 //! Envoy's rate limit service (ratelimit.v3): descriptor rules and their evaluation.
 
 pub mod rules;
+pub mod service;

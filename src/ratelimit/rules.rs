@@ -14,6 +14,8 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use crate::limiter::Algorithm;
+
 /// Time unit of a limit, as in Envoy's `RateLimitResponse.RateLimit.Unit`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Unit {
@@ -92,6 +94,8 @@ pub struct Rule {
     pub replaces: Vec<String>,
     /// Evaluate and count, but always answer OK.
     pub shadow_mode: bool,
+    /// How hits are counted (a tollgate extension; unset: `ratelimit.algorithm`).
+    pub algorithm: Option<Algorithm>,
     /// Where the rule is: `domain.key_value.key…`, for logs and metrics.
     pub id: String,
 }
@@ -211,6 +215,9 @@ struct RateLimitDoc {
     name: Option<String>,
     #[serde(default)]
     replaces: Vec<ReplaceDoc>,
+    /// tollgate's extension: fixed_window, sliding_window or token_bucket.
+    #[serde(default)]
+    algorithm: Option<Algorithm>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -480,6 +487,7 @@ fn compile_rule(
         name: r.name.clone(),
         replaces: r.replaces.iter().map(|x| x.name.clone()).collect(),
         shadow_mode,
+        algorithm: r.algorithm,
         id: id.to_string(),
     }))
 }
@@ -628,6 +636,7 @@ descriptors:
     rate_limit:
       name: specific
       replaces: [{name: general}]
+      algorithm: token_bucket
       unit: minute
       requests_per_unit: 5
 ",
@@ -641,6 +650,8 @@ descriptors:
         assert_eq!(m.rule.name.as_deref(), Some("specific"));
         assert_eq!(m.rule.replaces, vec!["general".to_string()]);
         assert_eq!(m.rule.id, "x.user");
+        assert_eq!(m.rule.algorithm, Some(Algorithm::TokenBucket));
+        assert_eq!(r.find("x", &[("ldap", "a")]).unwrap().rule.algorithm, None);
     }
 
     #[test]

@@ -1,0 +1,356 @@
+//! ShouldRateLimit, the domain side: each descriptor of a request finds its limit (Envoy's
+//! override, a rule, or the API key's own per-minute limit), is counted, and the answers are
+//! combined. Envoy's types never appear here; `grpc/ratelimit.rs` translates.
+//!
+//! Differences from envoyproxy/ratelimit, all on the side of not counting what was refused: a
+//! descriptor over its limit counts nothing, and when the request as a whole is refused the other
+//! descriptors' hits are given back (in shadow mode nothing is refused, so nothing is given back).
+
+use std::sync::{Arc, RwLock};
+
+use chrono::{DateTime, Utc};
+
+use super::rules::{RuleLimit, Rules, Unit};
+use crate::clock::Clock;
+use crate::config::{Config, FailureMode};
+use crate::keys::cache::KeyCache;
+use crate::limiter::{Algorithm, Rate, WindowLimiter};
+use crate::telemetry::Metrics;
+
+/// The descriptor entry that names an API key (tollgate's ext_authz `key_id` metadata).
+pub const API_KEY_ENTRY: &str = "api_key_id";
+
+/// One descriptor of a request.
+#[derive(Debug, Clone, Default)]
+pub struct Descriptor<'a> {
+    pub entries: Vec<(&'a str, &'a str)>,
+    /// Envoy's `limit` override: requests per unit.
+    pub limit_override: Option<(u64, Unit)>,
+    /// This descriptor's hits, overriding the request's; 0 checks without counting.
+    pub hits_addend: Option<u64>,
+    /// Give hits back instead of adding them (Envoy's `is_negative_hits`).
+    pub negative: bool,
+}
+
+/// A ShouldRateLimit request.
+#[derive(Debug, Clone, Default)]
+pub struct Request<'a> {
+    pub domain: &'a str,
+    pub descriptors: Vec<Descriptor<'a>>,
+    /// Hits per descriptor; 0 means 1 (protobuf cannot tell unset from 0 here).
+    pub hits_addend: u64,
+}
+
+/// The limit a descriptor was counted against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedLimit {
+    pub requests_per_unit: u64,
+    pub unit: Unit,
+    pub name: Option<String>,
+}
+
+/// One descriptor's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub over_limit: bool,
+    /// `None`: no limit applies (no rule, unlimited, or replaced).
+    pub limit: Option<AppliedLimit>,
+    /// Hits left (`u32::MAX`-like large value for unlimited rules is left to the gRPC layer).
+    pub remaining: u64,
+    pub reset_after: Option<u64>,
+    /// The descriptor matched an `unlimited` rule.
+    pub unlimited: bool,
+}
+
+/// The whole answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    pub over_limit: bool,
+    pub statuses: Vec<Status>,
+    /// Seconds until every refused descriptor would fit again.
+    pub retry_after: Option<u64>,
+}
+
+/// A backend failed and its failure mode is `closed`: Envoy's filter decides (`failure_mode_deny`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Unavailable(pub String);
+
+/// What one descriptor is counted against.
+#[derive(Debug, Clone)]
+enum Plan {
+    NoLimit,
+    Unlimited,
+    Count {
+        counter_key: String,
+        rate: Rate,
+        limit: AppliedLimit,
+        shadow: bool,
+        replaces: Vec<String>,
+    },
+}
+
+/// Decides ShouldRateLimit requests.
+pub struct RateLimitService {
+    rules: RwLock<Arc<Rules>>,
+    limiter: Arc<dyn WindowLimiter>,
+    keys: Arc<KeyCache>,
+    clock: Arc<dyn Clock>,
+    metrics: Arc<Metrics>,
+    algorithm: Algorithm,
+    key_algorithm: Algorithm,
+    default_per_minute: Option<u64>,
+    global_shadow: bool,
+    limiter_failure: FailureMode,
+    database_failure: FailureMode,
+}
+
+impl RateLimitService {
+    pub fn new(
+        config: &Config,
+        rules: Rules,
+        limiter: Arc<dyn WindowLimiter>,
+        keys: Arc<KeyCache>,
+        clock: Arc<dyn Clock>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            rules: RwLock::new(Arc::new(rules)),
+            limiter,
+            keys,
+            clock,
+            metrics,
+            algorithm: config.ratelimit.algorithm,
+            key_algorithm: config.limits.algorithm,
+            default_per_minute: config.limits.default_per_minute,
+            global_shadow: config.ratelimit.shadow_mode,
+            limiter_failure: config.redis.failure_mode,
+            database_failure: config.database.failure_mode,
+        }
+    }
+
+    pub fn rules(&self) -> Arc<Rules> {
+        self.rules.read().expect("rules lock").clone()
+    }
+
+    /// Swaps in new rules; requests in flight finish with the old ones.
+    pub fn replace_rules(&self, rules: Rules) {
+        *self.rules.write().expect("rules lock") = Arc::new(rules);
+    }
+
+    pub async fn should_rate_limit(&self, req: &Request<'_>) -> Result<Answer, Unavailable> {
+        let now = self.clock.now();
+        let rules = self.rules();
+        let mut plans = Vec::with_capacity(req.descriptors.len());
+        for d in &req.descriptors {
+            plans.push(self.plan(&rules, req.domain, d).await?);
+        }
+        // A rule that another matched rule replaces does not apply to this request.
+        let replaced: Vec<String> = plans
+            .iter()
+            .filter_map(|p| match p {
+                Plan::Count { replaces, .. } => Some(replaces.iter().cloned()),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        if !replaced.is_empty() {
+            for p in plans.iter_mut() {
+                if let Plan::Count { limit, .. } = p
+                    && limit.name.as_ref().is_some_and(|n| replaced.contains(n))
+                {
+                    *p = Plan::NoLimit;
+                }
+            }
+        }
+
+        let request_hits = req.hits_addend.max(1);
+        let mut statuses = Vec::with_capacity(plans.len());
+        let mut counted: Vec<(String, Rate, u64)> = Vec::new();
+        let mut over_limit = false;
+        let mut retry_after: Option<u64> = None;
+        for (d, plan) in req.descriptors.iter().zip(&plans) {
+            let Plan::Count {
+                counter_key,
+                rate,
+                limit,
+                shadow,
+                ..
+            } = plan
+            else {
+                let unlimited = matches!(plan, Plan::Unlimited);
+                statuses.push(Status {
+                    over_limit: false,
+                    limit: None,
+                    remaining: 0,
+                    reset_after: None,
+                    unlimited,
+                });
+                continue;
+            };
+            let hits = d.hits_addend.unwrap_or(request_hits);
+            if d.negative {
+                if let Err(e) = self.limiter.refund(counter_key, *rate, hits, now).await {
+                    tracing::warn!(error = %e, "rate limit refund failed");
+                }
+                statuses.push(Status {
+                    over_limit: false,
+                    limit: Some(limit.clone()),
+                    remaining: 0,
+                    reset_after: None,
+                    unlimited: false,
+                });
+                continue;
+            }
+            let state = match self.limiter.hit(counter_key, *rate, hits, now).await {
+                Ok(state) => state,
+                Err(e) => {
+                    self.metrics.backend_errors_limiter.inc();
+                    if self.limiter_failure == FailureMode::Closed {
+                        self.give_back(&counted, now).await;
+                        return Err(Unavailable(e.to_string()));
+                    }
+                    self.metrics.fail_open_limiter.inc();
+                    statuses.push(Status {
+                        over_limit: false,
+                        limit: Some(limit.clone()),
+                        remaining: 0,
+                        reset_after: None,
+                        unlimited: false,
+                    });
+                    continue;
+                }
+            };
+            let refused = !state.allowed;
+            let shadowed = refused && (*shadow || self.global_shadow);
+            if shadowed {
+                self.metrics.rls_shadow.inc();
+                tracing::info!(rule = %counter_key, "over limit in shadow mode; allowed");
+            } else if refused {
+                self.metrics.rls_over_limit.inc();
+                over_limit = true;
+                retry_after = Some(retry_after.unwrap_or(0).max(state.reset_after));
+            } else {
+                self.metrics.rls_ok.inc();
+                if hits > 0 {
+                    counted.push((counter_key.clone(), *rate, hits));
+                }
+            }
+            statuses.push(Status {
+                over_limit: refused && !shadowed,
+                limit: Some(limit.clone()),
+                remaining: state.remaining,
+                reset_after: Some(state.reset_after),
+                unlimited: false,
+            });
+        }
+        if over_limit {
+            self.give_back(&counted, now).await;
+        }
+        Ok(Answer {
+            over_limit,
+            statuses,
+            retry_after,
+        })
+    }
+
+    /// Refunds hits counted for a request that is refused as a whole.
+    async fn give_back(&self, counted: &[(String, Rate, u64)], now: DateTime<Utc>) {
+        for (key, rate, hits) in counted {
+            if let Err(e) = self.limiter.refund(key, *rate, *hits, now).await {
+                tracing::warn!(error = %e, "rate limit refund failed");
+            }
+        }
+    }
+
+    async fn plan(
+        &self,
+        rules: &Rules,
+        domain: &str,
+        d: &Descriptor<'_>,
+    ) -> Result<Plan, Unavailable> {
+        // Envoy's override wins, counted per domain and descriptor (as envoyproxy/ratelimit).
+        if let Some((requests_per_unit, unit)) = d.limit_override {
+            let mut counter_key = String::from("override:");
+            counter_key.push_str(&rules_key(domain, &d.entries));
+            counter_key.push_str(&format!("|{requests_per_unit}/{}", unit.name()));
+            return Ok(Plan::Count {
+                counter_key,
+                rate: Rate::new(requests_per_unit, unit.seconds(), self.algorithm),
+                limit: AppliedLimit {
+                    requests_per_unit,
+                    unit,
+                    name: None,
+                },
+                shadow: false,
+                replaces: Vec::new(),
+            });
+        }
+        if let Some(m) = rules.find(domain, &d.entries) {
+            return Ok(match m.rule.limit {
+                RuleLimit::Unlimited => Plan::Unlimited,
+                RuleLimit::PerUnit {
+                    requests_per_unit,
+                    unit,
+                } => Plan::Count {
+                    counter_key: format!("rule:{}", m.counter_key),
+                    rate: Rate::new(
+                        requests_per_unit,
+                        unit.seconds(),
+                        m.rule.algorithm.unwrap_or(self.algorithm),
+                    ),
+                    limit: AppliedLimit {
+                        requests_per_unit,
+                        unit,
+                        name: m.rule.name.clone(),
+                    },
+                    shadow: m.rule.shadow_mode,
+                    replaces: m.rule.replaces.clone(),
+                },
+            });
+        }
+        // A descriptor that is just the API key: that key's own per-minute limit, counted in
+        // the same window Check uses.
+        if let [(API_KEY_ENTRY, id)] = d.entries.as_slice()
+            && let Ok(id) = id.parse::<i64>()
+        {
+            let key = match self.keys.lookup_id(id).await {
+                Ok(key) => key,
+                Err(e) => {
+                    self.metrics.backend_errors_database.inc();
+                    if self.database_failure == FailureMode::Closed {
+                        return Err(Unavailable(e.to_string()));
+                    }
+                    self.metrics.fail_open_database.inc();
+                    return Ok(Plan::NoLimit);
+                }
+            };
+            let Some(per_minute) =
+                key.and_then(|k| k.limits.per_minute.or(self.default_per_minute))
+            else {
+                return Ok(Plan::NoLimit);
+            };
+            return Ok(Plan::Count {
+                counter_key: format!("key:{id}"),
+                rate: Rate::new(per_minute, 60, self.key_algorithm),
+                limit: AppliedLimit {
+                    requests_per_unit: per_minute,
+                    unit: Unit::Minute,
+                    name: Some("per_minute".into()),
+                },
+                shadow: false,
+                replaces: Vec::new(),
+            });
+        }
+        Ok(Plan::NoLimit)
+    }
+}
+
+/// A counter key for a domain and its entries, unambiguous whatever the values hold.
+fn rules_key(domain: &str, entries: &[(&str, &str)]) -> String {
+    let mut out = format!("{}:{domain}", domain.len());
+    for (k, v) in entries {
+        out.push_str(&format!("{}:{k}{}:{v}", k.len(), v.len()));
+    }
+    out
+}

@@ -1,0 +1,386 @@
+//! ShouldRateLimit over gRPC against a real tollgate: rules in envoyproxy/ratelimit's format,
+//! per-key descriptors, hits_addend, shadow mode, replaces, overrides, and reloads.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{
+    RateLimitDescriptor,
+    rate_limit_descriptor::{Entry, RateLimitOverride},
+};
+use envoy_types::pb::envoy::service::ratelimit::v3::{
+    RateLimitRequest, RateLimitResponse, rate_limit_response::Code,
+    rate_limit_service_client::RateLimitServiceClient,
+};
+use tollgate::keys::Limits;
+use tonic::transport::Channel;
+
+const RULES: &str = "domain: api
+descriptors:
+  - key: path
+    value: /v1/search
+    rate_limit: {unit: minute, requests_per_unit: 3}
+  - key: path
+    rate_limit: {unit: minute, requests_per_unit: 100}
+  - key: remote_address
+    value: 10.0.0.66
+    rate_limit: {unit: second, requests_per_unit: 0}
+  - key: internal
+    rate_limit: {unlimited: true}
+  - key: soft
+    shadow_mode: true
+    rate_limit: {unit: minute, requests_per_unit: 1}
+  - key: plan
+    value: basic
+    descriptors:
+      - key: user
+        rate_limit: {name: basic_user, unit: hour, requests_per_unit: 2}
+  - key: promo
+    value: spring
+    descriptors:
+      - key: user
+        rate_limit: {replaces: [{name: basic_user}], unit: hour, requests_per_unit: 5}
+";
+
+async fn start(rules: &str) -> (Tollgate, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let path = dir.join("rules.yaml");
+    std::fs::write(&path, rules).unwrap();
+    let p = path.clone();
+    let tg = Tollgate::start_with(move |c| {
+        c.ratelimit.rules = Some(p);
+        c.ratelimit.watch_interval = tollgate::config::Dur(Duration::from_millis(100));
+    })
+    .await;
+    (tg, path)
+}
+
+async fn client(tg: &Tollgate) -> RateLimitServiceClient<Channel> {
+    RateLimitServiceClient::connect(format!("http://{}", tg.grpc))
+        .await
+        .unwrap()
+}
+
+fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
+    RateLimitDescriptor {
+        entries: entries
+            .iter()
+            .map(|(k, v)| Entry {
+                key: k.to_string(),
+                value: v.to_string(),
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn request(domain: &str, descriptors: Vec<RateLimitDescriptor>) -> RateLimitRequest {
+    RateLimitRequest {
+        domain: domain.into(),
+        descriptors,
+        hits_addend: 0,
+    }
+}
+
+async fn ask(c: &mut RateLimitServiceClient<Channel>, r: RateLimitRequest) -> RateLimitResponse {
+    c.should_rate_limit(r).await.unwrap().into_inner()
+}
+
+fn over(r: &RateLimitResponse) -> bool {
+    r.overall_code == Code::OverLimit as i32
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_rule_limits_and_reports_each_descriptor() {
+    let (tg, _) = start(RULES).await;
+    let mut c = client(&tg).await;
+    let search = || request("api", vec![descriptor(&[("path", "/v1/search")])]);
+    for left in [2, 1, 0] {
+        let r = ask(&mut c, search()).await;
+        assert!(!over(&r));
+        let s = &r.statuses[0];
+        assert_eq!(s.code, Code::Ok as i32);
+        assert_eq!(s.limit_remaining, left);
+        let limit = s.current_limit.as_ref().unwrap();
+        assert_eq!((limit.requests_per_unit, limit.unit), (3, 2));
+        assert_eq!(s.duration_until_reset.as_ref().unwrap().seconds, 40);
+    }
+    let r = ask(&mut c, search()).await;
+    assert!(over(&r));
+    assert_eq!(r.statuses[0].code, Code::OverLimit as i32);
+    let retry: Vec<_> = r
+        .response_headers_to_add
+        .iter()
+        .map(|h| (h.key.as_str(), h.value.as_str()))
+        .collect();
+    assert_eq!(retry, [("retry-after", "40")]);
+    // The bare key has its own counter per value.
+    let r = ask(
+        &mut c,
+        request("api", vec![descriptor(&[("path", "/v1/other")])]),
+    )
+    .await;
+    assert_eq!(r.statuses[0].limit_remaining, 99);
+    tg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_descriptors_are_all_counted_and_a_refusal_gives_the_others_back() {
+    let (tg, _) = start(RULES).await;
+    let mut c = client(&tg).await;
+    let r = ask(
+        &mut c,
+        request(
+            "api",
+            vec![
+                descriptor(&[("path", "/v1/things")]),
+                descriptor(&[("remote_address", "10.0.0.66")]),
+                descriptor(&[("internal", "yes")]),
+                descriptor(&[("nothing", "matches")]),
+            ],
+        ),
+    )
+    .await;
+    assert!(over(&r));
+    let codes: Vec<_> = r.statuses.iter().map(|s| s.code).collect();
+    assert_eq!(codes, [1, 2, 1, 1]);
+    assert_eq!(r.statuses[2].limit_remaining, u32::MAX, "unlimited");
+    assert!(r.statuses[2].current_limit.is_none());
+    assert!(r.statuses[3].current_limit.is_none(), "no rule, no limit");
+    // The request was refused, so /v1/things got its hit back: still 99 left after one more.
+    let r = ask(
+        &mut c,
+        request("api", vec![descriptor(&[("path", "/v1/things")])]),
+    )
+    .await;
+    assert_eq!(r.statuses[0].limit_remaining, 99);
+    // An unknown domain limits nothing.
+    let r = ask(
+        &mut c,
+        request("elsewhere", vec![descriptor(&[("path", "/x")])]),
+    )
+    .await;
+    assert!(!over(&r));
+    tg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hits_addend_counts_at_request_and_descriptor_level() {
+    let (tg, _) = start(RULES).await;
+    let mut c = client(&tg).await;
+    let mut r = request("api", vec![descriptor(&[("path", "/v1/search")])]);
+    r.hits_addend = 2;
+    assert_eq!(ask(&mut c, r.clone()).await.statuses[0].limit_remaining, 1);
+    // Two more do not fit in the 1 left, and count nothing.
+    assert!(over(&ask(&mut c, r).await));
+    // Descriptor hits_addend 0 checks without counting.
+    let mut d = descriptor(&[("path", "/v1/search")]);
+    d.hits_addend = Some(envoy_types::pb::google::protobuf::UInt64Value { value: 0 });
+    let resp = ask(&mut c, request("api", vec![d])).await;
+    assert!(!over(&resp));
+    assert_eq!(resp.statuses[0].limit_remaining, 1);
+    let mut d = descriptor(&[("path", "/v1/search")]);
+    d.hits_addend = Some(envoy_types::pb::google::protobuf::UInt64Value { value: 1 });
+    assert_eq!(
+        ask(&mut c, request("api", vec![d])).await.statuses[0].limit_remaining,
+        0
+    );
+    tg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_mode_counts_but_allows() {
+    let (tg, _) = start(RULES).await;
+    let mut c = client(&tg).await;
+    for _ in 0..3 {
+        let r = ask(&mut c, request("api", vec![descriptor(&[("soft", "x")])])).await;
+        assert!(!over(&r));
+    }
+    let text = reqwest::get(format!("http://{}/metrics", tg.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("tollgate_ratelimit_descriptors_total{outcome=\"shadow\"} 2\n"),
+        "{text}"
+    );
+    tg.stop().await;
+
+    // The global switch: everything is counted, nothing refused.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rules.yaml");
+    std::fs::write(&path, RULES).unwrap();
+    let tg = Tollgate::start_with(|c| {
+        c.ratelimit.rules = Some(path.clone());
+        c.ratelimit.shadow_mode = true;
+    })
+    .await;
+    let mut c = client(&tg).await;
+    let r = ask(
+        &mut c,
+        request("api", vec![descriptor(&[("remote_address", "10.0.0.66")])]),
+    )
+    .await;
+    assert!(!over(&r));
+    tg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaces_drops_the_replaced_rule_for_that_request() {
+    let (tg, _) = start(RULES).await;
+    let mut c = client(&tg).await;
+    let both = || {
+        request(
+            "api",
+            vec![
+                descriptor(&[("plan", "basic"), ("user", "ann")]),
+                descriptor(&[("promo", "spring"), ("user", "ann")]),
+            ],
+        )
+    };
+    // With the promo, the basic_user limit (2/hour) does not apply: 5 pass.
+    for _ in 0..5 {
+        assert!(!over(&ask(&mut c, both()).await));
+    }
+    let r = ask(&mut c, both()).await;
+    assert!(over(&r));
+    assert!(r.statuses[0].current_limit.is_none(), "replaced");
+    // ...and the basic limit itself was never touched.
+    let basic = request(
+        "api",
+        vec![descriptor(&[("plan", "basic"), ("user", "ann")])],
+    );
+    assert_eq!(ask(&mut c, basic).await.statuses[0].limit_remaining, 1);
+    tg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoys_limit_override_wins() {
+    let (tg, _) = start(RULES).await;
+    let mut c = client(&tg).await;
+    let mut d = descriptor(&[("path", "/v1/search")]);
+    d.limit = Some(RateLimitOverride {
+        requests_per_unit: 1,
+        unit: 3, // hour
+    });
+    let r = ask(&mut c, request("api", vec![d.clone()])).await;
+    let limit = r.statuses[0].current_limit.as_ref().unwrap();
+    assert_eq!((limit.requests_per_unit, limit.unit), (1, 3));
+    assert!(over(&ask(&mut c, request("api", vec![d])).await));
+    tg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_api_key_descriptor_gets_that_keys_per_minute_limit() {
+    let (tg, _) = start(RULES).await;
+    let (_, id) = tg
+        .create_key(
+            "k",
+            Limits {
+                per_minute: Some(2),
+                ..Default::default()
+            },
+        )
+        .await;
+    let (_, unlimited) = tg.create_key("free", Limits::default()).await;
+    let mut c = client(&tg).await;
+    let id_text = id.to_string();
+    let key = || request("api", vec![descriptor(&[("api_key_id", &id_text)])]);
+    let r = ask(&mut c, key()).await;
+    let limit = r.statuses[0].current_limit.as_ref().unwrap();
+    assert_eq!(
+        (limit.requests_per_unit, limit.unit, limit.name.as_str()),
+        (2, 2, "per_minute")
+    );
+    assert_eq!(r.statuses[0].limit_remaining, 1);
+    assert!(!over(&ask(&mut c, key()).await));
+    assert!(over(&ask(&mut c, key()).await));
+    let free = unlimited.to_string();
+    let r = ask(
+        &mut c,
+        request("api", vec![descriptor(&[("api_key_id", &free)])]),
+    )
+    .await;
+    assert!(!over(&r) && r.statuses[0].current_limit.is_none());
+    let r = ask(
+        &mut c,
+        request("api", vec![descriptor(&[("api_key_id", "999999")])]),
+    )
+    .await;
+    assert!(
+        !over(&r),
+        "an unknown key is ext_authz's business, not a rate limit"
+    );
+    tg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_reload_on_change_and_a_bad_file_keeps_the_old_rules() {
+    let (tg, path) = start(RULES).await;
+    let mut c = client(&tg).await;
+    let probe = || request("api", vec![descriptor(&[("path", "/v1/search")])]);
+    assert_eq!(ask(&mut c, probe()).await.statuses[0].limit_remaining, 2);
+    std::fs::write(
+        &path,
+        RULES.replace("requests_per_unit: 3}", "requests_per_unit: 50}"),
+    )
+    .unwrap();
+    let started = Instant::now();
+    loop {
+        let r = ask(&mut c, probe()).await;
+        if r.statuses[0]
+            .current_limit
+            .as_ref()
+            .unwrap()
+            .requests_per_unit
+            == 50
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "rules not reloaded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::write(
+        &path,
+        "domain: api\ndescriptors:\n  - key: path\n    rate_limit: {unit: fortnight}\n",
+    )
+    .unwrap();
+    let started = Instant::now();
+    loop {
+        let text = reqwest::get(format!("http://{}/metrics", tg.http))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        if text.contains("\ntollgate_rules_last_reload_failed 1\n") {
+            assert!(
+                text.contains("tollgate_rules_reloads_total{result=\"error\"} 1"),
+                "{text}"
+            );
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "bad rules not noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r = ask(&mut c, probe()).await;
+    assert_eq!(
+        r.statuses[0]
+            .current_limit
+            .as_ref()
+            .unwrap()
+            .requests_per_unit,
+        50
+    );
+    tg.stop().await;
+}
