@@ -8,7 +8,7 @@
 //! - [`authz`]: the Check decision: key → per-minute window → daily/monthly quota.
 //! - [`decision`]: decisions and how the client sees them (status, headers, problem body).
 //! - [`keys`]: key format, hashing, and the in-memory key cache.
-//! - [`limiter`]: per-minute windows; in-process now.
+//! - [`limiter`]: per-minute windows (fixed, sliding, token bucket), in-process or in Redis.
 //! - [`store`]: keys, quotas and the request log in the database (SQLite now).
 //! - [`reqlog`]: the bounded queue and batch writer of the request log.
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`.

@@ -61,11 +61,11 @@ pub fn parse_url(url: &str) -> Result<Target, String> {
     let check = |u: &str| {
         redis::Client::open(u)
             .map(|_| ())
-            .map_err(|e| format!("{}: {e}", crate::config::redact_url(u)))
+            .map_err(|e| format!("node {}: {e}", crate::config::redact_url(u)))
     };
     match scheme {
         "redis" | "rediss" => {
-            check(url)?;
+            redis::Client::open(url).map_err(|e| e.to_string())?;
             Ok(Target::Node(url.to_string()))
         }
         "redis+cluster" | "rediss+cluster" => {
