@@ -145,7 +145,9 @@ impl Denial {
                 "Monthly quota of {limit} requests exceeded; it resets on the 1st at 00:00 UTC.{retry}"
             ),
             DenyReason::BackendUnavailable => {
-                format!("tollgate cannot reach its database to check this request.{retry}")
+                format!(
+                    "tollgate cannot reach its database or its rate-limit store to check this request.{retry}"
+                )
             }
         }
     }

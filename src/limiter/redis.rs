@@ -132,6 +132,9 @@ impl RedisLimiter {
     /// a Tokio runtime. `timeout` bounds every call, connecting included.
     pub fn new(url: &str, key_prefix: &str, timeout: Duration) -> Result<Self, LimiterError> {
         let fail = |e: String| LimiterError::Unavailable(e);
+        // rediss://: TLS by rustls with the ring provider, trusting the system's roots (or
+        // the file named by SSL_CERT_FILE). Err only means a provider is already installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let conn = match parse_url(url).map_err(fail)? {
             Target::Node(url) => {
                 let client = redis::Client::open(url).map_err(|e| fail(e.to_string()))?;
