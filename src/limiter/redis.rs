@@ -10,6 +10,9 @@
 //! sharing a Redis therefore need synchronised clocks (NTP); a replica whose clock is behind
 //! counts in the latest window another replica has written.
 //!
+//! Lua numbers are doubles, so the scripts are exact while `limit × window in ms` stays below
+//! 2^53: a per-minute limit below 150 billion.
+//!
 //! Keys are `<key_prefix>{<counter key>}:<algorithm>:<window s>[:<window start>]`. The counter
 //! key sits in a hash tag, so every key of one counter is in one Redis Cluster slot.
 //!
