@@ -187,6 +187,8 @@ impl AuthzService {
             .flatten()
             .map(|limit| Rate::new(limit, MINUTE, self.algorithm));
         let window_key = window_key(&key);
+        // Whether the window counted this request (so a later refusal must give it back).
+        let mut counted = None;
         if let Some(rate) = per_minute {
             let limit = rate.limit;
             match self.limiter.hit(&window_key, rate, cost, now).await {
@@ -207,6 +209,7 @@ impl AuthzService {
                         });
                     }
                     limits.push(state);
+                    counted = Some(rate);
                 }
                 Err(e) => {
                     self.metrics.backend_errors_limiter.inc();
@@ -307,7 +310,7 @@ impl AuthzService {
         };
         // The request was refused after its per-minute hit was counted: give the hit back,
         // so a refused request costs nothing.
-        if let Some(rate) = per_minute
+        if let Some(rate) = counted
             && let Err(e) = self.limiter.refund(&window_key, rate, cost, now).await
         {
             tracing::warn!(error = %e, key_id = key.id, "rate limit refund failed");

@@ -409,7 +409,7 @@ impl Config {
         if let Some(redis) = &self.redis.url
             && let Err(e) = crate::limiter::redis::parse_url(redis.expose())
         {
-            return Err(fail("redis.url", format!("{redis} {e}")));
+            return Err(fail("redis.url", format!("{redis}: {e}")));
         }
         if self.redis.timeout.0.is_zero() {
             return Err(fail("redis.timeout", "must be longer than 0".into()));

@@ -154,7 +154,9 @@ impl Denial {
                 "Monthly quota of {limit} requests exceeded; it resets on the 1st at 00:00 UTC.{retry}"
             ),
             DenyReason::BackendUnavailable => {
-                format!("tollgate cannot reach its database to check this request.{retry}")
+                format!(
+                    "tollgate cannot reach its database or its rate-limit store to check this request.{retry}"
+                )
             }
             DenyReason::InvalidCost => format!(
                 "This route's cost setting is not a whole number from 0 to {MAX_COST}: \

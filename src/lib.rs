@@ -8,8 +8,9 @@
 //! - [`authz`]: the Check decision: key → per-minute window → daily/monthly quota.
 //! - [`decision`]: decisions and how the client sees them (status, headers, problem body).
 //! - [`keys`]: key format, hashing, and the in-memory key cache.
-//! - [`limiter`]: per-minute windows; in-process now.
-//! - [`ratelimit`]: envoyproxy/ratelimit-style descriptor rules (the RLS API comes next).
+//! - [`limiter`]: per-minute windows (fixed, sliding, token bucket), in-process or in Redis.
+//! - [`ratelimit`]: Envoy's rate limit service: envoyproxy/ratelimit-style rules and how
+//!   a request's descriptors are counted.
 //! - [`store`]: keys, quotas and the request log in the database (SQLite now).
 //! - [`reqlog`]: the bounded queue and batch writer of the request log.
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`.

@@ -221,3 +221,36 @@ async fn a_silent_redis_costs_a_check_at_most_the_timeout() {
     tg.stop().await;
     hold.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tollgate_starts_while_redis_is_down_and_counts_in_it_once_up() {
+    let mut redis = PrivateRedis::start().await;
+    redis.stop();
+    let url = redis.url();
+    let tg = Tollgate::start_with(|c| {
+        c.redis.url = Some(SecretUrl(url.clone()));
+        c.redis.failure_mode = FailureMode::Closed;
+    })
+    .await;
+    let (key, _) = tg.create_key("late", per_minute(1)).await;
+    let mut c = tg.client().await;
+    let d = denied(&c.check(key_header(&key)).await.unwrap().into_inner());
+    assert_eq!(d.status, 503);
+    redis.restart().await;
+    let started = Instant::now();
+    loop {
+        let resp = c.check(key_header(&key)).await.unwrap().into_inner();
+        if resp.status.as_ref().unwrap().code == 0 {
+            break;
+        }
+        assert_eq!(denied(&resp).status, 503);
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "tollgate did not connect to Redis within 15 s of it starting"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let d = denied(&c.check(key_header(&key)).await.unwrap().into_inner());
+    assert_eq!(d.body["error"], "rate_limited");
+    tg.stop().await;
+}

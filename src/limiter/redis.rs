@@ -10,6 +10,9 @@
 //! sharing a Redis therefore need synchronised clocks (NTP); a replica whose clock is behind
 //! counts in the latest window another replica has written.
 //!
+//! Lua numbers are doubles, so the scripts are exact while `limit × window in ms` stays below
+//! 2^53: a per-minute limit below 150 billion.
+//!
 //! Keys are `<key_prefix>{<counter key>}:<algorithm>:<window s>[:<window start>]`. The counter
 //! key sits in a hash tag, so every key of one counter is in one Redis Cluster slot.
 //!
@@ -61,11 +64,11 @@ pub fn parse_url(url: &str) -> Result<Target, String> {
     let check = |u: &str| {
         redis::Client::open(u)
             .map(|_| ())
-            .map_err(|e| format!("{}: {e}", crate::config::redact_url(u)))
+            .map_err(|e| format!("node {}: {e}", crate::config::redact_url(u)))
     };
     match scheme {
         "redis" | "rediss" => {
-            check(url)?;
+            redis::Client::open(url).map_err(|e| e.to_string())?;
             Ok(Target::Node(url.to_string()))
         }
         "redis+cluster" | "rediss+cluster" => {
@@ -132,6 +135,9 @@ impl RedisLimiter {
     /// a Tokio runtime. `timeout` bounds every call, connecting included.
     pub fn new(url: &str, key_prefix: &str, timeout: Duration) -> Result<Self, LimiterError> {
         let fail = |e: String| LimiterError::Unavailable(e);
+        // rediss://: TLS by rustls with the ring provider, trusting the system's roots (or
+        // the file named by SSL_CERT_FILE). Err only means a provider is already installed.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let conn = match parse_url(url).map_err(fail)? {
             Target::Node(url) => {
                 let client = redis::Client::open(url).map_err(|e| fail(e.to_string()))?;
