@@ -157,6 +157,10 @@ impl App {
                 .clone()
                 .watch_changes(config.cache.poll_interval.0, background.clone()),
         );
+        // Serve only once key changes are being heard, so no cached key can miss one.
+        if !cache.wait_primed(std::time::Duration::from_secs(10)).await {
+            tracing::warn!("key change feed not running after 10s; serving anyway");
+        }
         if let Some(path) = config.ratelimit.rules.clone() {
             tasks.spawn(reload_rules(
                 path,

@@ -41,6 +41,8 @@ pub struct KeyCache {
     /// Keys by id, for rate limit descriptors that name a key. Any reported change empties it
     /// (changes are rare, and the change feed names hashes, not ids).
     by_id: RwLock<HashMap<i64, IdEntry>>,
+    /// Set once the change feed is running: before that, a cached key could miss a change.
+    primed: tokio::sync::watch::Sender<bool>,
 }
 
 /// How a lookup was answered; for metrics.
@@ -62,6 +64,7 @@ impl KeyCache {
             key_ttl,
             negative_ttl,
             by_id: RwLock::new(HashMap::new()),
+            primed: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -195,7 +198,18 @@ impl KeyCache {
                 entries.clear();
                 self.negatives
                     .store(0, std::sync::atomic::Ordering::Relaxed);
+                drop(entries);
+                self.primed.send_replace(true);
             }
         }
+    }
+
+    /// Waits until the change feed runs (its first report), at most `limit`. Serving before
+    /// then would cache keys whose changes could go unheard, until the feed drops them all.
+    pub async fn wait_primed(&self, limit: Duration) -> bool {
+        let mut primed = self.primed.subscribe();
+        tokio::time::timeout(limit, primed.wait_for(|p| *p))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 }
