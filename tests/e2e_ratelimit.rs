@@ -1,0 +1,84 @@
+//! End to end: real Envoy with ext_authz and ratelimit chained (envoy/ratelimit.yaml), both
+//! answered by one tollgate with the rules in examples/ratelimit/rules.yaml.
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use tollgate::keys::Limits;
+
+async fn start() -> (Tollgate, Envoy) {
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/ratelimit/rules.yaml");
+    let tg = Tollgate::start_with(|c| {
+        c.ratelimit.rules = Some(rules);
+        // Envoy's ratelimit filter enforces keys' per-minute limits; Check must not count
+        // the same request again.
+        c.authz.rate_limit = false;
+    })
+    .await;
+    let envoy = Envoy::start("ratelimit.yaml", tg.grpc).await;
+    (tg, envoy)
+}
+
+async fn get(envoy: &Envoy, path: &str, key: &str) -> reqwest::Response {
+    http_client()
+        .get(envoy.url(path))
+        .header("x-api-key", key)
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_per_minute_limit_is_enforced_once_through_both_filters() {
+    let (tg, envoy) = start().await;
+    let (key, _) = tg
+        .create_key(
+            "rl",
+            Limits {
+                per_minute: Some(3),
+                ..Default::default()
+            },
+        )
+        .await;
+    for left in ["2", "1", "0"] {
+        let r = get(&envoy, "/v1/things", &key).await;
+        assert_eq!(r.status(), 200);
+        // Envoy's draft-03 headers from tollgate's per-descriptor answers: the closest limit
+        // first, then every descriptor's policy (key, path rule, address rule).
+        assert_eq!(r.headers()["x-ratelimit-remaining"], left);
+        assert_eq!(
+            r.headers()["x-ratelimit-limit"].to_str().unwrap(),
+            "3, 3;w=60;name=\"per_minute\", 1000;w=60, 50;w=1"
+        );
+        assert_eq!(r.headers()["x-ratelimit-reset"], "40");
+    }
+    let r = get(&envoy, "/v1/things", &key).await;
+    assert_eq!(r.status(), 429);
+    assert_eq!(r.headers()["x-envoy-ratelimited"], "true");
+    assert_eq!(r.headers()["retry-after"], "40");
+    // A key without a per-minute limit is not limited by the key descriptor.
+    let (free, _) = tg.create_key("free", Limits::default()).await;
+    for _ in 0..5 {
+        assert_eq!(get(&envoy, "/v1/things", &free).await.status(), 200);
+    }
+    tg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_rule_is_shared_by_every_client_and_ext_authz_still_comes_first() {
+    let (tg, envoy) = start().await;
+    let (a, _) = tg.create_key("a", Limits::default()).await;
+    let (b, _) = tg.create_key("b", Limits::default()).await;
+    assert_eq!(get(&envoy, "/v1/search?q=1", &a).await.status(), 200);
+    assert_eq!(get(&envoy, "/v1/search?q=1", &b).await.status(), 200);
+    let r = get(&envoy, "/v1/search?q=1", &a).await;
+    assert_eq!(r.status(), 429);
+    // Other paths are not affected.
+    assert_eq!(get(&envoy, "/v1/other", &b).await.status(), 200);
+    // No key: ext_authz answers before any rate limit is counted.
+    let r = get(&envoy, "/v1/other", "").await;
+    assert_eq!(r.status(), 401);
+    tg.stop().await;
+}
