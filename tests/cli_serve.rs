@@ -222,7 +222,11 @@ async fn serve_answers_health_and_metrics_then_sigterm_flushes_and_exits_0() {
         .await
         .unwrap();
     let mut h = HealthClient::new(channel);
-    for service in ["", "envoy.service.auth.v3.Authorization"] {
+    for service in [
+        "",
+        "envoy.service.auth.v3.Authorization",
+        "envoy.service.ratelimit.v3.RateLimitService",
+    ] {
         let status = h
             .check(HealthCheckRequest {
                 service: service.into(),
