@@ -384,3 +384,100 @@ async fn rules_reload_on_change_and_a_bad_file_keeps_the_old_rules() {
     );
     tg.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_at_once_and_no_request_is_dropped_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(&rules, RULES).unwrap();
+    let db = format!("sqlite://{}", dir.path().join("t.db").display());
+    let rules_env = rules.to_str().unwrap().to_string();
+    let replica = Replica::spawn(
+        dir.path(),
+        &[
+            ("TOLLGATE_DATABASE_URL", db.as_str()),
+            ("TOLLGATE_RATELIMIT_RULES", rules_env.as_str()),
+            // Only the signal can trigger the reload within this test.
+            ("TOLLGATE_RATELIMIT_WATCH_INTERVAL", "1h"),
+        ],
+    )
+    .await;
+    let mut c = RateLimitServiceClient::connect(replica.grpc.clone())
+        .await
+        .unwrap();
+    let probe = || request("api", vec![descriptor(&[("path", "/v1/other")])]);
+    let limit_of = |r: &RateLimitResponse| {
+        r.statuses[0]
+            .current_limit
+            .as_ref()
+            .unwrap()
+            .requests_per_unit
+    };
+    assert_eq!(limit_of(&ask(&mut c, probe()).await), 100);
+
+    // Keep asking while the rules are swapped: every call must be answered.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let background = {
+        let (mut c, stop) = (c.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut answered = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                c.should_rate_limit(request("api", vec![descriptor(&[("internal", "x")])]))
+                    .await
+                    .expect("answered during the reload");
+                answered += 1;
+            }
+            answered
+        })
+    };
+    std::fs::write(
+        &rules,
+        RULES.replace("requests_per_unit: 100}", "requests_per_unit: 7}"),
+    )
+    .unwrap();
+    let pid = replica.child.id().to_string();
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let started = Instant::now();
+    while limit_of(&ask(&mut c, probe()).await) != 7 {
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "SIGHUP did not reload the rules"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(background.await.unwrap() > 0);
+    assert_eq!(replica.stop_with("-TERM").await.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_redis_share_rule_counters() {
+    let url = redis_url().await;
+    let prefix = unique_prefix("rls");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rules.yaml");
+    std::fs::write(&path, RULES).unwrap();
+    let configure = |c: &mut tollgate::config::Config| {
+        c.ratelimit.rules = Some(path.clone());
+        c.redis.url = Some(tollgate::config::SecretUrl(url.clone()));
+        c.redis.key_prefix = prefix.clone();
+    };
+    let a = Tollgate::start_with(configure).await;
+    let b = Tollgate::start_with(configure).await;
+    let (mut ca, mut cb) = (client(&a).await, client(&b).await);
+    let search = || request("api", vec![descriptor(&[("path", "/v1/search")])]);
+    assert!(!over(&ask(&mut ca, search()).await));
+    assert!(!over(&ask(&mut cb, search()).await));
+    assert!(!over(&ask(&mut ca, search()).await));
+    assert!(over(&ask(&mut cb, search()).await));
+    assert!(!redis_keys(&url, &prefix).await.is_empty());
+    a.stop().await;
+    b.stop().await;
+    delete_redis_keys(&url, &prefix).await;
+}
