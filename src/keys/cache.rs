@@ -19,6 +19,9 @@ use crate::store::{KeyChange, KeyStore, StoreError};
 /// keys cannot grow memory without bound).
 const MAX_NEGATIVE: usize = 100_000;
 
+/// Invalidations remembered for lookups in flight.
+const MAX_RECENT: usize = 4096;
+
 #[derive(Debug, Clone)]
 enum Entry {
     Found(Arc<ApiKey>, Instant),
@@ -36,6 +39,11 @@ pub struct KeyCache {
     /// Bumped by every invalidation: a lookup that started before one does not cache its answer,
     /// which may predate the change.
     generation: std::sync::atomic::AtomicU64,
+    /// The generation of the last "anything may have changed".
+    cleared_at: std::sync::atomic::AtomicU64,
+    /// Recent invalidations (generation, hash), so a lookup skips caching only when its own key
+    /// changed meanwhile, not whenever any key did.
+    recent: std::sync::Mutex<std::collections::VecDeque<(u64, KeyHash)>>,
     key_ttl: Duration,
     negative_ttl: Duration,
     /// Keys by id, for rate limit descriptors that name a key. Any reported change empties it
@@ -61,6 +69,8 @@ impl KeyCache {
             entries: RwLock::new(HashMap::new()),
             negatives: Default::default(),
             generation: Default::default(),
+            cleared_at: Default::default(),
+            recent: Default::default(),
             key_ttl,
             negative_ttl,
             by_id: RwLock::new(HashMap::new()),
@@ -134,9 +144,9 @@ impl KeyCache {
     }
 
     fn insert(&self, hash: KeyHash, found: Option<Arc<ApiKey>>, generation: u64) {
-        use std::sync::atomic::Ordering::{Acquire, Relaxed};
+        use std::sync::atomic::Ordering::Relaxed;
         let mut entries = self.entries.write().expect("cache lock");
-        if self.generation.load(Acquire) != generation {
+        if self.changed_since(&hash, generation) {
             return;
         }
         let entry = match found {
@@ -154,12 +164,40 @@ impl KeyCache {
         };
     }
 
+    /// Whether `hash` (or everything) was invalidated after `generation` was read.
+    fn changed_since(&self, hash: &KeyHash, generation: u64) -> bool {
+        use std::sync::atomic::Ordering::Acquire;
+        if self.generation.load(Acquire) == generation {
+            return false;
+        }
+        if self.cleared_at.load(Acquire) > generation {
+            return true;
+        }
+        let recent = self.recent.lock().expect("cache lock");
+        // Entries newer than `generation` may have been dropped from a full list: assume ours.
+        if recent.len() >= MAX_RECENT && recent.front().is_some_and(|(g, _)| *g > generation) {
+            return true;
+        }
+        recent.iter().any(|(g, h)| *g > generation && h == hash)
+    }
+
     /// Drops the entries of these hashes, found or not.
     pub fn invalidate(&self, hashes: &[KeyHash]) {
         use std::sync::atomic::Ordering::Relaxed;
         let mut entries = self.entries.write().expect("cache lock");
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+            + 1;
+        {
+            let mut recent = self.recent.lock().expect("cache lock");
+            for hash in hashes {
+                recent.push_back((generation, *hash));
+            }
+            while recent.len() > MAX_RECENT {
+                recent.pop_front();
+            }
+        }
         for hash in hashes {
             if let Some(Entry::Missing(_)) = entries.remove(hash) {
                 self.negatives.fetch_sub(1, Relaxed);
@@ -193,8 +231,12 @@ impl KeyCache {
             }
             KeyChange::All => {
                 let mut entries = self.entries.write().expect("cache lock");
-                self.generation
-                    .fetch_add(1, std::sync::atomic::Ordering::Release);
+                let generation = self
+                    .generation
+                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel)
+                    + 1;
+                self.cleared_at
+                    .store(generation, std::sync::atomic::Ordering::Release);
                 entries.clear();
                 self.negatives
                     .store(0, std::sync::atomic::Ordering::Relaxed);
@@ -211,5 +253,55 @@ impl KeyCache {
         tokio::time::timeout(limit, primed.wait_for(|p| *p))
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::Ordering::Acquire;
+
+    async fn cache() -> (KeyCache, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("c.db").display());
+        let store = crate::store::sqlite::SqliteStore::open(&url).await.unwrap();
+        store.migrate().await.unwrap();
+        (
+            KeyCache::new(
+                Arc::new(store),
+                Duration::from_secs(60),
+                Duration::from_secs(5),
+            ),
+            dir,
+        )
+    }
+
+    #[tokio::test]
+    async fn only_a_change_to_this_key_or_to_all_stops_caching_a_lookup_in_flight() {
+        let (c, _dir) = cache().await;
+        let (a, b) = ([1u8; 32], [2u8; 32]);
+        let start = c.generation.load(Acquire);
+        assert!(!c.changed_since(&a, start));
+        c.invalidate(&[b]);
+        assert!(!c.changed_since(&a, start), "another key changed");
+        assert!(c.changed_since(&b, start));
+        c.invalidate(&[a]);
+        assert!(c.changed_since(&a, start));
+        let later = c.generation.load(Acquire);
+        assert!(!c.changed_since(&a, later));
+        c.apply(KeyChange::All);
+        assert!(c.changed_since(&a, later) && c.changed_since(&b, later));
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_changes_is_assumed_to_touch_every_lookup() {
+        let (c, _dir) = cache().await;
+        let start = c.generation.load(Acquire);
+        for i in 0..(MAX_RECENT + 10) {
+            let mut h = [0u8; 32];
+            h[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            c.invalidate(&[h]);
+        }
+        assert!(c.changed_since(&[0xff; 32], start));
     }
 }
