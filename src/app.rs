@@ -101,6 +101,7 @@ impl App {
             rules,
             limiter,
             cache.clone(),
+            log.clone(),
             clock,
             metrics.clone(),
         ));

@@ -13,7 +13,7 @@ use crate::decision::{Allowed, Decision, Denial, DenyReason, LimitKind, LimitSta
 use crate::keys::{self, ApiKey, KeyStatus, cache::KeyCache};
 use crate::limiter::{Algorithm, Rate, WindowLimiter};
 use crate::reqlog::{RequestLog, clip};
-use crate::store::{LogRow, Quota, QuotaOutcome, QuotaStore};
+use crate::store::{LogApi, LogRow, Quota, QuotaOutcome, QuotaStore};
 use crate::telemetry::Metrics;
 
 /// Per-minute window length.
@@ -124,6 +124,7 @@ impl AuthzService {
         };
         self.log.record(LogRow {
             ts: now,
+            api: LogApi::Authz,
             request_id: input.request_id.map(clip),
             key_id,
             method: input.method.map(clip),

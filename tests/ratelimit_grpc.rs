@@ -315,7 +315,26 @@ async fn an_api_key_descriptor_gets_that_keys_per_minute_limit() {
         !over(&r),
         "an unknown key is ext_authz's business, not a rate limit"
     );
-    tg.stop().await;
+    // Each call naming a key is in the request log, marked as the rate limit API's.
+    let db = tg.stop().await;
+    let rows = |decision: &str| {
+        format!(
+            "SELECT count(*) FROM api_requests_log WHERE api = 'ratelimit' AND api_key_id = {id} \
+             AND decision = '{decision}'"
+        )
+    };
+    assert_eq!(db.scalar(&rows("allow")).await, 2);
+    assert_eq!(db.scalar(&rows("deny")).await, 1);
+    let limited = format!(
+        "SELECT count(*) FROM api_requests_log WHERE api_key_id = {id} AND status = 429 \
+         AND reason = 'rate_limited'"
+    );
+    assert_eq!(db.scalar(&limited).await, 1);
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM api_requests_log WHERE api = 'authz'")
+            .await,
+        0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

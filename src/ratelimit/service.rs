@@ -15,6 +15,8 @@ use crate::clock::Clock;
 use crate::config::{Config, FailureMode};
 use crate::keys::cache::KeyCache;
 use crate::limiter::{Algorithm, Rate, WindowLimiter};
+use crate::reqlog::RequestLog;
+use crate::store::{LogApi, LogRow};
 use crate::telemetry::Metrics;
 
 /// The descriptor entry that names an API key (tollgate's ext_authz `key_id` metadata).
@@ -95,6 +97,7 @@ pub struct RateLimitService {
     rules: RwLock<Arc<Rules>>,
     limiter: Arc<dyn WindowLimiter>,
     keys: Arc<KeyCache>,
+    log: RequestLog,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
     algorithm: Algorithm,
@@ -111,6 +114,7 @@ impl RateLimitService {
         rules: Rules,
         limiter: Arc<dyn WindowLimiter>,
         keys: Arc<KeyCache>,
+        log: RequestLog,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -118,6 +122,7 @@ impl RateLimitService {
             rules: RwLock::new(Arc::new(rules)),
             limiter,
             keys,
+            log,
             clock,
             metrics,
             algorithm: config.ratelimit.algorithm,
@@ -246,6 +251,29 @@ impl RateLimitService {
         }
         if over_limit {
             self.give_back(&counted, now).await;
+        }
+        // A call that names a key is that key's request: log it (it spends no quota).
+        if let Some(key_id) = req
+            .descriptors
+            .iter()
+            .find_map(|d| match d.entries.as_slice() {
+                [(API_KEY_ENTRY, id)] => id.parse::<i64>().ok(),
+                _ => None,
+            })
+        {
+            self.log.record(LogRow {
+                ts: now,
+                api: LogApi::RateLimit,
+                request_id: None,
+                key_id: Some(key_id),
+                method: None,
+                path: None,
+                host: None,
+                client_addr: None,
+                allowed: !over_limit,
+                reason: if over_limit { "rate_limited" } else { "ok" },
+                status: if over_limit { 429 } else { 200 },
+            });
         }
         Ok(Answer {
             over_limit,

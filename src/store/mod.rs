@@ -177,6 +177,8 @@ pub trait QuotaStore: Send + Sync + 'static {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogRow {
     pub ts: DateTime<Utc>,
+    /// Which API decided.
+    pub api: LogApi,
     pub request_id: Option<String>,
     pub key_id: Option<i64>,
     pub method: Option<String>,
@@ -186,6 +188,22 @@ pub struct LogRow {
     pub allowed: bool,
     pub reason: &'static str,
     pub status: u16,
+}
+
+/// The API a request-log row comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogApi {
+    Authz,
+    RateLimit,
+}
+
+impl LogApi {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogApi::Authz => "authz",
+            LogApi::RateLimit => "ratelimit",
+        }
+    }
 }
 
 /// Where the request log's batches go.

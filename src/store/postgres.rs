@@ -394,6 +394,7 @@ impl RequestLogSink for PgStore {
         let mut decision = Vec::with_capacity(rows.len());
         let mut reason = Vec::with_capacity(rows.len());
         let mut status = Vec::with_capacity(rows.len());
+        let mut api = Vec::with_capacity(rows.len());
         for r in rows {
             ts.push(r.ts);
             request_id.push(r.request_id.clone());
@@ -405,12 +406,14 @@ impl RequestLogSink for PgStore {
             decision.push(if r.allowed { "allow" } else { "deny" });
             reason.push(r.reason);
             status.push(r.status as i16);
+            api.push(r.api.as_str());
         }
         sqlx::query(
             "INSERT INTO api_requests_log (ts, request_id, api_key_id, method, path, host, \
-               client_addr, decision, reason, status) \
+               client_addr, decision, reason, status, api) \
              SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::bigint[], $4::text[], \
-               $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::smallint[])",
+               $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::smallint[], \
+               $11::text[])",
         )
         .bind(ts)
         .bind(request_id)
@@ -422,6 +425,7 @@ impl RequestLogSink for PgStore {
         .bind(decision)
         .bind(reason)
         .bind(status)
+        .bind(api)
         .execute(&self.pool)
         .await?;
         Ok(())

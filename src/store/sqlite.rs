@@ -430,8 +430,8 @@ impl RequestLogSink for SqliteStore {
         for row in rows {
             sqlx::query(
                 "INSERT INTO api_requests_log (ts, request_id, api_key_id, method, path, host, \
-                   client_addr, decision, reason, status) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                   client_addr, decision, reason, status, api) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )
             .bind(ts_text(row.ts))
             .bind(row.request_id.as_deref())
@@ -443,6 +443,7 @@ impl RequestLogSink for SqliteStore {
             .bind(if row.allowed { "allow" } else { "deny" })
             .bind(row.reason)
             .bind(row.status as i64)
+            .bind(row.api.as_str())
             .execute(&mut *tx)
             .await?;
         }
