@@ -115,9 +115,11 @@ impl AuthzService {
 
     /// Decides one request, counts it, and queues its log row.
     pub async fn check(&self, input: &CheckInput<'_>) -> Decision {
+        let started = std::time::Instant::now();
         let now = self.clock.now();
         let decision = self.decide(input, now).await;
         self.metrics.record_decision(&decision);
+        self.metrics.check_duration.observe(started.elapsed());
         let key_id = match &decision {
             Decision::Allow(a) => Some(a.key.id),
             Decision::Deny(d) => d.key_id,
@@ -192,7 +194,10 @@ impl AuthzService {
         let mut counted = None;
         if let Some(rate) = per_minute {
             let limit = rate.limit;
-            match self.limiter.hit(&window_key, rate, cost, now).await {
+            let step = std::time::Instant::now();
+            let hit = self.limiter.hit(&window_key, rate, cost, now).await;
+            self.metrics.limiter_duration.observe(step.elapsed());
+            match hit {
                 Ok(w) => {
                     let state = LimitState {
                         kind: LimitKind::PerMinute,
@@ -232,7 +237,9 @@ impl AuthzService {
             daily: key.limits.daily,
             monthly: key.limits.monthly,
         };
+        let step = std::time::Instant::now();
         let outcome = self.quotas.consume(key.id, quota, cost, now).await;
+        self.metrics.database_duration.observe(step.elapsed());
         let refused = match outcome {
             Ok(QuotaOutcome::Admitted { daily, monthly }) => {
                 if let Some(limit) = quota.daily {

@@ -40,6 +40,54 @@ impl Counter {
     }
 }
 
+/// Upper bounds (seconds) of the latency histograms' buckets: 50 µs to 2.5 s.
+const BUCKETS: [f64; 14] = [
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+    2.5,
+];
+
+/// A latency histogram with fixed buckets: a few atomic adds per observation, no lock.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Per bucket (not cumulative); the last slot is +Inf.
+    counts: [AtomicU64; BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn observe(&self, d: std::time::Duration) {
+        let secs = d.as_secs_f64();
+        let i = BUCKETS
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(BUCKETS.len());
+        self.counts[i].fetch_add(1, Relaxed);
+        self.sum_micros
+            .fetch_add(d.as_micros().min(u128::from(u64::MAX)) as u64, Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Relaxed)).sum()
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            cumulative += self.counts[i].load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += self.counts[BUCKETS.len()].load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(
+            out,
+            "{name}_sum{{{labels}}} {}",
+            self.sum_micros.load(Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
+    }
+}
+
 /// Every metric tollgate exports.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -55,6 +103,16 @@ pub struct Metrics {
     pub rls_ok: Counter,
     pub rls_over_limit: Counter,
     pub rls_shadow: Counter,
+    /// ShouldRateLimit calls by answer.
+    pub rls_requests_ok: Counter,
+    pub rls_requests_over_limit: Counter,
+    pub rls_requests_unavailable: Counter,
+    /// How long tollgate took to answer, per API.
+    pub check_duration: Histogram,
+    pub rls_duration: Histogram,
+    /// How long backend calls took: the quota statement, and a window step.
+    pub database_duration: Histogram,
+    pub limiter_duration: Histogram,
     /// Rules reloads by result, and whether the last one failed (the old rules stay in force).
     pub rules_reloads_ok: Counter,
     pub rules_reloads_failed: Counter,
@@ -113,6 +171,47 @@ impl Metrics {
                 self.decisions[1 + i].get()
             );
         }
+        for (outcome, reason, c) in [
+            ("allow", "ok", &self.rls_requests_ok),
+            ("deny", "rate_limited", &self.rls_requests_over_limit),
+            (
+                "error",
+                "backend_unavailable",
+                &self.rls_requests_unavailable,
+            ),
+        ] {
+            let _ = writeln!(
+                out,
+                "tollgate_decisions_total{{api=\"ratelimit\",outcome=\"{outcome}\",reason=\"{reason}\"}} {}",
+                c.get()
+            );
+        }
+        out.push_str(
+            "# HELP tollgate_request_duration_seconds Time from request to answer, by API.\n",
+        );
+        out.push_str("# TYPE tollgate_request_duration_seconds histogram\n");
+        self.check_duration.render(
+            &mut out,
+            "tollgate_request_duration_seconds",
+            "api=\"authz\"",
+        );
+        self.rls_duration.render(
+            &mut out,
+            "tollgate_request_duration_seconds",
+            "api=\"ratelimit\"",
+        );
+        out.push_str("# HELP tollgate_backend_duration_seconds Time of one backend call (quota statement, window step).\n");
+        out.push_str("# TYPE tollgate_backend_duration_seconds histogram\n");
+        self.database_duration.render(
+            &mut out,
+            "tollgate_backend_duration_seconds",
+            "backend=\"database\"",
+        );
+        self.limiter_duration.render(
+            &mut out,
+            "tollgate_backend_duration_seconds",
+            "backend=\"limiter\"",
+        );
         out.push_str(
             "# HELP tollgate_ratelimit_descriptors_total ShouldRateLimit descriptors by outcome.\n",
         );
@@ -236,5 +335,25 @@ mod tests {
         assert!(text.contains("tollgate_request_log_queue_depth 3\n"));
         assert!(text.contains("tollgate_key_cache_entries 5\n"));
         assert_eq!(m.decisions("daily_quota_exceeded"), 2);
+    }
+
+    #[test]
+    fn histograms_are_cumulative_with_sum_and_count() {
+        let m = Metrics::default();
+        m.check_duration
+            .observe(std::time::Duration::from_micros(40));
+        m.check_duration
+            .observe(std::time::Duration::from_micros(300));
+        m.check_duration.observe(std::time::Duration::from_secs(5));
+        let text = m.render(0, 0);
+        let line = |l: &str| assert!(text.contains(l), "missing {l:?} in\n{text}");
+        line("tollgate_request_duration_seconds_bucket{api=\"authz\",le=\"0.00005\"} 1\n");
+        line("tollgate_request_duration_seconds_bucket{api=\"authz\",le=\"0.00025\"} 1\n");
+        line("tollgate_request_duration_seconds_bucket{api=\"authz\",le=\"0.0005\"} 2\n");
+        line("tollgate_request_duration_seconds_bucket{api=\"authz\",le=\"2.5\"} 2\n");
+        line("tollgate_request_duration_seconds_bucket{api=\"authz\",le=\"+Inf\"} 3\n");
+        line("tollgate_request_duration_seconds_count{api=\"authz\"} 3\n");
+        line("tollgate_request_duration_seconds_sum{api=\"authz\"} 5.00034\n");
+        line("tollgate_request_duration_seconds_count{api=\"ratelimit\"} 0\n");
     }
 }

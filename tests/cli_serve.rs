@@ -262,6 +262,18 @@ async fn serve_answers_health_and_metrics_then_sigterm_flushes_and_exits_0() {
     );
     assert!(metrics.contains("reason=\"missing_key\"} 1\n"), "{metrics}");
     assert!(!metrics.contains(&key));
+    // Four checks timed; three quota statements timed (the missing key needed none).
+    assert!(
+        metrics.contains("tollgate_request_duration_seconds_count{api=\"authz\"} 4\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tollgate_backend_duration_seconds_count{backend=\"database\"} 3\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains(
+        "tollgate_decisions_total{api=\"ratelimit\",outcome=\"allow\",reason=\"ok\"} 0\n"
+    ));
 
     // The flush interval is 10 s, so the rows are still queued: SIGTERM must write them.
     assert_eq!(s.stop_with("-TERM").await.code(), Some(0));

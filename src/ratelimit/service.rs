@@ -144,6 +144,18 @@ impl RateLimitService {
     }
 
     pub async fn should_rate_limit(&self, req: &Request<'_>) -> Result<Answer, Unavailable> {
+        let started = std::time::Instant::now();
+        let answer = self.decide(req).await;
+        self.metrics.rls_duration.observe(started.elapsed());
+        match &answer {
+            Ok(a) if a.over_limit => self.metrics.rls_requests_over_limit.inc(),
+            Ok(_) => self.metrics.rls_requests_ok.inc(),
+            Err(_) => self.metrics.rls_requests_unavailable.inc(),
+        }
+        answer
+    }
+
+    async fn decide(&self, req: &Request<'_>) -> Result<Answer, Unavailable> {
         let now = self.clock.now();
         let rules = self.rules();
         let mut plans = Vec::with_capacity(req.descriptors.len());
@@ -207,7 +219,10 @@ impl RateLimitService {
                 });
                 continue;
             }
-            let state = match self.limiter.hit(counter_key, *rate, hits, now).await {
+            let step = std::time::Instant::now();
+            let hit = self.limiter.hit(counter_key, *rate, hits, now).await;
+            self.metrics.limiter_duration.observe(step.elapsed());
+            let state = match hit {
                 Ok(state) => state,
                 Err(e) => {
                     self.metrics.backend_errors_limiter.inc();
