@@ -46,6 +46,7 @@ pub struct App {
     cache: Arc<KeyCache>,
     authz: Arc<AuthzService>,
     ratelimit: Arc<RateLimitService>,
+    limiter: Arc<dyn WindowLimiter>,
     log: RequestLog,
     log_writer: Option<JoinHandle<()>>,
     drain: CancellationToken,
@@ -99,7 +100,7 @@ impl App {
         let ratelimit = Arc::new(RateLimitService::new(
             &config,
             rules,
-            limiter,
+            limiter.clone(),
             cache.clone(),
             log.clone(),
             clock,
@@ -113,6 +114,7 @@ impl App {
             cache,
             authz,
             ratelimit,
+            limiter,
             log,
             log_writer,
             drain,
@@ -143,6 +145,7 @@ impl App {
             cache,
             authz,
             ratelimit,
+            limiter,
             log,
             log_writer,
             drain,
@@ -200,6 +203,9 @@ impl App {
         let state = HttpState {
             metrics,
             keys: stores.keys.clone(),
+            limiter,
+            database_failure: config.database.failure_mode,
+            limiter_failure: config.redis.failure_mode,
             cache,
             log,
             shutting_down: shutting_down.clone(),
@@ -229,6 +235,11 @@ impl App {
         health
             .set_not_serving::<RateLimitServiceServer<RateLimitGrpc>>()
             .await;
+        // ...and keep answering while they notice.
+        if !config.shutdown_delay.0.is_zero() && failure.is_none() {
+            tracing::info!(delay = ?config.shutdown_delay.0, "reporting not serving; still answering");
+            tokio::time::sleep(config.shutdown_delay.0).await;
+        }
         // 2. Stop accepting; let in-flight checks finish.
         let deadline = config.shutdown_timeout.0;
         grpc_stop.cancel();

@@ -115,9 +115,37 @@ impl AuthzService {
 
     /// Decides one request, counts it, and queues its log row.
     pub async fn check(&self, input: &CheckInput<'_>) -> Decision {
+        use tracing::Instrument;
         let started = std::time::Instant::now();
         let now = self.clock.now();
-        let decision = self.decide(input, now).await;
+        // One span per check (debug level, so free unless asked for), with what was decided.
+        // The key itself is never recorded, only its id once known.
+        let span = tracing::debug_span!(
+            "check",
+            key_id = tracing::field::Empty,
+            decision = tracing::field::Empty,
+            reason = tracing::field::Empty,
+        );
+        let decision = self.decide(input, now).instrument(span.clone()).await;
+        if !span.is_disabled() {
+            let key_id = match &decision {
+                Decision::Allow(a) => Some(a.key.id),
+                Decision::Deny(d) => d.key_id,
+            };
+            if let Some(id) = key_id {
+                span.record("key_id", id);
+            }
+            span.record(
+                "decision",
+                if matches!(decision, Decision::Allow(_)) {
+                    "allow"
+                } else {
+                    "deny"
+                },
+            );
+            span.record("reason", decision.reason_code());
+            tracing::debug!(parent: &span, status = decision.status(), "decided");
+        }
         self.metrics.record_decision(&decision);
         self.metrics.check_duration.observe(started.elapsed());
         let key_id = match &decision {

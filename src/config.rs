@@ -37,6 +37,9 @@ pub struct Config {
     pub cache: CacheConfig,
     pub request_log: RequestLogConfig,
     pub log: LogConfig,
+    /// After SIGTERM, how long tollgate keeps answering while its health checks already say
+    /// NOT_SERVING, so load balancers and Envoy's health checks move away first.
+    pub shutdown_delay: Dur,
     /// How long shutdown waits for in-flight checks and the log flush.
     pub shutdown_timeout: Dur,
     /// Things worth telling the operator that did not stop the load (unknown variables).
@@ -57,6 +60,7 @@ impl Default for Config {
             cache: CacheConfig::default(),
             request_log: RequestLogConfig::default(),
             log: LogConfig::default(),
+            shutdown_delay: Dur(Duration::ZERO),
             shutdown_timeout: Dur(Duration::from_secs(10)),
             warnings: Vec::new(),
         }

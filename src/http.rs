@@ -11,7 +11,9 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
+use crate::config::FailureMode;
 use crate::keys::cache::KeyCache;
+use crate::limiter::WindowLimiter;
 use crate::reqlog::RequestLog;
 use crate::store::KeyStore;
 use crate::telemetry::Metrics;
@@ -21,6 +23,9 @@ use crate::telemetry::Metrics;
 pub struct HttpState {
     pub metrics: Arc<Metrics>,
     pub keys: Arc<dyn KeyStore>,
+    pub limiter: Arc<dyn WindowLimiter>,
+    pub database_failure: FailureMode,
+    pub limiter_failure: FailureMode,
     pub cache: Arc<KeyCache>,
     pub log: RequestLog,
     pub shutting_down: Arc<AtomicBool>,
@@ -34,6 +39,9 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
+/// 200 when every backend whose failure mode is `closed` answers; a backend in `open` mode
+/// that is down is reported in the body but does not fail readiness, since tollgate still
+/// answers for it (taking a sidecar out of service would defeat `open`).
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     if state.shutting_down.load(Ordering::Relaxed) {
         return (
@@ -41,14 +49,48 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
             "shutting down\n".to_string(),
         );
     }
-    match tokio::time::timeout(Duration::from_secs(1), state.keys.ping()).await {
-        Ok(Ok(())) => (StatusCode::OK, "ready\n".to_string()),
-        Ok(Err(e)) => (StatusCode::SERVICE_UNAVAILABLE, format!("database: {e}\n")),
-        Err(_) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "database: no answer within 1s\n".to_string(),
+    let limit = Duration::from_secs(1);
+    let (db, limiter) = tokio::join!(
+        tokio::time::timeout(limit, state.keys.ping()),
+        tokio::time::timeout(limit, state.limiter.ping()),
+    );
+    let problem = |r: Result<Result<(), String>, _>| match r {
+        Ok(Ok(())) => None,
+        Ok(Err(e)) => Some(e),
+        Err(_) => Some("no answer within 1s".to_string()),
+    };
+    let mut ready = true;
+    let mut body = String::new();
+    for (name, problem, mode) in [
+        (
+            "database",
+            problem(db.map(|r| r.map_err(|e| e.to_string()))),
+            state.database_failure,
         ),
+        (
+            "rate limiter",
+            problem(limiter.map(|r| r.map_err(|e| e.to_string()))),
+            state.limiter_failure,
+        ),
+    ] {
+        match problem {
+            None => body.push_str(&format!("{name}: ok\n")),
+            Some(p) => {
+                ready &= mode == FailureMode::Open;
+                let effect = match mode {
+                    FailureMode::Open => "failure_mode open: serving",
+                    FailureMode::Closed => "failure_mode closed: not ready",
+                };
+                body.push_str(&format!("{name}: {p} ({effect})\n"));
+            }
+        }
     }
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, body)
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {

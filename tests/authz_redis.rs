@@ -254,3 +254,45 @@ async fn tollgate_starts_while_redis_is_down_and_counts_in_it_once_up() {
     assert_eq!(d.body["error"], "rate_limited");
     tg.stop().await;
 }
+
+/// /readyz fails for a backend that is down only when its failure mode is `closed`: with `open`,
+/// tollgate still answers, and taking a sidecar out of service would defeat the mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_reports_redis_and_fails_only_when_its_failure_mode_is_closed() {
+    for (mode, status_when_down) in [(FailureMode::Open, 200), (FailureMode::Closed, 503)] {
+        let mut redis = PrivateRedis::start().await;
+        let url = redis.url();
+        let tg = Tollgate::start_with(|c| {
+            c.redis.url = Some(SecretUrl(url.clone()));
+            c.redis.failure_mode = mode;
+        })
+        .await;
+        let readyz = || async {
+            let r = reqwest::get(format!("http://{}/readyz", tg.http))
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        };
+        let (status, body) = readyz().await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            body.contains("database: ok") && body.contains("rate limiter: ok"),
+            "{body}"
+        );
+        redis.stop();
+        let (status, body) = readyz().await;
+        assert_eq!(status, status_when_down, "{mode:?}: {body}");
+        assert!(body.contains("rate limiter: "), "{body}");
+        assert!(!body.contains("rate limiter: ok"), "{body}");
+        redis.restart().await;
+        let started = std::time::Instant::now();
+        while readyz().await.0 != 200 {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "not ready after Redis returned"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tg.stop().await;
+    }
+}

@@ -315,3 +315,116 @@ fn serve_refuses_a_port_in_use_with_a_clear_error() {
         stderr(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_api_key_appears_in_any_log_line_even_at_trace_level() {
+    let bin = Bin::new();
+    let created: serde_json::Value =
+        serde_json::from_str(&bin.run_ok(&["keys", "create", "--name", "secret", "--json"]))
+            .unwrap();
+    let key = created["key"].as_str().unwrap().to_string();
+    let id = created["id"].as_i64().unwrap();
+    let unknown = tollgate::keys::generate().plaintext;
+    let db = bin.db_url();
+    let s = Replica::spawn(
+        bin.dir.path(),
+        &[
+            ("TOLLGATE_DATABASE_URL", db.as_str()),
+            ("TOLLGATE_LOG_LEVEL", "trace"),
+            ("TOLLGATE_LOG_FORMAT", "json"),
+        ],
+    )
+    .await;
+    let mut c = AuthorizationClient::connect(s.grpc.clone()).await.unwrap();
+    let bearer = format!("Bearer {key}");
+    let half = &key[..30];
+    for req in [
+        key_header(&key),
+        check_request(&[("authorization", &bearer)]),
+        key_header(&unknown),
+        key_header(half),
+    ] {
+        c.check(req).await.unwrap();
+    }
+    let log_path = s.log.clone();
+    assert_eq!(s.stop_with("-TERM").await.code(), Some(0));
+    let log = std::fs::read_to_string(log_path).unwrap();
+    assert!(
+        log.lines().count() > 20,
+        "trace logging produced little:\n{log}"
+    );
+    for secret in [key.as_str(), unknown.as_str(), half, &key[3..]] {
+        assert!(!log.contains(secret), "a key appears in the log");
+    }
+    // JSON lines, and one "decided" event per check naming the key by id only.
+    let decided: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["message"] == "decided")
+        .collect();
+    assert_eq!(decided.len(), 4, "{log}");
+    assert_eq!(decided[0]["span"]["key_id"], id);
+    assert_eq!(decided[0]["span"]["decision"], "allow");
+    assert_eq!(decided[2]["span"]["reason"], "invalid_key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_delay_keeps_answering_while_health_says_not_serving() {
+    let bin = Bin::new();
+    let created: serde_json::Value =
+        serde_json::from_str(&bin.run_ok(&["keys", "create", "--name", "d", "--json"])).unwrap();
+    let key = created["key"].as_str().unwrap().to_string();
+    let db = bin.db_url();
+    let s = Replica::spawn(
+        bin.dir.path(),
+        &[
+            ("TOLLGATE_DATABASE_URL", db.as_str()),
+            ("TOLLGATE_SHUTDOWN_DELAY", "3s"),
+        ],
+    )
+    .await;
+    let channel = tonic::transport::Endpoint::from_shared(s.grpc.clone())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel.clone());
+    let mut c = AuthorizationClient::new(channel);
+    let pid = s.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let started = std::time::Instant::now();
+    loop {
+        let status = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        if status == ServingStatus::NotServing as i32 {
+            break;
+        }
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(2),
+            "still SERVING"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Still answering checks, while /readyz says it is going.
+    let r = c.check(key_header(&key)).await.unwrap().into_inner();
+    assert_eq!(r.status.unwrap().code, 0);
+    let ready = http_client()
+        .get(format!("{}/readyz", s.http))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    assert_eq!(s.stop_with("-0").await.code(), Some(0));
+}

@@ -124,6 +124,11 @@ pub trait WindowLimiter: Send + Sync + 'static {
         cost: u64,
         now: DateTime<Utc>,
     ) -> Result<(), LimiterError>;
+
+    /// A cheap round trip to the backend, for `/readyz`. In-process counters always answer.
+    async fn ping(&self) -> Result<(), LimiterError> {
+        Ok(())
+    }
 }
 
 /// Start (ms since the epoch) of the fixed window of `window_secs` that `now_ms` falls in.

@@ -238,6 +238,25 @@ fn field(v: &[i64], i: usize) -> Result<u64, LimiterError> {
 
 #[async_trait]
 impl WindowLimiter for RedisLimiter {
+    async fn ping(&self) -> Result<(), LimiterError> {
+        let conn = self.conn.clone();
+        let answer = async move {
+            let cmd = redis::cmd("PING");
+            match conn {
+                Conn::Node(mut c) => cmd.query_async::<String>(&mut c).await,
+                Conn::Cluster(mut c) => cmd.query_async::<String>(&mut c).await,
+            }
+        };
+        match tokio::time::timeout(self.timeout, answer).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(LimiterError::Unavailable(e.to_string())),
+            Err(_) => Err(LimiterError::Unavailable(format!(
+                "no answer from Redis within {:?}",
+                self.timeout
+            ))),
+        }
+    }
+
     async fn hit(
         &self,
         key: &str,

@@ -144,8 +144,20 @@ impl RateLimitService {
     }
 
     pub async fn should_rate_limit(&self, req: &Request<'_>) -> Result<Answer, Unavailable> {
+        use tracing::Instrument;
         let started = std::time::Instant::now();
-        let answer = self.decide(req).await;
+        let span = tracing::debug_span!(
+            "should_rate_limit",
+            domain = req.domain,
+            over_limit = tracing::field::Empty
+        );
+        let answer = self.decide(req).instrument(span.clone()).await;
+        if let Ok(a) = &answer
+            && !span.is_disabled()
+        {
+            span.record("over_limit", a.over_limit);
+            tracing::debug!(parent: &span, descriptors = a.statuses.len(), "decided");
+        }
         self.metrics.rls_duration.observe(started.elapsed());
         match &answer {
             Ok(a) if a.over_limit => self.metrics.rls_requests_over_limit.inc(),

@@ -595,6 +595,8 @@ pub struct Replica {
     pub child: Child,
     pub grpc: String,
     pub http: String,
+    /// Where its standard error (its log) goes.
+    pub log: PathBuf,
 }
 
 impl Replica {
@@ -602,6 +604,7 @@ impl Replica {
     /// waits until `/readyz` answers 200.
     pub async fn spawn(dir: &Path, env: &[(&str, &str)]) -> Replica {
         let (grpc, http) = (free_port(), free_port());
+        let log = dir.join(format!("tollgate-{grpc}.log"));
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
         cmd.arg("serve")
             .current_dir(dir)
@@ -609,7 +612,7 @@ impl Replica {
             .env("TOLLGATE_GRPC_ADDR", format!("127.0.0.1:{grpc}"))
             .env("TOLLGATE_HTTP_ADDR", format!("127.0.0.1:{http}"))
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(Stdio::from(std::fs::File::create(&log).unwrap()));
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -617,6 +620,7 @@ impl Replica {
             child: cmd.spawn().expect("tollgate serve starts"),
             grpc: format!("http://127.0.0.1:{grpc}"),
             http: format!("http://127.0.0.1:{http}"),
+            log,
         };
         replica.wait_ready().await;
         replica
