@@ -42,6 +42,113 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Requests by day (allowed and denied) and the busiest keys, from the request log.
+    Usage(UsageArgs),
+}
+
+/// `tollgate usage`: a period of UTC days, inclusive at both ends.
+#[derive(Debug, Args, Clone)]
+pub struct UsageArgs {
+    /// Only this key.
+    #[arg(long, value_name = "ID")]
+    pub key: Option<i64>,
+    /// The last N days, today included (ignored when --since is given).
+    #[arg(long, value_name = "N", default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..=3660))]
+    pub days: u32,
+    /// First day (YYYY-MM-DD, UTC).
+    #[arg(long, value_name = "DAY")]
+    pub since: Option<chrono::NaiveDate>,
+    /// Last day (YYYY-MM-DD, UTC; default today).
+    #[arg(long, value_name = "DAY")]
+    pub until: Option<chrono::NaiveDate>,
+    /// How many keys to list.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub top: u32,
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs `tollgate usage`; returns what to print.
+pub async fn run_usage(
+    args: UsageArgs,
+    stores: &Stores,
+    now: DateTime<Utc>,
+) -> anyhow::Result<String> {
+    let until = args.until.unwrap_or_else(|| now.date_naive());
+    let since = args
+        .since
+        .unwrap_or_else(|| until - chrono::Duration::days(i64::from(args.days) - 1));
+    anyhow::ensure!(since <= until, "--since {since} is after --until {until}");
+    let start = |d: chrono::NaiveDate| d.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
+    let summary = stores
+        .log
+        .summarize(
+            start(since),
+            start(until + chrono::Duration::days(1)),
+            args.key,
+            args.top,
+        )
+        .await?;
+    if args.json {
+        let v = json!({
+            "since": since.to_string(),
+            "until": until.to_string(),
+            "key": args.key,
+            "days": summary.days.iter().map(|d| json!({
+                "day": d.day, "allowed": d.allowed, "denied": d.denied,
+            })).collect::<Vec<_>>(),
+            "top_keys": summary.top_keys.iter().map(|k| json!({
+                "id": k.key_id, "name": k.name, "allowed": k.allowed, "denied": k.denied,
+            })).collect::<Vec<_>>(),
+        });
+        return Ok(format!("{v}\n"));
+    }
+    let scope = args.key.map(|id| format!(", key {id}")).unwrap_or_default();
+    let mut out = format!("Check requests from {since} to {until} (UTC){scope}:\n\n");
+    if summary.days.is_empty() {
+        out.push_str("No requests in this period.\n");
+        return Ok(out);
+    }
+    out.push_str(&format!(
+        "{:<12}  {:>10}  {:>10}  {:>10}\n",
+        "DAY", "ALLOWED", "DENIED", "TOTAL"
+    ));
+    let (mut allowed, mut denied) = (0, 0);
+    for d in &summary.days {
+        allowed += d.allowed;
+        denied += d.denied;
+        out.push_str(&format!(
+            "{:<12}  {:>10}  {:>10}  {:>10}\n",
+            d.day,
+            d.allowed,
+            d.denied,
+            d.allowed + d.denied
+        ));
+    }
+    out.push_str(&format!(
+        "{:<12}  {:>10}  {:>10}  {:>10}\n",
+        "total",
+        allowed,
+        denied,
+        allowed + denied
+    ));
+    if !summary.top_keys.is_empty() {
+        out.push_str(&format!(
+            "\nTop keys:\n{:>6}  {:<20}  {:>10}  {:>10}  {:>10}\n",
+            "ID", "NAME", "ALLOWED", "DENIED", "TOTAL"
+        ));
+        for k in &summary.top_keys {
+            out.push_str(&format!(
+                "{:>6}  {:<20}  {:>10}  {:>10}  {:>10}\n",
+                k.key_id,
+                k.name.as_deref().unwrap_or("(deleted)"),
+                k.allowed,
+                k.denied,
+                k.allowed + k.denied
+            ));
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Subcommand)]
@@ -362,10 +469,24 @@ mod tests {
             &["tollgate", "keys", "show", "3", "--json"],
             &["tollgate", "keys", "revoke", "3"],
             &["tollgate", "keys", "set-limits", "3", "--monthly", "9"],
+            &["tollgate", "usage"],
+            &[
+                "tollgate", "usage", "--key", "3", "--days", "30", "--top", "5", "--json",
+            ],
+            &[
+                "tollgate",
+                "usage",
+                "--since",
+                "2026-01-01",
+                "--until",
+                "2026-01-31",
+            ],
         ] {
             Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
         }
         assert!(Cli::try_parse_from(["tollgate", "keys", "create"]).is_err());
+        assert!(Cli::try_parse_from(["tollgate", "usage", "--days", "0"]).is_err());
+        assert!(Cli::try_parse_from(["tollgate", "usage", "--since", "yesterday"]).is_err());
         assert!(
             Cli::try_parse_from([
                 "tollgate",

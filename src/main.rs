@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tollgate::app::{App, shutdown_signal};
-use tollgate::cli::{Cli, Command, run_keys};
+use tollgate::cli::{Cli, Command, run_keys, run_usage};
 use tollgate::config::Config;
 use tollgate::{store, telemetry};
 
@@ -63,6 +63,13 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 );
             }
             println!("Configuration is valid.\n{config:#?}");
+            Ok(())
+        }
+        Command::Usage(args) => {
+            let stores = store::open(&config.database, true).await?;
+            let out = run_usage(args, &stores, chrono::Utc::now()).await;
+            stores.close().await;
+            print!("{}", out?);
             Ok(())
         }
         Command::Keys { command } => {

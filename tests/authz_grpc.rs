@@ -636,7 +636,94 @@ async fn route_cost_is_spent_whole_or_not_at_all(db: Db) {
     tg.stop().await;
 }
 
+async fn usage_command_reports_days_and_top_keys_from_the_log(db: Db) {
+    let tg = Tollgate::on(db).await;
+    let (busy, busy_id) = tg.create_key("busy", limits(None, Some(3), None)).await;
+    let (quiet, quiet_id) = tg.create_key("quiet", Limits::default()).await;
+    let mut c = tg.client().await;
+    // 2026-03-10: busy 3 allowed + 1 over its quota, quiet 1, one request without a key.
+    for _ in 0..4 {
+        c.check(key_header(&busy)).await.unwrap();
+    }
+    c.check(key_header(&quiet)).await.unwrap();
+    c.check(check_request(&[])).await.unwrap();
+    // 2026-03-11: busy 2 more.
+    tg.clock.set("2026-03-11T08:00:00Z".parse().unwrap());
+    for _ in 0..2 {
+        c.check(key_header(&busy)).await.unwrap();
+    }
+    let url = tg.db_url.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let db = tg.stop().await;
+    let usage = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .arg("usage")
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("TOLLGATE_CONFIG")
+            .env("TOLLGATE_DATABASE_URL", &url)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let v: serde_json::Value = serde_json::from_str(&usage(&[
+        "--since",
+        "2026-03-10",
+        "--until",
+        "2026-03-11",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(
+        v["days"],
+        serde_json::json!([
+            {"day": "2026-03-10", "allowed": 4, "denied": 2},
+            {"day": "2026-03-11", "allowed": 2, "denied": 0},
+        ])
+    );
+    assert_eq!(
+        v["top_keys"],
+        serde_json::json!([
+            {"id": busy_id, "name": "busy", "allowed": 5, "denied": 1},
+            {"id": quiet_id, "name": "quiet", "allowed": 1, "denied": 0},
+        ])
+    );
+    // One key, one day; and the text form.
+    let v: serde_json::Value = serde_json::from_str(&usage(&[
+        "--since",
+        "2026-03-11",
+        "--until",
+        "2026-03-11",
+        "--key",
+        &quiet_id.to_string(),
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(v["days"], serde_json::json!([]));
+    let text = usage(&[
+        "--since",
+        "2026-03-10",
+        "--until",
+        "2026-03-11",
+        "--top",
+        "1",
+    ]);
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    assert!(lines.contains(&"2026-03-10 4 2 6".to_string()), "{text}");
+    assert!(lines.contains(&"total 6 2 8".to_string()), "{text}");
+    assert!(
+        text.contains("Top keys:") && text.contains("busy") && !text.contains("quiet"),
+        "{text}"
+    );
+    drop(db);
+}
+
 every_database!(
+    usage_command_reports_days_and_top_keys_from_the_log,
     route_cost_is_spent_whole_or_not_at_all,
     missing_key_is_401_with_www_authenticate_and_problem_body,
     unknown_and_malformed_keys_are_401_invalid_key,

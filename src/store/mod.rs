@@ -206,11 +206,48 @@ impl LogApi {
     }
 }
 
-/// Where the request log's batches go.
+/// Requests of one UTC day in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DayUsage {
+    /// `YYYY-MM-DD`.
+    pub day: String,
+    pub allowed: u64,
+    pub denied: u64,
+}
+
+/// One key's requests over a period.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyUsage {
+    pub key_id: i64,
+    /// `None` when the key no longer exists.
+    pub name: Option<String>,
+    pub allowed: u64,
+    pub denied: u64,
+}
+
+/// What the log says about a period: Check requests (`api = 'authz'`) from `from` up to `to`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UsageSummary {
+    pub days: Vec<DayUsage>,
+    /// Keys with the most requests, most first.
+    pub top_keys: Vec<KeyUsage>,
+}
+
+/// Where the request log's batches go, and what reads them back.
 #[async_trait]
 pub trait RequestLogSink: Send + Sync + 'static {
     /// Writes all rows, or none (one transaction / one statement per batch).
     async fn write_batch(&self, rows: &[LogRow]) -> Result<(), StoreError>;
+
+    /// Check requests in `[from, to)` by UTC day and the `top` keys by requests, for one key
+    /// or for all.
+    async fn summarize(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        key_id: Option<i64>,
+        top: u32,
+    ) -> Result<UsageSummary, StoreError>;
 }
 
 /// The three stores of one database, shared by the whole process.

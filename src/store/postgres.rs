@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::sqlite::parse_hash_hex;
 use super::{
-    KeyChange, KeyStore, LimitsPatch, LogRow, Quota, QuotaOutcome, QuotaStore, RequestLogSink,
-    StoreError, Usage,
+    DayUsage, KeyChange, KeyStore, KeyUsage, LimitsPatch, LogRow, Quota, QuotaOutcome, QuotaStore,
+    RequestLogSink, StoreError, Usage, UsageSummary,
 };
 use crate::keys::{self, ApiKey, KeyHash, KeyStatus, Limits, NewKey};
 
@@ -382,6 +382,67 @@ impl QuotaStore for PgStore {
 
 #[async_trait]
 impl RequestLogSink for PgStore {
+    async fn summarize(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        key_id: Option<i64>,
+        top: u32,
+    ) -> Result<UsageSummary, StoreError> {
+        let days = sqlx::query(
+            "SELECT to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, \
+                    count(*) FILTER (WHERE decision = 'allow') AS allowed, \
+                    count(*) FILTER (WHERE decision = 'deny') AS denied \
+             FROM api_requests_log \
+             WHERE api = 'authz' AND ts >= $1 AND ts < $2 \
+               AND ($3::bigint IS NULL OR api_key_id = $3) \
+             GROUP BY 1 ORDER BY 1",
+        )
+        .bind(from)
+        .bind(to)
+        .bind(key_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let keys = sqlx::query(
+            "SELECT l.api_key_id AS id, k.name AS name, \
+                    count(*) FILTER (WHERE l.decision = 'allow') AS allowed, \
+                    count(*) FILTER (WHERE l.decision = 'deny') AS denied \
+             FROM api_requests_log l LEFT JOIN api_keys k ON k.id = l.api_key_id \
+             WHERE l.api = 'authz' AND l.ts >= $1 AND l.ts < $2 AND l.api_key_id IS NOT NULL \
+               AND ($3::bigint IS NULL OR l.api_key_id = $3) \
+             GROUP BY l.api_key_id, k.name ORDER BY count(*) DESC, l.api_key_id LIMIT $4",
+        )
+        .bind(from)
+        .bind(to)
+        .bind(key_id)
+        .bind(i64::from(top))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(UsageSummary {
+            days: days
+                .iter()
+                .map(|r| -> Result<DayUsage, StoreError> {
+                    Ok(DayUsage {
+                        day: r.try_get("day")?,
+                        allowed: r.try_get::<i64, _>("allowed")?.max(0) as u64,
+                        denied: r.try_get::<i64, _>("denied")?.max(0) as u64,
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+            top_keys: keys
+                .iter()
+                .map(|r| -> Result<KeyUsage, StoreError> {
+                    Ok(KeyUsage {
+                        key_id: r.try_get("id")?,
+                        name: r.try_get("name")?,
+                        allowed: r.try_get::<i64, _>("allowed")?.max(0) as u64,
+                        denied: r.try_get::<i64, _>("denied")?.max(0) as u64,
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
     async fn write_batch(&self, rows: &[LogRow]) -> Result<(), StoreError> {
         // One statement per batch: the rows travel as arrays and UNNEST turns them back into rows.
         let mut ts = Vec::with_capacity(rows.len());

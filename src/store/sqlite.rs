@@ -19,8 +19,8 @@ use sqlx::sqlite::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    KeyChange, KeyStore, LimitsPatch, LogRow, Quota, QuotaOutcome, QuotaStore, RequestLogSink,
-    StoreError, Usage, ts_text,
+    DayUsage, KeyChange, KeyStore, KeyUsage, LimitsPatch, LogRow, Quota, QuotaOutcome, QuotaStore,
+    RequestLogSink, StoreError, Usage, UsageSummary, ts_text,
 };
 use crate::clock::{day_label, month_label};
 use crate::keys::{self, ApiKey, KeyHash, KeyStatus, Limits, NewKey};
@@ -425,6 +425,66 @@ impl QuotaStore for SqliteStore {
 
 #[async_trait]
 impl RequestLogSink for SqliteStore {
+    async fn summarize(
+        &self,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        key_id: Option<i64>,
+        top: u32,
+    ) -> Result<UsageSummary, StoreError> {
+        // Times are RFC 3339 text in UTC, so a text range is a time range and the first ten
+        // characters are the day.
+        let days = sqlx::query(
+            "SELECT substr(ts, 1, 10) AS day, \
+                    SUM(decision = 'allow') AS allowed, SUM(decision = 'deny') AS denied \
+             FROM api_requests_log \
+             WHERE api = 'authz' AND ts >= ?1 AND ts < ?2 AND (?3 IS NULL OR api_key_id = ?3) \
+             GROUP BY day ORDER BY day",
+        )
+        .bind(ts_text(from))
+        .bind(ts_text(to))
+        .bind(key_id)
+        .fetch_all(&self.read)
+        .await?;
+        let keys = sqlx::query(
+            "SELECT l.api_key_id AS id, k.name AS name, \
+                    SUM(l.decision = 'allow') AS allowed, SUM(l.decision = 'deny') AS denied \
+             FROM api_requests_log l LEFT JOIN api_keys k ON k.id = l.api_key_id \
+             WHERE l.api = 'authz' AND l.ts >= ?1 AND l.ts < ?2 AND l.api_key_id IS NOT NULL \
+               AND (?3 IS NULL OR l.api_key_id = ?3) \
+             GROUP BY l.api_key_id, k.name ORDER BY COUNT(*) DESC, l.api_key_id LIMIT ?4",
+        )
+        .bind(ts_text(from))
+        .bind(ts_text(to))
+        .bind(key_id)
+        .bind(i64::from(top))
+        .fetch_all(&self.read)
+        .await?;
+        Ok(UsageSummary {
+            days: days
+                .iter()
+                .map(|r| -> Result<DayUsage, StoreError> {
+                    Ok(DayUsage {
+                        day: r.try_get("day")?,
+                        allowed: r.try_get::<i64, _>("allowed")?.max(0) as u64,
+                        denied: r.try_get::<i64, _>("denied")?.max(0) as u64,
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+            top_keys: keys
+                .iter()
+                .map(|r| -> Result<KeyUsage, StoreError> {
+                    Ok(KeyUsage {
+                        key_id: r.try_get("id")?,
+                        name: r.try_get("name")?,
+                        allowed: r.try_get::<i64, _>("allowed")?.max(0) as u64,
+                        denied: r.try_get::<i64, _>("denied")?.max(0) as u64,
+                    })
+                })
+                .collect::<Result<_, _>>()?,
+        })
+    }
+
     async fn write_batch(&self, rows: &[LogRow]) -> Result<(), StoreError> {
         let mut tx = self.write.begin().await?;
         for row in rows {
