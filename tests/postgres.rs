@@ -234,7 +234,14 @@ impl Drop for PrivatePostgres {
     }
 }
 
+/// The outage tests count their checks in one counter: they take turns.
+static OUTAGE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Checks made by the outage tests, to compare with the rows the log ends up with.
+static CHECKS: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(0);
+
 async fn check_code(tg: &Tollgate, key: &str) -> (i32, Duration) {
+    CHECKS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let mut c = tg.client().await;
     let started = Instant::now();
     let resp = c.check(key_header(key)).await.unwrap().into_inner();
@@ -242,6 +249,8 @@ async fn check_code(tg: &Tollgate, key: &str) -> (i32, Duration) {
 }
 
 async fn outage(mode: FailureMode) {
+    let _one_at_a_time = OUTAGE.lock().await;
+    CHECKS.store(0, std::sync::atomic::Ordering::SeqCst);
     let pg = PrivatePostgres::start();
     let tg = Tollgate::on_with(Db::Sqlite, |c| {
         c.database.url = SecretUrl(pg.url());
@@ -314,6 +323,9 @@ async fn outage(mode: FailureMode) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     tg.stop().await;
+    // Rows of checks made while the database was down waited in the queue: none is lost.
+    let logged = scalar(&pg.url(), "SELECT count(*) FROM api_requests_log").await;
+    assert_eq!(logged, CHECKS.load(std::sync::atomic::Ordering::SeqCst));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
