@@ -428,3 +428,47 @@ async fn shutdown_delay_keeps_answering_while_health_says_not_serving() {
     assert_eq!(ready.status(), 503);
     assert_eq!(s.stop_with("-0").await.code(), Some(0));
 }
+
+/// The Grafana dashboard in examples/ queries only metrics tollgate exports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grafana_dashboard_uses_only_exported_metrics() {
+    let bin = Bin::new();
+    let db = bin.db_url();
+    let s = Replica::spawn(bin.dir.path(), &[("TOLLGATE_DATABASE_URL", db.as_str())]).await;
+    let exported = http_client()
+        .get(format!("{}/metrics", s.http))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let path =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/grafana/tollgate.json");
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let mut exprs = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            exprs.push(target["expr"].as_str().unwrap().to_string());
+        }
+    }
+    assert!(exprs.len() >= 10);
+    let mut used = 0;
+    for expr in &exprs {
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if !word.starts_with("tollgate_") {
+                continue;
+            }
+            used += 1;
+            // Histograms are exported as NAME_bucket / _sum / _count.
+            assert!(
+                exported.contains(&format!("\n{word}{{"))
+                    || exported.contains(&format!("\n{word} ")),
+                "the dashboard uses {word}, which /metrics does not export"
+            );
+        }
+    }
+    assert!(used >= exprs.len());
+    assert_eq!(s.stop_with("-TERM").await.code(), Some(0));
+}
