@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
+use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
 use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use tokio::net::TcpListener;
@@ -24,6 +25,7 @@ use tonic_health::ServingStatus;
 use crate::authz::AuthzService;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
+use crate::grpc::accesslog::AccessLogGrpc;
 use crate::grpc::authz::AuthzGrpc;
 use crate::grpc::ratelimit::RateLimitGrpc;
 use crate::http::{HttpState, router};
@@ -33,7 +35,7 @@ use crate::limiter::memory::MemoryLimiter;
 use crate::limiter::redis::RedisLimiter;
 use crate::ratelimit::rules::Rules;
 use crate::ratelimit::service::RateLimitService;
-use crate::reqlog::{self, RequestLog};
+use crate::reqlog::{self, OutcomeLog, RequestLog};
 use crate::store::{self, Stores};
 use crate::telemetry::Metrics;
 
@@ -50,6 +52,9 @@ pub struct App {
     log: RequestLog,
     log_writer: Option<JoinHandle<()>>,
     drain: CancellationToken,
+    outcomes: OutcomeLog,
+    outcome_writer: Option<JoinHandle<()>>,
+    drain_outcomes: CancellationToken,
     metrics: Arc<Metrics>,
 }
 
@@ -81,6 +86,13 @@ impl App {
             stores.log.clone(),
             metrics.clone(),
             drain.clone(),
+        );
+        let drain_outcomes = CancellationToken::new();
+        let (outcomes, outcome_writer) = reqlog::start_outcomes(
+            &config.request_log,
+            stores.log.clone(),
+            metrics.clone(),
+            drain_outcomes.clone(),
         );
         let cache = Arc::new(KeyCache::new(
             stores.keys.clone(),
@@ -118,6 +130,9 @@ impl App {
             log,
             log_writer,
             drain,
+            outcomes,
+            outcome_writer,
+            drain_outcomes,
             metrics,
         })
     }
@@ -149,6 +164,9 @@ impl App {
             log,
             log_writer,
             drain,
+            outcomes,
+            outcome_writer,
+            drain_outcomes,
             metrics,
         } = self;
         let grpc_addr = grpc.local_addr()?;
@@ -193,6 +211,10 @@ impl App {
                 .add_service(health_service)
                 .add_service(AuthorizationServer::new(authz_grpc))
                 .add_service(RateLimitServiceServer::new(RateLimitGrpc::new(ratelimit)))
+                .add_service(AccessLogServiceServer::new(AccessLogGrpc::new(
+                    outcomes,
+                    grpc_stop.clone(),
+                )))
                 .serve_with_incoming_shutdown(
                     TcpIncoming::from(grpc).with_nodelay(Some(true)),
                     grpc_stop.clone().cancelled_owned(),
@@ -268,6 +290,13 @@ impl App {
             && tokio::time::timeout(deadline, writer).await.is_err()
         {
             tracing::error!("request log flush did not finish within {deadline:?}");
+        }
+        // ...then the outcomes that complete those rows.
+        drain_outcomes.cancel();
+        if let Some(writer) = outcome_writer
+            && tokio::time::timeout(deadline, writer).await.is_err()
+        {
+            tracing::error!("access log outcomes not written within {deadline:?}");
         }
         // 5. The database.
         stores.close().await;

@@ -182,3 +182,145 @@ mod tests {
         assert!(c.len() <= MAX_FIELD && c.chars().all(|ch| ch == 'é'));
     }
 }
+
+/// How long an outcome waits for its Check row to be written before it is counted unmatched.
+const UNMATCHED_GRACE: Duration = Duration::from_secs(10);
+
+/// The access log's end: outcomes (status, latency, bytes) waiting to complete their rows.
+#[derive(Clone)]
+pub struct OutcomeLog {
+    tx: Option<mpsc::Sender<crate::store::Outcome>>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for OutcomeLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OutcomeLog")
+            .field("enabled", &self.tx.is_some())
+            .finish()
+    }
+}
+
+impl OutcomeLog {
+    /// Queues an outcome without waiting; a full queue drops it and counts the drop.
+    pub fn record(&self, outcome: crate::store::Outcome) {
+        let Some(tx) = &self.tx else { return };
+        if tx.try_send(outcome).is_err() {
+            self.metrics.access_log_dropped.inc();
+        }
+    }
+}
+
+/// Creates the outcome queue and its writer, which runs until `drain` is cancelled (after the
+/// request log's own writer has finished, so the rows to complete are written), then completes
+/// what it can and returns.
+pub fn start_outcomes(
+    config: &RequestLogConfig,
+    sink: Arc<dyn RequestLogSink>,
+    metrics: Arc<Metrics>,
+    drain: CancellationToken,
+) -> (OutcomeLog, Option<tokio::task::JoinHandle<()>>) {
+    if !config.enabled {
+        return (OutcomeLog { tx: None, metrics }, None);
+    }
+    let (tx, rx) = mpsc::channel(config.queue_capacity);
+    let writer = OutcomeWriter {
+        sink,
+        metrics: metrics.clone(),
+        batch_size: config.batch_size,
+        flush_interval: config.flush_interval.0,
+        capacity: config.queue_capacity,
+    };
+    let handle = tokio::spawn(writer.run(rx, drain));
+    (
+        OutcomeLog {
+            tx: Some(tx),
+            metrics,
+        },
+        Some(handle),
+    )
+}
+
+struct OutcomeWriter {
+    sink: Arc<dyn RequestLogSink>,
+    metrics: Arc<Metrics>,
+    batch_size: usize,
+    flush_interval: Duration,
+    capacity: usize,
+}
+
+impl OutcomeWriter {
+    async fn run(self, mut rx: mpsc::Receiver<crate::store::Outcome>, drain: CancellationToken) {
+        let mut pending: Vec<(crate::store::Outcome, std::time::Instant)> = Vec::new();
+        let mut received = Vec::with_capacity(self.batch_size);
+        let mut ticker = tokio::time::interval(self.flush_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = drain.cancelled() => break,
+                _ = ticker.tick() => self.flush(&mut pending, false).await,
+                n = rx.recv_many(&mut received, self.batch_size) => {
+                    if n == 0 {
+                        break;
+                    }
+                    let now = std::time::Instant::now();
+                    pending.extend(received.drain(..).map(|o| (o, now)));
+                    if pending.len() >= self.batch_size {
+                        self.flush(&mut pending, false).await;
+                    }
+                }
+            }
+        }
+        rx.close();
+        let now = std::time::Instant::now();
+        while let Some(o) = rx.recv().await {
+            pending.push((o, now));
+        }
+        self.flush(&mut pending, true).await;
+    }
+
+    /// Completes what it can. Outcomes whose row is not written yet wait for a later flush,
+    /// up to [`UNMATCHED_GRACE`] (or none, at the last flush); failed writes keep everything.
+    async fn flush(
+        &self,
+        pending: &mut Vec<(crate::store::Outcome, std::time::Instant)>,
+        last: bool,
+    ) {
+        if pending.is_empty() {
+            return;
+        }
+        let mut kept = Vec::new();
+        for chunk in pending.chunks(self.batch_size.max(1)) {
+            let outcomes: Vec<_> = chunk.iter().map(|(o, _)| o.clone()).collect();
+            match self.sink.complete(&outcomes).await {
+                Ok(found) => {
+                    for ((o, at), found) in chunk.iter().zip(found) {
+                        if found {
+                            self.metrics.access_log_completed.inc();
+                        } else if !last && at.elapsed() < UNMATCHED_GRACE {
+                            kept.push((o.clone(), *at));
+                        } else {
+                            self.metrics.access_log_unmatched.inc();
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.metrics.reqlog_write_errors.inc();
+                    tracing::warn!(error = %e, "completing request log rows failed; retrying");
+                    if last {
+                        self.metrics.access_log_unmatched.add(chunk.len() as u64);
+                    } else {
+                        kept.extend(chunk.iter().cloned());
+                    }
+                }
+            }
+        }
+        // Bounded: past the queue's capacity the oldest go.
+        if kept.len() > self.capacity {
+            let excess = kept.len() - self.capacity;
+            self.metrics.access_log_dropped.add(excess as u64);
+            kept.drain(..excess);
+        }
+        *pending = kept;
+    }
+}

@@ -117,6 +117,10 @@ pub struct Metrics {
     pub rules_reloads_ok: Counter,
     pub rules_reloads_failed: Counter,
     pub rules_last_reload_failed: std::sync::atomic::AtomicBool,
+    /// Envoy access log entries: rows completed, entries whose row never appeared, dropped.
+    pub access_log_completed: Counter,
+    pub access_log_unmatched: Counter,
+    pub access_log_dropped: Counter,
     pub reqlog_written: Counter,
     pub reqlog_dropped: Counter,
     pub reqlog_failed: Counter,
@@ -224,6 +228,19 @@ impl Metrics {
             let _ = writeln!(
                 out,
                 "tollgate_ratelimit_descriptors_total{{outcome=\"{outcome}\"}} {}",
+                c.get()
+            );
+        }
+        out.push_str("# HELP tollgate_access_log_entries_total Envoy access log entries by what became of them.\n");
+        out.push_str("# TYPE tollgate_access_log_entries_total counter\n");
+        for (result, c) in [
+            ("completed", &self.access_log_completed),
+            ("unmatched", &self.access_log_unmatched),
+            ("dropped", &self.access_log_dropped),
+        ] {
+            let _ = writeln!(
+                out,
+                "tollgate_access_log_entries_total{{result=\"{result}\"}} {}",
                 c.get()
             );
         }

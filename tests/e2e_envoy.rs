@@ -295,3 +295,77 @@ async fn tollgate_unreachable_is_503_not_an_open_door() {
     assert_eq!(r.status, 503);
     assert!(r.header("x-echo-tollgate-key-id").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoys_access_log_completes_each_row_with_the_answer() {
+    let tg = Tollgate::start().await;
+    let envoy = Envoy::start("ext_authz.yaml", tg.grpc).await;
+    let (key, id) = tg.create_key("logged", Limits::default()).await;
+    let client = http_client();
+    let send = |path: &str, key: Option<&str>, rid: &str| {
+        let mut r = client
+            .get(envoy.url(path))
+            .header("x-request-id", rid.to_string());
+        if let Some(k) = key {
+            r = r.header("x-api-key", k.to_string());
+        }
+        r.send()
+    };
+    assert_eq!(
+        send("/v1/things", Some(&key), "rid-ok")
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        send("/v1/broken", Some(&key), "rid-5xx")
+            .await
+            .unwrap()
+            .status(),
+        503
+    );
+    assert_eq!(
+        send("/v1/things", None, "rid-401").await.unwrap().status(),
+        401
+    );
+    // Envoy flushes its access log every 0.25 s; tollgate completes rows as entries arrive.
+    let row = |rid: &str, col: &str| {
+        format!("SELECT COALESCE(MAX({col}), -1) FROM api_requests_log WHERE request_id = '{rid}'")
+    };
+    let started = std::time::Instant::now();
+    for (rid, status) in [("rid-ok", 200), ("rid-5xx", 503), ("rid-401", 401)] {
+        loop {
+            let got = tg.scalar(&row(rid, "response_status")).await;
+            if got == status {
+                break;
+            }
+            if started.elapsed() > std::time::Duration::from_secs(15) {
+                let db = sqlx::SqlitePool::connect(&tg.db_url).await.unwrap();
+                let rows: Vec<(Option<String>, Option<i64>)> =
+                    sqlx::query_as("SELECT request_id, response_status FROM api_requests_log")
+                        .fetch_all(&db)
+                        .await
+                        .unwrap();
+                panic!("{rid}: response_status {got}, want {status}; rows {rows:?}");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+    assert!(tg.scalar(&row("rid-ok", "bytes_sent")).await > "hello from upstream\n".len() as i64);
+    assert!(tg.scalar(&row("rid-ok", "bytes_received")).await > 0);
+    assert!(tg.scalar(&row("rid-ok", "duration_ms")).await >= 0);
+    let key_of = "SELECT api_key_id FROM api_requests_log WHERE request_id = 'rid-5xx'";
+    assert_eq!(tg.scalar(key_of).await, id);
+    let metrics = reqwest::get(format!("http://{}/metrics", tg.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("tollgate_access_log_entries_total{result=\"completed\"} 3\n"),
+        "{metrics}"
+    );
+    tg.stop().await;
+}

@@ -120,9 +120,11 @@ impl Authorization for AuthzGrpc {
             method: http.and_then(|h| non_empty(&h.method)),
             path: http.and_then(|h| non_empty(&h.path)),
             host: http.and_then(|h| non_empty(&h.host)),
-            request_id: http
-                .and_then(|h| non_empty(&h.id))
-                .or_else(|| headers.get("x-request-id")),
+            // Envoy's x-request-id (what its access log carries); the attribute `id` is only
+            // Envoy's internal stream number.
+            request_id: headers
+                .get("x-request-id")
+                .or_else(|| http.and_then(|h| non_empty(&h.id))),
             client_addr,
             cost: attributes
                 .and_then(|a| a.context_extensions.get(COST_EXTENSION))

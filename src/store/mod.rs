@@ -206,6 +206,20 @@ impl LogApi {
     }
 }
 
+/// What became of a request after tollgate's decision, from Envoy's access log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    pub request_id: String,
+    /// The status the client got.
+    pub status: u16,
+    /// From the first byte received to the last byte sent, as Envoy measured it.
+    pub duration_ms: Option<u64>,
+    /// Request headers and body.
+    pub bytes_received: u64,
+    /// Response headers and body.
+    pub bytes_sent: u64,
+}
+
 /// Requests of one UTC day in the log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DayUsage {
@@ -238,6 +252,10 @@ pub struct UsageSummary {
 pub trait RequestLogSink: Send + Sync + 'static {
     /// Writes all rows, or none (one transaction / one statement per batch).
     async fn write_batch(&self, rows: &[LogRow]) -> Result<(), StoreError>;
+
+    /// Fills in the outcome of the Check rows with these request ids (rows already completed
+    /// are left alone); returns, per outcome, whether a row was found.
+    async fn complete(&self, outcomes: &[Outcome]) -> Result<Vec<bool>, StoreError>;
 
     /// Check requests in `[from, to)` by UTC day and the `top` keys by requests, for one key
     /// or for all.

@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::sqlite::parse_hash_hex;
 use super::{
-    DayUsage, KeyChange, KeyStore, KeyUsage, LimitsPatch, LogRow, Quota, QuotaOutcome, QuotaStore,
-    RequestLogSink, StoreError, Usage, UsageSummary,
+    DayUsage, KeyChange, KeyStore, KeyUsage, LimitsPatch, LogRow, Outcome, Quota, QuotaOutcome,
+    QuotaStore, RequestLogSink, StoreError, Usage, UsageSummary,
 };
 use crate::keys::{self, ApiKey, KeyHash, KeyStatus, Limits, NewKey};
 
@@ -382,6 +382,47 @@ impl QuotaStore for PgStore {
 
 #[async_trait]
 impl RequestLogSink for PgStore {
+    async fn complete(&self, outcomes: &[Outcome]) -> Result<Vec<bool>, StoreError> {
+        let ids: Vec<&str> = outcomes.iter().map(|o| o.request_id.as_str()).collect();
+        let status: Vec<i16> = outcomes
+            .iter()
+            .map(|o| o.status.min(i16::MAX as u16) as i16)
+            .collect();
+        let ms: Vec<Option<i64>> = outcomes
+            .iter()
+            .map(|o| o.duration_ms.map(|d| d.min(i64::MAX as u64) as i64))
+            .collect();
+        let rx: Vec<i64> = outcomes
+            .iter()
+            .map(|o| o.bytes_received.min(i64::MAX as u64) as i64)
+            .collect();
+        let tx: Vec<i64> = outcomes
+            .iter()
+            .map(|o| o.bytes_sent.min(i64::MAX as u64) as i64)
+            .collect();
+        // One statement per batch; RETURNING says which request ids found their row.
+        let done: Vec<String> = sqlx::query_scalar(
+            "UPDATE api_requests_log l SET response_status = o.status, duration_ms = o.ms, \
+               bytes_received = o.rx, bytes_sent = o.tx \
+             FROM UNNEST($1::text[], $2::smallint[], $3::bigint[], $4::bigint[], $5::bigint[]) \
+               AS o(request_id, status, ms, rx, tx) \
+             WHERE l.request_id = o.request_id AND l.api = 'authz' AND l.response_status IS NULL \
+             RETURNING l.request_id",
+        )
+        .bind(ids)
+        .bind(status)
+        .bind(ms)
+        .bind(rx)
+        .bind(tx)
+        .fetch_all(&self.pool)
+        .await?;
+        let done: std::collections::HashSet<String> = done.into_iter().collect();
+        Ok(outcomes
+            .iter()
+            .map(|o| done.contains(&o.request_id))
+            .collect())
+    }
+
     async fn summarize(
         &self,
         from: DateTime<Utc>,

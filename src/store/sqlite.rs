@@ -19,8 +19,8 @@ use sqlx::sqlite::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    DayUsage, KeyChange, KeyStore, KeyUsage, LimitsPatch, LogRow, Quota, QuotaOutcome, QuotaStore,
-    RequestLogSink, StoreError, Usage, UsageSummary, ts_text,
+    DayUsage, KeyChange, KeyStore, KeyUsage, LimitsPatch, LogRow, Outcome, Quota, QuotaOutcome,
+    QuotaStore, RequestLogSink, StoreError, Usage, UsageSummary, ts_text,
 };
 use crate::clock::{day_label, month_label};
 use crate::keys::{self, ApiKey, KeyHash, KeyStatus, Limits, NewKey};
@@ -425,6 +425,28 @@ impl QuotaStore for SqliteStore {
 
 #[async_trait]
 impl RequestLogSink for SqliteStore {
+    async fn complete(&self, outcomes: &[Outcome]) -> Result<Vec<bool>, StoreError> {
+        let mut tx = self.write.begin().await?;
+        let mut found = Vec::with_capacity(outcomes.len());
+        for o in outcomes {
+            let done = sqlx::query(
+                "UPDATE api_requests_log SET response_status = ?2, duration_ms = ?3, \
+                   bytes_received = ?4, bytes_sent = ?5 \
+                 WHERE request_id = ?1 AND api = 'authz' AND response_status IS NULL",
+            )
+            .bind(&o.request_id)
+            .bind(i64::from(o.status))
+            .bind(o.duration_ms.map(|d| d.min(i64::MAX as u64) as i64))
+            .bind(o.bytes_received.min(i64::MAX as u64) as i64)
+            .bind(o.bytes_sent.min(i64::MAX as u64) as i64)
+            .execute(&mut *tx)
+            .await?;
+            found.push(done.rows_affected() > 0);
+        }
+        tx.commit().await?;
+        Ok(found)
+    }
+
     async fn summarize(
         &self,
         from: DateTime<Utc>,
