@@ -55,6 +55,7 @@ pub struct App {
     outcomes: OutcomeLog,
     outcome_writer: Option<JoinHandle<()>>,
     drain_outcomes: CancellationToken,
+    clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
 }
 
@@ -115,7 +116,7 @@ impl App {
             limiter.clone(),
             cache.clone(),
             log.clone(),
-            clock,
+            clock.clone(),
             metrics.clone(),
         ));
         Ok(App {
@@ -133,6 +134,7 @@ impl App {
             outcomes,
             outcome_writer,
             drain_outcomes,
+            clock,
             metrics,
         })
     }
@@ -167,6 +169,7 @@ impl App {
             outcomes,
             outcome_writer,
             drain_outcomes,
+            clock,
             metrics,
         } = self;
         let grpc_addr = grpc.local_addr()?;
@@ -179,6 +182,12 @@ impl App {
                 .clone()
                 .watch_changes(config.cache.poll_interval.0, background.clone()),
         );
+        tasks.spawn(maintain_log(
+            stores.log.clone(),
+            clock.clone(),
+            config.request_log.retention.map(|d| d.0),
+            background.clone(),
+        ));
         // Serve only once key changes are being heard, so no cached key can miss one.
         if !cache.wait_primed(std::time::Duration::from_secs(10)).await {
             tracing::warn!("key change feed not running after 10s; serving anyway");
@@ -424,6 +433,41 @@ fn rules_fingerprint(
     let mut out = Vec::new();
     walk(path, &mut out);
     out
+}
+
+/// Keeps the request log in shape (partitions ahead, retention) at start and every hour.
+async fn maintain_log(
+    log: Arc<dyn crate::store::RequestLogSink>,
+    clock: Arc<dyn Clock>,
+    retention: Option<std::time::Duration>,
+    stop: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(std::time::Duration::from_secs(3600));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        match log.maintain(clock.now(), retention).await {
+            Ok(done) => {
+                if !done.partitions_created.is_empty()
+                    || !done.partitions_dropped.is_empty()
+                    || done.rows_deleted > 0
+                {
+                    tracing::info!(
+                        created = ?done.partitions_created,
+                        dropped = ?done.partitions_dropped,
+                        rows_deleted = done.rows_deleted,
+                        "request log maintained"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "request log maintenance failed; retrying in an hour")
+            }
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -220,6 +220,9 @@ pub struct RequestLogConfig {
     pub batch_size: usize,
     /// Longest a row waits before a write.
     pub flush_interval: Dur,
+    /// How long rows are kept (PostgreSQL: whole months are dropped once they are all older);
+    /// `null` keeps everything.
+    pub retention: Option<Dur>,
 }
 
 impl Default for RequestLogConfig {
@@ -229,6 +232,7 @@ impl Default for RequestLogConfig {
             queue_capacity: 65_536,
             batch_size: 1_000,
             flush_interval: Dur(Duration::from_millis(500)),
+            retention: Some(Dur(Duration::from_secs(90 * 86_400))),
         }
     }
 }

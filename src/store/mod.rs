@@ -239,6 +239,14 @@ pub struct KeyUsage {
     pub denied: u64,
 }
 
+/// What [`RequestLogSink::maintain`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Maintenance {
+    pub partitions_created: Vec<String>,
+    pub partitions_dropped: Vec<String>,
+    pub rows_deleted: u64,
+}
+
 /// What the log says about a period: Check requests (`api = 'authz'`) from `from` up to `to`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UsageSummary {
@@ -256,6 +264,15 @@ pub trait RequestLogSink: Send + Sync + 'static {
     /// Fills in the outcome of the Check rows with these request ids (rows already completed
     /// are left alone); returns, per outcome, whether a row was found.
     async fn complete(&self, outcomes: &[Outcome]) -> Result<Vec<bool>, StoreError>;
+
+    /// Keeps the log in shape: (PostgreSQL) creates the monthly partitions from `now`'s month
+    /// on and, with a `retention`, drops months that ended more than `retention` before `now`;
+    /// (SQLite) deletes rows older than `retention`. Safe to run from several replicas at once.
+    async fn maintain(
+        &self,
+        now: DateTime<Utc>,
+        retention: Option<Duration>,
+    ) -> Result<Maintenance, StoreError>;
 
     /// Check requests in `[from, to)` by UTC day and the `top` keys by requests, for one key
     /// or for all.

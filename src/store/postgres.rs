@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::sqlite::parse_hash_hex;
 use super::{
-    DayUsage, KeyChange, KeyStore, KeyUsage, LimitsPatch, LogRow, Outcome, Quota, QuotaOutcome,
-    QuotaStore, RequestLogSink, StoreError, Usage, UsageSummary,
+    DayUsage, KeyChange, KeyStore, KeyUsage, LimitsPatch, LogRow, Maintenance, Outcome, Quota,
+    QuotaOutcome, QuotaStore, RequestLogSink, StoreError, Usage, UsageSummary,
 };
 use crate::keys::{self, ApiKey, KeyHash, KeyStatus, Limits, NewKey};
 
@@ -380,8 +380,149 @@ impl QuotaStore for PgStore {
     }
 }
 
+/// Advisory lock key for request-log maintenance ("tollgate" in ASCII, more or less).
+const MAINTENANCE_LOCK: i64 = 0x746f_6c6c_6761_7465;
+/// Months of partitions kept ready, the current one included.
+const MONTHS_AHEAD: u32 = 3;
+
+fn month_start(d: NaiveDate) -> DateTime<Utc> {
+    d.and_hms_opt(0, 0, 0).expect("midnight").and_utc()
+}
+
+fn partition_name(month: NaiveDate) -> String {
+    format!("api_requests_log_{:04}_{:02}", month.year(), month.month())
+}
+
+fn partition_month(name: &str) -> Option<NaiveDate> {
+    let rest = name.strip_prefix("api_requests_log_")?;
+    let (y, m) = rest.split_once('_')?;
+    NaiveDate::from_ymd_opt(y.parse().ok()?, m.parse().ok()?, 1)
+}
+
+impl PgStore {
+    /// Creates the partition of `month`, moving into it any rows the default partition holds
+    /// for that month; one transaction, so no row is ever outside the table.
+    async fn create_partition(
+        conn: &mut sqlx::PgConnection,
+        month: NaiveDate,
+    ) -> Result<Option<String>, StoreError> {
+        use sqlx::AssertSqlSafe;
+        let name = partition_name(month);
+        let exists: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
+            .bind(&name)
+            .fetch_one(&mut *conn)
+            .await?;
+        if exists {
+            return Ok(None);
+        }
+        let next = month
+            .checked_add_months(chrono::Months::new(1))
+            .expect("next month");
+        // Names and bounds are made here from dates, never from input.
+        let (from, to) = (
+            month_start(month).format("%Y-%m-%d %H:%M:%S+00"),
+            month_start(next).format("%Y-%m-%d %H:%M:%S+00"),
+        );
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+        for sql in [
+            // No insert may land in the default partition between the copy and the delete
+            // below (it would be deleted uncopied): inserts wait for this transaction, then
+            // go to the new partition.
+            "LOCK TABLE api_requests_log IN SHARE ROW EXCLUSIVE MODE".to_string(),
+            format!(
+                "CREATE TABLE {name} (LIKE api_requests_log INCLUDING DEFAULTS INCLUDING CONSTRAINTS)"
+            ),
+            format!(
+                "INSERT INTO {name} SELECT * FROM api_requests_log_default \
+                 WHERE ts >= '{from}' AND ts < '{to}'"
+            ),
+            format!("DELETE FROM api_requests_log_default WHERE ts >= '{from}' AND ts < '{to}'"),
+            format!(
+                "ALTER TABLE api_requests_log ATTACH PARTITION {name} \
+                 FOR VALUES FROM ('{from}') TO ('{to}')"
+            ),
+        ] {
+            sqlx::query(AssertSqlSafe(sql)).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(Some(name))
+    }
+
+    async fn maintain_locked(
+        conn: &mut sqlx::PgConnection,
+        now: DateTime<Utc>,
+        retention: Option<Duration>,
+    ) -> Result<Maintenance, StoreError> {
+        let mut report = Maintenance::default();
+        let this_month = now.date_naive().with_day(1).expect("first of month");
+        for i in 0..MONTHS_AHEAD {
+            let month = this_month
+                .checked_add_months(chrono::Months::new(i))
+                .expect("month ahead");
+            if let Some(name) = Self::create_partition(conn, month).await? {
+                report.partitions_created.push(name);
+            }
+        }
+        let Some(retention) = retention else {
+            return Ok(report);
+        };
+        let cutoff = now - chrono::Duration::from_std(retention).unwrap_or(chrono::TimeDelta::MAX);
+        let partitions: Vec<String> = sqlx::query_scalar(
+            "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+             WHERE i.inhparent = 'api_requests_log'::regclass",
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        for name in partitions {
+            let Some(month) = partition_month(&name) else {
+                continue;
+            };
+            let end = month_start(
+                month
+                    .checked_add_months(chrono::Months::new(1))
+                    .expect("next month"),
+            );
+            // A whole month older than the retention goes at once.
+            if end <= cutoff {
+                sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {name}")))
+                    .execute(&mut *conn)
+                    .await?;
+                report.partitions_dropped.push(name);
+            }
+        }
+        let done = sqlx::query("DELETE FROM api_requests_log_default WHERE ts < $1")
+            .bind(cutoff)
+            .execute(&mut *conn)
+            .await?;
+        report.rows_deleted = done.rows_affected();
+        Ok(report)
+    }
+}
+
 #[async_trait]
 impl RequestLogSink for PgStore {
+    async fn maintain(
+        &self,
+        now: DateTime<Utc>,
+        retention: Option<Duration>,
+    ) -> Result<Maintenance, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        // One replica at a time; the others skip this round.
+        let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(MAINTENANCE_LOCK)
+            .fetch_one(&mut *conn)
+            .await?;
+        if !locked {
+            return Ok(Maintenance::default());
+        }
+        let report = Self::maintain_locked(&mut conn, now, retention).await;
+        let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(MAINTENANCE_LOCK)
+            .execute(&mut *conn)
+            .await;
+        report
+    }
+
     async fn complete(&self, outcomes: &[Outcome]) -> Result<Vec<bool>, StoreError> {
         let ids: Vec<&str> = outcomes.iter().map(|o| o.request_id.as_str()).collect();
         let status: Vec<i16> = outcomes

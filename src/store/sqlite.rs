@@ -19,8 +19,8 @@ use sqlx::sqlite::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    DayUsage, KeyChange, KeyStore, KeyUsage, LimitsPatch, LogRow, Outcome, Quota, QuotaOutcome,
-    QuotaStore, RequestLogSink, StoreError, Usage, UsageSummary, ts_text,
+    DayUsage, KeyChange, KeyStore, KeyUsage, LimitsPatch, LogRow, Maintenance, Outcome, Quota,
+    QuotaOutcome, QuotaStore, RequestLogSink, StoreError, Usage, UsageSummary, ts_text,
 };
 use crate::clock::{day_label, month_label};
 use crate::keys::{self, ApiKey, KeyHash, KeyStatus, Limits, NewKey};
@@ -425,6 +425,33 @@ impl QuotaStore for SqliteStore {
 
 #[async_trait]
 impl RequestLogSink for SqliteStore {
+    async fn maintain(
+        &self,
+        now: DateTime<Utc>,
+        retention: Option<Duration>,
+    ) -> Result<Maintenance, StoreError> {
+        let mut report = Maintenance::default();
+        let Some(retention) = retention else {
+            return Ok(report);
+        };
+        let cutoff =
+            ts_text(now - chrono::Duration::from_std(retention).unwrap_or(chrono::TimeDelta::MAX));
+        // In batches, so the single writer is never held for long.
+        loop {
+            let done = sqlx::query(
+                "DELETE FROM api_requests_log WHERE id IN \
+                   (SELECT id FROM api_requests_log WHERE ts < ?1 LIMIT 5000)",
+            )
+            .bind(&cutoff)
+            .execute(&self.write)
+            .await?;
+            report.rows_deleted += done.rows_affected();
+            if done.rows_affected() < 5000 {
+                return Ok(report);
+            }
+        }
+    }
+
     async fn complete(&self, outcomes: &[Outcome]) -> Result<Vec<bool>, StoreError> {
         let mut tx = self.write.begin().await?;
         let mut found = Vec::with_capacity(outcomes.len());
