@@ -164,6 +164,10 @@ impl AuthzService {
             allowed: matches!(decision, Decision::Allow(_)),
             reason: decision.reason_code(),
             status: decision.status(),
+            cost: match &decision {
+                Decision::Allow(a) => a.cost,
+                Decision::Deny(_) => 0,
+            },
         });
         decision
     }
@@ -292,6 +296,7 @@ impl AuthzService {
                     key,
                     limits,
                     credential_header: header.clone(),
+                    cost,
                 });
             }
             Ok(QuotaOutcome::DailyExceeded { .. }) => {
@@ -339,6 +344,7 @@ impl AuthzService {
                         key,
                         limits,
                         credential_header: header.clone(),
+                        cost: 0,
                     });
                 }
                 unavailable(Some(key.id))

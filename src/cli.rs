@@ -198,6 +198,10 @@ pub struct LimitArgs {
     /// Requests per UTC month (unset: unlimited).
     #[arg(long, value_name = "N", value_parser = parse_limit)]
     pub monthly: Option<LimitValue>,
+    /// Give back the quota of requests the upstream answered with a 5xx (needs Envoy's access
+    /// log sent to tollgate).
+    #[arg(long, value_name = "BOOL")]
+    pub refund_5xx: Option<bool>,
 }
 
 /// A limit given on the command line: a count, or `None` for unlimited.
@@ -210,6 +214,7 @@ impl LimitArgs {
             per_minute: self.per_minute.map(|v| v.0),
             daily: self.daily.map(|v| v.0),
             monthly: self.monthly.map(|v| v.0),
+            refund_5xx: self.refund_5xx,
         }
     }
 }
@@ -305,8 +310,11 @@ pub async fn run_keys(
         KeysCommand::SetLimits { id, limits } => {
             let patch = limits.patch();
             anyhow::ensure!(
-                patch.per_minute.is_some() || patch.daily.is_some() || patch.monthly.is_some(),
-                "nothing to change: give --per-minute, --daily and/or --monthly"
+                patch.per_minute.is_some()
+                    || patch.daily.is_some()
+                    || patch.monthly.is_some()
+                    || patch.refund_5xx.is_some(),
+                "nothing to change: give --per-minute, --daily, --monthly and/or --refund-5xx"
             );
             let key = stores
                 .keys
@@ -333,6 +341,7 @@ fn key_json(key: &ApiKey, default_pm: Option<u64>) -> serde_json::Value {
         "effective_per_minute": key.limits.per_minute.or(default_pm),
         "daily": key.limits.daily,
         "monthly": key.limits.monthly,
+        "refund_5xx": key.limits.refund_5xx,
     })
 }
 
@@ -351,10 +360,15 @@ fn per_minute_text(key: &ApiKey, default_pm: Option<u64>) -> String {
 
 fn limits_text(key: &ApiKey, default_pm: Option<u64>) -> String {
     format!(
-        "Limits: per minute {}, daily {}, monthly {}.\n",
+        "Limits: per minute {}, daily {}, monthly {}.{}\n",
         per_minute_text(key, default_pm),
         limit_text(key.limits.daily),
         limit_text(key.limits.monthly),
+        if key.limits.refund_5xx {
+            " Quota of requests answered with 5xx is given back."
+        } else {
+            ""
+        },
     )
 }
 

@@ -231,6 +231,8 @@ pub struct Allowed {
     pub limits: Vec<LimitState>,
     /// The request header that carried the key (removed upstream with `hide_credentials`).
     pub credential_header: Arc<str>,
+    /// What the request spent of the key's quota (0 when it was let in uncounted).
+    pub cost: u64,
 }
 
 impl Decision {

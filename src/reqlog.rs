@@ -293,7 +293,8 @@ impl OutcomeWriter {
         for chunk in pending.chunks(self.batch_size.max(1)) {
             let outcomes: Vec<_> = chunk.iter().map(|(o, _)| o.clone()).collect();
             match self.sink.complete(&outcomes).await {
-                Ok(found) => {
+                Ok((found, refunded)) => {
+                    self.metrics.quota_refunds.add(refunded);
                     for ((o, at), found) in chunk.iter().zip(found) {
                         if found {
                             self.metrics.access_log_completed.inc();

@@ -121,6 +121,8 @@ pub struct Metrics {
     pub access_log_completed: Counter,
     pub access_log_unmatched: Counter,
     pub access_log_dropped: Counter,
+    /// Requests whose quota was given back because the upstream answered 5xx.
+    pub quota_refunds: Counter,
     pub reqlog_written: Counter,
     pub reqlog_dropped: Counter,
     pub reqlog_failed: Counter,
@@ -244,6 +246,12 @@ impl Metrics {
                 c.get()
             );
         }
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_quota_refunds_total Requests whose quota was given back (upstream 5xx, key with refund_5xx).\n\
+             # TYPE tollgate_quota_refunds_total counter\ntollgate_quota_refunds_total {}",
+            self.quota_refunds.get()
+        );
         out.push_str("# HELP tollgate_rules_reloads_total Rate limit rules reloads by result.\n");
         out.push_str("# TYPE tollgate_rules_reloads_total counter\n");
         let _ = writeln!(

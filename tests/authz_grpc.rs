@@ -19,6 +19,7 @@ fn limits(per_minute: Option<u64>, daily: Option<u64>, monthly: Option<u64>) -> 
         per_minute,
         daily,
         monthly,
+        refund_5xx: false,
     }
 }
 
@@ -722,7 +723,85 @@ async fn usage_command_reports_days_and_top_keys_from_the_log(db: Db) {
     drop(db);
 }
 
+async fn a_5xx_answer_gives_the_quota_back_for_keys_that_ask(db: Db) {
+    use tollgate::store::{LogApi, LogRow, Outcome, Quota, QuotaOutcome};
+    let tg = Tollgate::on(db).await;
+    let refunding = Limits {
+        daily: Some(5),
+        monthly: Some(50),
+        refund_5xx: true,
+        ..Limits::default()
+    };
+    let (_, id) = tg.create_key("refunds", refunding).await;
+    let (_, plain) = tg.create_key("plain", limits(None, Some(5), None)).await;
+    let now = t0();
+    let quota = Quota {
+        daily: Some(5),
+        monthly: Some(50),
+    };
+    let mut rows = Vec::new();
+    for (key, rid, cost) in [(id, "a", 2), (id, "b", 1), (id, "c", 1), (plain, "d", 1)] {
+        let spent = tg
+            .stores
+            .quotas
+            .consume(key, quota, cost, now)
+            .await
+            .unwrap();
+        assert!(matches!(spent, QuotaOutcome::Admitted { .. }));
+        rows.push(LogRow {
+            ts: now,
+            api: LogApi::Authz,
+            request_id: Some(rid.into()),
+            key_id: Some(key),
+            method: None,
+            path: None,
+            host: None,
+            client_addr: None,
+            allowed: true,
+            reason: "ok",
+            status: 200,
+            cost,
+        });
+    }
+    tg.stores.log.write_batch(&rows).await.unwrap();
+    let outcome = |rid: &str, status: u16| Outcome {
+        request_id: rid.into(),
+        status,
+        duration_ms: Some(3),
+        bytes_received: 10,
+        bytes_sent: 20,
+    };
+    let (found, refunded) = tg
+        .stores
+        .log
+        .complete(&[
+            outcome("a", 503),
+            outcome("b", 200),
+            outcome("c", 502),
+            outcome("d", 500),
+            outcome("nope", 500),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(found, [true, true, true, true, false]);
+    assert_eq!(refunded, 2, "a and c; d's key does not ask for refunds");
+    let usage = tg.stores.keys.usage(id, now).await.unwrap();
+    assert_eq!((usage.daily, usage.monthly, usage.total), (1, 1, 1));
+    assert_eq!(tg.stores.keys.usage(plain, now).await.unwrap().daily, 1);
+    // The log says which rows were given back: allowed - refunded = usage.
+    let given_back = format!(
+        "SELECT CAST(COALESCE(SUM(cost), 0) AS BIGINT) FROM api_requests_log \
+         WHERE api_key_id = {id} AND refunded"
+    );
+    assert_eq!(tg.scalar(&given_back).await, 3);
+    // A row is completed once: the same outcome again refunds nothing.
+    let (_, again) = tg.stores.log.complete(&[outcome("a", 503)]).await.unwrap();
+    assert_eq!(again, 0);
+    tg.stop().await;
+}
+
 every_database!(
+    a_5xx_answer_gives_the_quota_back_for_keys_that_ask,
     usage_command_reports_days_and_top_keys_from_the_log,
     route_cost_is_spent_whole_or_not_at_all,
     missing_key_is_401_with_www_authenticate_and_problem_body,

@@ -15,8 +15,7 @@ use tollgate::limiter::Algorithm;
 fn per_minute(n: u64) -> Limits {
     Limits {
         per_minute: Some(n),
-        daily: None,
-        monthly: None,
+        ..Limits::default()
     }
 }
 

@@ -103,6 +103,7 @@ fn keys_commands_print_what_they_did() {
     let list: serde_json::Value =
         serde_json::from_str(&bin.run_ok(&["keys", "list", "--json"])).unwrap();
     assert_eq!(list.as_array().unwrap().len(), 2);
+    assert_eq!(list[0]["refund_5xx"], false);
     assert!(list[0].get("key").is_none());
 
     let updated = bin.run_ok(&[
@@ -124,6 +125,24 @@ fn keys_commands_print_what_they_did() {
     let shown = bin.run_ok(&["keys", "show", "1"]);
     assert!(shown.contains("monthly:     0 of 5"), "{shown}");
 
+    let refunds: serde_json::Value = serde_json::from_str(&bin.run_ok(&[
+        "keys",
+        "create",
+        "--name",
+        "r",
+        "--daily",
+        "9",
+        "--refund-5xx",
+        "true",
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(refunds["refund_5xx"], true);
+    let id = refunds["id"].to_string();
+    let off = bin.run_ok(&["keys", "set-limits", &id, "--refund-5xx", "false"]);
+    assert!(!off.contains("given back"), "{off}");
+    let on = bin.run_ok(&["keys", "set-limits", &id, "--refund-5xx", "true"]);
+    assert!(on.contains("answered with 5xx is given back"), "{on}");
     assert!(
         bin.run_ok(&["keys", "revoke", "2"])
             .contains("Revoked API key 2")

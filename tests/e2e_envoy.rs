@@ -12,6 +12,7 @@ fn limits(per_minute: Option<u64>, daily: Option<u64>, monthly: Option<u64>) -> 
         per_minute,
         daily,
         monthly,
+        refund_5xx: false,
     }
 }
 
@@ -368,4 +369,51 @@ async fn envoys_access_log_completes_each_row_with_the_answer() {
         "{metrics}"
     );
     tg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_that_asks_gets_its_quota_back_when_the_upstream_fails() {
+    let tg = Tollgate::start().await;
+    let envoy = Envoy::start("ext_authz.yaml", tg.grpc).await;
+    let refunding = Limits {
+        daily: Some(2),
+        refund_5xx: true,
+        ..Limits::default()
+    };
+    let (key, id) = tg.create_key("refunds", refunding).await;
+    for _ in 0..2 {
+        let r = get_path(&envoy, "/v1/broken", &key).await;
+        assert_eq!(
+            r.status, 503,
+            "the upstream failed; tollgate let it through"
+        );
+    }
+    // Envoy's access log tells tollgate; the two requests' quota comes back.
+    let started = std::time::Instant::now();
+    while tg.stores.keys.usage(id, t0()).await.unwrap().daily != 0 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "quota not given back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for _ in 0..2 {
+        assert_eq!(get_path(&envoy, "/v1/things", &key).await.status, 200);
+    }
+    assert_eq!(get_path(&envoy, "/v1/things", &key).await.status, 429);
+    tg.stop().await;
+}
+
+async fn get_path(envoy: &Envoy, path: &str, key: &str) -> Reply {
+    let resp = http_client()
+        .get(envoy.url(path))
+        .header("x-api-key", key)
+        .send()
+        .await
+        .expect("envoy answers");
+    Reply {
+        status: resp.status().as_u16(),
+        headers: resp.headers().clone(),
+        body: resp.text().await.unwrap(),
+    }
 }

@@ -25,6 +25,7 @@ fn row(ts: DateTime<Utc>, id: &str) -> LogRow {
         allowed: true,
         reason: "ok",
         status: 200,
+        cost: 1,
     }
 }
 

@@ -109,6 +109,9 @@ pub struct Limits {
     pub per_minute: Option<u64>,
     pub daily: Option<u64>,
     pub monthly: Option<u64>,
+    /// Give back the quota of requests the upstream answered with a 5xx (known from Envoy's
+    /// access log).
+    pub refund_5xx: bool,
 }
 
 /// A stored key, as the request path needs it. Never holds the plaintext.

@@ -300,6 +300,7 @@ impl RateLimitService {
                 allowed: !over_limit,
                 reason: if over_limit { "rate_limited" } else { "ok" },
                 status: if over_limit { 429 } else { 200 },
+                cost: 0,
             });
         }
         Ok(Answer {

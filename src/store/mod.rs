@@ -77,6 +77,7 @@ pub struct LimitsPatch {
     pub per_minute: Option<Option<u64>>,
     pub daily: Option<Option<u64>>,
     pub monthly: Option<Option<u64>>,
+    pub refund_5xx: Option<bool>,
 }
 
 impl LimitsPatch {
@@ -85,6 +86,7 @@ impl LimitsPatch {
             per_minute: self.per_minute.unwrap_or(limits.per_minute),
             daily: self.daily.unwrap_or(limits.daily),
             monthly: self.monthly.unwrap_or(limits.monthly),
+            refund_5xx: self.refund_5xx.unwrap_or(limits.refund_5xx),
         }
     }
 }
@@ -188,6 +190,8 @@ pub struct LogRow {
     pub allowed: bool,
     pub reason: &'static str,
     pub status: u16,
+    /// What an allowed request spent (0 when denied).
+    pub cost: u64,
 }
 
 /// The API a request-log row comes from.
@@ -262,8 +266,11 @@ pub trait RequestLogSink: Send + Sync + 'static {
     async fn write_batch(&self, rows: &[LogRow]) -> Result<(), StoreError>;
 
     /// Fills in the outcome of the Check rows with these request ids (rows already completed
-    /// are left alone); returns, per outcome, whether a row was found.
-    async fn complete(&self, outcomes: &[Outcome]) -> Result<Vec<bool>, StoreError>;
+    /// are left alone). An allowed row of a key with `refund_5xx` whose answer was a 5xx gets
+    /// its cost given back to the counters of the day and month it was counted in, and is
+    /// marked `refunded`, in the same transaction. Returns, per outcome, whether a row was
+    /// found, and how many rows were refunded.
+    async fn complete(&self, outcomes: &[Outcome]) -> Result<(Vec<bool>, u64), StoreError>;
 
     /// Keeps the log in shape: (PostgreSQL) creates the monthly partitions from `now`'s month
     /// on and, with a `retention`, drops months that ended more than `retention` before `now`;

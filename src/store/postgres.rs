@@ -115,6 +115,7 @@ fn key_from_row(row: &PgRow) -> Result<ApiKey, StoreError> {
             per_minute: limit("per_minute")?,
             daily: limit("daily_limit")?,
             monthly: limit("monthly_limit")?,
+            refund_5xx: row.try_get("refund_5xx")?,
         },
     })
 }
@@ -133,7 +134,7 @@ fn day_and_month(now: DateTime<Utc>) -> (NaiveDate, NaiveDate) {
 impl KeyStore for PgStore {
     async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<ApiKey>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit \
+            "SELECT id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit, refund_5xx \
              FROM api_keys WHERE key_hash = $1",
         )
         .bind(keys::hash_hex(hash))
@@ -176,8 +177,8 @@ impl KeyStore for PgStore {
         let mut tx = self.pool.begin().await?;
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO api_keys (name, prefix, key_hash, expires_at, per_minute, daily_limit, \
-               monthly_limit, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8) RETURNING id",
+               monthly_limit, created_at, updated_at, refund_5xx) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9) RETURNING id",
         )
         .bind(name)
         .bind(&key.prefix)
@@ -187,6 +188,7 @@ impl KeyStore for PgStore {
         .bind(opt_i64(limits.daily))
         .bind(opt_i64(limits.monthly))
         .bind(now)
+        .bind(limits.refund_5xx)
         .fetch_one(&mut *tx)
         .await?;
         sqlx::query(
@@ -211,7 +213,7 @@ impl KeyStore for PgStore {
 
     async fn get(&self, id: i64) -> Result<Option<ApiKey>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit \
+            "SELECT id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit, refund_5xx \
              FROM api_keys WHERE id = $1",
         )
         .bind(id)
@@ -222,7 +224,7 @@ impl KeyStore for PgStore {
 
     async fn list(&self) -> Result<Vec<ApiKey>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit \
+            "SELECT id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit, refund_5xx \
              FROM api_keys ORDER BY id",
         )
         .fetch_all(&self.pool)
@@ -253,9 +255,10 @@ impl KeyStore for PgStore {
                per_minute = CASE WHEN $2 THEN $3 ELSE per_minute END, \
                daily_limit = CASE WHEN $4 THEN $5 ELSE daily_limit END, \
                monthly_limit = CASE WHEN $6 THEN $7 ELSE monthly_limit END, \
+               refund_5xx = COALESCE($9, refund_5xx), \
                updated_at = $8 \
              WHERE id = $1 \
-             RETURNING id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit",
+             RETURNING id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit, refund_5xx",
         )
         .bind(id)
         .bind(patch.per_minute.is_some())
@@ -265,6 +268,7 @@ impl KeyStore for PgStore {
         .bind(patch.monthly.is_some())
         .bind(opt_i64(patch.monthly.flatten()))
         .bind(now)
+        .bind(patch.refund_5xx)
         .fetch_optional(&self.pool)
         .await?;
         row.map(|r| key_from_row(&r)).transpose()
@@ -523,7 +527,7 @@ impl RequestLogSink for PgStore {
         report
     }
 
-    async fn complete(&self, outcomes: &[Outcome]) -> Result<Vec<bool>, StoreError> {
+    async fn complete(&self, outcomes: &[Outcome]) -> Result<(Vec<bool>, u64), StoreError> {
         let ids: Vec<&str> = outcomes.iter().map(|o| o.request_id.as_str()).collect();
         let status: Vec<i16> = outcomes
             .iter()
@@ -541,14 +545,38 @@ impl RequestLogSink for PgStore {
             .iter()
             .map(|o| o.bytes_sent.min(i64::MAX as u64) as i64)
             .collect();
-        // One statement per batch; RETURNING says which request ids found their row.
-        let done: Vec<String> = sqlx::query_scalar(
-            "UPDATE api_requests_log l SET response_status = o.status, duration_ms = o.ms, \
-               bytes_received = o.rx, bytes_sent = o.tx \
-             FROM UNNEST($1::text[], $2::smallint[], $3::bigint[], $4::bigint[], $5::bigint[]) \
-               AS o(request_id, status, ms, rx, tx) \
-             WHERE l.request_id = o.request_id AND l.api = 'authz' AND l.response_status IS NULL \
-             RETURNING l.request_id",
+        // One statement per batch: complete the rows, then give the cost of refunded ones back
+        // to the counters of the day and month it was spent in. RETURNING says which request
+        // ids found their row, and whether it was refunded.
+        let done: Vec<(String, bool)> = sqlx::query_as(
+            "WITH done AS ( \
+               UPDATE api_requests_log l SET response_status = o.status, duration_ms = o.ms, \
+                 bytes_received = o.rx, bytes_sent = o.tx, \
+                 refunded = (o.status >= 500 AND l.decision = 'allow' AND l.cost > 0 AND \
+                   COALESCE((SELECT k.refund_5xx FROM api_keys k WHERE k.id = l.api_key_id), false)) \
+               FROM UNNEST($1::text[], $2::smallint[], $3::bigint[], $4::bigint[], $5::bigint[]) \
+                 AS o(request_id, status, ms, rx, tx) \
+               WHERE l.request_id = o.request_id AND l.api = 'authz' \
+                 AND l.response_status IS NULL \
+               RETURNING l.request_id, l.api_key_id, l.ts, l.cost, l.refunded \
+             ), back AS ( \
+               SELECT d.api_key_id, sum(d.cost)::bigint AS total, \
+                 COALESCE(sum(d.cost) FILTER \
+                   (WHERE (d.ts AT TIME ZONE 'UTC')::date = u.day), 0)::bigint AS today, \
+                 COALESCE(sum(d.cost) FILTER \
+                   (WHERE date_trunc('month', d.ts AT TIME ZONE 'UTC')::date = u.month), 0)::bigint \
+                   AS this_month \
+               FROM done d JOIN api_usage u ON u.api_key_id = d.api_key_id \
+               WHERE d.refunded GROUP BY d.api_key_id \
+             ), refund AS ( \
+               UPDATE api_usage u SET \
+                 daily_requests = greatest(u.daily_requests - b.today, 0), \
+                 monthly_requests = greatest(u.monthly_requests - b.this_month, 0), \
+                 total_requests = greatest(u.total_requests - b.total, 0) \
+               FROM back b WHERE u.api_key_id = b.api_key_id \
+               RETURNING 1 \
+             ) \
+             SELECT request_id, refunded FROM done",
         )
         .bind(ids)
         .bind(status)
@@ -557,11 +585,15 @@ impl RequestLogSink for PgStore {
         .bind(tx)
         .fetch_all(&self.pool)
         .await?;
-        let done: std::collections::HashSet<String> = done.into_iter().collect();
-        Ok(outcomes
-            .iter()
-            .map(|o| done.contains(&o.request_id))
-            .collect())
+        let refunded = done.iter().filter(|(_, r)| *r).count() as u64;
+        let found: std::collections::HashSet<String> = done.into_iter().map(|(id, _)| id).collect();
+        Ok((
+            outcomes
+                .iter()
+                .map(|o| found.contains(&o.request_id))
+                .collect(),
+            refunded,
+        ))
     }
 
     async fn summarize(
@@ -638,6 +670,7 @@ impl RequestLogSink for PgStore {
         let mut reason = Vec::with_capacity(rows.len());
         let mut status = Vec::with_capacity(rows.len());
         let mut api = Vec::with_capacity(rows.len());
+        let mut cost = Vec::with_capacity(rows.len());
         for r in rows {
             ts.push(r.ts);
             request_id.push(r.request_id.clone());
@@ -650,13 +683,14 @@ impl RequestLogSink for PgStore {
             reason.push(r.reason);
             status.push(r.status as i16);
             api.push(r.api.as_str());
+            cost.push(r.cost.min(i64::MAX as u64) as i64);
         }
         sqlx::query(
             "INSERT INTO api_requests_log (ts, request_id, api_key_id, method, path, host, \
-               client_addr, decision, reason, status, api) \
+               client_addr, decision, reason, status, api, cost) \
              SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::bigint[], $4::text[], \
                $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::smallint[], \
-               $11::text[])",
+               $11::text[], $12::bigint[])",
         )
         .bind(ts)
         .bind(request_id)
@@ -669,6 +703,7 @@ impl RequestLogSink for PgStore {
         .bind(reason)
         .bind(status)
         .bind(api)
+        .bind(cost)
         .execute(&self.pool)
         .await?;
         Ok(())

@@ -97,7 +97,7 @@ impl SqliteStore {
 
     async fn key_by_id(&self, pool: &SqlitePool, id: i64) -> Result<Option<ApiKey>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit \
+            "SELECT id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit, refund_5xx \
              FROM api_keys WHERE id = ?1",
         )
         .bind(id)
@@ -133,6 +133,7 @@ fn key_from_row(row: &SqliteRow) -> Result<ApiKey, StoreError> {
             per_minute: limit("per_minute")?,
             daily: limit("daily_limit")?,
             monthly: limit("monthly_limit")?,
+            refund_5xx: row.try_get::<i64, _>("refund_5xx")? != 0,
         },
     })
 }
@@ -145,7 +146,7 @@ fn opt_i64(v: Option<u64>) -> Option<i64> {
 impl KeyStore for SqliteStore {
     async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<ApiKey>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit \
+            "SELECT id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit, refund_5xx \
              FROM api_keys WHERE key_hash = ?1",
         )
         .bind(keys::hash_hex(hash))
@@ -200,9 +201,9 @@ impl KeyStore for SqliteStore {
         let mut tx = self.write.begin().await?;
         let id: i64 = sqlx::query_scalar(
             "INSERT INTO api_keys (name, prefix, key_hash, status, expires_at, per_minute, \
-               daily_limit, monthly_limit, created_at, updated_at, change_seq) \
+               daily_limit, monthly_limit, created_at, updated_at, change_seq, refund_5xx) \
              VALUES (?1, ?2, ?3, 'active', ?4, ?5, ?6, ?7, ?8, ?8, \
-               (SELECT COALESCE(MAX(change_seq), 0) + 1 FROM api_keys)) \
+               (SELECT COALESCE(MAX(change_seq), 0) + 1 FROM api_keys), ?9) \
              RETURNING id",
         )
         .bind(name)
@@ -213,6 +214,7 @@ impl KeyStore for SqliteStore {
         .bind(opt_i64(limits.daily))
         .bind(opt_i64(limits.monthly))
         .bind(&now_text)
+        .bind(limits.refund_5xx as i64)
         .fetch_one(&mut *tx)
         .await?;
         sqlx::query(
@@ -241,7 +243,7 @@ impl KeyStore for SqliteStore {
 
     async fn list(&self) -> Result<Vec<ApiKey>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit \
+            "SELECT id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit, refund_5xx \
              FROM api_keys ORDER BY id",
         )
         .fetch_all(&self.read)
@@ -272,7 +274,7 @@ impl KeyStore for SqliteStore {
         // can slip between them.
         let mut tx = self.write.begin().await?;
         let Some(row) = sqlx::query(
-            "SELECT id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit \
+            "SELECT id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit, refund_5xx \
              FROM api_keys WHERE id = ?1",
         )
         .bind(id)
@@ -285,7 +287,7 @@ impl KeyStore for SqliteStore {
         key.limits = patch.apply(key.limits);
         sqlx::query(
             "UPDATE api_keys SET per_minute = ?2, daily_limit = ?3, monthly_limit = ?4, \
-               updated_at = ?5, \
+               updated_at = ?5, refund_5xx = ?6, \
                change_seq = (SELECT COALESCE(MAX(change_seq), 0) + 1 FROM api_keys) \
              WHERE id = ?1",
         )
@@ -294,6 +296,7 @@ impl KeyStore for SqliteStore {
         .bind(opt_i64(key.limits.daily))
         .bind(opt_i64(key.limits.monthly))
         .bind(ts_text(now))
+        .bind(key.limits.refund_5xx as i64)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -452,26 +455,52 @@ impl RequestLogSink for SqliteStore {
         }
     }
 
-    async fn complete(&self, outcomes: &[Outcome]) -> Result<Vec<bool>, StoreError> {
+    async fn complete(&self, outcomes: &[Outcome]) -> Result<(Vec<bool>, u64), StoreError> {
         let mut tx = self.write.begin().await?;
         let mut found = Vec::with_capacity(outcomes.len());
+        let mut refunded = 0;
         for o in outcomes {
-            let done = sqlx::query(
+            let rows = sqlx::query(
                 "UPDATE api_requests_log SET response_status = ?2, duration_ms = ?3, \
-                   bytes_received = ?4, bytes_sent = ?5 \
-                 WHERE request_id = ?1 AND api = 'authz' AND response_status IS NULL",
+                   bytes_received = ?4, bytes_sent = ?5, \
+                   refunded = (?2 >= 500 AND decision = 'allow' AND cost > 0 AND \
+                     COALESCE((SELECT refund_5xx FROM api_keys WHERE id = api_key_id), 0) = 1) \
+                 WHERE request_id = ?1 AND api = 'authz' AND response_status IS NULL \
+                 RETURNING api_key_id, ts, cost, refunded",
             )
             .bind(&o.request_id)
             .bind(i64::from(o.status))
             .bind(o.duration_ms.map(|d| d.min(i64::MAX as u64) as i64))
             .bind(o.bytes_received.min(i64::MAX as u64) as i64)
             .bind(o.bytes_sent.min(i64::MAX as u64) as i64)
-            .execute(&mut *tx)
+            .fetch_all(&mut *tx)
             .await?;
-            found.push(done.rows_affected() > 0);
+            found.push(!rows.is_empty());
+            for row in rows {
+                if row.try_get::<i64, _>("refunded")? == 0 {
+                    continue;
+                }
+                let ts: String = row.try_get("ts")?;
+                // Give the cost back to the counters of the day and month it was spent in.
+                sqlx::query(
+                    "UPDATE api_usage SET \
+                       daily_requests = CASE WHEN day = substr(?2, 1, 10) \
+                         THEN max(daily_requests - ?3, 0) ELSE daily_requests END, \
+                       monthly_requests = CASE WHEN month = substr(?2, 1, 7) \
+                         THEN max(monthly_requests - ?3, 0) ELSE monthly_requests END, \
+                       total_requests = max(total_requests - ?3, 0) \
+                     WHERE api_key_id = ?1",
+                )
+                .bind(row.try_get::<Option<i64>, _>("api_key_id")?)
+                .bind(ts)
+                .bind(row.try_get::<i64, _>("cost")?)
+                .execute(&mut *tx)
+                .await?;
+                refunded += 1;
+            }
         }
         tx.commit().await?;
-        Ok(found)
+        Ok((found, refunded))
     }
 
     async fn summarize(
@@ -539,8 +568,8 @@ impl RequestLogSink for SqliteStore {
         for row in rows {
             sqlx::query(
                 "INSERT INTO api_requests_log (ts, request_id, api_key_id, method, path, host, \
-                   client_addr, decision, reason, status, api) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+                   client_addr, decision, reason, status, api, cost) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
             )
             .bind(ts_text(row.ts))
             .bind(row.request_id.as_deref())
@@ -553,6 +582,7 @@ impl RequestLogSink for SqliteStore {
             .bind(row.reason)
             .bind(row.status as i64)
             .bind(row.api.as_str())
+            .bind(row.cost.min(i64::MAX as u64) as i64)
             .execute(&mut *tx)
             .await?;
         }
