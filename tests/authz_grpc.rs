@@ -825,3 +825,32 @@ every_database!(
     database_failure_closed_refuses_with_503,
     database_failure_open_allows_uncounted_and_says_so_in_metrics,
 );
+
+/// A full log queue drops rows but counts every one: written + dropped = checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_log_queue_counts_what_it_drops() {
+    let tg = Tollgate::start_with(|c| {
+        c.request_log.queue_capacity = 2;
+        c.request_log.batch_size = 1;
+    })
+    .await;
+    // Hold SQLite's write lock: the log writer waits, the queue fills. Checks without a key
+    // need no write, so they are still answered.
+    let blocker = tg.db.lock_quota_writes().await;
+    let mut c = tg.client().await;
+    for _ in 0..20 {
+        let d = denied(&c.check(check_request(&[])).await.unwrap().into_inner());
+        assert_eq!(d.body["error"], "missing_key");
+    }
+    let metrics = tg.metrics.clone();
+    assert!(
+        metrics.reqlog_dropped.get() >= 16,
+        "dropped {}",
+        metrics.reqlog_dropped.get()
+    );
+    blocker.release().await;
+    let db = tg.stop().await;
+    let written = db.scalar("SELECT count(*) FROM api_requests_log").await;
+    assert_eq!(written + metrics.reqlog_dropped.get() as i64, 20);
+    assert_eq!(metrics.reqlog_written.get() as i64, written);
+}
