@@ -259,6 +259,36 @@ pub struct UsageSummary {
     pub top_keys: Vec<KeyUsage>,
 }
 
+impl UsageSummary {
+    /// From the rows every backend's two summary queries return: (day, allowed, denied) and
+    /// (key id, name, allowed, denied).
+    pub(crate) fn from_rows(
+        days: Vec<(String, i64, i64)>,
+        keys: Vec<(i64, Option<String>, i64, i64)>,
+    ) -> Self {
+        let count = |n: i64| n.max(0) as u64;
+        UsageSummary {
+            days: days
+                .into_iter()
+                .map(|(day, allowed, denied)| DayUsage {
+                    day,
+                    allowed: count(allowed),
+                    denied: count(denied),
+                })
+                .collect(),
+            top_keys: keys
+                .into_iter()
+                .map(|(key_id, name, allowed, denied)| KeyUsage {
+                    key_id,
+                    name,
+                    allowed: count(allowed),
+                    denied: count(denied),
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Where the request log's batches go, and what reads them back.
 #[async_trait]
 pub trait RequestLogSink: Send + Sync + 'static {

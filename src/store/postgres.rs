@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::sqlite::parse_hash_hex;
 use super::{
-    DayUsage, KeyChange, KeyStore, KeyUsage, LimitsPatch, LogRow, Maintenance, Outcome, Quota,
-    QuotaOutcome, QuotaStore, RequestLogSink, StoreError, Usage, UsageSummary,
+    KeyChange, KeyStore, LimitsPatch, LogRow, Maintenance, Outcome, Quota, QuotaOutcome,
+    QuotaStore, RequestLogSink, StoreError, Usage, UsageSummary,
 };
 use crate::keys::{self, ApiKey, KeyHash, KeyStatus, Limits, NewKey};
 
@@ -603,7 +603,7 @@ impl RequestLogSink for PgStore {
         key_id: Option<i64>,
         top: u32,
     ) -> Result<UsageSummary, StoreError> {
-        let days = sqlx::query(
+        let days: Vec<(String, i64, i64)> = sqlx::query_as(
             "SELECT to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, \
                     count(*) FILTER (WHERE decision = 'allow') AS allowed, \
                     count(*) FILTER (WHERE decision = 'deny') AS denied \
@@ -617,7 +617,7 @@ impl RequestLogSink for PgStore {
         .bind(key_id)
         .fetch_all(&self.pool)
         .await?;
-        let keys = sqlx::query(
+        let keys: Vec<(i64, Option<String>, i64, i64)> = sqlx::query_as(
             "SELECT l.api_key_id AS id, k.name AS name, \
                     count(*) FILTER (WHERE l.decision = 'allow') AS allowed, \
                     count(*) FILTER (WHERE l.decision = 'deny') AS denied \
@@ -632,31 +632,8 @@ impl RequestLogSink for PgStore {
         .bind(i64::from(top))
         .fetch_all(&self.pool)
         .await?;
-        Ok(UsageSummary {
-            days: days
-                .iter()
-                .map(|r| -> Result<DayUsage, StoreError> {
-                    Ok(DayUsage {
-                        day: r.try_get("day")?,
-                        allowed: r.try_get::<i64, _>("allowed")?.max(0) as u64,
-                        denied: r.try_get::<i64, _>("denied")?.max(0) as u64,
-                    })
-                })
-                .collect::<Result<_, _>>()?,
-            top_keys: keys
-                .iter()
-                .map(|r| -> Result<KeyUsage, StoreError> {
-                    Ok(KeyUsage {
-                        key_id: r.try_get("id")?,
-                        name: r.try_get("name")?,
-                        allowed: r.try_get::<i64, _>("allowed")?.max(0) as u64,
-                        denied: r.try_get::<i64, _>("denied")?.max(0) as u64,
-                    })
-                })
-                .collect::<Result<_, _>>()?,
-        })
+        Ok(UsageSummary::from_rows(days, keys))
     }
-
     async fn write_batch(&self, rows: &[LogRow]) -> Result<(), StoreError> {
         // One statement per batch: the rows travel as arrays and UNNEST turns them back into rows.
         let mut ts = Vec::with_capacity(rows.len());

@@ -19,8 +19,8 @@ use sqlx::sqlite::{
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    DayUsage, KeyChange, KeyStore, KeyUsage, LimitsPatch, LogRow, Maintenance, Outcome, Quota,
-    QuotaOutcome, QuotaStore, RequestLogSink, StoreError, Usage, UsageSummary, ts_text,
+    KeyChange, KeyStore, LimitsPatch, LogRow, Maintenance, Outcome, Quota, QuotaOutcome,
+    QuotaStore, RequestLogSink, StoreError, Usage, UsageSummary, ts_text,
 };
 use crate::clock::{day_label, month_label};
 use crate::keys::{self, ApiKey, KeyHash, KeyStatus, Limits, NewKey};
@@ -512,7 +512,7 @@ impl RequestLogSink for SqliteStore {
     ) -> Result<UsageSummary, StoreError> {
         // Times are RFC 3339 text in UTC, so a text range is a time range and the first ten
         // characters are the day.
-        let days = sqlx::query(
+        let days: Vec<(String, i64, i64)> = sqlx::query_as(
             "SELECT substr(ts, 1, 10) AS day, \
                     SUM(decision = 'allow') AS allowed, SUM(decision = 'deny') AS denied \
              FROM api_requests_log \
@@ -524,7 +524,7 @@ impl RequestLogSink for SqliteStore {
         .bind(key_id)
         .fetch_all(&self.read)
         .await?;
-        let keys = sqlx::query(
+        let keys: Vec<(i64, Option<String>, i64, i64)> = sqlx::query_as(
             "SELECT l.api_key_id AS id, k.name AS name, \
                     SUM(l.decision = 'allow') AS allowed, SUM(l.decision = 'deny') AS denied \
              FROM api_requests_log l LEFT JOIN api_keys k ON k.id = l.api_key_id \
@@ -538,31 +538,8 @@ impl RequestLogSink for SqliteStore {
         .bind(i64::from(top))
         .fetch_all(&self.read)
         .await?;
-        Ok(UsageSummary {
-            days: days
-                .iter()
-                .map(|r| -> Result<DayUsage, StoreError> {
-                    Ok(DayUsage {
-                        day: r.try_get("day")?,
-                        allowed: r.try_get::<i64, _>("allowed")?.max(0) as u64,
-                        denied: r.try_get::<i64, _>("denied")?.max(0) as u64,
-                    })
-                })
-                .collect::<Result<_, _>>()?,
-            top_keys: keys
-                .iter()
-                .map(|r| -> Result<KeyUsage, StoreError> {
-                    Ok(KeyUsage {
-                        key_id: r.try_get("id")?,
-                        name: r.try_get("name")?,
-                        allowed: r.try_get::<i64, _>("allowed")?.max(0) as u64,
-                        denied: r.try_get::<i64, _>("denied")?.max(0) as u64,
-                    })
-                })
-                .collect::<Result<_, _>>()?,
-        })
+        Ok(UsageSummary::from_rows(days, keys))
     }
-
     async fn write_batch(&self, rows: &[LogRow]) -> Result<(), StoreError> {
         let mut tx = self.write.begin().await?;
         for row in rows {
