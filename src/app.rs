@@ -24,7 +24,7 @@ use tonic_health::ServingStatus;
 
 use crate::authz::AuthzService;
 use crate::clock::{Clock, SystemClock};
-use crate::config::Config;
+use crate::config::{Config, QuotaMode};
 use crate::grpc::accesslog::AccessLogGrpc;
 use crate::grpc::authz::AuthzGrpc;
 use crate::grpc::ratelimit::RateLimitGrpc;
@@ -36,7 +36,8 @@ use crate::limiter::redis::RedisLimiter;
 use crate::ratelimit::rules::Rules;
 use crate::ratelimit::service::RateLimitService;
 use crate::reqlog::{self, OutcomeLog, RequestLog};
-use crate::store::{self, Stores};
+use crate::store::batched::BatchedQuota;
+use crate::store::{self, QuotaStore, Stores};
 use crate::telemetry::Metrics;
 
 /// A built, not yet running, tollgate.
@@ -56,6 +57,7 @@ pub struct App {
     outcome_writer: Option<JoinHandle<()>>,
     drain_outcomes: CancellationToken,
     clock: Arc<dyn Clock>,
+    batched: Option<Arc<BatchedQuota>>,
     metrics: Arc<Metrics>,
 }
 
@@ -101,11 +103,21 @@ impl App {
             config.cache.negative_ttl.0,
         ));
         let limiter = limiter(&config)?;
+        let batched = (config.quota.mode == QuotaMode::Batched).then(|| {
+            Arc::new(BatchedQuota::new(
+                stores.quotas.clone(),
+                config.quota.max_block,
+            ))
+        });
+        let quotas: Arc<dyn QuotaStore> = match &batched {
+            Some(b) => b.clone(),
+            None => stores.quotas.clone(),
+        };
         let authz = Arc::new(AuthzService::new(
             &config,
             cache.clone(),
             limiter.clone(),
-            stores.quotas.clone(),
+            quotas,
             log.clone(),
             clock.clone(),
             metrics.clone(),
@@ -135,6 +147,7 @@ impl App {
             outcome_writer,
             drain_outcomes,
             clock,
+            batched,
             metrics,
         })
     }
@@ -170,6 +183,7 @@ impl App {
             outcome_writer,
             drain_outcomes,
             clock,
+            batched,
             metrics,
         } = self;
         let grpc_addr = grpc.local_addr()?;
@@ -188,6 +202,13 @@ impl App {
             config.request_log.retention.map(|d| d.0),
             background.clone(),
         ));
+        if let Some(b) = batched.clone() {
+            tasks.spawn(flush_batched(
+                b,
+                config.quota.flush_interval.0,
+                background.clone(),
+            ));
+        }
         // Serve only once key changes are being heard, so no cached key can miss one.
         if !cache.wait_primed(std::time::Duration::from_secs(10)).await {
             tracing::warn!("key change feed not running after 10s; serving anyway");
@@ -306,6 +327,12 @@ impl App {
             && tokio::time::timeout(deadline, writer).await.is_err()
         {
             tracing::error!("access log outcomes not written within {deadline:?}");
+        }
+        // ...and quota reserved but not spent.
+        if let Some(b) = &batched
+            && let Err(e) = b.flush().await
+        {
+            tracing::error!(error = %e, "reserved quota not given back at shutdown");
         }
         // 5. The database.
         stores.close().await;
@@ -433,6 +460,25 @@ fn rules_fingerprint(
     let mut out = Vec::new();
     walk(path, &mut out);
     out
+}
+
+/// Gives back batched quota not spent, every `interval`.
+async fn flush_batched(
+    batched: Arc<BatchedQuota>,
+    interval: std::time::Duration,
+    stop: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        if let Err(e) = batched.flush().await {
+            tracing::warn!(error = %e, "giving back reserved quota failed; retrying");
+        }
+    }
 }
 
 /// Keeps the request log in shape (partitions ahead, retention) at start and every hour.

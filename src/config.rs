@@ -34,6 +34,7 @@ pub struct Config {
     pub authz: AuthzConfig,
     pub ratelimit: RateLimitConfig,
     pub limits: LimitsConfig,
+    pub quota: QuotaConfig,
     pub cache: CacheConfig,
     pub request_log: RequestLogConfig,
     pub log: LogConfig,
@@ -57,6 +58,7 @@ impl Default for Config {
             authz: AuthzConfig::default(),
             ratelimit: RateLimitConfig::default(),
             limits: LimitsConfig::default(),
+            quota: QuotaConfig::default(),
             cache: CacheConfig::default(),
             request_log: RequestLogConfig::default(),
             log: LogConfig::default(),
@@ -185,6 +187,37 @@ impl Default for RateLimitConfig {
             shadow_mode: false,
             algorithm: crate::limiter::Algorithm::FixedWindow,
             watch_interval: Dur(Duration::from_secs(1)),
+        }
+    }
+}
+
+/// How daily and monthly quotas are spent.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum QuotaMode {
+    /// One conditional UPDATE per request: counters are exact at every moment.
+    Exact,
+    /// Blocks reserved with the same UPDATE and spent in memory; unused units go back every
+    /// `flush_interval`. Never admits more than the limit.
+    Batched,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct QuotaConfig {
+    pub mode: QuotaMode,
+    /// Batched: the largest block a replica reserves for one key.
+    pub max_block: u64,
+    /// Batched: how often unused units are given back (at most 1s).
+    pub flush_interval: Dur,
+}
+
+impl Default for QuotaConfig {
+    fn default() -> Self {
+        Self {
+            mode: QuotaMode::Exact,
+            max_block: 100,
+            flush_interval: Dur(Duration::from_millis(500)),
         }
     }
 }
@@ -471,6 +504,18 @@ impl Config {
             if d.0.is_zero() {
                 return Err(fail(field, "must be longer than 0".into()));
             }
+        }
+        if self.quota.max_block == 0 {
+            return Err(fail("quota.max_block", "must be at least 1".into()));
+        }
+        if self.quota.flush_interval.0.is_zero()
+            || self.quota.flush_interval.0 > Duration::from_secs(1)
+        {
+            return Err(fail(
+                "quota.flush_interval",
+                "must be longer than 0 and at most 1s, so counters show real use within a second"
+                    .into(),
+            ));
         }
         if self.cache.poll_interval.0 > Duration::from_secs(1) {
             return Err(fail(

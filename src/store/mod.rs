@@ -3,6 +3,7 @@
 //! The backend is chosen once, from `database.url`, by [`open`]; nothing on the request path knows
 //! which one it has. `sqlite.rs` is the embedded default.
 
+pub mod batched;
 pub mod postgres;
 pub mod sqlite;
 
@@ -173,6 +174,16 @@ pub trait QuotaStore: Send + Sync + 'static {
         cost: u64,
         now: DateTime<Utc>,
     ) -> Result<QuotaOutcome, StoreError>;
+
+    /// Takes `units` off the counters of a key: the daily one only if it still belongs to the
+    /// day of `spent_at`, the monthly one only if it still belongs to that month, and the total.
+    /// Never below zero. For quota reserved and not used, or refunded.
+    async fn give_back(
+        &self,
+        key_id: i64,
+        units: u64,
+        spent_at: DateTime<Utc>,
+    ) -> Result<(), StoreError>;
 }
 
 /// One row of the request log.

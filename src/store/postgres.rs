@@ -317,6 +317,31 @@ pub const CONSUME_SQL: &str = "UPDATE api_usage SET \
 
 #[async_trait]
 impl QuotaStore for PgStore {
+    async fn give_back(
+        &self,
+        key_id: i64,
+        units: u64,
+        spent_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let (day, month) = day_and_month(spent_at);
+        sqlx::query(
+            "UPDATE api_usage SET \
+               daily_requests = CASE WHEN day = $2 THEN greatest(daily_requests - $4, 0) \
+                 ELSE daily_requests END, \
+               monthly_requests = CASE WHEN month = $3 THEN greatest(monthly_requests - $4, 0) \
+                 ELSE monthly_requests END, \
+               total_requests = greatest(total_requests - $4, 0), updated_at = now() \
+             WHERE api_key_id = $1",
+        )
+        .bind(key_id)
+        .bind(day)
+        .bind(month)
+        .bind(units.min(i64::MAX as u64) as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
     async fn consume(
         &self,
         key_id: i64,

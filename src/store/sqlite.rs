@@ -344,6 +344,30 @@ pub(crate) fn parse_hash_hex(hex: &str) -> Option<KeyHash> {
 
 #[async_trait]
 impl QuotaStore for SqliteStore {
+    async fn give_back(
+        &self,
+        key_id: i64,
+        units: u64,
+        spent_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "UPDATE api_usage SET \
+               daily_requests = CASE WHEN day = ?2 THEN max(daily_requests - ?4, 0) \
+                 ELSE daily_requests END, \
+               monthly_requests = CASE WHEN month = ?3 THEN max(monthly_requests - ?4, 0) \
+                 ELSE monthly_requests END, \
+               total_requests = max(total_requests - ?4, 0) \
+             WHERE api_key_id = ?1",
+        )
+        .bind(key_id)
+        .bind(day_label(spent_at))
+        .bind(month_label(spent_at))
+        .bind(units.min(i64::MAX as u64) as i64)
+        .execute(&self.write)
+        .await?;
+        Ok(())
+    }
+
     async fn consume(
         &self,
         key_id: i64,

@@ -1,0 +1,186 @@
+//! `quota.mode: batched`: quota reserved from the database in blocks and spent in memory.
+//!
+//! A replica reserves a block of units for a key with the same conditional statement as exact
+//! mode (`QuotaStore::consume` with the block as the cost), shrinking the block to the room left
+//! when the whole block does not fit, and spends it in memory without a round trip. Every
+//! `flush_interval` (at most 1 s) it gives back what it has not spent, so the counters exceed
+//! real use by at most what replicas hold for that long. Since a replica spends only what the
+//! database granted it, no more than the limit is ever admitted across all replicas; near the
+//! limit, a unit held by one replica may make another refuse until the next flush.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use super::{Quota, QuotaOutcome, QuotaStore, StoreError};
+use crate::clock::{day_label, month_label};
+
+/// What a replica holds for one key.
+#[derive(Debug, Default)]
+struct Slot {
+    /// Units reserved and not yet spent.
+    available: u64,
+    /// When they were reserved: the day and month they count in.
+    reserved_at: Option<DateTime<Utc>>,
+    /// The counters as the database left them after the last reservation.
+    daily_after: u64,
+    monthly_after: u64,
+    /// The last block asked for; grows for busy keys.
+    block: u64,
+}
+
+/// Batched quotas in front of a [`QuotaStore`].
+pub struct BatchedQuota {
+    inner: Arc<dyn QuotaStore>,
+    max_block: u64,
+    slots: Mutex<HashMap<i64, Arc<tokio::sync::Mutex<Slot>>>>,
+}
+
+impl std::fmt::Debug for BatchedQuota {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchedQuota")
+            .field("max_block", &self.max_block)
+            .finish_non_exhaustive()
+    }
+}
+
+fn same_period(a: DateTime<Utc>, b: DateTime<Utc>) -> bool {
+    day_label(a) == day_label(b) && month_label(a) == month_label(b)
+}
+
+impl BatchedQuota {
+    pub fn new(inner: Arc<dyn QuotaStore>, max_block: u64) -> Self {
+        Self {
+            inner,
+            max_block: max_block.max(1),
+            slots: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn slot(&self, key_id: i64) -> Arc<tokio::sync::Mutex<Slot>> {
+        self.slots
+            .lock()
+            .expect("slots lock")
+            .entry(key_id)
+            .or_default()
+            .clone()
+    }
+
+    /// Gives back every unit reserved and not spent, and forgets idle keys. Units whose return
+    /// fails are kept and tried at the next flush.
+    pub async fn flush(&self) -> Result<u64, StoreError> {
+        let slots: Vec<(i64, Arc<tokio::sync::Mutex<Slot>>)> = self
+            .slots
+            .lock()
+            .expect("slots lock")
+            .iter()
+            .map(|(k, s)| (*k, s.clone()))
+            .collect();
+        let mut returned = 0;
+        let mut first_error = None;
+        for (key_id, slot) in slots {
+            let mut s = slot.lock().await;
+            if s.available > 0
+                && let Some(at) = s.reserved_at
+            {
+                match self.inner.give_back(key_id, s.available, at).await {
+                    Ok(()) => {
+                        returned += s.available;
+                        s.available = 0;
+                    }
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                        continue;
+                    }
+                }
+            }
+            // Idle: nothing held. A busy key's next check makes a new slot.
+            drop(s);
+            let mut slots = self.slots.lock().expect("slots lock");
+            if let Some(current) = slots.get(&key_id)
+                && Arc::ptr_eq(current, &slot)
+                && Arc::strong_count(&slot) == 2
+            {
+                slots.remove(&key_id);
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(returned),
+        }
+    }
+}
+
+#[async_trait]
+impl QuotaStore for BatchedQuota {
+    async fn consume(
+        &self,
+        key_id: i64,
+        quota: Quota,
+        cost: u64,
+        now: DateTime<Utc>,
+    ) -> Result<QuotaOutcome, StoreError> {
+        let slot = self.slot(key_id);
+        let mut s = slot.lock().await;
+        // Units reserved on another day or in another month do not count now: give them back.
+        if let Some(at) = s.reserved_at
+            && !same_period(at, now)
+        {
+            if s.available > 0 {
+                self.inner.give_back(key_id, s.available, at).await?;
+            }
+            *s = Slot::default();
+        }
+        if s.available < cost {
+            // Reserve a block, doubling for busy keys, shrunk to the room left.
+            let mut want = (s.block.max(1) * 2).min(self.max_block).max(cost);
+            let mut granted = false;
+            for _ in 0..4 {
+                match self.inner.consume(key_id, quota, want, now).await? {
+                    QuotaOutcome::Admitted { daily, monthly } => {
+                        s.available += want;
+                        s.reserved_at = Some(now);
+                        s.daily_after = daily;
+                        s.monthly_after = monthly;
+                        s.block = want;
+                        granted = true;
+                        break;
+                    }
+                    refused @ (QuotaOutcome::DailyExceeded { used }
+                    | QuotaOutcome::MonthlyExceeded { used }) => {
+                        let limit = match refused {
+                            QuotaOutcome::DailyExceeded { .. } => quota.daily,
+                            _ => quota.monthly,
+                        }
+                        .unwrap_or(0);
+                        let room = limit.saturating_sub(used);
+                        if room + s.available < cost || room == 0 {
+                            return Ok(refused);
+                        }
+                        want = room.min(want);
+                    }
+                }
+            }
+            if !granted || s.available < cost {
+                // Room kept moving under us: answer as the database would.
+                return self.inner.consume(key_id, quota, cost, now).await;
+            }
+        }
+        s.available -= cost;
+        Ok(QuotaOutcome::Admitted {
+            daily: s.daily_after.saturating_sub(s.available),
+            monthly: s.monthly_after.saturating_sub(s.available),
+        })
+    }
+
+    async fn give_back(
+        &self,
+        key_id: i64,
+        units: u64,
+        spent_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.inner.give_back(key_id, units, spent_at).await
+    }
+}
