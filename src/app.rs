@@ -57,7 +57,8 @@ pub struct App {
     outcome_writer: Option<JoinHandle<()>>,
     drain_outcomes: CancellationToken,
     clock: Arc<dyn Clock>,
-    batched: Option<Arc<BatchedQuota>>,
+    /// Quota spent in memory and given back on flush (batched mode; keys without quotas).
+    batched: Vec<Arc<BatchedQuota>>,
     metrics: Arc<Metrics>,
 }
 
@@ -113,11 +114,16 @@ impl App {
             Some(b) => b.clone(),
             None => stores.quotas.clone(),
         };
+        // Keys without quotas have nothing to enforce: their usage is counted in blocks.
+        let uncapped = Arc::new(BatchedQuota::new(stores.quotas.clone(), UNCAPPED_BLOCK));
+        let batched: Vec<Arc<BatchedQuota>> =
+            batched.into_iter().chain([uncapped.clone()]).collect();
         let authz = Arc::new(AuthzService::new(
             &config,
             cache.clone(),
             limiter.clone(),
             quotas,
+            uncapped,
             log.clone(),
             clock.clone(),
             metrics.clone(),
@@ -202,9 +208,9 @@ impl App {
             config.request_log.retention.map(|d| d.0),
             background.clone(),
         ));
-        if let Some(b) = batched.clone() {
+        for b in &batched {
             tasks.spawn(flush_batched(
-                b,
+                b.clone(),
                 config.quota.flush_interval.0,
                 background.clone(),
             ));
@@ -329,10 +335,10 @@ impl App {
             tracing::error!("access log outcomes not written within {deadline:?}");
         }
         // ...and quota reserved but not spent.
-        if let Some(b) = &batched
-            && let Err(e) = b.flush().await
-        {
-            tracing::error!(error = %e, "reserved quota not given back at shutdown");
+        for b in &batched {
+            if let Err(e) = b.flush().await {
+                tracing::error!(error = %e, "reserved quota not given back at shutdown");
+            }
         }
         // 5. The database.
         stores.close().await;
@@ -461,6 +467,9 @@ fn rules_fingerprint(
     walk(path, &mut out);
     out
 }
+
+/// Block size for counting keys without quotas.
+const UNCAPPED_BLOCK: u64 = 1_000;
 
 /// Gives back batched quota not spent, every `interval`.
 async fn flush_batched(

@@ -50,6 +50,9 @@ pub struct AuthzService {
     keys: Arc<KeyCache>,
     limiter: Arc<dyn WindowLimiter>,
     quotas: Arc<dyn QuotaStore>,
+    /// Counts keys without quotas: nothing to enforce, so their usage is counted in memory
+    /// and written in blocks (see `store::batched`) instead of one write per request.
+    uncapped: Arc<dyn QuotaStore>,
     log: RequestLog,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
@@ -62,6 +65,7 @@ impl AuthzService {
         keys: Arc<KeyCache>,
         limiter: Arc<dyn WindowLimiter>,
         quotas: Arc<dyn QuotaStore>,
+        uncapped: Arc<dyn QuotaStore>,
         log: RequestLog,
         clock: Arc<dyn Clock>,
         metrics: Arc<Metrics>,
@@ -85,6 +89,7 @@ impl AuthzService {
             keys,
             limiter,
             quotas,
+            uncapped,
             log,
             clock,
             metrics,
@@ -270,7 +275,12 @@ impl AuthzService {
             monthly: key.limits.monthly,
         };
         let step = std::time::Instant::now();
-        let outcome = self.quotas.consume(key.id, quota, cost, now).await;
+        let store = if quota.daily.is_none() && quota.monthly.is_none() {
+            &self.uncapped
+        } else {
+            &self.quotas
+        };
+        let outcome = store.consume(key.id, quota, cost, now).await;
         self.metrics.database_duration.observe(step.elapsed());
         let refused = match outcome {
             Ok(QuotaOutcome::Admitted { daily, monthly }) => {

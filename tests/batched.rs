@@ -186,3 +186,29 @@ async fn two_batched_replicas_stay_within_the_limit_and_counters_match_the_log()
     );
     assert_eq!(db.scalar(&logged).await, admitted);
 }
+
+/// Keys without quotas are counted in blocks in every mode: the counters still show real use
+/// within a second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_without_quotas_are_counted_within_a_second() {
+    let tg = Tollgate::start().await;
+    assert_eq!(tg.stores.keys.get(0).await.unwrap(), None);
+    let (key, id) = tg.create_key("free", Limits::default()).await;
+    let mut c = tg.client().await;
+    for _ in 0..7 {
+        ok(&c.check(key_header(&key)).await.unwrap().into_inner());
+    }
+    let started = Instant::now();
+    loop {
+        let usage = tg.stores.keys.usage(id, t0()).await.unwrap();
+        if (usage.daily, usage.total) == (7, 7) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "usage {usage:?} after 1 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tg.stop().await;
+}
