@@ -72,6 +72,17 @@ pub struct Usage {
     pub total: u64,
 }
 
+impl Usage {
+    /// From the (daily, monthly, total) counters a backend read.
+    pub(crate) fn from_counts((daily, monthly, total): (i64, i64, i64)) -> Self {
+        Usage {
+            daily: daily.max(0) as u64,
+            monthly: monthly.max(0) as u64,
+            total: total.max(0) as u64,
+        }
+    }
+}
+
 /// A change to some of a key's limits. `Some(None)` makes that limit unlimited.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LimitsPatch {

@@ -304,7 +304,7 @@ impl KeyStore for SqliteStore {
     }
 
     async fn usage(&self, id: i64, now: DateTime<Utc>) -> Result<Usage, StoreError> {
-        let row = sqlx::query(
+        let row: Option<(i64, i64, i64)> = sqlx::query_as(
             "SELECT CASE WHEN day = ?2 THEN daily_requests ELSE 0 END AS daily, \
                     CASE WHEN month = ?3 THEN monthly_requests ELSE 0 END AS monthly, \
                     total_requests AS total \
@@ -315,14 +315,7 @@ impl KeyStore for SqliteStore {
         .bind(month_label(now))
         .fetch_optional(&self.read)
         .await?;
-        Ok(match row {
-            None => Usage::default(),
-            Some(r) => Usage {
-                daily: r.try_get::<i64, _>("daily")?.max(0) as u64,
-                monthly: r.try_get::<i64, _>("monthly")?.max(0) as u64,
-                total: r.try_get::<i64, _>("total")?.max(0) as u64,
-            },
-        })
+        Ok(row.map(Usage::from_counts).unwrap_or_default())
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
