@@ -126,20 +126,7 @@ async fn a_running_tollgate_shows_real_use_within_a_second() {
 async fn two_batched_replicas_stay_within_the_limit_and_counters_match_the_log() {
     let db = TestDb::create(Db::Postgres).await;
     let dir = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args([
-            "keys", "create", "--json", "--name", "hot", "--daily", "300",
-        ])
-        .env_remove("TOLLGATE_CONFIG")
-        .env("TOLLGATE_DATABASE_URL", &db.url)
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let (key, id) = (
-        created["key"].as_str().unwrap().to_string(),
-        created["id"].as_i64().unwrap(),
-    );
+    let (key, id) = cli_create_key(dir.path(), &db.url, &["--name", "hot", "--daily", "300"]);
     let env = [
         ("TOLLGATE_DATABASE_URL", db.url.as_str()),
         ("TOLLGATE_QUOTA_MODE", "batched"),
@@ -150,26 +137,11 @@ async fn two_batched_replicas_stay_within_the_limit_and_counters_match_the_log()
         Replica::spawn(dir.path(), &env).await,
     ];
     let clients = [replicas[0].client().await, replicas[1].client().await];
-    let tasks: Vec<_> = (0..1000)
-        .map(|i| {
-            let mut c = clients[i % 2].clone();
-            let key = key.clone();
-            tokio::spawn(async move {
-                c.check(key_header(&key))
-                    .await
-                    .unwrap()
-                    .into_inner()
-                    .status
-                    .unwrap()
-                    .code
-                    == 0
-            })
-        })
-        .collect();
-    let mut admitted = 0;
-    for t in tasks {
-        admitted += t.await.unwrap() as i64;
-    }
+    let admitted = burst(&clients, &key, 1000)
+        .await
+        .iter()
+        .filter(|(_, resp)| allowed(resp))
+        .count() as i64;
     assert!(admitted <= 300, "admitted {admitted}");
     assert!(
         admitted >= 200,

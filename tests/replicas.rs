@@ -7,28 +7,11 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-async fn create_key(dir: &std::path::Path, db_url: &str, args: &[&str]) -> (String, i64) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["keys", "create", "--json"])
-        .args(args)
-        .current_dir(dir)
-        .env_remove("TOLLGATE_CONFIG")
-        .env("TOLLGATE_DATABASE_URL", db_url)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    (
-        v["key"].as_str().unwrap().to_string(),
-        v["id"].as_i64().unwrap(),
-    )
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_admit_exactly_the_daily_limit_and_the_log_agrees() {
     let db = TestDb::create(Db::Postgres).await;
     let dir = tempfile::tempdir().unwrap();
-    let (key, id) = create_key(dir.path(), &db.url, &["--name", "hot", "--daily", "300"]).await;
+    let (key, id) = cli_create_key(dir.path(), &db.url, &["--name", "hot", "--daily", "300"]);
     let env = [
         ("TOLLGATE_DATABASE_URL", db.url.as_str()),
         ("TOLLGATE_DATABASE_TIMEOUT", "20s"),
@@ -38,23 +21,13 @@ async fn two_replicas_admit_exactly_the_daily_limit_and_the_log_agrees() {
         Replica::spawn(dir.path(), &env).await,
     ];
     let clients = [replicas[0].client().await, replicas[1].client().await];
-    let tasks: Vec<_> = (0..1000)
-        .map(|i| {
-            let mut c = clients[i % 2].clone();
-            let key = key.clone();
-            tokio::spawn(async move {
-                let resp = c.check(key_header(&key)).await.unwrap().into_inner();
-                (i % 2, resp.status.unwrap().code)
-            })
-        })
-        .collect();
     let mut allowed = [0; 2];
     let mut refused = 0;
-    for t in tasks {
-        match t.await.unwrap() {
-            (r, 0) => allowed[r] += 1,
-            (_, 8) => refused += 1,
-            other => panic!("unexpected answer {other:?}"),
+    for (r, resp) in burst(&clients, &key, 1000).await {
+        match resp.status.unwrap().code {
+            0 => allowed[r] += 1,
+            8 => refused += 1,
+            other => panic!("unexpected answer {other}"),
         }
     }
     assert_eq!(allowed[0] + allowed[1], 300, "{allowed:?}");
@@ -83,7 +56,7 @@ async fn two_replicas_admit_exactly_the_daily_limit_and_the_log_agrees() {
 async fn a_revoke_reaches_every_replica_within_a_second() {
     let db = TestDb::create(Db::Postgres).await;
     let dir = tempfile::tempdir().unwrap();
-    let (key, id) = create_key(dir.path(), &db.url, &["--name", "shared"]).await;
+    let (key, id) = cli_create_key(dir.path(), &db.url, &["--name", "shared"]);
     let env = [("TOLLGATE_DATABASE_URL", db.url.as_str())];
     let replicas = [
         Replica::spawn(dir.path(), &env).await,
@@ -142,12 +115,11 @@ async fn two_replicas_on_postgres_and_redis_cluster_admit_exactly_the_per_minute
     let redis = redis_cluster_url().await;
     let prefix = unique_prefix("replicas");
     let dir = tempfile::tempdir().unwrap();
-    let (key, id) = create_key(
+    let (key, id) = cli_create_key(
         dir.path(),
         &db.url,
         &["--name", "burst", "--per-minute", "100"],
-    )
-    .await;
+    );
     let env = [
         ("TOLLGATE_DATABASE_URL", db.url.as_str()),
         ("TOLLGATE_DATABASE_TIMEOUT", "20s"),
@@ -162,19 +134,8 @@ async fn two_replicas_on_postgres_and_redis_cluster_admit_exactly_the_per_minute
     ];
     let clients = [replicas[0].client().await, replicas[1].client().await];
     away_from_a_minute_edge().await;
-    let tasks: Vec<_> = (0..1000)
-        .map(|i| {
-            let mut c = clients[i % 2].clone();
-            let key = key.clone();
-            tokio::spawn(async move {
-                let resp = c.check(key_header(&key)).await.unwrap().into_inner();
-                (i % 2, resp)
-            })
-        })
-        .collect();
     let mut allowed = [0; 2];
-    for t in tasks {
-        let (r, resp) = t.await.unwrap();
+    for (r, resp) in burst(&clients, &key, 1000).await {
         match resp.status.as_ref().unwrap().code {
             0 => allowed[r] += 1,
             _ => assert_eq!(denied(&resp).body["error"], "rate_limited"),

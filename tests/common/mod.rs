@@ -848,3 +848,48 @@ impl Drop for PrivateRedis {
         self.stop();
     }
 }
+
+/// Creates a key with `tollgate keys create --json ARGS` on `db_url`; returns (key, id).
+pub fn cli_create_key(dir: &Path, db_url: &str, args: &[&str]) -> (String, i64) {
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["keys", "create", "--json"])
+        .args(args)
+        .current_dir(dir)
+        .env_remove("TOLLGATE_CONFIG")
+        .env("TOLLGATE_DATABASE_URL", db_url)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    (
+        v["key"].as_str().unwrap().to_string(),
+        v["id"].as_i64().unwrap(),
+    )
+}
+
+/// `n` concurrent Checks with `key`, spread round-robin over `clients`; returns, per request,
+/// the index of the client that sent it and the answer.
+pub async fn burst(
+    clients: &[AuthorizationClient<Channel>],
+    key: &str,
+    n: usize,
+) -> Vec<(usize, CheckResponse)> {
+    let tasks: Vec<_> = (0..n)
+        .map(|i| {
+            let r = i % clients.len();
+            let mut c = clients[r].clone();
+            let key = key.to_string();
+            tokio::spawn(async move { (r, c.check(key_header(&key)).await.unwrap().into_inner()) })
+        })
+        .collect();
+    let mut answers = Vec::with_capacity(n);
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    answers
+}
+
+/// Whether a Check answer allowed the request.
+pub fn allowed(resp: &CheckResponse) -> bool {
+    resp.status.as_ref().map(|s| s.code) == Some(0)
+}
