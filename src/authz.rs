@@ -268,8 +268,10 @@ impl AuthzService {
             }
         }
 
-        // 4. The daily and monthly quota: one atomic statement. Every admitted request is
-        //    counted, also for keys without quotas, so usage and the log agree.
+        // 4. The daily and monthly quota: one atomic statement (exact mode), or spent from a
+        //    block reserved with that statement (batched mode). Every admitted request is
+        //    counted, also for keys without quotas (in blocks: nothing to enforce), so usage
+        //    and the log agree.
         let quota = Quota {
             daily: key.limits.daily,
             monthly: key.limits.monthly,
