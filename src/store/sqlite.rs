@@ -25,6 +25,9 @@ use super::{
 use crate::clock::{day_label, month_label};
 use crate::keys::{self, ApiKey, KeyHash, KeyStatus, Limits, NewKey};
 
+/// Rows per INSERT statement of the request log (12 parameters each; SQLite allows 32,766).
+const LOG_ROWS_PER_STATEMENT: usize = 500;
+
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     read: SqlitePool,
@@ -560,27 +563,29 @@ impl RequestLogSink for SqliteStore {
         Ok(UsageSummary::from_rows(days, keys))
     }
     async fn write_batch(&self, rows: &[LogRow]) -> Result<(), StoreError> {
+        // Multi-row INSERTs: every statement is a round trip to sqlx's SQLite thread, and the
+        // single writer connection is held meanwhile (quota statements wait for it).
         let mut tx = self.write.begin().await?;
-        for row in rows {
-            sqlx::query(
+        for chunk in rows.chunks(LOG_ROWS_PER_STATEMENT) {
+            let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
                 "INSERT INTO api_requests_log (ts, request_id, api_key_id, method, path, host, \
-                   client_addr, decision, reason, status, api, cost) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
-            )
-            .bind(ts_text(row.ts))
-            .bind(row.request_id.as_deref())
-            .bind(row.key_id)
-            .bind(row.method.as_deref())
-            .bind(row.path.as_deref())
-            .bind(row.host.as_deref())
-            .bind(row.client_addr.as_deref())
-            .bind(if row.allowed { "allow" } else { "deny" })
-            .bind(row.reason)
-            .bind(row.status as i64)
-            .bind(row.api.as_str())
-            .bind(row.cost.min(i64::MAX as u64) as i64)
-            .execute(&mut *tx)
-            .await?;
+                   client_addr, decision, reason, status, api, cost) ",
+            );
+            insert.push_values(chunk, |mut b, row| {
+                b.push_bind(ts_text(row.ts))
+                    .push_bind(row.request_id.clone())
+                    .push_bind(row.key_id)
+                    .push_bind(row.method.clone())
+                    .push_bind(row.path.clone())
+                    .push_bind(row.host.clone())
+                    .push_bind(row.client_addr.clone())
+                    .push_bind(if row.allowed { "allow" } else { "deny" })
+                    .push_bind(row.reason)
+                    .push_bind(row.status as i64)
+                    .push_bind(row.api.as_str())
+                    .push_bind(row.cost.min(i64::MAX as u64) as i64);
+            });
+            insert.build().execute(&mut *tx).await?;
         }
         tx.commit().await?;
         Ok(())
