@@ -893,3 +893,17 @@ pub async fn burst(
 pub fn allowed(resp: &CheckResponse) -> bool {
     resp.status.as_ref().map(|s| s.code) == Some(0)
 }
+
+/// Two requests through each client in turn, before a burst: each is admitted (the limit is
+/// far from reached), so every replica provably takes part. Returns the admissions per client.
+pub async fn one_round_each(clients: &[AuthorizationClient<Channel>], key: &str) -> Vec<usize> {
+    let mut admitted = vec![0; clients.len()];
+    for _ in 0..2 {
+        for (i, c) in clients.iter().enumerate() {
+            let resp = c.clone().check(key_header(key)).await.unwrap().into_inner();
+            assert!(allowed(&resp), "{resp:?}");
+            admitted[i] += 1;
+        }
+    }
+    admitted
+}
