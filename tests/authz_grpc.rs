@@ -556,12 +556,7 @@ async fn database_failure_open_allows_uncounted_and_says_so_in_metrics(db: Db) {
     // An unknown key is never let in, whatever the failure mode.
     let stranger = tollgate::keys::generate().plaintext;
     denied(&c.check(key_header(&stranger)).await.unwrap().into_inner());
-    let metrics = reqwest::get(format!("http://{}/metrics", tg.http))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = tg.metrics_text().await;
     assert!(
         metrics.contains("tollgate_fail_open_total{backend=\"database\"} 3\n"),
         "{metrics}"

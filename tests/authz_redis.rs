@@ -19,17 +19,6 @@ fn per_minute(n: u64) -> Limits {
     }
 }
 
-async fn metrics(tg: &Tollgate) -> String {
-    http_client()
-        .get(format!("http://{}/metrics", tg.http))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
-}
-
 /// Allowed (true) or denied (false), and how long the check took.
 async fn timed_check(
     tg: &Tollgate,
@@ -124,7 +113,7 @@ async fn redis_down_fail_open_allows_counts_and_recovers_when_it_returns() {
         assert!(ok(&resp).response_headers_to_add.is_empty(), "{resp:?}");
         assert!(took < Duration::from_secs(1), "check took {took:?}");
     }
-    let m = metrics(&tg).await;
+    let m = tg.metrics_text().await;
     assert!(
         m.contains("tollgate_fail_open_total{backend=\"limiter\"} 5\n"),
         "{m}"
@@ -181,7 +170,7 @@ async fn redis_down_fail_closed_answers_503() {
         assert_eq!(d.headers["retry-after"], "1");
         assert!(took < Duration::from_secs(1), "check took {took:?}");
     }
-    let m = metrics(&tg).await;
+    let m = tg.metrics_text().await;
     assert!(
         m.contains("tollgate_fail_open_total{backend=\"limiter\"} 0\n"),
         "{m}"
@@ -212,7 +201,7 @@ async fn a_silent_redis_costs_a_check_at_most_the_timeout() {
         ok(&resp.into_inner());
         assert!(took < Duration::from_secs(1), "check took {took:?}");
     }
-    let m = metrics(&tg).await;
+    let m = tg.metrics_text().await;
     assert!(
         m.contains("tollgate_fail_open_total{backend=\"limiter\"} 5\n"),
         "{m}"

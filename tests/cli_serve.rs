@@ -265,14 +265,7 @@ async fn serve_answers_health_and_metrics_then_sigterm_flushes_and_exits_0() {
     let r = c.check(check_request(&[])).await.unwrap().into_inner();
     assert_eq!(r.status.unwrap().code, 16);
 
-    let metrics = http_client()
-        .get(format!("{}/metrics", s.http))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = s.metrics_text().await;
     assert!(
         metrics.contains(
             "tollgate_decisions_total{api=\"authz\",outcome=\"allow\",reason=\"ok\"} 3\n"
@@ -454,14 +447,7 @@ async fn the_grafana_dashboard_uses_only_exported_metrics() {
     let bin = Bin::new();
     let db = bin.db_url();
     let s = Replica::spawn(bin.dir.path(), &[("TOLLGATE_DATABASE_URL", db.as_str())]).await;
-    let exported = http_client()
-        .get(format!("{}/metrics", s.http))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let exported = s.metrics_text().await;
     let path =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/grafana/tollgate.json");
     let dashboard: serde_json::Value =

@@ -358,12 +358,7 @@ async fn envoys_access_log_completes_each_row_with_the_answer() {
     assert!(tg.scalar(&row("rid-ok", "duration_ms")).await >= 0);
     let key_of = "SELECT api_key_id FROM api_requests_log WHERE request_id = 'rid-5xx'";
     assert_eq!(tg.scalar(key_of).await, id);
-    let metrics = reqwest::get(format!("http://{}/metrics", tg.http))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = tg.metrics_text().await;
     assert!(
         metrics.contains("tollgate_access_log_entries_total{result=\"completed\"} 3\n"),
         "{metrics}"

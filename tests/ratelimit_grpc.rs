@@ -198,12 +198,7 @@ async fn shadow_mode_counts_but_allows() {
         let r = ask(&mut c, request("api", vec![descriptor(&[("soft", "x")])])).await;
         assert!(!over(&r));
     }
-    let text = reqwest::get(format!("http://{}/metrics", tg.http))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = tg.metrics_text().await;
     assert!(
         text.contains("tollgate_ratelimit_descriptors_total{outcome=\"shadow\"} 2\n"),
         "{text}"
@@ -373,12 +368,7 @@ async fn rules_reload_on_change_and_a_bad_file_keeps_the_old_rules() {
     .unwrap();
     let started = Instant::now();
     loop {
-        let text = reqwest::get(format!("http://{}/metrics", tg.http))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = tg.metrics_text().await;
         if text.contains("\ntollgate_rules_last_reload_failed 1\n") {
             assert!(
                 text.contains("tollgate_rules_reloads_total{result=\"error\"} 1"),

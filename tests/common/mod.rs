@@ -336,6 +336,11 @@ impl Tollgate {
         scalar(&self.db_url, sql).await
     }
 
+    /// What `/metrics` says now.
+    pub async fn metrics_text(&self) -> String {
+        metrics_text(&format!("http://{}", self.http)).await
+    }
+
     /// Stops it as SIGTERM would, and waits for it to finish (log flushed, database closed).
     /// The database stays readable through the returned value.
     pub async fn stop(mut self) -> Stopped {
@@ -582,6 +587,18 @@ impl Drop for Envoy {
     }
 }
 
+/// The `/metrics` text of the HTTP port at `base` (`http://host:port`).
+pub async fn metrics_text(base: &str) -> String {
+    http_client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 pub fn http_client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
@@ -640,6 +657,11 @@ impl Replica {
             assert!(Instant::now() < deadline, "tollgate serve not ready in 20s");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// What `/metrics` says now.
+    pub async fn metrics_text(&self) -> String {
+        metrics_text(&self.http).await
     }
 
     pub async fn client(&self) -> AuthorizationClient<Channel> {
