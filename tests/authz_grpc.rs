@@ -795,7 +795,70 @@ async fn a_5xx_answer_gives_the_quota_back_for_keys_that_ask(db: Db) {
     tg.stop().await;
 }
 
+/// Quota requests for several keys at once, as many tasks: the store may run them together (the
+/// SQLite writer batches them), and each must still be answered as if it ran alone.
+async fn concurrent_quota_requests_on_many_keys_are_each_answered_exactly(db: Db) {
+    use std::collections::HashMap;
+    use tollgate::store::{Quota, QuotaOutcome};
+    let tg = Tollgate::on(db).await;
+    let (_, daily) = tg
+        .create_key("daily", limits(None, Some(30), Some(1000)))
+        .await;
+    let (_, monthly) = tg
+        .create_key("monthly", limits(None, Some(1000), Some(20)))
+        .await;
+    let (_, costly) = tg.create_key("costly", limits(None, Some(10), None)).await;
+    let (_, rowless) = tg.create_key("rowless", limits(None, Some(5), None)).await;
+    // A key without a usage row (as an older version could leave one): it is created on demand.
+    tg.db
+        .execute(&format!(
+            "DELETE FROM api_usage WHERE api_key_id = {rowless}"
+        ))
+        .await;
+    let requests = [
+        (daily, Some(30), Some(1000), 1),
+        (monthly, Some(1000), Some(20), 1),
+        (costly, Some(10), None, 3),
+        (rowless, Some(5), None, 1),
+    ];
+    let tasks: Vec<_> = (0..400)
+        .map(|i| {
+            let (key, d, m, cost) = requests[i % requests.len()];
+            let quotas = tg.stores.quotas.clone();
+            tokio::spawn(async move {
+                let quota = Quota {
+                    daily: d,
+                    monthly: m,
+                };
+                (key, quotas.consume(key, quota, cost, t0()).await.unwrap())
+            })
+        })
+        .collect();
+    let mut admitted: HashMap<i64, u64> = HashMap::new();
+    for t in tasks {
+        let (key, outcome) = t.await.unwrap();
+        match (key, outcome) {
+            (_, QuotaOutcome::Admitted { .. }) => *admitted.entry(key).or_default() += 1,
+            (k, QuotaOutcome::DailyExceeded { used }) if k == daily => assert_eq!(used, 30),
+            (k, QuotaOutcome::MonthlyExceeded { used }) if k == monthly => assert_eq!(used, 20),
+            (k, QuotaOutcome::DailyExceeded { used }) if k == costly => assert_eq!(used, 9),
+            (k, QuotaOutcome::DailyExceeded { used }) if k == rowless => assert_eq!(used, 5),
+            (k, other) => panic!("key {k}: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(admitted[&daily], 30);
+    assert_eq!(admitted[&monthly], 20);
+    assert_eq!(admitted[&costly], 3, "3 requests of cost 3 fit in 10");
+    assert_eq!(admitted[&rowless], 5);
+    for (key, spent) in [(daily, 30), (monthly, 20), (costly, 9), (rowless, 5)] {
+        let usage = tg.stores.keys.usage(key, t0()).await.unwrap();
+        assert_eq!((usage.daily, usage.total), (spent, spent), "key {key}");
+    }
+    tg.stop().await;
+}
+
 every_database!(
+    concurrent_quota_requests_on_many_keys_are_each_answered_exactly,
     a_5xx_answer_gives_the_quota_back_for_keys_that_ask,
     usage_command_reports_days_and_top_keys_from_the_log,
     route_cost_is_spent_whole_or_not_at_all,

@@ -38,6 +38,20 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         matches!(self, StoreError::Unavailable(_))
     }
+
+    /// The same error again, for answering several waiters with it (`sqlx::Error` is not
+    /// `Clone`; the copy keeps the kind and the message).
+    pub(crate) fn duplicate(&self) -> StoreError {
+        let copy = || sqlx::Error::Protocol(self.to_string());
+        match self {
+            StoreError::Unavailable(_) => StoreError::Unavailable(copy()),
+            StoreError::Corrupt { table, detail } => StoreError::Corrupt {
+                table,
+                detail: detail.clone(),
+            },
+            _ => StoreError::Query(copy()),
+        }
+    }
 }
 
 impl From<sqlx::Error> for StoreError {

@@ -10,12 +10,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use sqlx::AssertSqlSafe;
 use sqlx::Row;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
 };
 
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::{
@@ -28,10 +30,32 @@ use crate::keys::{self, ApiKey, KeyHash, KeyStatus, Limits, NewKey};
 /// Rows per INSERT statement of the request log (12 parameters each; SQLite allows 32,766).
 const LOG_ROWS_PER_STATEMENT: usize = 500;
 
+/// Quota statements run together, in one transaction, per trip to the writer (see [`consume`]).
+/// Batches are padded up to a power of two, so the writer caches 7 statements, not 64.
+///
+/// [`consume`]: QuotaStore::consume
+const MAX_CONSUME_BATCH: usize = 64;
+
+/// How long the quota writer keeps the write connection while requests keep coming, and how
+/// long it waits for the next request before giving the connection back.
+const WRITER_HOLD: Duration = Duration::from_millis(10);
+const WRITER_LINGER: Duration = Duration::from_millis(1);
+
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     read: SqlitePool,
     write: SqlitePool,
+    consumes: mpsc::Sender<PendingConsume>,
+}
+
+/// A quota request waiting for the writer.
+#[derive(Debug)]
+struct PendingConsume {
+    key_id: i64,
+    quota: Quota,
+    cost: i64,
+    now: DateTime<Utc>,
+    reply: oneshot::Sender<Result<QuotaOutcome, StoreError>>,
 }
 
 impl SqliteStore {
@@ -48,14 +72,25 @@ impl SqliteStore {
         let write = SqlitePoolOptions::new()
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(10))
-            .connect_with(options.clone())
+            // No ping before each use: a file is not a server that goes away, and the ping is a
+            // round trip to sqlx's SQLite thread, as slow as a quota statement.
+            .test_before_acquire(false)
+            // A quota batch answers with up to two rows per request.
+            .connect_with(options.clone().row_buffer_size(4 * MAX_CONSUME_BATCH))
             .await?;
         let read = SqlitePoolOptions::new()
             .max_connections(4)
             .acquire_timeout(Duration::from_secs(5))
+            .test_before_acquire(false)
             .connect_with(options.read_only(false))
             .await?;
-        Ok(Self { read, write })
+        let (consumes, queue) = mpsc::channel(16 * MAX_CONSUME_BATCH);
+        tokio::spawn(consume_writer(write.clone(), queue));
+        Ok(Self {
+            read,
+            write,
+            consumes,
+        })
     }
 
     pub async fn migrate(&self) -> Result<(), StoreError> {
@@ -350,6 +385,250 @@ pub const CONSUME_SQL: &str = "UPDATE api_usage SET \
        AND (?6 IS NULL OR (CASE WHEN month = ?3 THEN monthly_requests ELSE 0 END) + ?4 <= ?6) \
      RETURNING daily_requests, monthly_requests";
 
+/// Which limit refused a request of `cost`, given the counters as they were; `None` if both had
+/// room (the request was not refused for its quota).
+fn refusal(quota: Quota, cost: u64, daily_used: u64, monthly_used: u64) -> Option<QuotaOutcome> {
+    if quota
+        .monthly
+        .is_some_and(|m| monthly_used.saturating_add(cost) > m)
+    {
+        Some(QuotaOutcome::MonthlyExceeded { used: monthly_used })
+    } else if quota
+        .daily
+        .is_some_and(|d| daily_used.saturating_add(cost) > d)
+    {
+        Some(QuotaOutcome::DailyExceeded { used: daily_used })
+    } else {
+        None
+    }
+}
+
+/// One request on its own: [`CONSUME_SQL`], and when it admits nothing, the read that tells why
+/// (creating a missing usage row and trying again).
+async fn consume_one(
+    conn: &mut SqliteConnection,
+    key_id: i64,
+    quota: Quota,
+    cost: i64,
+    now: DateTime<Utc>,
+) -> Result<QuotaOutcome, StoreError> {
+    let (day, month, now_text) = (day_label(now), month_label(now), ts_text(now));
+    // Three tries: the usage row may be missing, and a refusal is classified by a second read
+    // that another process's rollover could confuse.
+    for _ in 0..3 {
+        // The one statement that checks and spends quota. Counters from an earlier day or
+        // month count as 0 (DESIGN rule 2), both in the room-left test and in the new value.
+        let admitted = sqlx::query(CONSUME_SQL)
+            .bind(key_id)
+            .bind(&day)
+            .bind(&month)
+            .bind(cost)
+            .bind(opt_i64(quota.daily))
+            .bind(opt_i64(quota.monthly))
+            .bind(&now_text)
+            .fetch_optional(&mut *conn)
+            .await?;
+        if let Some(row) = admitted {
+            return Ok(QuotaOutcome::Admitted {
+                daily: row.try_get::<i64, _>(0)? as u64,
+                monthly: row.try_get::<i64, _>(1)? as u64,
+            });
+        }
+        // No row came back: either there is no usage row, or a limit has no room. Tell
+        // which, so "no row" never reads as "limit exceeded".
+        let current = sqlx::query(
+            "SELECT CASE WHEN day = ?2 THEN daily_requests ELSE 0 END, \
+                    CASE WHEN month = ?3 THEN monthly_requests ELSE 0 END \
+             FROM api_usage WHERE api_key_id = ?1",
+        )
+        .bind(key_id)
+        .bind(&day)
+        .bind(&month)
+        .fetch_optional(&mut *conn)
+        .await?;
+        let Some(current) = current else {
+            sqlx::query(
+                "INSERT INTO api_usage (api_key_id, day, month, updated_at) \
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (api_key_id) DO NOTHING",
+            )
+            .bind(key_id)
+            .bind(&day)
+            .bind(&month)
+            .bind(&now_text)
+            .execute(&mut *conn)
+            .await?;
+            continue;
+        };
+        let daily_used = current.try_get::<i64, _>(0)?.max(0) as u64;
+        let monthly_used = current.try_get::<i64, _>(1)?.max(0) as u64;
+        if let Some(refused) = refusal(quota, cost as u64, daily_used, monthly_used) {
+            return Ok(refused);
+        }
+    }
+    Err(StoreError::Corrupt {
+        table: "api_usage",
+        detail: format!("quota update for key {key_id} neither admitted nor refused"),
+    })
+}
+
+/// Runs queued quota requests until every [`SqliteStore`] handle is gone.
+///
+/// The writer keeps the write connection while requests keep coming, up to [`WRITER_HOLD`], so
+/// the request log and key changes still get it often. sqlx pings a connection on every return to
+/// its pool, a round trip to the SQLite thread as slow as the batch itself; holding it across
+/// batches pays that once per hold instead of once per batch.
+async fn consume_writer(write: SqlitePool, mut queue: mpsc::Receiver<PendingConsume>) {
+    let mut batch = Vec::with_capacity(MAX_CONSUME_BATCH);
+    while queue.recv_many(&mut batch, MAX_CONSUME_BATCH).await > 0 {
+        let mut conn = match write.acquire().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                let e = StoreError::from(e);
+                for p in batch.drain(..) {
+                    p.reply.send(Err(e.duplicate())).ok();
+                }
+                continue;
+            }
+        };
+        let held = tokio::time::Instant::now();
+        loop {
+            if consume_batch(&mut conn, &mut batch).await.is_none() {
+                // sqlx 0.9 leaves a cached multi-statement query that failed part-way in a
+                // state whose next use panics its worker thread: this connection goes.
+                conn.close_on_drop();
+                break;
+            }
+            batch.clear();
+            let linger = WRITER_LINGER.min(WRITER_HOLD.saturating_sub(held.elapsed()));
+            if linger.is_zero() {
+                break;
+            }
+            match tokio::time::timeout(linger, queue.recv_many(&mut batch, MAX_CONSUME_BATCH)).await
+            {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// One transaction: for request `i`, the statement of [`CONSUME_SQL`] (its seven parameters in a
+/// one-row `VALUES`, as positional `?`: sqlx binds numbered parameters wrongly when a query has
+/// several statements), and when it updated nothing, a read of the counters that tells which
+/// limit had no room. Rows come back tagged with `i`.
+fn batch_sql(size: usize) -> String {
+    let mut sql = String::from("BEGIN IMMEDIATE;\n");
+    for i in 0..size {
+        sql.push_str(&format!(
+            "WITH r (key_id, day, month, cost, daily_limit, monthly_limit, now) AS \
+               (VALUES (?, ?, ?, ?, ?, ?, ?)) \
+             UPDATE api_usage SET \
+               daily_requests = (CASE WHEN api_usage.day = r.day THEN daily_requests ELSE 0 END) \
+                 + r.cost, \
+               monthly_requests = (CASE WHEN api_usage.month = r.month THEN monthly_requests \
+                 ELSE 0 END) + r.cost, \
+               total_requests = total_requests + r.cost, \
+               day = r.day, month = r.month, updated_at = r.now \
+             FROM r WHERE api_usage.api_key_id = r.key_id \
+               AND (r.daily_limit IS NULL OR (CASE WHEN api_usage.day = r.day \
+                 THEN daily_requests ELSE 0 END) + r.cost <= r.daily_limit) \
+               AND (r.monthly_limit IS NULL OR (CASE WHEN api_usage.month = r.month \
+                 THEN monthly_requests ELSE 0 END) + r.cost <= r.monthly_limit) \
+             RETURNING {i}, 1, daily_requests, monthly_requests;\n\
+             WITH r (key_id, day, month) AS (VALUES (?, ?, ?)) \
+             SELECT {i}, 0, CASE WHEN u.day = r.day THEN u.daily_requests ELSE 0 END, \
+               CASE WHEN u.month = r.month THEN u.monthly_requests ELSE 0 END \
+             FROM api_usage u JOIN r ON u.api_key_id = r.key_id WHERE changes() = 0;\n"
+        ));
+    }
+    sql.push_str("COMMIT;");
+    sql
+}
+
+fn batch_sql_for(len: usize) -> &'static str {
+    static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        (0..=MAX_CONSUME_BATCH.trailing_zeros())
+            .map(|p| batch_sql(1 << p))
+            .collect()
+    });
+    &all[len.next_power_of_two().trailing_zeros() as usize]
+}
+
+/// Answers every request in `batch`. The padding statements (past `batch.len()`) have no
+/// parameters bound, so their key id is NULL and they match no row. Returns how many requests
+/// had to be run alone (see below), or `None` when the batch failed: the requests were then
+/// answered one by one, and the connection must not run the batch again.
+async fn consume_batch(
+    conn: &mut SqliteConnection,
+    batch: &mut Vec<PendingConsume>,
+) -> Option<usize> {
+    let mut query = sqlx::query(AssertSqlSafe(batch_sql_for(batch.len())));
+    for p in batch.iter() {
+        let (day, month) = (day_label(p.now), month_label(p.now));
+        query = query
+            .bind(p.key_id)
+            .bind(day.clone())
+            .bind(month.clone())
+            .bind(p.cost)
+            .bind(opt_i64(p.quota.daily))
+            .bind(opt_i64(p.quota.monthly))
+            .bind(ts_text(p.now))
+            .bind(p.key_id)
+            .bind(day)
+            .bind(month);
+    }
+    let rows = match query.fetch_all(&mut *conn).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            // Nothing was committed. Each request on its own, so one that fails says why and
+            // the others are not refused with it.
+            tracing::debug!(error = %e, size = batch.len(), "quota batch failed; one at a time");
+            sqlx::query("ROLLBACK").execute(&mut *conn).await.ok();
+            for p in batch.drain(..) {
+                let outcome = consume_one(conn, p.key_id, p.quota, p.cost, p.now).await;
+                p.reply.send(outcome).ok();
+            }
+            return None;
+        }
+    };
+    let mut answers: Vec<Option<QuotaOutcome>> = vec![None; batch.len()];
+    for row in &rows {
+        let (Ok(i), Ok(admitted), Ok(daily), Ok(monthly)) = (
+            row.try_get::<i64, _>(0),
+            row.try_get::<i64, _>(1),
+            row.try_get::<i64, _>(2),
+            row.try_get::<i64, _>(3),
+        ) else {
+            continue;
+        };
+        let (daily, monthly) = (daily.max(0) as u64, monthly.max(0) as u64);
+        let Some(p) = usize::try_from(i).ok().and_then(|i| batch.get(i)) else {
+            continue;
+        };
+        answers[i as usize] = if admitted == 1 {
+            Some(QuotaOutcome::Admitted { daily, monthly })
+        } else {
+            refusal(p.quota, p.cost as u64, daily, monthly)
+        };
+    }
+    let mut alone = 0;
+    for (p, answer) in batch.drain(..).zip(answers) {
+        let outcome = match answer {
+            Some(outcome) => Ok(outcome),
+            // No usage row (a key created by an older version), or a refusal the read does not
+            // explain: the single path creates the row, or asks again.
+            None => {
+                alone += 1;
+                consume_one(conn, p.key_id, p.quota, p.cost, p.now).await
+            }
+        };
+        p.reply.send(outcome).ok();
+    }
+    Some(alone)
+}
+
 #[async_trait]
 impl QuotaStore for SqliteStore {
     async fn give_back(
@@ -376,6 +655,8 @@ impl QuotaStore for SqliteStore {
         Ok(())
     }
 
+    /// Queues the request for the writer task, which runs every request waiting at the time in
+    /// one transaction, each as its own [`CONSUME_SQL`] statement, in one trip to SQLite's thread.
     async fn consume(
         &self,
         key_id: i64,
@@ -383,68 +664,21 @@ impl QuotaStore for SqliteStore {
         cost: u64,
         now: DateTime<Utc>,
     ) -> Result<QuotaOutcome, StoreError> {
-        let (day, month, now_text) = (day_label(now), month_label(now), ts_text(now));
-        let cost = cost.min(i64::MAX as u64) as i64;
-        // Two tries: the usage row may be missing (a key created by an older version), and a
-        // refusal is classified by a second read that a concurrent rollover could confuse.
-        for _ in 0..3 {
-            // The one statement that checks and spends quota. Counters from an earlier day or
-            // month count as 0 (DESIGN rule 2), both in the room-left test and in the new value.
-            let admitted = sqlx::query(CONSUME_SQL)
-                .bind(key_id)
-                .bind(&day)
-                .bind(&month)
-                .bind(cost)
-                .bind(opt_i64(quota.daily))
-                .bind(opt_i64(quota.monthly))
-                .bind(&now_text)
-                .fetch_optional(&self.write)
-                .await?;
-            if let Some(row) = admitted {
-                return Ok(QuotaOutcome::Admitted {
-                    daily: row.try_get::<i64, _>(0)? as u64,
-                    monthly: row.try_get::<i64, _>(1)? as u64,
-                });
-            }
-            // No row came back: either there is no usage row, or a limit has no room. Tell
-            // which, so "no row" never reads as "limit exceeded".
-            let current = sqlx::query(
-                "SELECT CASE WHEN day = ?2 THEN daily_requests ELSE 0 END, \
-                        CASE WHEN month = ?3 THEN monthly_requests ELSE 0 END \
-                 FROM api_usage WHERE api_key_id = ?1",
-            )
-            .bind(key_id)
-            .bind(&day)
-            .bind(&month)
-            .fetch_optional(&self.write)
-            .await?;
-            let Some(current) = current else {
-                sqlx::query(
-                    "INSERT INTO api_usage (api_key_id, day, month, updated_at) \
-                     VALUES (?1, ?2, ?3, ?4) ON CONFLICT (api_key_id) DO NOTHING",
-                )
-                .bind(key_id)
-                .bind(&day)
-                .bind(&month)
-                .bind(&now_text)
-                .execute(&self.write)
-                .await?;
-                continue;
-            };
-            let daily_used = current.try_get::<i64, _>(0)? as u64;
-            let monthly_used = current.try_get::<i64, _>(1)? as u64;
-            let cost = cost as u64;
-            if quota.monthly.is_some_and(|m| monthly_used + cost > m) {
-                return Ok(QuotaOutcome::MonthlyExceeded { used: monthly_used });
-            }
-            if quota.daily.is_some_and(|d| daily_used + cost > d) {
-                return Ok(QuotaOutcome::DailyExceeded { used: daily_used });
-            }
-        }
-        Err(StoreError::Corrupt {
-            table: "api_usage",
-            detail: format!("quota update for key {key_id} neither admitted nor refused"),
-        })
+        let (reply, answer) = oneshot::channel();
+        let pending = PendingConsume {
+            key_id,
+            quota,
+            cost: cost.min(i64::MAX as u64) as i64,
+            now,
+            reply,
+        };
+        self.consumes
+            .send(pending)
+            .await
+            .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolClosed))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolClosed))?
     }
 }
 
@@ -585,7 +819,13 @@ impl RequestLogSink for SqliteStore {
                     .push_bind(row.api.as_str())
                     .push_bind(row.cost.min(i64::MAX as u64) as i64);
             });
-            insert.build().execute(&mut *tx).await?;
+            // Only the full-size statement is kept prepared: the odd sizes of the last chunk would
+            // push the quota statements out of the connection's statement cache.
+            insert
+                .build()
+                .persistent(chunk.len() == LOG_ROWS_PER_STATEMENT)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
         Ok(())
@@ -595,6 +835,83 @@ impl RequestLogSink for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Requests in one batch are answered from the batch's own rows, not one by one, and as if
+    /// each ran alone in turn.
+    #[tokio::test]
+    async fn a_batch_answers_every_request_from_one_query() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&format!("sqlite://{}/t.db", dir.path().display()))
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        let now = Utc::now();
+        let mut ids = Vec::new();
+        for name in ["a", "b"] {
+            let secret = keys::generate();
+            let key = store.create(name, &secret, Limits::default(), None, now);
+            ids.push(key.await.unwrap().id);
+        }
+        let (a, b) = (ids[0], ids[1]);
+        let daily_2 = Quota {
+            daily: Some(2),
+            monthly: None,
+        };
+        let monthly_9 = Quota {
+            daily: None,
+            monthly: Some(9),
+        };
+        let mut batch = Vec::new();
+        let mut answers = Vec::new();
+        for (key_id, quota, cost) in [
+            (a, daily_2, 1),
+            (b, monthly_9, 4),
+            (a, daily_2, 1),
+            (b, monthly_9, 4),
+            (a, daily_2, 1),
+            (b, monthly_9, 4),
+        ] {
+            let (reply, answer) = oneshot::channel();
+            batch.push(PendingConsume {
+                key_id,
+                quota,
+                cost,
+                now,
+                reply,
+            });
+            answers.push(answer);
+        }
+        let mut conn = store.write.acquire().await.unwrap();
+        assert_eq!(consume_batch(&mut conn, &mut batch).await, Some(0));
+        let mut outcomes = Vec::new();
+        for answer in answers {
+            outcomes.push(answer.await.unwrap().unwrap());
+        }
+        use QuotaOutcome::*;
+        assert_eq!(
+            outcomes,
+            [
+                Admitted {
+                    daily: 1,
+                    monthly: 1
+                },
+                Admitted {
+                    daily: 4,
+                    monthly: 4
+                },
+                Admitted {
+                    daily: 2,
+                    monthly: 2
+                },
+                Admitted {
+                    daily: 8,
+                    monthly: 8
+                },
+                DailyExceeded { used: 2 },
+                MonthlyExceeded { used: 8 },
+            ]
+        );
+    }
 
     #[test]
     fn hash_hex_round_trips() {
