@@ -185,6 +185,39 @@ pub enum QuotaOutcome {
     DailyExceeded { used: u64 },
 }
 
+/// A quota request queued for a store's writer, which may run it together with others.
+#[derive(Debug)]
+pub(crate) struct PendingConsume {
+    pub key_id: i64,
+    pub quota: Quota,
+    pub cost: i64,
+    pub now: DateTime<Utc>,
+    pub reply: tokio::sync::oneshot::Sender<Result<QuotaOutcome, StoreError>>,
+}
+
+/// Which limit refused a request of `cost`, given the counters as they were; `None` if both had
+/// room (the request was not refused for its quota).
+pub(crate) fn refusal(
+    quota: Quota,
+    cost: u64,
+    daily_used: u64,
+    monthly_used: u64,
+) -> Option<QuotaOutcome> {
+    if quota
+        .monthly
+        .is_some_and(|m| monthly_used.saturating_add(cost) > m)
+    {
+        Some(QuotaOutcome::MonthlyExceeded { used: monthly_used })
+    } else if quota
+        .daily
+        .is_some_and(|d| daily_used.saturating_add(cost) > d)
+    {
+        Some(QuotaOutcome::DailyExceeded { used: daily_used })
+    } else {
+        None
+    }
+}
+
 /// Daily and monthly usage quotas.
 #[async_trait]
 pub trait QuotaStore: Send + Sync + 'static {

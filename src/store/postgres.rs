@@ -13,12 +13,13 @@ use async_trait::async_trait;
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::sqlite::parse_hash_hex;
 use super::{
-    KeyChange, KeyStore, LimitsPatch, LogRow, Maintenance, Outcome, Quota, QuotaOutcome,
-    QuotaStore, RequestLogSink, StoreError, Usage, UsageSummary,
+    KeyChange, KeyStore, LimitsPatch, LogRow, Maintenance, Outcome, PendingConsume, Quota,
+    QuotaOutcome, QuotaStore, RequestLogSink, StoreError, Usage, UsageSummary, refusal,
 };
 use crate::keys::{self, ApiKey, KeyHash, KeyStatus, Limits, NewKey};
 
@@ -36,7 +37,11 @@ pub struct PgSettings {
 #[derive(Debug, Clone)]
 pub struct PgStore {
     pool: PgPool,
+    consumes: mpsc::Sender<PendingConsume>,
 }
+
+/// Most quota requests, for different keys, in one statement (see [`consume_batch`]).
+const MAX_CONSUME_BATCH: usize = 64;
 
 impl PgStore {
     /// Connects to the database named by a `postgres://` URL.
@@ -51,7 +56,12 @@ impl PgStore {
             .acquire_timeout(settings.timeout)
             .connect_with(options)
             .await?;
-        Ok(Self { pool })
+        let (consumes, queue) = mpsc::channel(16 * MAX_CONSUME_BATCH);
+        // Half the pool at most for quota statements: the request log and key lookups need
+        // connections too.
+        let in_flight = (settings.max_connections as usize / 2).max(1);
+        tokio::spawn(consume_dispatcher(pool.clone(), queue, in_flight));
+        Ok(Self { pool, consumes })
     }
 
     /// Applies migrations; several replicas may do so at once (sqlx holds an advisory lock).
@@ -308,6 +318,235 @@ pub const CONSUME_SQL: &str = "UPDATE api_usage SET \
        AND ($6::bigint IS NULL OR (CASE WHEN month = $3 THEN monthly_requests ELSE 0 END) + $4 <= $6) \
      RETURNING daily_requests, monthly_requests";
 
+/// One request on its own: [`CONSUME_SQL`], and when it admits nothing, the read that tells why
+/// (creating a missing usage row and trying again).
+async fn consume_one(
+    pool: &PgPool,
+    key_id: i64,
+    quota: Quota,
+    cost_i: i64,
+    now: DateTime<Utc>,
+) -> Result<QuotaOutcome, StoreError> {
+    let (day, month) = day_and_month(now);
+    let cost = cost_i.max(0) as u64;
+    for _ in 0..3 {
+        let admitted = sqlx::query(CONSUME_SQL)
+            .bind(key_id)
+            .bind(day)
+            .bind(month)
+            .bind(cost_i)
+            .bind(opt_i64(quota.daily))
+            .bind(opt_i64(quota.monthly))
+            .fetch_optional(pool)
+            .await?;
+        if let Some(row) = admitted {
+            return Ok(QuotaOutcome::Admitted {
+                daily: row.try_get::<i64, _>(0)? as u64,
+                monthly: row.try_get::<i64, _>(1)? as u64,
+            });
+        }
+        // No row: a limit has no room, or the usage row is missing. Tell which, so "no
+        // row" never reads as "limit exceeded".
+        let current = sqlx::query(
+            "SELECT CASE WHEN day = $2 THEN daily_requests ELSE 0 END, \
+                        CASE WHEN month = $3 THEN monthly_requests ELSE 0 END \
+                 FROM api_usage WHERE api_key_id = $1",
+        )
+        .bind(key_id)
+        .bind(day)
+        .bind(month)
+        .fetch_optional(pool)
+        .await?;
+        let Some(current) = current else {
+            sqlx::query(
+                "INSERT INTO api_usage (api_key_id, day, month) VALUES ($1, $2, $3) \
+                     ON CONFLICT (api_key_id) DO NOTHING",
+            )
+            .bind(key_id)
+            .bind(day)
+            .bind(month)
+            .execute(pool)
+            .await?;
+            continue;
+        };
+        let daily_used = current.try_get::<i64, _>(0)?.max(0) as u64;
+        let monthly_used = current.try_get::<i64, _>(1)?.max(0) as u64;
+        if let Some(refused) = refusal(quota, cost, daily_used, monthly_used) {
+            return Ok(refused);
+        }
+        // Room appeared between the two statements (another request was refunded, or the
+        // day turned): try again.
+    }
+    Err(StoreError::Corrupt {
+        table: "api_usage",
+        detail: format!("quota update for key {key_id} neither admitted nor refused"),
+    })
+}
+
+/// Takes queued quota requests and runs them, up to `in_flight` statements at a time. Each
+/// statement holds requests for different keys (a key's second request waits for the next one);
+/// while every permit is taken, requests gather into bigger statements.
+async fn consume_dispatcher(
+    pool: PgPool,
+    mut queue: mpsc::Receiver<PendingConsume>,
+    in_flight: usize,
+) {
+    let permits = std::sync::Arc::new(Semaphore::new(in_flight));
+    let mut pending: Vec<PendingConsume> = Vec::new();
+    loop {
+        if pending.is_empty() && queue.recv_many(&mut pending, 4 * MAX_CONSUME_BATCH).await == 0 {
+            return;
+        }
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        while pending.len() < 4 * MAX_CONSUME_BATCH {
+            match queue.try_recv() {
+                Ok(p) => pending.push(p),
+                Err(_) => break,
+            }
+        }
+        let mut batch = Vec::with_capacity(pending.len().min(MAX_CONSUME_BATCH));
+        let mut keys = std::collections::HashSet::new();
+        let mut rest = Vec::new();
+        for p in pending.drain(..) {
+            if batch.len() < MAX_CONSUME_BATCH && keys.insert(p.key_id) {
+                batch.push(p);
+            } else {
+                rest.push(p);
+            }
+        }
+        pending = rest;
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            consume_batch(&pool, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+/// The requests of `batch` (each for a different key) in one statement: for each, the conditional
+/// update of [`CONSUME_SQL`], or, where it admitted nothing, the counters that tell which limit had
+/// no room. The rows are locked in key order first, so two batches (of this replica or another)
+/// that share keys wait for each other instead of deadlocking.
+const CONSUME_BATCH_SQL: &str = "WITH r AS ( \
+       SELECT * FROM unnest($1::int[], $2::bigint[], $3::date[], $4::date[], $5::bigint[], \
+         $6::bigint[], $7::bigint[]) AS r (i, key_id, day, month, cost, daily_limit, monthly_limit) \
+     ), locked AS MATERIALIZED ( \
+       SELECT u.api_key_id FROM api_usage u WHERE u.api_key_id IN (SELECT key_id FROM r) \
+       ORDER BY u.api_key_id FOR UPDATE \
+     ), spent AS ( \
+       UPDATE api_usage u SET \
+         daily_requests = (CASE WHEN u.day = r.day THEN u.daily_requests ELSE 0 END) + r.cost, \
+         monthly_requests = (CASE WHEN u.month = r.month THEN u.monthly_requests ELSE 0 END) \
+           + r.cost, \
+         total_requests = u.total_requests + r.cost, \
+         day = r.day, month = r.month, updated_at = now() \
+       FROM r \
+       WHERE u.api_key_id = r.key_id AND u.api_key_id IN (SELECT api_key_id FROM locked) \
+         AND (r.daily_limit IS NULL \
+           OR (CASE WHEN u.day = r.day THEN u.daily_requests ELSE 0 END) + r.cost <= r.daily_limit) \
+         AND (r.monthly_limit IS NULL \
+           OR (CASE WHEN u.month = r.month THEN u.monthly_requests ELSE 0 END) + r.cost \
+             <= r.monthly_limit) \
+       RETURNING r.i, u.daily_requests, u.monthly_requests \
+     ) \
+     SELECT i, true, daily_requests, monthly_requests FROM spent \
+     UNION ALL \
+     SELECT r.i, false, CASE WHEN u.day = r.day THEN u.daily_requests ELSE 0 END, \
+       CASE WHEN u.month = r.month THEN u.monthly_requests ELSE 0 END \
+     FROM r JOIN api_usage u ON u.api_key_id = r.key_id \
+     WHERE r.i NOT IN (SELECT i FROM spent)";
+
+/// Answers every request in `batch`: a lone request by [`CONSUME_SQL`], several by
+/// [`CONSUME_BATCH_SQL`]. A request the batch cannot answer (no usage row, or a refusal its read
+/// does not explain because another transaction committed meanwhile) and every request of a
+/// batch that failed are run on their own. Returns how many were.
+async fn consume_batch(pool: &PgPool, batch: Vec<PendingConsume>) -> usize {
+    if batch.len() == 1 {
+        let p = batch.into_iter().next().expect("one request");
+        let outcome = consume_one(pool, p.key_id, p.quota, p.cost, p.now).await;
+        p.reply.send(outcome).ok();
+        return 1;
+    }
+    let n = batch.len();
+    let (mut idx, mut keys, mut days, mut months) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut costs, mut daily, mut monthly) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for (i, p) in batch.iter().enumerate() {
+        let (day, month) = day_and_month(p.now);
+        idx.push(i as i32);
+        keys.push(p.key_id);
+        days.push(day);
+        months.push(month);
+        costs.push(p.cost);
+        daily.push(opt_i64(p.quota.daily));
+        monthly.push(opt_i64(p.quota.monthly));
+    }
+    let rows = sqlx::query(CONSUME_BATCH_SQL)
+        .bind(idx)
+        .bind(keys)
+        .bind(days)
+        .bind(months)
+        .bind(costs)
+        .bind(daily)
+        .bind(monthly)
+        .fetch_all(pool)
+        .await;
+    let mut answers: Vec<Option<QuotaOutcome>> = vec![None; n];
+    match rows {
+        Ok(rows) => {
+            for row in rows {
+                let (Ok(i), Ok(admitted), Ok(d), Ok(m)) = (
+                    row.try_get::<i32, _>(0),
+                    row.try_get::<bool, _>(1),
+                    row.try_get::<i64, _>(2),
+                    row.try_get::<i64, _>(3),
+                ) else {
+                    continue;
+                };
+                let Some(p) = usize::try_from(i).ok().and_then(|i| batch.get(i)) else {
+                    continue;
+                };
+                let (d, m) = (d.max(0) as u64, m.max(0) as u64);
+                answers[i as usize] = if admitted {
+                    Some(QuotaOutcome::Admitted {
+                        daily: d,
+                        monthly: m,
+                    })
+                } else {
+                    refusal(p.quota, p.cost.max(0) as u64, d, m)
+                };
+            }
+        }
+        Err(e) => {
+            // Nothing was changed (one statement). Each request on its own, so one that fails
+            // says why and the others are not refused with it.
+            tracing::debug!(error = %e, size = n, "quota batch failed; one at a time");
+        }
+    }
+    let mut alone = 0;
+    for (p, answer) in batch.into_iter().zip(answers) {
+        let outcome = match answer {
+            Some(outcome) => Ok(outcome),
+            None => {
+                alone += 1;
+                consume_one(pool, p.key_id, p.quota, p.cost, p.now).await
+            }
+        };
+        p.reply.send(outcome).ok();
+    }
+    alone
+}
+
 #[async_trait]
 impl QuotaStore for PgStore {
     async fn give_back(
@@ -335,6 +574,8 @@ impl QuotaStore for PgStore {
         Ok(())
     }
 
+    /// Queues the request for the dispatcher, which runs the requests waiting at one moment for
+    /// different keys as one statement (see [`consume_batch`]).
     async fn consume(
         &self,
         key_id: i64,
@@ -342,63 +583,21 @@ impl QuotaStore for PgStore {
         cost: u64,
         now: DateTime<Utc>,
     ) -> Result<QuotaOutcome, StoreError> {
-        let (day, month) = day_and_month(now);
-        let cost_i = cost.min(i64::MAX as u64) as i64;
-        for _ in 0..3 {
-            let admitted = sqlx::query(CONSUME_SQL)
-                .bind(key_id)
-                .bind(day)
-                .bind(month)
-                .bind(cost_i)
-                .bind(opt_i64(quota.daily))
-                .bind(opt_i64(quota.monthly))
-                .fetch_optional(&self.pool)
-                .await?;
-            if let Some(row) = admitted {
-                return Ok(QuotaOutcome::Admitted {
-                    daily: row.try_get::<i64, _>(0)? as u64,
-                    monthly: row.try_get::<i64, _>(1)? as u64,
-                });
-            }
-            // No row: a limit has no room, or the usage row is missing. Tell which, so "no
-            // row" never reads as "limit exceeded".
-            let current = sqlx::query(
-                "SELECT CASE WHEN day = $2 THEN daily_requests ELSE 0 END, \
-                        CASE WHEN month = $3 THEN monthly_requests ELSE 0 END \
-                 FROM api_usage WHERE api_key_id = $1",
-            )
-            .bind(key_id)
-            .bind(day)
-            .bind(month)
-            .fetch_optional(&self.pool)
-            .await?;
-            let Some(current) = current else {
-                sqlx::query(
-                    "INSERT INTO api_usage (api_key_id, day, month) VALUES ($1, $2, $3) \
-                     ON CONFLICT (api_key_id) DO NOTHING",
-                )
-                .bind(key_id)
-                .bind(day)
-                .bind(month)
-                .execute(&self.pool)
-                .await?;
-                continue;
-            };
-            let daily_used = current.try_get::<i64, _>(0)?.max(0) as u64;
-            let monthly_used = current.try_get::<i64, _>(1)?.max(0) as u64;
-            if quota.monthly.is_some_and(|m| monthly_used + cost > m) {
-                return Ok(QuotaOutcome::MonthlyExceeded { used: monthly_used });
-            }
-            if quota.daily.is_some_and(|d| daily_used + cost > d) {
-                return Ok(QuotaOutcome::DailyExceeded { used: daily_used });
-            }
-            // Room appeared between the two statements (another request was refunded, or the
-            // day turned): try again.
-        }
-        Err(StoreError::Corrupt {
-            table: "api_usage",
-            detail: format!("quota update for key {key_id} neither admitted nor refused"),
-        })
+        let (reply, answer) = oneshot::channel();
+        let pending = PendingConsume {
+            key_id,
+            quota,
+            cost: cost.min(i64::MAX as u64) as i64,
+            now,
+            reply,
+        };
+        self.consumes
+            .send(pending)
+            .await
+            .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolClosed))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolClosed))?
     }
 }
 
@@ -702,5 +901,132 @@ impl RequestLogSink for PgStore {
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::AssertSqlSafe;
+
+    /// Requests for different keys in one batch are answered from the statement's own rows, each
+    /// as if it ran alone. Needs the PostgreSQL server of `scripts/test` (TEST_POSTGRES_URL).
+    /// A store on a database of its own, with `keys` keys; dropped by [`drop_store`].
+    async fn temp_store(keys: usize) -> (PgStore, PgPool, String, Vec<i64>) {
+        let admin_url = std::env::var("TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let name = format!("tollgate_unit_{}", rand::random::<u32>());
+        let admin = PgPool::connect(&admin_url).await.unwrap();
+        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&admin)
+            .await
+            .unwrap();
+        let url = format!("{}/{name}", admin_url.rsplit_once('/').unwrap().0);
+        let settings = PgSettings {
+            max_connections: 4,
+            timeout: Duration::from_secs(5),
+        };
+        let store = PgStore::open(&url, settings).await.unwrap();
+        store.migrate().await.unwrap();
+        let mut ids = Vec::new();
+        for i in 0..keys {
+            let secret = keys::generate();
+            let name = format!("k{i}");
+            let key = store.create(&name, &secret, Limits::default(), None, Utc::now());
+            ids.push(key.await.unwrap().id);
+        }
+        (store, admin, name, ids)
+    }
+
+    async fn drop_store(store: PgStore, admin: PgPool, name: String) {
+        store.close().await;
+        sqlx::query(AssertSqlSafe(format!("DROP DATABASE {name} WITH (FORCE)")))
+            .execute(&admin)
+            .await
+            .unwrap();
+    }
+
+    /// Two batches sharing keys in opposite orders, many times at once: the rows are locked in
+    /// key order, so neither ever fails with a deadlock (which would show as an error here).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn batches_sharing_keys_in_opposite_orders_never_deadlock() {
+        let (store, admin, name, ids) = temp_store(8).await;
+        let run = |ids: Vec<i64>| {
+            let pool = store.pool.clone();
+            async move {
+                let (day, month) = day_and_month(Utc::now());
+                let n = ids.len();
+                sqlx::query(CONSUME_BATCH_SQL)
+                    .bind((0..n as i32).collect::<Vec<_>>())
+                    .bind(ids)
+                    .bind(vec![day; n])
+                    .bind(vec![month; n])
+                    .bind(vec![1i64; n])
+                    .bind(vec![None::<i64>; n])
+                    .bind(vec![None::<i64>; n])
+                    .fetch_all(&pool)
+                    .await
+            }
+        };
+        let forward = ids.clone();
+        let backward: Vec<i64> = ids.iter().rev().copied().collect();
+        for _ in 0..100 {
+            let (a, b) = tokio::join!(run(forward.clone()), run(backward.clone()));
+            assert_eq!(a.expect("forward batch").len(), 8);
+            assert_eq!(b.expect("backward batch").len(), 8);
+        }
+        let total: i64 = sqlx::query_scalar("SELECT sum(total_requests)::bigint FROM api_usage")
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        assert_eq!(total, 1600);
+        drop_store(store, admin, name).await;
+    }
+
+    #[tokio::test]
+    async fn a_batch_answers_every_request_from_one_statement() {
+        let (store, admin, name, ids) = temp_store(4).await;
+        let now = Utc::now();
+        let quota = |daily, monthly| Quota { daily, monthly };
+        let mut batch = Vec::new();
+        let mut answers = Vec::new();
+        for (key_id, quota, cost) in [
+            (ids[0], quota(Some(0), None), 1),
+            (ids[1], quota(Some(10), Some(2)), 3),
+            (ids[2], quota(Some(5), Some(5)), 5),
+            (ids[3], quota(None, None), 7),
+        ] {
+            let (reply, answer) = oneshot::channel();
+            batch.push(PendingConsume {
+                key_id,
+                quota,
+                cost,
+                now,
+                reply,
+            });
+            answers.push(answer);
+        }
+        assert_eq!(consume_batch(&store.pool, batch).await, 0);
+        let mut outcomes = Vec::new();
+        for answer in answers {
+            outcomes.push(answer.await.unwrap().unwrap());
+        }
+        use QuotaOutcome::*;
+        assert_eq!(
+            outcomes,
+            [
+                DailyExceeded { used: 0 },
+                MonthlyExceeded { used: 0 },
+                Admitted {
+                    daily: 5,
+                    monthly: 5
+                },
+                Admitted {
+                    daily: 7,
+                    monthly: 7
+                },
+            ]
+        );
+        drop_store(store, admin, name).await;
     }
 }

@@ -21,8 +21,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    KeyChange, KeyStore, LimitsPatch, LogRow, Maintenance, Outcome, Quota, QuotaOutcome,
-    QuotaStore, RequestLogSink, StoreError, Usage, UsageSummary, ts_text,
+    KeyChange, KeyStore, LimitsPatch, LogRow, Maintenance, Outcome, PendingConsume, Quota,
+    QuotaOutcome, QuotaStore, RequestLogSink, StoreError, Usage, UsageSummary, refusal, ts_text,
 };
 use crate::clock::{day_label, month_label};
 use crate::keys::{self, ApiKey, KeyHash, KeyStatus, Limits, NewKey};
@@ -46,16 +46,6 @@ pub struct SqliteStore {
     read: SqlitePool,
     write: SqlitePool,
     consumes: mpsc::Sender<PendingConsume>,
-}
-
-/// A quota request waiting for the writer.
-#[derive(Debug)]
-struct PendingConsume {
-    key_id: i64,
-    quota: Quota,
-    cost: i64,
-    now: DateTime<Utc>,
-    reply: oneshot::Sender<Result<QuotaOutcome, StoreError>>,
 }
 
 impl SqliteStore {
@@ -384,24 +374,6 @@ pub const CONSUME_SQL: &str = "UPDATE api_usage SET \
        AND (?5 IS NULL OR (CASE WHEN day = ?2 THEN daily_requests ELSE 0 END) + ?4 <= ?5) \
        AND (?6 IS NULL OR (CASE WHEN month = ?3 THEN monthly_requests ELSE 0 END) + ?4 <= ?6) \
      RETURNING daily_requests, monthly_requests";
-
-/// Which limit refused a request of `cost`, given the counters as they were; `None` if both had
-/// room (the request was not refused for its quota).
-fn refusal(quota: Quota, cost: u64, daily_used: u64, monthly_used: u64) -> Option<QuotaOutcome> {
-    if quota
-        .monthly
-        .is_some_and(|m| monthly_used.saturating_add(cost) > m)
-    {
-        Some(QuotaOutcome::MonthlyExceeded { used: monthly_used })
-    } else if quota
-        .daily
-        .is_some_and(|d| daily_used.saturating_add(cost) > d)
-    {
-        Some(QuotaOutcome::DailyExceeded { used: daily_used })
-    } else {
-        None
-    }
-}
 
 /// One request on its own: [`CONSUME_SQL`], and when it admits nothing, the read that tells why
 /// (creating a missing usage row and trying again).
