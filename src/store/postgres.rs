@@ -527,10 +527,19 @@ async fn consume_batch(pool: &PgPool, batch: Vec<PendingConsume>) -> usize {
                 };
             }
         }
-        Err(e) => {
-            // Nothing was changed (one statement). Each request on its own, so one that fails
-            // says why and the others are not refused with it.
+        Err(sqlx::Error::Database(e)) => {
+            // The server refused the statement, so nothing was changed. Each request on its
+            // own, so one that fails says why and the others are not refused with it.
             tracing::debug!(error = %e, size = n, "quota batch failed; one at a time");
+        }
+        Err(e) => {
+            // The statement may or may not have been committed (the connection broke, say):
+            // running it again could count twice, so every request gets the error.
+            let e = StoreError::from(e);
+            for p in batch {
+                p.reply.send(Err(e.duplicate())).ok();
+            }
+            return 0;
         }
     }
     let mut alone = 0;
