@@ -195,6 +195,51 @@ pub(crate) struct PendingConsume {
     pub reply: tokio::sync::oneshot::Sender<Result<QuotaOutcome, StoreError>>,
 }
 
+impl PendingConsume {
+    /// Queues a request on `queue` and waits for the writer's answer. A writer that is gone
+    /// (the store is closed) reads as an unavailable database.
+    pub(crate) async fn queue(
+        queue: &tokio::sync::mpsc::Sender<PendingConsume>,
+        key_id: i64,
+        quota: Quota,
+        cost: u64,
+        now: DateTime<Utc>,
+    ) -> Result<QuotaOutcome, StoreError> {
+        let closed = || StoreError::Unavailable(sqlx::Error::PoolClosed);
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let pending = PendingConsume {
+            key_id,
+            quota,
+            cost: cost.min(i64::MAX as u64) as i64,
+            now,
+            reply,
+        };
+        queue.send(pending).await.map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+}
+
+/// What one row of a batch says about request `i` of `batch`: admitted, with the counters after
+/// it, or refused, with the counters that tell which limit had no room. `None` for a row that
+/// names no request of the batch, or a refusal the counters do not explain.
+pub(crate) fn batch_answer(
+    batch: &[PendingConsume],
+    i: i64,
+    admitted: bool,
+    daily: i64,
+    monthly: i64,
+) -> Option<(usize, QuotaOutcome)> {
+    let i = usize::try_from(i).ok()?;
+    let p = batch.get(i)?;
+    let (daily, monthly) = (daily.max(0) as u64, monthly.max(0) as u64);
+    let outcome = if admitted {
+        QuotaOutcome::Admitted { daily, monthly }
+    } else {
+        refusal(p.quota, p.cost.max(0) as u64, daily, monthly)?
+    };
+    Some((i, outcome))
+}
+
 /// Which limit refused a request of `cost`, given the counters as they were; `None` if both had
 /// room (the request was not refused for its quota).
 pub(crate) fn refusal(

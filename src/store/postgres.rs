@@ -13,13 +13,14 @@ use async_trait::async_trait;
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::sqlite::parse_hash_hex;
 use super::{
     KeyChange, KeyStore, LimitsPatch, LogRow, Maintenance, Outcome, PendingConsume, Quota,
-    QuotaOutcome, QuotaStore, RequestLogSink, StoreError, Usage, UsageSummary, refusal,
+    QuotaOutcome, QuotaStore, RequestLogSink, StoreError, Usage, UsageSummary, batch_answer,
+    refusal,
 };
 use crate::keys::{self, ApiKey, KeyHash, KeyStatus, Limits, NewKey};
 
@@ -505,7 +506,7 @@ async fn consume_batch(pool: &PgPool, batch: Vec<PendingConsume>) -> usize {
     match rows {
         Ok(rows) => {
             for row in rows {
-                let (Ok(i), Ok(admitted), Ok(d), Ok(m)) = (
+                let (Ok(i), Ok(admitted), Ok(daily), Ok(monthly)) = (
                     row.try_get::<i32, _>(0),
                     row.try_get::<bool, _>(1),
                     row.try_get::<i64, _>(2),
@@ -513,18 +514,10 @@ async fn consume_batch(pool: &PgPool, batch: Vec<PendingConsume>) -> usize {
                 ) else {
                     continue;
                 };
-                let Some(p) = usize::try_from(i).ok().and_then(|i| batch.get(i)) else {
-                    continue;
-                };
-                let (d, m) = (d.max(0) as u64, m.max(0) as u64);
-                answers[i as usize] = if admitted {
-                    Some(QuotaOutcome::Admitted {
-                        daily: d,
-                        monthly: m,
-                    })
-                } else {
-                    refusal(p.quota, p.cost.max(0) as u64, d, m)
-                };
+                if let Some((i, outcome)) = batch_answer(&batch, i.into(), admitted, daily, monthly)
+                {
+                    answers[i] = Some(outcome);
+                }
             }
         }
         Err(sqlx::Error::Database(e)) => {
@@ -592,21 +585,7 @@ impl QuotaStore for PgStore {
         cost: u64,
         now: DateTime<Utc>,
     ) -> Result<QuotaOutcome, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        let pending = PendingConsume {
-            key_id,
-            quota,
-            cost: cost.min(i64::MAX as u64) as i64,
-            now,
-            reply,
-        };
-        self.consumes
-            .send(pending)
-            .await
-            .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolClosed))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolClosed))?
+        PendingConsume::queue(&self.consumes, key_id, quota, cost, now).await
     }
 }
 
@@ -917,6 +896,7 @@ impl RequestLogSink for PgStore {
 mod tests {
     use super::*;
     use sqlx::AssertSqlSafe;
+    use tokio::sync::oneshot;
 
     /// Requests for different keys in one batch are answered from the statement's own rows, each
     /// as if it ran alone. Needs the PostgreSQL server of `scripts/test` (TEST_POSTGRES_URL).

@@ -17,12 +17,13 @@ use sqlx::sqlite::{
     SqliteRow, SqliteSynchronous,
 };
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::{
     KeyChange, KeyStore, LimitsPatch, LogRow, Maintenance, Outcome, PendingConsume, Quota,
-    QuotaOutcome, QuotaStore, RequestLogSink, StoreError, Usage, UsageSummary, refusal, ts_text,
+    QuotaOutcome, QuotaStore, RequestLogSink, StoreError, Usage, UsageSummary, batch_answer,
+    refusal, ts_text,
 };
 use crate::clock::{day_label, month_label};
 use crate::keys::{self, ApiKey, KeyHash, KeyStatus, Limits, NewKey};
@@ -575,15 +576,9 @@ async fn consume_batch(
         ) else {
             continue;
         };
-        let (daily, monthly) = (daily.max(0) as u64, monthly.max(0) as u64);
-        let Some(p) = usize::try_from(i).ok().and_then(|i| batch.get(i)) else {
-            continue;
-        };
-        answers[i as usize] = if admitted == 1 {
-            Some(QuotaOutcome::Admitted { daily, monthly })
-        } else {
-            refusal(p.quota, p.cost as u64, daily, monthly)
-        };
+        if let Some((i, outcome)) = batch_answer(batch, i, admitted == 1, daily, monthly) {
+            answers[i] = Some(outcome);
+        }
     }
     let mut alone = 0;
     for (p, answer) in batch.drain(..).zip(answers) {
@@ -636,21 +631,7 @@ impl QuotaStore for SqliteStore {
         cost: u64,
         now: DateTime<Utc>,
     ) -> Result<QuotaOutcome, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        let pending = PendingConsume {
-            key_id,
-            quota,
-            cost: cost.min(i64::MAX as u64) as i64,
-            now,
-            reply,
-        };
-        self.consumes
-            .send(pending)
-            .await
-            .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolClosed))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Unavailable(sqlx::Error::PoolClosed))?
+        PendingConsume::queue(&self.consumes, key_id, quota, cost, now).await
     }
 }
 
@@ -807,6 +788,7 @@ impl RequestLogSink for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::sync::oneshot;
 
     /// Requests in one batch are answered from the batch's own rows, not one by one, and as if
     /// each ran alone in turn.
