@@ -364,17 +364,31 @@ pub(crate) fn parse_hash_hex(hex: &str) -> Option<KeyHash> {
     Some(out)
 }
 
-/// The statement that checks and spends quota (`?1` key id, `?2` day, `?3` month, `?4` cost,
-/// `?5` daily limit, `?6` monthly limit, `?7` now). Public so the benchmark can time it alone.
-pub const CONSUME_SQL: &str = "UPDATE api_usage SET \
-       daily_requests = (CASE WHEN day = ?2 THEN daily_requests ELSE 0 END) + ?4, \
-       monthly_requests = (CASE WHEN month = ?3 THEN monthly_requests ELSE 0 END) + ?4, \
-       total_requests = total_requests + ?4, \
-       day = ?2, month = ?3, updated_at = ?7 \
-     WHERE api_key_id = ?1 \
-       AND (?5 IS NULL OR (CASE WHEN day = ?2 THEN daily_requests ELSE 0 END) + ?4 <= ?5) \
-       AND (?6 IS NULL OR (CASE WHEN month = ?3 THEN monthly_requests ELSE 0 END) + ?4 <= ?6) \
+/// The statement that checks and spends quota. Its parameters, in order: key id, day, month,
+/// cost, daily limit, monthly limit, now; positional, in a one-row `VALUES`, so that several
+/// copies can run in one query (sqlx binds numbered parameters wrongly across statements).
+/// Public so the benchmark can time it alone.
+pub const CONSUME_SQL: &str = "WITH r (key_id, day, month, cost, daily_limit, monthly_limit, now) \
+       AS (VALUES (?, ?, ?, ?, ?, ?, ?)) \
+     UPDATE api_usage SET \
+       daily_requests = (CASE WHEN api_usage.day = r.day THEN daily_requests ELSE 0 END) + r.cost, \
+       monthly_requests = (CASE WHEN api_usage.month = r.month THEN monthly_requests ELSE 0 END) \
+         + r.cost, \
+       total_requests = total_requests + r.cost, \
+       day = r.day, month = r.month, updated_at = r.now \
+     FROM r WHERE api_usage.api_key_id = r.key_id \
+       AND (r.daily_limit IS NULL OR (CASE WHEN api_usage.day = r.day \
+         THEN daily_requests ELSE 0 END) + r.cost <= r.daily_limit) \
+       AND (r.monthly_limit IS NULL OR (CASE WHEN api_usage.month = r.month \
+         THEN monthly_requests ELSE 0 END) + r.cost <= r.monthly_limit) \
      RETURNING daily_requests, monthly_requests";
+
+/// A key's daily and monthly counters as they count today (an earlier day or month reads as 0).
+/// Parameters, in order: key id, day, month.
+const USAGE_NOW_SQL: &str = "WITH r (key_id, day, month) AS (VALUES (?, ?, ?)) \
+     SELECT CASE WHEN u.day = r.day THEN u.daily_requests ELSE 0 END, \
+       CASE WHEN u.month = r.month THEN u.monthly_requests ELSE 0 END \
+     FROM api_usage u JOIN r ON u.api_key_id = r.key_id";
 
 /// One request on its own: [`CONSUME_SQL`], and when it admits nothing, the read that tells why
 /// (creating a missing usage row and trying again).
@@ -409,16 +423,12 @@ async fn consume_one(
         }
         // No row came back: either there is no usage row, or a limit has no room. Tell
         // which, so "no row" never reads as "limit exceeded".
-        let current = sqlx::query(
-            "SELECT CASE WHEN day = ?2 THEN daily_requests ELSE 0 END, \
-                    CASE WHEN month = ?3 THEN monthly_requests ELSE 0 END \
-             FROM api_usage WHERE api_key_id = ?1",
-        )
-        .bind(key_id)
-        .bind(&day)
-        .bind(&month)
-        .fetch_optional(&mut *conn)
-        .await?;
+        let current = sqlx::query(USAGE_NOW_SQL)
+            .bind(key_id)
+            .bind(&day)
+            .bind(&month)
+            .fetch_optional(&mut *conn)
+            .await?;
         let Some(current) = current else {
             sqlx::query(
                 "INSERT INTO api_usage (api_key_id, day, month, updated_at) \
@@ -486,34 +496,18 @@ async fn consume_writer(write: SqlitePool, mut queue: mpsc::Receiver<PendingCons
     }
 }
 
-/// One transaction: for request `i`, the statement of [`CONSUME_SQL`] (its seven parameters in a
-/// one-row `VALUES`, as positional `?`: sqlx binds numbered parameters wrongly when a query has
-/// several statements), and when it updated nothing, a read of the counters that tells which
-/// limit had no room. Rows come back tagged with `i`.
+/// One transaction: for request `i`, [`CONSUME_SQL`], and when it updated nothing,
+/// [`USAGE_NOW_SQL`], which tells which limit had no room. Rows come back tagged with `i` and
+/// whether they are an admission (1) or a read (0).
 fn batch_sql(size: usize) -> String {
     let mut sql = String::from("BEGIN IMMEDIATE;\n");
     for i in 0..size {
-        sql.push_str(&format!(
-            "WITH r (key_id, day, month, cost, daily_limit, monthly_limit, now) AS \
-               (VALUES (?, ?, ?, ?, ?, ?, ?)) \
-             UPDATE api_usage SET \
-               daily_requests = (CASE WHEN api_usage.day = r.day THEN daily_requests ELSE 0 END) \
-                 + r.cost, \
-               monthly_requests = (CASE WHEN api_usage.month = r.month THEN monthly_requests \
-                 ELSE 0 END) + r.cost, \
-               total_requests = total_requests + r.cost, \
-               day = r.day, month = r.month, updated_at = r.now \
-             FROM r WHERE api_usage.api_key_id = r.key_id \
-               AND (r.daily_limit IS NULL OR (CASE WHEN api_usage.day = r.day \
-                 THEN daily_requests ELSE 0 END) + r.cost <= r.daily_limit) \
-               AND (r.monthly_limit IS NULL OR (CASE WHEN api_usage.month = r.month \
-                 THEN monthly_requests ELSE 0 END) + r.cost <= r.monthly_limit) \
-             RETURNING {i}, 1, daily_requests, monthly_requests;\n\
-             WITH r (key_id, day, month) AS (VALUES (?, ?, ?)) \
-             SELECT {i}, 0, CASE WHEN u.day = r.day THEN u.daily_requests ELSE 0 END, \
-               CASE WHEN u.month = r.month THEN u.monthly_requests ELSE 0 END \
-             FROM api_usage u JOIN r ON u.api_key_id = r.key_id WHERE changes() = 0;\n"
-        ));
+        let update = CONSUME_SQL.replace(
+            "RETURNING daily_requests",
+            &format!("RETURNING {i}, 1, daily_requests"),
+        );
+        let read = USAGE_NOW_SQL.replacen("SELECT ", &format!("SELECT {i}, 0, "), 1);
+        sql.push_str(&format!("{update};\n{read} WHERE changes() = 0;\n"));
     }
     sql.push_str("COMMIT;");
     sql
