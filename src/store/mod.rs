@@ -185,6 +185,11 @@ pub enum QuotaOutcome {
     DailyExceeded { used: u64 },
 }
 
+/// A limit as the databases store it: unlimited is NULL, and a count past `i64::MAX` is capped.
+pub(crate) fn opt_i64(v: Option<u64>) -> Option<i64> {
+    v.map(|v| v.min(i64::MAX as u64) as i64)
+}
+
 /// A quota request queued for a store's writer, which may run it together with others.
 #[derive(Debug)]
 pub(crate) struct PendingConsume {

@@ -20,7 +20,7 @@ use super::sqlite::parse_hash_hex;
 use super::{
     KeyChange, KeyStore, LimitsPatch, LogRow, Maintenance, Outcome, PendingConsume, Quota,
     QuotaOutcome, QuotaStore, RequestLogSink, StoreError, Usage, UsageSummary, batch_answer,
-    refusal,
+    opt_i64, refusal,
 };
 use crate::keys::{self, ApiKey, KeyHash, KeyStatus, Limits, NewKey};
 
@@ -129,10 +129,6 @@ fn key_from_row(row: &PgRow) -> Result<ApiKey, StoreError> {
             refund_5xx: row.try_get("refund_5xx")?,
         },
     })
-}
-
-fn opt_i64(v: Option<u64>) -> Option<i64> {
-    v.map(|v| v.min(i64::MAX as u64) as i64)
 }
 
 /// The UTC day and the first day of the UTC month `now` falls in.

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     KeyChange, KeyStore, LimitsPatch, LogRow, Maintenance, Outcome, PendingConsume, Quota,
     QuotaOutcome, QuotaStore, RequestLogSink, StoreError, Usage, UsageSummary, batch_answer,
-    refusal, ts_text,
+    opt_i64, refusal, ts_text,
 };
 use crate::clock::{day_label, month_label};
 use crate::keys::{self, ApiKey, KeyHash, KeyStatus, Limits, NewKey};
@@ -165,10 +165,6 @@ fn key_from_row(row: &SqliteRow) -> Result<ApiKey, StoreError> {
             refund_5xx: row.try_get::<i64, _>("refund_5xx")? != 0,
         },
     })
-}
-
-fn opt_i64(v: Option<u64>) -> Option<i64> {
-    v.map(|v| v.min(i64::MAX as u64) as i64)
 }
 
 #[async_trait]
