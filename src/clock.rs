@@ -48,12 +48,13 @@ impl Clock for ManualClock {
 
 /// The UTC day `now` belongs to, as stored in the usage table (`YYYY-MM-DD`).
 pub fn day_label(now: DateTime<Utc>) -> String {
-    now.format("%Y-%m-%d").to_string()
+    // Not `format("%Y-%m-%d")`: that parses the pattern on every call, and this runs per request.
+    format!("{:04}-{:02}-{:02}", now.year(), now.month(), now.day())
 }
 
 /// The UTC month `now` belongs to, as stored in the usage table (`YYYY-MM`).
 pub fn month_label(now: DateTime<Utc>) -> String {
-    now.format("%Y-%m").to_string()
+    format!("{:04}-{:02}", now.year(), now.month())
 }
 
 /// Whole seconds from `now` until the next UTC midnight, at least 1.
@@ -125,6 +126,9 @@ mod tests {
         let t: DateTime<Utc> = "2026-01-31T23:30:00-02:00".parse().unwrap();
         assert_eq!(day_label(t), "2026-02-01");
         assert_eq!(month_label(t), "2026-02");
+        // Zero-padded, as the usage table and the SQL that reads it expect.
+        assert_eq!(day_label(at("2026-03-04T00:00:00Z")), "2026-03-04");
+        assert_eq!(month_label(at("2026-03-04T00:00:00Z")), "2026-03");
     }
 
     #[test]

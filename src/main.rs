@@ -8,6 +8,12 @@ use tollgate::cli::{Cli, Command, run_keys, run_usage};
 use tollgate::config::Config;
 use tollgate::{store, telemetry};
 
+/// mimalloc instead of the system allocator: every request allocates and frees dozens of small
+/// buffers (protobuf messages, HTTP/2 frames, headers), and glibc's malloc and free were a fifth
+/// of tollgate's CPU under load (BENCHMARKS.md, "Profile").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Exit code for an invalid configuration (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 

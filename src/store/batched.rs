@@ -15,7 +15,6 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{Quota, QuotaOutcome, QuotaStore, StoreError};
-use crate::clock::{day_label, month_label};
 
 /// What a replica holds for one key.
 #[derive(Debug, Default)]
@@ -46,8 +45,9 @@ impl std::fmt::Debug for BatchedQuota {
     }
 }
 
+/// Whether `a` and `b` count in the same UTC day (and so the same month).
 fn same_period(a: DateTime<Utc>, b: DateTime<Utc>) -> bool {
-    day_label(a) == day_label(b) && month_label(a) == month_label(b)
+    a.date_naive() == b.date_naive()
 }
 
 impl BatchedQuota {
@@ -182,5 +182,41 @@ impl QuotaStore for BatchedQuota {
         spent_at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         self.inner.give_back(key_id, units, spent_at).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_period;
+    use chrono::{DateTime, Utc};
+
+    fn at(s: &str) -> DateTime<Utc> {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn a_period_is_one_utc_day() {
+        assert!(same_period(
+            at("2026-03-04T00:00:00Z"),
+            at("2026-03-04T23:59:59Z")
+        ));
+        assert!(!same_period(
+            at("2026-03-04T23:59:59Z"),
+            at("2026-03-05T00:00:00Z")
+        ));
+        // The same day of the month in another month or year is another period.
+        assert!(!same_period(
+            at("2026-03-04T12:00:00Z"),
+            at("2026-04-04T12:00:00Z")
+        ));
+        assert!(!same_period(
+            at("2026-03-04T12:00:00Z"),
+            at("2027-03-04T12:00:00Z")
+        ));
+        // UTC, whatever offset the time was written with.
+        assert!(same_period(
+            at("2026-03-04T23:30:00-02:00"),
+            at("2026-03-05T01:00:00Z")
+        ));
     }
 }
