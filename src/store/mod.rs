@@ -200,7 +200,28 @@ pub(crate) struct PendingConsume {
     pub reply: tokio::sync::oneshot::Sender<Result<QuotaOutcome, StoreError>>,
 }
 
+/// Where a [`PendingConsume`]'s answer arrives.
+pub(crate) type ConsumeAnswer = tokio::sync::oneshot::Receiver<Result<QuotaOutcome, StoreError>>;
+
 impl PendingConsume {
+    /// A request, and where its answer will arrive.
+    pub(crate) fn new(
+        key_id: i64,
+        quota: Quota,
+        cost: u64,
+        now: DateTime<Utc>,
+    ) -> (Self, ConsumeAnswer) {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let pending = PendingConsume {
+            key_id,
+            quota,
+            cost: cost.min(i64::MAX as u64) as i64,
+            now,
+            reply,
+        };
+        (pending, answer)
+    }
+
     /// Queues a request on `queue` and waits for the writer's answer. A writer that is gone
     /// (the store is closed) reads as an unavailable database.
     pub(crate) async fn queue(
@@ -211,14 +232,7 @@ impl PendingConsume {
         now: DateTime<Utc>,
     ) -> Result<QuotaOutcome, StoreError> {
         let closed = || StoreError::Unavailable(sqlx::Error::PoolClosed);
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let pending = PendingConsume {
-            key_id,
-            quota,
-            cost: cost.min(i64::MAX as u64) as i64,
-            now,
-            reply,
-        };
+        let (pending, answer) = PendingConsume::new(key_id, quota, cost, now);
         queue.send(pending).await.map_err(|_| closed())?;
         answer.await.map_err(|_| closed())?
     }

@@ -892,7 +892,6 @@ impl RequestLogSink for PgStore {
 mod tests {
     use super::*;
     use sqlx::AssertSqlSafe;
-    use tokio::sync::oneshot;
 
     /// Requests for different keys in one batch are answered from the statement's own rows, each
     /// as if it ran alone. Needs the PostgreSQL server of `scripts/test` (TEST_POSTGRES_URL).
@@ -981,14 +980,8 @@ mod tests {
             (ids[2], quota(Some(5), Some(5)), 5),
             (ids[3], quota(None, None), 7),
         ] {
-            let (reply, answer) = oneshot::channel();
-            batch.push(PendingConsume {
-                key_id,
-                quota,
-                cost,
-                now,
-                reply,
-            });
+            let (pending, answer) = PendingConsume::new(key_id, quota, cost, now);
+            batch.push(pending);
             answers.push(answer);
         }
         assert_eq!(consume_batch(&store.pool, batch).await, 0);

@@ -780,17 +780,22 @@ impl RequestLogSink for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::sync::oneshot;
 
-    /// Retention and `tollgate usage` find rows by time through an index, never by reading the
-    /// whole log.
-    #[tokio::test]
-    async fn the_log_is_searched_by_time_through_an_index() {
+    /// A migrated store in a temporary directory (kept while the directory lives).
+    async fn migrated_store() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(&format!("sqlite://{}/t.db", dir.path().display()))
             .await
             .unwrap();
         store.migrate().await.unwrap();
+        (dir, store)
+    }
+
+    /// Retention and `tollgate usage` find rows by time through an index, never by reading the
+    /// whole log.
+    #[tokio::test]
+    async fn the_log_is_searched_by_time_through_an_index() {
+        let (_dir, store) = migrated_store().await;
         let prune = PRUNE_LOG_SQL.replace("?1", "'2026-01-01T00:00:00.000Z'");
         let plan: Vec<(i64, i64, i64, String)> =
             sqlx::query_as(sqlx::AssertSqlSafe(format!("EXPLAIN QUERY PLAN {prune}")))
@@ -814,11 +819,7 @@ mod tests {
     /// each ran alone in turn.
     #[tokio::test]
     async fn a_batch_answers_every_request_from_one_query() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&format!("sqlite://{}/t.db", dir.path().display()))
-            .await
-            .unwrap();
-        store.migrate().await.unwrap();
+        let (_dir, store) = migrated_store().await;
         let now = Utc::now();
         let mut ids = Vec::new();
         for name in ["a", "b"] {
@@ -845,14 +846,8 @@ mod tests {
             (a, daily_2, 1),
             (b, monthly_9, 4),
         ] {
-            let (reply, answer) = oneshot::channel();
-            batch.push(PendingConsume {
-                key_id,
-                quota,
-                cost,
-                now,
-                reply,
-            });
+            let (pending, answer) = PendingConsume::new(key_id, quota, cost, now);
+            batch.push(pending);
             answers.push(answer);
         }
         let mut conn = store.write.acquire().await.unwrap();
