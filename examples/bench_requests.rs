@@ -112,7 +112,7 @@ enum Command {
         concurrency: usize,
         files: Vec<PathBuf>,
     },
-    /// Writes pgbench scripts that run tollgate's PostgreSQL `CONSUME_SQL`, as tollgate binds it
+    /// Writes pgbench scripts that run tollgate's PostgreSQL quota statement, as tollgate binds it
     /// for a key with daily and monthly quotas: one for a hot row, one for spread rows.
     PgbenchScript {
         #[arg(long)]
@@ -126,7 +126,7 @@ enum Command {
         #[arg(long)]
         out_spread: PathBuf,
     },
-    /// Runs tollgate's SQLite `CONSUME_SQL` back to back on one connection (SQLite has one
+    /// Runs tollgate's SQLite quota statement back to back on one connection (SQLite has one
     /// writer, as tollgate's write pool) with tollgate's pragmas, and prints statements/s.
     SqliteCeiling {
         #[arg(long)]
@@ -445,19 +445,21 @@ async fn verify_one(
     Ok(())
 }
 
-/// `CONSUME_SQL` with its parameters as tollgate binds them for a key with daily and monthly
-/// quotas that never run out: `$1` from the pgbench variable `:id`, the rest as today's values.
-/// pgbench's prepared mode (`-M prepared`) sends it as a prepared statement, as sqlx does.
+/// PostgreSQL's quota statement with its parameters as tollgate binds them for a lone request (a
+/// batch of one) of a key with daily and monthly quotas that never run out: the key id from the
+/// pgbench variable `:id`, the rest as today's values. pgbench's prepared mode (`-M prepared`)
+/// sends it as a prepared statement, as sqlx does.
 fn pgbench_sql() -> String {
     let today = chrono::Utc::now().date_naive();
     let month = today.format("%Y-%m-01").to_string();
-    tollgate::store::postgres::CONSUME_SQL
-        .replace("$1", ":id")
-        .replace("$2", &format!("'{today}'::date"))
-        .replace("$3", &format!("'{month}'::date"))
-        .replace("$4", "1")
-        .replace("$5", "1000000000000")
-        .replace("$6", "1000000000000")
+    tollgate::bench_hooks::POSTGRES_CONSUME_SQL
+        .replace("$1::int[]", "ARRAY[0]")
+        .replace("$2::bigint[]", "ARRAY[:id]::bigint[]")
+        .replace("$3::date[]", &format!("ARRAY['{today}'::date]"))
+        .replace("$4::date[]", &format!("ARRAY['{month}'::date]"))
+        .replace("$5::bigint[]", "ARRAY[1]::bigint[]")
+        .replace("$6::bigint[]", "ARRAY[1000000000000]::bigint[]")
+        .replace("$7::bigint[]", "ARRAY[1000000000000]::bigint[]")
 }
 
 async fn sqlite_ceiling(url: &str, min_id: i64, max_id: i64, seconds: f64) -> anyhow::Result<()> {
@@ -488,7 +490,7 @@ async fn sqlite_ceiling(url: &str, min_id: i64, max_id: i64, seconds: f64) -> an
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             let id = min_id + ((x >> 33) % span) as i64;
-            let row = sqlx::query(tollgate::store::sqlite::CONSUME_SQL)
+            let row = sqlx::query(tollgate::bench_hooks::SQLITE_CONSUME_SQL)
                 .bind(id)
                 .bind(&day)
                 .bind(&month)
@@ -496,6 +498,7 @@ async fn sqlite_ceiling(url: &str, min_id: i64, max_id: i64, seconds: f64) -> an
                 .bind(1_000_000_000_000_i64)
                 .bind(1_000_000_000_000_i64)
                 .bind(&now_text)
+                .bind(0_i64)
                 .fetch_optional(&mut conn)
                 .await?;
             admitted += u64::from(row.is_some());

@@ -24,7 +24,7 @@ use tonic_health::ServingStatus;
 
 use crate::authz::AuthzService;
 use crate::clock::{Clock, SystemClock};
-use crate::config::{Config, QuotaMode};
+use crate::config::Config;
 use crate::grpc::accesslog::AccessLogGrpc;
 use crate::grpc::authz::AuthzGrpc;
 use crate::grpc::ratelimit::RateLimitGrpc;
@@ -36,8 +36,8 @@ use crate::limiter::redis::RedisLimiter;
 use crate::ratelimit::rules::Rules;
 use crate::ratelimit::service::RateLimitService;
 use crate::reqlog::{self, OutcomeLog, RequestLog};
-use crate::store::batched::BatchedQuota;
-use crate::store::{self, QuotaStore, Stores};
+use crate::store::batched::QuotaCounter;
+use crate::store::{self, Stores};
 use crate::telemetry::Metrics;
 
 /// A built, not yet running, tollgate.
@@ -57,8 +57,8 @@ pub struct App {
     outcome_writer: Option<JoinHandle<()>>,
     drain_outcomes: CancellationToken,
     clock: Arc<dyn Clock>,
-    /// Quota spent in memory and given back on flush (batched mode; keys without quotas).
-    batched: Vec<Arc<BatchedQuota>>,
+    /// How quota is spent; blocks reserved and not spent are given back on flush.
+    quotas: Arc<QuotaCounter>,
     metrics: Arc<Metrics>,
 }
 
@@ -104,26 +104,13 @@ impl App {
             config.cache.negative_ttl.0,
         ));
         let limiter = limiter(&config)?;
-        let batched = (config.quota.mode == QuotaMode::Batched).then(|| {
-            Arc::new(BatchedQuota::new(
-                stores.quotas.clone(),
-                config.quota.max_block,
-            ))
-        });
-        let quotas: Arc<dyn QuotaStore> = match &batched {
-            Some(b) => b.clone(),
-            None => stores.quotas.clone(),
-        };
-        // Keys without quotas have nothing to enforce: their usage is counted in blocks.
-        let uncapped = Arc::new(BatchedQuota::new(stores.quotas.clone(), UNCAPPED_BLOCK));
-        let batched: Vec<Arc<BatchedQuota>> =
-            batched.into_iter().chain([uncapped.clone()]).collect();
+        let quotas = Arc::new(QuotaCounter::new(stores.quotas.clone(), &config.quota));
         let authz = Arc::new(AuthzService::new(
             &config,
             cache.clone(),
             limiter.clone(),
-            quotas,
-            uncapped,
+            quotas.clone(),
+            quotas.clone(),
             log.clone(),
             clock.clone(),
             metrics.clone(),
@@ -153,7 +140,7 @@ impl App {
             outcome_writer,
             drain_outcomes,
             clock,
-            batched,
+            quotas,
             metrics,
         })
     }
@@ -189,7 +176,7 @@ impl App {
             outcome_writer,
             drain_outcomes,
             clock,
-            batched,
+            quotas,
             metrics,
         } = self;
         let grpc_addr = grpc.local_addr()?;
@@ -208,13 +195,7 @@ impl App {
             config.request_log.retention.map(|d| d.0),
             background.clone(),
         ));
-        for b in &batched {
-            tasks.spawn(flush_batched(
-                b.clone(),
-                config.quota.flush_interval.0,
-                background.clone(),
-            ));
-        }
+        tasks.spawn(quotas.clone().run_flushes(background.clone()));
         // Serve only once key changes are being heard, so no cached key can miss one.
         if !cache.wait_primed(std::time::Duration::from_secs(10)).await {
             tracing::warn!("key change feed not running after 10s; serving anyway");
@@ -335,10 +316,8 @@ impl App {
             tracing::error!("access log outcomes not written within {deadline:?}");
         }
         // ...and quota reserved but not spent.
-        for b in &batched {
-            if let Err(e) = b.flush().await {
-                tracing::error!(error = %e, "reserved quota not given back at shutdown");
-            }
+        if let Err(e) = quotas.flush().await {
+            tracing::error!(error = %e, "reserved quota not given back at shutdown");
         }
         // 5. The database.
         stores.close().await;
@@ -468,31 +447,9 @@ fn rules_fingerprint(
     out
 }
 
-/// Block size for counting keys without quotas.
-const UNCAPPED_BLOCK: u64 = 1_000;
-
-/// Gives back batched quota not spent, every `interval`.
-async fn flush_batched(
-    batched: Arc<BatchedQuota>,
-    interval: std::time::Duration,
-    stop: CancellationToken,
-) {
-    let mut ticker = tokio::time::interval(interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = ticker.tick() => {}
-        }
-        if let Err(e) = batched.flush().await {
-            tracing::warn!(error = %e, "giving back reserved quota failed; retrying");
-        }
-    }
-}
-
 /// Keeps the request log in shape (partitions ahead, retention) at start and every hour.
 async fn maintain_log(
-    log: Arc<dyn crate::store::RequestLogSink>,
+    log: Arc<dyn crate::store::RequestLogStore>,
     clock: Arc<dyn Clock>,
     retention: Option<std::time::Duration>,
     stop: CancellationToken,

@@ -290,7 +290,7 @@ pub async fn run_keys(
         }
         KeysCommand::Show { id, json } => {
             let key = stores.keys.get(id).await?.ok_or_else(|| no_key(id))?;
-            let usage = stores.keys.usage(id, now).await?;
+            let usage = stores.quotas.usage(id, now).await?;
             if json {
                 let mut v = key_json(&key, default_pm);
                 v["usage"] = json!({

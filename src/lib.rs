@@ -20,6 +20,8 @@
 
 pub mod app;
 pub mod authz;
+#[doc(hidden)]
+pub mod bench_hooks;
 pub mod cli;
 pub mod clock;
 pub mod config;

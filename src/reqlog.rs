@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::RequestLogConfig;
-use crate::store::{LogRow, RequestLogSink};
+use crate::store::{LogRow, RequestLogStore};
 use crate::telemetry::Metrics;
 
 /// Longest a row's text fields may be; longer values are cut (a 1 MB path is not worth storing).
@@ -67,7 +67,7 @@ pub fn clip(s: &str) -> String {
 /// what is queued and returns.
 pub fn start(
     config: &RequestLogConfig,
-    sink: Arc<dyn RequestLogSink>,
+    sink: Arc<dyn RequestLogStore>,
     metrics: Arc<Metrics>,
     drain: CancellationToken,
 ) -> (RequestLog, Option<tokio::task::JoinHandle<()>>) {
@@ -92,7 +92,7 @@ pub fn start(
 }
 
 struct Writer {
-    sink: Arc<dyn RequestLogSink>,
+    sink: Arc<dyn RequestLogStore>,
     metrics: Arc<Metrics>,
     batch_size: usize,
     flush_interval: Duration,
@@ -216,7 +216,7 @@ impl OutcomeLog {
 /// what it can and returns.
 pub fn start_outcomes(
     config: &RequestLogConfig,
-    sink: Arc<dyn RequestLogSink>,
+    sink: Arc<dyn RequestLogStore>,
     metrics: Arc<Metrics>,
     drain: CancellationToken,
 ) -> (OutcomeLog, Option<tokio::task::JoinHandle<()>>) {
@@ -242,7 +242,7 @@ pub fn start_outcomes(
 }
 
 struct OutcomeWriter {
-    sink: Arc<dyn RequestLogSink>,
+    sink: Arc<dyn RequestLogStore>,
     metrics: Arc<Metrics>,
     batch_size: usize,
     flush_interval: Duration,

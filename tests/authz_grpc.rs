@@ -284,7 +284,7 @@ async fn daily_quota_is_429_until_utc_midnight_and_the_next_day_starts_from_zero
     assert_eq!(h["ratelimit"], r#""daily";r=1;t=86399"#);
     let usage = tg
         .stores
-        .keys
+        .quotas
         .usage(id, "2026-03-11T00:00:02Z".parse().unwrap())
         .await
         .unwrap();
@@ -780,9 +780,9 @@ async fn a_5xx_answer_gives_the_quota_back_for_keys_that_ask(db: Db) {
         .unwrap();
     assert_eq!(found, [true, true, true, true, false]);
     assert_eq!(refunded, 2, "a and c; d's key does not ask for refunds");
-    let usage = tg.stores.keys.usage(id, now).await.unwrap();
+    let usage = tg.stores.quotas.usage(id, now).await.unwrap();
     assert_eq!((usage.daily, usage.monthly, usage.total), (1, 1, 1));
-    assert_eq!(tg.stores.keys.usage(plain, now).await.unwrap().daily, 1);
+    assert_eq!(tg.stores.quotas.usage(plain, now).await.unwrap().daily, 1);
     // The log says which rows were given back: allowed - refunded = usage.
     let given_back = format!(
         "SELECT CAST(COALESCE(SUM(cost), 0) AS BIGINT) FROM api_requests_log \
@@ -808,18 +808,22 @@ async fn concurrent_quota_requests_on_many_keys_are_each_answered_exactly(db: Db
         .create_key("monthly", limits(None, Some(1000), Some(20)))
         .await;
     let (_, costly) = tg.create_key("costly", limits(None, Some(10), None)).await;
-    let (_, rowless) = tg.create_key("rowless", limits(None, Some(5), None)).await;
-    // A key without a usage row (as an older version could leave one): it is created on demand.
+    // A key inserted by hand, in SQL: the database gives it its usage row too.
     tg.db
-        .execute(&format!(
-            "DELETE FROM api_usage WHERE api_key_id = {rowless}"
-        ))
+        .execute(
+            "INSERT INTO api_keys (name, prefix, key_hash, status, created_at, updated_at) \
+             VALUES ('by_hand', 'tg_byhand1', 'by-hand', 'active', '2026-03-10T00:00:00Z', \
+               '2026-03-10T00:00:00Z')",
+        )
+        .await;
+    let by_hand = tg
+        .scalar("SELECT id FROM api_keys WHERE key_hash = 'by-hand'")
         .await;
     let requests = [
         (daily, Some(30), Some(1000), 1),
         (monthly, Some(1000), Some(20), 1),
         (costly, Some(10), None, 3),
-        (rowless, Some(5), None, 1),
+        (by_hand, Some(5), None, 1),
     ];
     let tasks: Vec<_> = (0..400)
         .map(|i| {
@@ -842,16 +846,16 @@ async fn concurrent_quota_requests_on_many_keys_are_each_answered_exactly(db: Db
             (k, QuotaOutcome::DailyExceeded { used }) if k == daily => assert_eq!(used, 30),
             (k, QuotaOutcome::MonthlyExceeded { used }) if k == monthly => assert_eq!(used, 20),
             (k, QuotaOutcome::DailyExceeded { used }) if k == costly => assert_eq!(used, 9),
-            (k, QuotaOutcome::DailyExceeded { used }) if k == rowless => assert_eq!(used, 5),
+            (k, QuotaOutcome::DailyExceeded { used }) if k == by_hand => assert_eq!(used, 5),
             (k, other) => panic!("key {k}: unexpected {other:?}"),
         }
     }
     assert_eq!(admitted[&daily], 30);
     assert_eq!(admitted[&monthly], 20);
     assert_eq!(admitted[&costly], 3, "3 requests of cost 3 fit in 10");
-    assert_eq!(admitted[&rowless], 5);
-    for (key, spent) in [(daily, 30), (monthly, 20), (costly, 9), (rowless, 5)] {
-        let usage = tg.stores.keys.usage(key, t0()).await.unwrap();
+    assert_eq!(admitted[&by_hand], 5);
+    for (key, spent) in [(daily, 30), (monthly, 20), (costly, 9), (by_hand, 5)] {
+        let usage = tg.stores.quotas.usage(key, t0()).await.unwrap();
         assert_eq!((usage.daily, usage.total), (spent, spent), "key {key}");
     }
     tg.stop().await;

@@ -52,7 +52,7 @@ async fn replicas_never_admit_more_than_the_limit(db: Db) {
             r.flush().await.unwrap();
         }
         // After a flush the counters show exactly what was admitted.
-        let usage = tg.stores.keys.usage(id, t0()).await.unwrap();
+        let usage = tg.stores.quotas.usage(id, t0()).await.unwrap();
         assert_eq!(usage.daily, total);
         if admitted == 0 {
             break;
@@ -84,7 +84,7 @@ async fn a_rollover_starts_from_zero_and_leftovers_go_back_to_their_day(db: Db) 
         QuotaOutcome::Admitted { .. }
     ));
     b.flush().await.unwrap();
-    let usage = tg.stores.keys.usage(id, next).await.unwrap();
+    let usage = tg.stores.quotas.usage(id, next).await.unwrap();
     assert_eq!((usage.daily, usage.monthly, usage.total), (1, 4, 4));
     tg.stop().await;
 }
@@ -109,7 +109,7 @@ async fn a_running_tollgate_shows_real_use_within_a_second() {
     // A block was reserved; within a second (flush every 500 ms) the unused part is back.
     let started = Instant::now();
     loop {
-        let daily = tg.stores.keys.usage(id, t0()).await.unwrap().daily;
+        let daily = tg.stores.quotas.usage(id, t0()).await.unwrap().daily;
         if daily == 3 {
             break;
         }
@@ -172,7 +172,7 @@ async fn keys_without_quotas_are_counted_within_a_second() {
     }
     let started = Instant::now();
     loop {
-        let usage = tg.stores.keys.usage(id, t0()).await.unwrap();
+        let usage = tg.stores.quotas.usage(id, t0()).await.unwrap();
         if (usage.daily, usage.total) == (7, 7) {
             break;
         }

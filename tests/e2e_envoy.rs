@@ -171,7 +171,7 @@ async fn per_minute_limit_is_429_with_retry_after() {
     assert_eq!(body["retry_after"], 40);
     assert_eq!(body["limit"]["name"], "per_minute");
     // The refused request did not touch the daily quota.
-    let usage = tg.stores.keys.usage(id, t0()).await.unwrap();
+    let usage = tg.stores.quotas.usage(id, t0()).await.unwrap();
     assert_eq!(usage.daily, 2);
     tg.clock.advance(Span::seconds(40));
     assert_eq!(get(&envoy, &[("x-api-key", &key)]).await.status, 200);
@@ -283,7 +283,7 @@ async fn a_route_with_a_cost_spends_that_much() {
         (r.status, r.header("x-ratelimit-remaining")),
         (200, Some("4"))
     );
-    assert_eq!(tg.stores.keys.usage(id, t0()).await.unwrap().daily, 21);
+    assert_eq!(tg.stores.quotas.usage(id, t0()).await.unwrap().daily, 21);
     tg.stop().await;
 }
 
@@ -385,7 +385,7 @@ async fn a_key_that_asks_gets_its_quota_back_when_the_upstream_fails() {
     }
     // Envoy's access log tells tollgate; the two requests' quota comes back.
     let started = std::time::Instant::now();
-    while tg.stores.keys.usage(id, t0()).await.unwrap().daily != 0 {
+    while tg.stores.quotas.usage(id, t0()).await.unwrap().daily != 0 {
         assert!(
             started.elapsed() < std::time::Duration::from_secs(15),
             "quota not given back"

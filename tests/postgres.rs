@@ -46,7 +46,8 @@ async fn every_lookup_tollgate_makes_uses_an_index() {
     )
     .await;
     db.execute(
-        "INSERT INTO api_usage (api_key_id, day, month) SELECT id, current_date, current_date FROM api_keys",
+        "INSERT INTO api_usage (api_key_id, day, month) SELECT id, current_date, current_date FROM api_keys \
+         ON CONFLICT DO NOTHING",
     )
     .await;
     db.execute(
@@ -63,13 +64,14 @@ async fn every_lookup_tollgate_makes_uses_an_index() {
     );
     let consume = explain(
         &db,
-        &tollgate::store::postgres::CONSUME_SQL
-            .replace("$1", "42")
-            .replace("$2", "current_date")
-            .replace("$3", "current_date")
-            .replace("$4", "1")
-            .replace("$5", "100")
-            .replace("$6", "1000"),
+        &tollgate::bench_hooks::POSTGRES_CONSUME_SQL
+            .replace("$1::int[]", "ARRAY[0]")
+            .replace("$2::bigint[]", "ARRAY[42]::bigint[]")
+            .replace("$3::date[]", "ARRAY[current_date]")
+            .replace("$4::date[]", "ARRAY[current_date]")
+            .replace("$5::bigint[]", "ARRAY[1]::bigint[]")
+            .replace("$6::bigint[]", "ARRAY[100]::bigint[]")
+            .replace("$7::bigint[]", "ARRAY[1000]::bigint[]"),
     )
     .await;
     assert!(
@@ -325,7 +327,7 @@ async fn outage(mode: FailureMode) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(check_code(&tg, &known).await.0, 0);
-    let usage = tg.stores.keys.usage(id, t0()).await.unwrap();
+    let usage = tg.stores.quotas.usage(id, t0()).await.unwrap();
     assert_eq!(
         usage.daily, 2,
         "the request admitted during the outage was not counted"

@@ -68,6 +68,18 @@ pub fn hash_hex(hash: &KeyHash) -> String {
     })
 }
 
+/// The hash a [`hash_hex`] string stands for; `None` for anything else.
+pub(crate) fn parse_hash_hex(hex: &str) -> Option<KeyHash> {
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
 /// Whether `candidate` has the shape of a tollgate key. Anything else is refused before it is
 /// hashed or looked up, so garbage and oversized values cost nothing.
 pub fn is_well_formed(candidate: &str) -> bool {
@@ -160,6 +172,14 @@ mod tests {
         assert!(!is_well_formed(&format!("tg_{}", "é".repeat(20))));
         assert!(!is_well_formed(&format!("tg_{}-", &good[3..KEY_LEN - 1])));
         assert!(!is_well_formed(&"a".repeat(1 << 20)));
+    }
+
+    #[test]
+    fn hash_hex_round_trips() {
+        let h = hash("tg_x");
+        assert_eq!(parse_hash_hex(&hash_hex(&h)), Some(h));
+        assert_eq!(parse_hash_hex("zz"), None);
+        assert_eq!(parse_hash_hex(&"g".repeat(64)), None);
     }
 
     #[test]

@@ -1,4 +1,7 @@
-//! `quota.mode: batched`: quota reserved from the database in blocks and spent in memory.
+//! Quota counted in blocks reserved from the database and spent in memory: `quota.mode: batched`
+//! for keys with quotas, and always for keys without (nothing to enforce, only to count). The
+//! [`QuotaCounter`] puts both behind one [`QuotaStore`], so the Check path spends quota without
+//! knowing how it is counted.
 //!
 //! A replica reserves a block of units for a key with the same conditional statement as exact
 //! mode (`QuotaStore::consume` with the block as the cost), shrinking the block to the room left
@@ -13,8 +16,114 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
 
-use super::{Quota, QuotaOutcome, QuotaStore, StoreError};
+use super::{Quota, QuotaOutcome, QuotaStore, StoreError, Usage};
+use crate::config::{QuotaConfig, QuotaMode};
+
+/// Block size for counting keys without quotas.
+const UNCAPPED_BLOCK: u64 = 1_000;
+
+/// How quota is spent: exactly (one conditional statement per request) or in blocks
+/// (`quota.mode`) for keys with a daily or monthly limit, in blocks for keys without one.
+pub struct QuotaCounter {
+    db: Arc<dyn QuotaStore>,
+    /// Keys with quotas, when `quota.mode` is `batched`.
+    batched: Option<BatchedQuota>,
+    uncapped: BatchedQuota,
+    flush_interval: std::time::Duration,
+}
+
+impl std::fmt::Debug for QuotaCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuotaCounter")
+            .field("batched", &self.batched.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl QuotaCounter {
+    /// Counts on `db` as `config` says.
+    pub fn new(db: Arc<dyn QuotaStore>, config: &QuotaConfig) -> Self {
+        Self {
+            batched: (config.mode == QuotaMode::Batched)
+                .then(|| BatchedQuota::new(db.clone(), config.max_block)),
+            uncapped: BatchedQuota::new(db.clone(), UNCAPPED_BLOCK),
+            flush_interval: config.flush_interval.0,
+            db,
+        }
+    }
+
+    fn blocks(&self) -> impl Iterator<Item = &BatchedQuota> {
+        self.batched.iter().chain([&self.uncapped])
+    }
+
+    /// Gives back every unit reserved and not spent. Units whose return fails are kept and
+    /// tried again at the next flush; the first error is returned.
+    pub async fn flush(&self) -> Result<u64, StoreError> {
+        let mut returned = 0;
+        let mut first_error = None;
+        for b in self.blocks() {
+            match b.flush().await {
+                Ok(n) => returned += n,
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(returned),
+        }
+    }
+
+    /// Gives back what is reserved and not spent every `quota.flush_interval`, until `stop`.
+    pub async fn run_flushes(self: Arc<Self>, stop: CancellationToken) {
+        let mut ticker = tokio::time::interval(self.flush_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            if let Err(e) = self.flush().await {
+                tracing::warn!(error = %e, "giving back reserved quota failed; retrying");
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl QuotaStore for QuotaCounter {
+    async fn consume(
+        &self,
+        key_id: i64,
+        quota: Quota,
+        cost: u64,
+        now: DateTime<Utc>,
+    ) -> Result<QuotaOutcome, StoreError> {
+        if quota.is_uncapped() {
+            self.uncapped.consume(key_id, quota, cost, now).await
+        } else if let Some(batched) = &self.batched {
+            batched.consume(key_id, quota, cost, now).await
+        } else {
+            self.db.consume(key_id, quota, cost, now).await
+        }
+    }
+
+    async fn give_back(
+        &self,
+        key_id: i64,
+        units: u64,
+        spent_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        self.db.give_back(key_id, units, spent_at).await
+    }
+
+    async fn usage(&self, key_id: i64, now: DateTime<Utc>) -> Result<Usage, StoreError> {
+        self.db.usage(key_id, now).await
+    }
+}
 
 /// What a replica holds for one key.
 #[derive(Debug, Default)]
@@ -182,6 +291,10 @@ impl QuotaStore for BatchedQuota {
         spent_at: DateTime<Utc>,
     ) -> Result<(), StoreError> {
         self.inner.give_back(key_id, units, spent_at).await
+    }
+
+    async fn usage(&self, key_id: i64, now: DateTime<Utc>) -> Result<Usage, StoreError> {
+        self.inner.usage(key_id, now).await
     }
 }
 

@@ -1,0 +1,145 @@
+//! The key seam: lookups for the request path, the admin operations behind `tollgate keys`, and
+//! the feed of key changes that keeps every replica's cache true.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+
+use super::StoreError;
+use crate::keys::{ApiKey, KeyHash, KeyStatus, Limits, NewKey};
+
+/// What [`KeyStore::watch_changes`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyChange {
+    /// These keys changed.
+    Keys(Vec<KeyHash>),
+    /// Anything may have changed.
+    All,
+}
+
+/// A change to some of a key's limits. `Some(None)` makes that limit unlimited.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LimitsPatch {
+    pub per_minute: Option<Option<u64>>,
+    pub daily: Option<Option<u64>>,
+    pub monthly: Option<Option<u64>>,
+    pub refund_5xx: Option<bool>,
+}
+
+impl LimitsPatch {
+    pub fn apply(&self, limits: Limits) -> Limits {
+        Limits {
+            per_minute: self.per_minute.unwrap_or(limits.per_minute),
+            daily: self.daily.unwrap_or(limits.daily),
+            monthly: self.monthly.unwrap_or(limits.monthly),
+            refund_5xx: self.refund_5xx.unwrap_or(limits.refund_5xx),
+        }
+    }
+}
+
+/// Keys: lookups for the request path, and the admin operations behind `tollgate keys`.
+#[async_trait]
+pub trait KeyStore: Send + Sync + 'static {
+    /// The key with this hash, whatever its status, or `None` if there is none.
+    async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<ApiKey>, StoreError>;
+
+    /// Reports changed keys (created, revoked, limits set) to `on_change` until `stop` is
+    /// cancelled, each within `interval` of its commit. Reports [`KeyChange::All`] first, and
+    /// whenever changes may have been missed (the database was unreachable), so a cache built
+    /// before then is dropped. Errors are logged and retried, never returned.
+    async fn watch_changes(
+        &self,
+        interval: Duration,
+        on_change: &(dyn Fn(KeyChange) + Send + Sync),
+        stop: CancellationToken,
+    );
+
+    /// Stores a new key (the database gives it its usage row); `now` is its creation time.
+    async fn create(
+        &self,
+        name: &str,
+        key: &NewKey,
+        limits: Limits,
+        expires_at: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<ApiKey, StoreError>;
+
+    async fn get(&self, id: i64) -> Result<Option<ApiKey>, StoreError>;
+
+    /// All keys, oldest first.
+    async fn list(&self) -> Result<Vec<ApiKey>, StoreError>;
+
+    /// Marks a key revoked. `false` if there is no such key.
+    async fn revoke(&self, id: i64, now: DateTime<Utc>) -> Result<bool, StoreError>;
+
+    /// Changes some limits; returns the updated key, or `None` if there is no such key.
+    async fn set_limits(
+        &self,
+        id: i64,
+        patch: LimitsPatch,
+        now: DateTime<Utc>,
+    ) -> Result<Option<ApiKey>, StoreError>;
+
+    /// A cheap round trip, for `/readyz`.
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// The columns of `api_keys` that make an [`ApiKey`], in the order of [`KeyRow`]; both dialects
+/// select them by this list.
+macro_rules! key_columns {
+    () => {
+        "id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit, refund_5xx"
+    };
+}
+pub(crate) use key_columns;
+
+/// An `api_keys` row as both dialects return it (SQLite's RFC 3339 text and 0/1 decode to the
+/// same types).
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct KeyRow {
+    id: i64,
+    name: String,
+    prefix: String,
+    status: String,
+    expires_at: Option<DateTime<Utc>>,
+    per_minute: Option<i64>,
+    daily_limit: Option<i64>,
+    monthly_limit: Option<i64>,
+    refund_5xx: bool,
+}
+
+impl TryFrom<KeyRow> for ApiKey {
+    type Error = StoreError;
+
+    fn try_from(row: KeyRow) -> Result<Self, StoreError> {
+        let limit = |v: Option<i64>| v.map(|v| v.max(0) as u64);
+        Ok(ApiKey {
+            status: KeyStatus::parse(&row.status).ok_or_else(|| StoreError::Corrupt {
+                table: "api_keys",
+                detail: format!("status {:?}", row.status),
+            })?,
+            id: row.id,
+            name: row.name,
+            prefix: row.prefix,
+            expires_at: row.expires_at,
+            limits: Limits {
+                per_minute: limit(row.per_minute),
+                daily: limit(row.daily_limit),
+                monthly: limit(row.monthly_limit),
+                refund_5xx: row.refund_5xx,
+            },
+        })
+    }
+}
+
+/// A key read by one of the `key_columns!` queries, if there was one.
+pub(crate) fn key_of(row: Option<KeyRow>) -> Result<Option<ApiKey>, StoreError> {
+    row.map(ApiKey::try_from).transpose()
+}
+
+/// A limit as the databases store it: unlimited is NULL, and a count past `i64::MAX` is capped.
+pub(crate) fn opt_i64(v: Option<u64>) -> Option<i64> {
+    v.map(|v| v.min(i64::MAX as u64) as i64)
+}

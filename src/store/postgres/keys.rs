@@ -1,0 +1,190 @@
+//! Keys on PostgreSQL. A trigger on `api_keys` gives every new key its usage row and NOTIFYs
+//! every change, so the replicas' caches hear of it (migrations 0001 and 0007).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::PgListener;
+use tokio_util::sync::CancellationToken;
+
+use super::PgStore;
+use crate::keys::{self, ApiKey, KeyHash, KeyStatus, Limits, NewKey};
+use crate::store::keys::{KeyRow, key_columns, key_of, opt_i64};
+use crate::store::{KeyChange, KeyStore, LimitsPatch, StoreError};
+
+/// The channel the `api_keys` trigger notifies.
+const KEY_CHANNEL: &str = "tollgate_key_changes";
+
+impl PgStore {
+    /// Listens for key changes until the connection drops or `stop` is cancelled. Returns
+    /// `Ok(())` when stopped, `Err` when the connection was lost.
+    async fn listen(
+        &self,
+        on_change: &(dyn Fn(KeyChange) + Send + Sync),
+        stop: &CancellationToken,
+    ) -> Result<(), StoreError> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(KEY_CHANNEL).await?;
+        // Anything cached before this moment may have changed unheard.
+        on_change(KeyChange::All);
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                n = listener.try_recv() => n?,
+            };
+            match next {
+                Some(n) => match keys::parse_hash_hex(n.payload()) {
+                    Some(hash) => on_change(KeyChange::Keys(vec![hash])),
+                    None => on_change(KeyChange::All),
+                },
+                None => {
+                    return Err(StoreError::Unavailable(std::sync::Arc::new(
+                        sqlx::Error::Protocol("key change listener lost its connection".into()),
+                    )));
+                }
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl KeyStore for PgStore {
+    async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<ApiKey>, StoreError> {
+        let row: Option<KeyRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM api_keys WHERE key_hash = $1"
+        ))
+        .bind(keys::hash_hex(hash))
+        .fetch_optional(&self.pool)
+        .await?;
+        key_of(row)
+    }
+
+    async fn watch_changes(
+        &self,
+        _interval: Duration,
+        on_change: &(dyn Fn(KeyChange) + Send + Sync),
+        stop: CancellationToken,
+    ) {
+        let mut backoff = Duration::from_millis(100);
+        while !stop.is_cancelled() {
+            match self.listen(on_change, &stop).await {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "key change listener failed; reconnecting");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    async fn create(
+        &self,
+        name: &str,
+        key: &NewKey,
+        limits: Limits,
+        expires_at: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<ApiKey, StoreError> {
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO api_keys (name, prefix, key_hash, expires_at, per_minute, daily_limit, \
+               monthly_limit, created_at, updated_at, refund_5xx) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9) RETURNING id",
+        )
+        .bind(name)
+        .bind(&key.prefix)
+        .bind(keys::hash_hex(&key.hash))
+        .bind(expires_at)
+        .bind(opt_i64(limits.per_minute))
+        .bind(opt_i64(limits.daily))
+        .bind(opt_i64(limits.monthly))
+        .bind(now)
+        .bind(limits.refund_5xx)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(ApiKey {
+            id,
+            name: name.to_string(),
+            prefix: key.prefix.clone(),
+            status: KeyStatus::Active,
+            expires_at,
+            limits,
+        })
+    }
+
+    async fn get(&self, id: i64) -> Result<Option<ApiKey>, StoreError> {
+        let row: Option<KeyRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM api_keys WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        key_of(row)
+    }
+
+    async fn list(&self) -> Result<Vec<ApiKey>, StoreError> {
+        let rows: Vec<KeyRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM api_keys ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(ApiKey::try_from).collect()
+    }
+
+    async fn revoke(&self, id: i64, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let done =
+            sqlx::query("UPDATE api_keys SET status = 'revoked', updated_at = $2 WHERE id = $1")
+                .bind(id)
+                .bind(now)
+                .execute(&self.pool)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn set_limits(
+        &self,
+        id: i64,
+        patch: LimitsPatch,
+        now: DateTime<Utc>,
+    ) -> Result<Option<ApiKey>, StoreError> {
+        // Each limit is either replaced ($n given, flag true) or kept, in one statement, so
+        // two concurrent set-limits never undo each other's other fields.
+        let row: Option<KeyRow> = sqlx::query_as(concat!(
+            "UPDATE api_keys SET \
+               per_minute = CASE WHEN $2 THEN $3 ELSE per_minute END, \
+               daily_limit = CASE WHEN $4 THEN $5 ELSE daily_limit END, \
+               monthly_limit = CASE WHEN $6 THEN $7 ELSE monthly_limit END, \
+               refund_5xx = COALESCE($9, refund_5xx), \
+               updated_at = $8 \
+             WHERE id = $1 RETURNING ",
+            key_columns!()
+        ))
+        .bind(id)
+        .bind(patch.per_minute.is_some())
+        .bind(opt_i64(patch.per_minute.flatten()))
+        .bind(patch.daily.is_some())
+        .bind(opt_i64(patch.daily.flatten()))
+        .bind(patch.monthly.is_some())
+        .bind(opt_i64(patch.monthly.flatten()))
+        .bind(now)
+        .bind(patch.refund_5xx)
+        .fetch_optional(&self.pool)
+        .await?;
+        key_of(row)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}

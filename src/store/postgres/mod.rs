@@ -1,0 +1,78 @@
+//! PostgreSQL: keys, quotas and the request log shared by every replica.
+//!
+//! - `keys.rs`: lookups and admin operations; changes reach replicas through `LISTEN`/`NOTIFY`,
+//!   sent by a trigger on `api_keys` (so a change made by hand in SQL is seen too).
+//! - `quota.rs`: the conditional `UPDATE … RETURNING` on the key's `api_usage` row, for the
+//!   requests waiting at one moment in one statement.
+//! - `log.rs`: the request log, partitioned by UTC month.
+
+mod keys;
+mod log;
+pub(crate) mod quota;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use tokio::sync::mpsc;
+
+use super::consume::PendingConsume;
+use super::{Database, StoreError};
+
+/// Settings of the connection pool.
+#[derive(Debug, Clone, Copy)]
+pub struct PgSettings {
+    pub max_connections: u32,
+    /// Longest wait for a connection, and the server-side statement timeout.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct PgStore {
+    pool: PgPool,
+    consumes: mpsc::Sender<PendingConsume>,
+}
+
+impl PgStore {
+    /// Connects to the database named by a `postgres://` URL.
+    pub async fn open(url: &str, settings: PgSettings) -> Result<Self, StoreError> {
+        let statement_timeout = format!("{}", settings.timeout.as_millis().max(1));
+        let options = PgConnectOptions::from_str(url)?
+            .application_name("tollgate")
+            .options([("statement_timeout", statement_timeout.as_str())]);
+        let pool = PgPoolOptions::new()
+            .max_connections(settings.max_connections)
+            .min_connections(1)
+            .acquire_timeout(settings.timeout)
+            .connect_with(options)
+            .await?;
+        // Half the pool at most for quota statements: the request log and key lookups need
+        // connections too.
+        let in_flight = (settings.max_connections as usize / 2).max(1);
+        let consumes = quota::start_writer(pool.clone(), in_flight);
+        Ok(Self { pool, consumes })
+    }
+
+    /// Applies migrations; several replicas may do so at once (sqlx holds an advisory lock).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("./migrations/postgres")
+            .run(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Database for PgStore {
+    async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// The UTC day and the first day of the UTC month `now` falls in: how `api_usage` names them.
+fn day_and_month(now: DateTime<Utc>) -> (NaiveDate, NaiveDate) {
+    let day = now.date_naive();
+    (day, day.with_day(1).expect("first of month"))
+}

@@ -1,0 +1,227 @@
+//! Quotas on PostgreSQL: one statement, [`CONSUME_SQL`], checks and spends the quota of every
+//! request waiting at one moment (each for a different key), a lone request being a batch of one.
+//!
+//! The usage rows are locked in key order first, so two statements (of this replica or another)
+//! that share keys wait for each other instead of deadlocking. A locking read returns the row as
+//! the last committed transaction left it, and the row stays locked until this one commits, so the
+//! room-left test, the new counters and the counters a refusal reports are all computed from the
+//! same, latest, version of the row.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::PgPool;
+use tokio::sync::{Semaphore, mpsc};
+
+use super::{PgStore, day_and_month};
+use crate::store::consume::{BatchRow, PendingConsume, answer_batch, fail_batch};
+use crate::store::keys::opt_i64;
+use crate::store::quota::{count_i64, daily_now, monthly_now};
+use crate::store::{Quota, QuotaOutcome, QuotaStore, StoreError, Usage};
+
+/// Most quota requests, for different keys, in one statement.
+const MAX_CONSUME_BATCH: usize = 64;
+
+/// The statement that checks and spends quota. Its parameters are arrays, one element per
+/// request: index, key id, day, month, cost, daily limit, monthly limit (NULL = unlimited). A
+/// counter from an earlier day or month counts as 0 (DESIGN rule 2). Each request's row comes
+/// back with its index: admitted with the counters after it, or refused with the counters as
+/// they count now. Public so the benchmark can time it alone.
+pub const CONSUME_SQL: &str = concat!(
+    "WITH r AS ( \
+       SELECT * FROM unnest($1::int[], $2::bigint[], $3::date[], $4::date[], $5::bigint[], \
+         $6::bigint[], $7::bigint[]) AS r (i, key_id, day, month, cost, daily_limit, monthly_limit) \
+     ), cur AS MATERIALIZED ( \
+       SELECT r.i, u.api_key_id, ",
+    daily_now!("u", "r.day"),
+    " AS daily, ",
+    monthly_now!("u", "r.month"),
+    " AS monthly \
+       FROM api_usage u JOIN r ON u.api_key_id = r.key_id \
+       ORDER BY u.api_key_id FOR UPDATE OF u \
+     ), spent AS ( \
+       UPDATE api_usage u SET daily_requests = c.daily + r.cost, \
+         monthly_requests = c.monthly + r.cost, total_requests = u.total_requests + r.cost, \
+         day = r.day, month = r.month, updated_at = now() \
+       FROM r JOIN cur c ON c.i = r.i \
+       WHERE u.api_key_id = c.api_key_id \
+         AND (r.daily_limit IS NULL OR c.daily + r.cost <= r.daily_limit) \
+         AND (r.monthly_limit IS NULL OR c.monthly + r.cost <= r.monthly_limit) \
+       RETURNING r.i, u.daily_requests, u.monthly_requests \
+     ) \
+     SELECT i::bigint AS i, true AS admitted, daily_requests AS daily, monthly_requests AS monthly \
+       FROM spent \
+     UNION ALL \
+     SELECT c.i::bigint, false, c.daily, c.monthly FROM cur c \
+       WHERE c.i NOT IN (SELECT i FROM spent)"
+);
+
+/// Starts the writer that takes queued quota requests and runs them, up to `in_flight`
+/// statements at a time; returns its queue. The writer ends when every sender is gone.
+pub(super) fn start_writer(pool: PgPool, in_flight: usize) -> mpsc::Sender<PendingConsume> {
+    let (consumes, queue) = mpsc::channel(16 * MAX_CONSUME_BATCH);
+    tokio::spawn(dispatch(pool, queue, in_flight));
+    consumes
+}
+
+/// Each statement holds requests for different keys (a key's second request waits for the next
+/// one); while every permit is taken, requests gather into bigger statements.
+async fn dispatch(pool: PgPool, mut queue: mpsc::Receiver<PendingConsume>, in_flight: usize) {
+    let permits = Arc::new(Semaphore::new(in_flight));
+    let mut pending: Vec<PendingConsume> = Vec::new();
+    loop {
+        if pending.is_empty() && queue.recv_many(&mut pending, 4 * MAX_CONSUME_BATCH).await == 0 {
+            return;
+        }
+        let Ok(permit) = permits.clone().acquire_owned().await else {
+            return;
+        };
+        while pending.len() < 4 * MAX_CONSUME_BATCH {
+            match queue.try_recv() {
+                Ok(p) => pending.push(p),
+                Err(_) => break,
+            }
+        }
+        let mut batch = Vec::with_capacity(pending.len().min(MAX_CONSUME_BATCH));
+        let mut keys = HashSet::new();
+        let mut rest = Vec::new();
+        for p in pending.drain(..) {
+            if batch.len() < MAX_CONSUME_BATCH && keys.insert(p.key_id) {
+                batch.push(p);
+            } else {
+                rest.push(p);
+            }
+        }
+        pending = rest;
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            consume_batch(&pool, batch).await;
+            drop(permit);
+        });
+    }
+}
+
+/// Runs [`CONSUME_SQL`] for `batch` (each request for a different key) and answers every
+/// request. When the server refused the statement, nothing was changed: each request then runs
+/// alone, so one that fails says why and the others are not refused with it. Returns how many
+/// ran alone.
+async fn consume_batch(pool: &PgPool, batch: Vec<PendingConsume>) -> usize {
+    match run(pool, &batch).await {
+        Ok(rows) => {
+            answer_batch(batch, &rows);
+            0
+        }
+        Err(sqlx::Error::Database(e)) if batch.len() > 1 => {
+            tracing::debug!(error = %e, size = batch.len(), "quota batch failed; one at a time");
+            let alone = batch.len();
+            for p in batch {
+                let one = vec![p];
+                match run(pool, &one).await {
+                    Ok(rows) => answer_batch(one, &rows),
+                    Err(e) => fail_batch(one, &e.into()),
+                }
+            }
+            alone
+        }
+        Err(e) => {
+            // The statement may or may not have been committed (the connection broke, say):
+            // running it again could count twice, so every request gets the error.
+            fail_batch(batch, &e.into());
+            0
+        }
+    }
+}
+
+async fn run(pool: &PgPool, batch: &[PendingConsume]) -> Result<Vec<BatchRow>, sqlx::Error> {
+    let n = batch.len();
+    let (mut idx, mut keys, mut days, mut months) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut costs, mut daily, mut monthly) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    for (i, p) in batch.iter().enumerate() {
+        let (day, month) = day_and_month(p.now);
+        idx.push(i as i32);
+        keys.push(p.key_id);
+        days.push(day);
+        months.push(month);
+        costs.push(p.cost);
+        daily.push(opt_i64(p.quota.daily));
+        monthly.push(opt_i64(p.quota.monthly));
+    }
+    sqlx::query_as(CONSUME_SQL)
+        .bind(idx)
+        .bind(keys)
+        .bind(days)
+        .bind(months)
+        .bind(costs)
+        .bind(daily)
+        .bind(monthly)
+        .fetch_all(pool)
+        .await
+}
+
+#[async_trait]
+impl QuotaStore for PgStore {
+    /// Queues the request for the writer, which runs the requests waiting at one moment for
+    /// different keys as one statement.
+    async fn consume(
+        &self,
+        key_id: i64,
+        quota: Quota,
+        cost: u64,
+        now: DateTime<Utc>,
+    ) -> Result<QuotaOutcome, StoreError> {
+        PendingConsume::queue(&self.consumes, key_id, quota, cost, now).await
+    }
+
+    async fn give_back(
+        &self,
+        key_id: i64,
+        units: u64,
+        spent_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        let (day, month) = day_and_month(spent_at);
+        sqlx::query(
+            "UPDATE api_usage SET \
+               daily_requests = CASE WHEN day = $2 THEN greatest(daily_requests - $4, 0) \
+                 ELSE daily_requests END, \
+               monthly_requests = CASE WHEN month = $3 THEN greatest(monthly_requests - $4, 0) \
+                 ELSE monthly_requests END, \
+               total_requests = greatest(total_requests - $4, 0), updated_at = now() \
+             WHERE api_key_id = $1",
+        )
+        .bind(key_id)
+        .bind(day)
+        .bind(month)
+        .bind(count_i64(units))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn usage(&self, key_id: i64, now: DateTime<Utc>) -> Result<Usage, StoreError> {
+        let (day, month) = day_and_month(now);
+        let row: Option<(i64, i64, i64)> = sqlx::query_as(concat!(
+            "SELECT ",
+            daily_now!("u", "$2"),
+            ", ",
+            monthly_now!("u", "$3"),
+            ", u.total_requests FROM api_usage u WHERE u.api_key_id = $1"
+        ))
+        .bind(key_id)
+        .bind(day)
+        .bind(month)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(Usage::from_counts).unwrap_or_default())
+    }
+}

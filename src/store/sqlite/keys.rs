@@ -1,0 +1,209 @@
+//! Keys on SQLite. Every write bumps the row's `change_seq`; running servers poll it to hear of
+//! changes. A trigger gives every new key its usage row (migration 0007).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use tokio_util::sync::CancellationToken;
+
+use super::{SqliteStore, ts_text};
+use crate::keys::{self, ApiKey, KeyHash, KeyStatus, Limits, NewKey};
+use crate::store::keys::{KeyRow, key_columns, key_of, opt_i64};
+use crate::store::{KeyChange, KeyStore, LimitsPatch, StoreError};
+
+/// The next `change_seq`: one past every change so far. SQLite has one writer at a time, so
+/// `change_seq` grows in commit order and a cursor over it misses nothing.
+macro_rules! next_change_seq {
+    () => {
+        "(SELECT COALESCE(MAX(change_seq), 0) + 1 FROM api_keys)"
+    };
+}
+
+impl SqliteStore {
+    async fn changes_since(&self, cursor: i64) -> Result<(Vec<KeyHash>, i64), StoreError> {
+        let rows: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT key_hash, change_seq FROM api_keys WHERE change_seq > ?1 ORDER BY change_seq",
+        )
+        .bind(cursor)
+        .fetch_all(&self.read)
+        .await?;
+        let mut next = cursor;
+        let mut hashes = Vec::with_capacity(rows.len());
+        for (hex, seq) in rows {
+            next = next.max(seq);
+            hashes.push(
+                keys::parse_hash_hex(&hex).ok_or_else(|| StoreError::Corrupt {
+                    table: "api_keys",
+                    detail: format!("key_hash {hex:?}"),
+                })?,
+            );
+        }
+        Ok((hashes, next))
+    }
+
+    async fn change_cursor(&self) -> Result<i64, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(MAX(change_seq), 0) FROM api_keys")
+                .fetch_one(&self.read)
+                .await?,
+        )
+    }
+}
+
+#[async_trait]
+impl KeyStore for SqliteStore {
+    async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<ApiKey>, StoreError> {
+        let row: Option<KeyRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM api_keys WHERE key_hash = ?1"
+        ))
+        .bind(keys::hash_hex(hash))
+        .fetch_optional(&self.read)
+        .await?;
+        key_of(row)
+    }
+
+    async fn watch_changes(
+        &self,
+        interval: Duration,
+        on_change: &(dyn Fn(KeyChange) + Send + Sync),
+        stop: CancellationToken,
+    ) {
+        let mut cursor: Option<i64> = None;
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            let polled = match cursor {
+                None => self.change_cursor().await.map(|c| (KeyChange::All, c)),
+                Some(from) => self
+                    .changes_since(from)
+                    .await
+                    .map(|(hashes, next)| (KeyChange::Keys(hashes), next)),
+            };
+            match polled {
+                Ok((KeyChange::Keys(hashes), _)) if hashes.is_empty() => {}
+                Ok((change, next)) => {
+                    on_change(change);
+                    cursor = Some(next);
+                }
+                Err(e) => tracing::warn!(error = %e, "key change poll failed"),
+            }
+        }
+    }
+
+    async fn create(
+        &self,
+        name: &str,
+        key: &NewKey,
+        limits: Limits,
+        expires_at: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) -> Result<ApiKey, StoreError> {
+        let id: i64 = sqlx::query_scalar(concat!(
+            "INSERT INTO api_keys (name, prefix, key_hash, status, expires_at, per_minute, \
+               daily_limit, monthly_limit, created_at, updated_at, change_seq, refund_5xx) \
+             VALUES (?1, ?2, ?3, 'active', ?4, ?5, ?6, ?7, ?8, ?8, ",
+            next_change_seq!(),
+            ", ?9) RETURNING id"
+        ))
+        .bind(name)
+        .bind(&key.prefix)
+        .bind(keys::hash_hex(&key.hash))
+        .bind(expires_at.map(ts_text))
+        .bind(opt_i64(limits.per_minute))
+        .bind(opt_i64(limits.daily))
+        .bind(opt_i64(limits.monthly))
+        .bind(ts_text(now))
+        .bind(limits.refund_5xx)
+        .fetch_one(&self.write)
+        .await?;
+        Ok(ApiKey {
+            id,
+            name: name.to_string(),
+            prefix: key.prefix.clone(),
+            status: KeyStatus::Active,
+            expires_at,
+            limits,
+        })
+    }
+
+    async fn get(&self, id: i64) -> Result<Option<ApiKey>, StoreError> {
+        let row: Option<KeyRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM api_keys WHERE id = ?1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.read)
+        .await?;
+        key_of(row)
+    }
+
+    async fn list(&self) -> Result<Vec<ApiKey>, StoreError> {
+        let rows: Vec<KeyRow> = sqlx::query_as(concat!(
+            "SELECT ",
+            key_columns!(),
+            " FROM api_keys ORDER BY id"
+        ))
+        .fetch_all(&self.read)
+        .await?;
+        rows.into_iter().map(ApiKey::try_from).collect()
+    }
+
+    async fn revoke(&self, id: i64, now: DateTime<Utc>) -> Result<bool, StoreError> {
+        let done = sqlx::query(concat!(
+            "UPDATE api_keys SET status = 'revoked', updated_at = ?2, change_seq = ",
+            next_change_seq!(),
+            " WHERE id = ?1"
+        ))
+        .bind(id)
+        .bind(ts_text(now))
+        .execute(&self.write)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn set_limits(
+        &self,
+        id: i64,
+        patch: LimitsPatch,
+        now: DateTime<Utc>,
+    ) -> Result<Option<ApiKey>, StoreError> {
+        // Each limit is either replaced (flag true) or kept, in one statement on the single
+        // writer, so two concurrent set-limits never undo each other's other fields.
+        let row: Option<KeyRow> = sqlx::query_as(concat!(
+            "UPDATE api_keys SET \
+               per_minute = CASE WHEN ?2 THEN ?3 ELSE per_minute END, \
+               daily_limit = CASE WHEN ?4 THEN ?5 ELSE daily_limit END, \
+               monthly_limit = CASE WHEN ?6 THEN ?7 ELSE monthly_limit END, \
+               refund_5xx = COALESCE(?9, refund_5xx), \
+               updated_at = ?8, change_seq = ",
+            next_change_seq!(),
+            " WHERE id = ?1 RETURNING ",
+            key_columns!()
+        ))
+        .bind(id)
+        .bind(patch.per_minute.is_some())
+        .bind(opt_i64(patch.per_minute.flatten()))
+        .bind(patch.daily.is_some())
+        .bind(opt_i64(patch.daily.flatten()))
+        .bind(patch.monthly.is_some())
+        .bind(opt_i64(patch.monthly.flatten()))
+        .bind(ts_text(now))
+        .bind(patch.refund_5xx)
+        .fetch_optional(&self.write)
+        .await?;
+        key_of(row)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.read).await?;
+        Ok(())
+    }
+}

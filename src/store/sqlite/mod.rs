@@ -1,0 +1,105 @@
+//! The embedded default: keys, quotas and the request log in one SQLite file.
+//!
+//! SQLite allows one writer at a time, so writes go through a pool of exactly one connection
+//! (they queue in-process instead of failing with `SQLITE_BUSY`), and reads through a separate
+//! pool that WAL mode lets run beside the writer. Other processes (`tollgate keys …` while
+//! `serve` runs) wait on the busy timeout. Times are stored as RFC 3339 UTC text ([`ts_text`]),
+//! days and months as `YYYY-MM-DD` and `YYYY-MM`.
+//!
+//! - `keys.rs`: lookups, admin operations, and the `change_seq` poll that reports changes;
+//! - `quota.rs`: the quota writer, which runs every request waiting at once in one transaction;
+//! - `log.rs`: the request log and its retention.
+
+mod keys;
+mod log;
+pub(crate) mod quota;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use tokio::sync::mpsc;
+
+use super::consume::PendingConsume;
+use super::{Database, StoreError};
+
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    read: SqlitePool,
+    write: SqlitePool,
+    consumes: mpsc::Sender<PendingConsume>,
+}
+
+impl SqliteStore {
+    /// Opens (creating when missing) the database file named by a `sqlite://PATH` URL.
+    pub async fn open(url: &str) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // WAL + NORMAL: a commit survives a process crash; only an OS crash can lose the
+            // last transactions. The quota counters are not worth an fsync per request here.
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Duration::from_secs(5))
+            .foreign_keys(true);
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            // No ping before each use: a file is not a server that goes away, and the ping is a
+            // round trip to sqlx's SQLite thread, as slow as a quota statement.
+            .test_before_acquire(false)
+            // A quota batch answers with up to two rows per request.
+            .connect_with(options.clone().row_buffer_size(quota::ROW_BUFFER))
+            .await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(4)
+            .acquire_timeout(Duration::from_secs(5))
+            .test_before_acquire(false)
+            .connect_with(options.read_only(false))
+            .await?;
+        let consumes = quota::start_writer(write.clone());
+        Ok(Self {
+            read,
+            write,
+            consumes,
+        })
+    }
+
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&self.write)
+            .await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Database for SqliteStore {
+    async fn close(&self) {
+        self.read.close().await;
+        self.write.close().await;
+    }
+}
+
+/// RFC 3339 UTC with milliseconds: the text form of times in SQLite (it sorts as time does).
+pub(crate) fn ts_text(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A migrated store in a temporary directory (kept while the directory lives).
+    pub(crate) async fn migrated_store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&format!("sqlite://{}/t.db", dir.path().display()))
+            .await
+            .unwrap();
+        store.migrate().await.unwrap();
+        (dir, store)
+    }
+}

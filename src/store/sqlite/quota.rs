@@ -1,0 +1,324 @@
+//! Quotas on SQLite: a writer task takes every quota request waiting at one moment (up to 64) and
+//! runs them in one transaction, in one trip to sqlx's SQLite thread. Each request is its own
+//! [`CONSUME_SQL`] followed by [`REFUSAL_SQL`], which reads the counters that tell a daily from a
+//! monthly refusal when the update admitted nothing; a lone request is a batch of one.
+//!
+//! sqlx binds numbered parameters (`?8`) wrongly when a query holds several statements, so both
+//! statements take positional `?` parameters, in a one-row `VALUES`.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::AssertSqlSafe;
+use sqlx::sqlite::{SqliteConnection, SqlitePool};
+use tokio::sync::mpsc;
+
+use super::{SqliteStore, ts_text};
+use crate::clock::{day_label, month_label};
+use crate::store::consume::{BatchRow, PendingConsume, answer_batch, fail_batch};
+use crate::store::keys::opt_i64;
+use crate::store::quota::{count_i64, daily_now, monthly_now};
+use crate::store::{Quota, QuotaOutcome, QuotaStore, StoreError, Usage};
+
+/// Quota requests run together, in one transaction, per trip to the writer. Batches are padded
+/// up to a power of two, so the writer caches 7 statements, not 64.
+const MAX_CONSUME_BATCH: usize = 64;
+
+/// Rows a batch may answer with: up to two per request.
+pub(super) const ROW_BUFFER: usize = 4 * MAX_CONSUME_BATCH;
+
+/// How long the quota writer keeps the write connection while requests keep coming, and how
+/// long it waits for the next request before giving the connection back.
+const WRITER_HOLD: Duration = Duration::from_millis(10);
+const WRITER_LINGER: Duration = Duration::from_millis(1);
+
+/// The statement that checks and spends quota. Its parameters, in order: key id, day, month,
+/// cost, daily limit, monthly limit (NULL = unlimited), now, and the request's index in its
+/// batch, which the admitted row comes back with. A counter from an earlier day or month counts
+/// as 0 (DESIGN rule 2). Public so the benchmark can time it alone.
+pub const CONSUME_SQL: &str = concat!(
+    "WITH r (key_id, day, month, cost, daily_limit, monthly_limit, now) \
+       AS (VALUES (?, ?, ?, ?, ?, ?, ?)) \
+     UPDATE api_usage SET daily_requests = ",
+    daily_now!("api_usage", "r.day"),
+    " + r.cost, monthly_requests = ",
+    monthly_now!("api_usage", "r.month"),
+    " + r.cost, total_requests = total_requests + r.cost, \
+       day = r.day, month = r.month, updated_at = r.now \
+     FROM r WHERE api_usage.api_key_id = r.key_id \
+       AND (r.daily_limit IS NULL OR ",
+    daily_now!("api_usage", "r.day"),
+    " + r.cost <= r.daily_limit) \
+       AND (r.monthly_limit IS NULL OR ",
+    monthly_now!("api_usage", "r.month"),
+    " + r.cost <= r.monthly_limit) \
+     RETURNING ? AS i, 1 AS admitted, daily_requests AS daily, monthly_requests AS monthly"
+);
+
+/// Run right after [`CONSUME_SQL`] in the same transaction: when it updated nothing, the key's
+/// counters as they count now. Parameters: the request's index, key id, day, month.
+const REFUSAL_SQL: &str = concat!(
+    "WITH r (i, key_id, day, month) AS (VALUES (?, ?, ?, ?)) \
+     SELECT r.i AS i, 0 AS admitted, ",
+    daily_now!("u", "r.day"),
+    " AS daily, ",
+    monthly_now!("u", "r.month"),
+    " AS monthly FROM api_usage u JOIN r ON u.api_key_id = r.key_id WHERE changes() = 0"
+);
+
+/// Gives units back to the day and month they were spent in. Parameters: key id, day, month,
+/// units.
+pub(super) const GIVE_BACK_SQL: &str = "UPDATE api_usage SET \
+       daily_requests = CASE WHEN day = ?2 THEN max(daily_requests - ?4, 0) \
+         ELSE daily_requests END, \
+       monthly_requests = CASE WHEN month = ?3 THEN max(monthly_requests - ?4, 0) \
+         ELSE monthly_requests END, \
+       total_requests = max(total_requests - ?4, 0) \
+     WHERE api_key_id = ?1";
+
+/// Starts the quota writer on the write pool; returns its queue. The writer ends when every
+/// sender is gone.
+pub(super) fn start_writer(write: SqlitePool) -> mpsc::Sender<PendingConsume> {
+    let (consumes, queue) = mpsc::channel(16 * MAX_CONSUME_BATCH);
+    tokio::spawn(writer(write, queue));
+    consumes
+}
+
+/// Runs queued quota requests until every [`SqliteStore`] handle is gone.
+///
+/// The writer keeps the write connection while requests keep coming, up to [`WRITER_HOLD`], so
+/// the request log and key changes still get it often. sqlx pings a connection on every return to
+/// its pool, a round trip to the SQLite thread as slow as the batch itself; holding it across
+/// batches pays that once per hold instead of once per batch.
+async fn writer(write: SqlitePool, mut queue: mpsc::Receiver<PendingConsume>) {
+    let mut batch = Vec::with_capacity(MAX_CONSUME_BATCH);
+    while queue.recv_many(&mut batch, MAX_CONSUME_BATCH).await > 0 {
+        let mut conn = match write.acquire().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                fail_batch(std::mem::take(&mut batch), &e.into());
+                continue;
+            }
+        };
+        let held = tokio::time::Instant::now();
+        loop {
+            if !consume_batch(&mut conn, std::mem::take(&mut batch)).await {
+                // sqlx 0.9 leaves a cached multi-statement query that failed part-way in a
+                // state whose next use panics its worker thread: this connection goes.
+                conn.close_on_drop();
+                break;
+            }
+            let linger = WRITER_LINGER.min(WRITER_HOLD.saturating_sub(held.elapsed()));
+            if linger.is_zero() {
+                break;
+            }
+            match tokio::time::timeout(linger, queue.recv_many(&mut batch, MAX_CONSUME_BATCH)).await
+            {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+    }
+}
+
+/// `BEGIN IMMEDIATE`, then for each request [`CONSUME_SQL`] and [`REFUSAL_SQL`], then `COMMIT`.
+fn batch_sql(size: usize) -> String {
+    let mut sql = String::from("BEGIN IMMEDIATE;\n");
+    for _ in 0..size {
+        sql.push_str(CONSUME_SQL);
+        sql.push_str(";\n");
+        sql.push_str(REFUSAL_SQL);
+        sql.push_str(";\n");
+    }
+    sql.push_str("COMMIT;");
+    sql
+}
+
+fn batch_sql_for(len: usize) -> &'static str {
+    static SQL: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    let all = SQL.get_or_init(|| {
+        (0..=MAX_CONSUME_BATCH.trailing_zeros())
+            .map(|p| batch_sql(1 << p))
+            .collect()
+    });
+    &all[len.next_power_of_two().trailing_zeros() as usize]
+}
+
+/// Runs `batch` as one transaction, the statement padded to a power of two (the padding has no
+/// parameters bound, so its key id is NULL and it matches no row), and answers every request.
+/// `persistent`: whether sqlx keeps the statement prepared.
+async fn run(
+    conn: &mut SqliteConnection,
+    batch: &[PendingConsume],
+    persistent: bool,
+) -> Result<Vec<BatchRow>, sqlx::Error> {
+    let mut query =
+        sqlx::query_as(AssertSqlSafe(batch_sql_for(batch.len()))).persistent(persistent);
+    for (i, p) in batch.iter().enumerate() {
+        let (day, month) = (day_label(p.now), month_label(p.now));
+        query = query
+            .bind(p.key_id)
+            .bind(day.clone())
+            .bind(month.clone())
+            .bind(p.cost)
+            .bind(opt_i64(p.quota.daily))
+            .bind(opt_i64(p.quota.monthly))
+            .bind(ts_text(p.now))
+            .bind(i as i64)
+            .bind(i as i64)
+            .bind(p.key_id)
+            .bind(day)
+            .bind(month);
+    }
+    query.fetch_all(&mut *conn).await
+}
+
+/// Answers every request of `batch`; `false` when the batch failed, and the connection must not
+/// run it again. Nothing of a failed batch was committed: each request then runs alone (not
+/// prepared), so one that fails says why and the others are not refused with it.
+async fn consume_batch(conn: &mut SqliteConnection, batch: Vec<PendingConsume>) -> bool {
+    match run(conn, &batch, true).await {
+        Ok(rows) => {
+            answer_batch(batch, &rows);
+            true
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, size = batch.len(), "quota batch failed; one at a time");
+            sqlx::query("ROLLBACK").execute(&mut *conn).await.ok();
+            for p in batch {
+                let one = vec![p];
+                match run(conn, &one, false).await {
+                    Ok(rows) => answer_batch(one, &rows),
+                    Err(e) => {
+                        sqlx::query("ROLLBACK").execute(&mut *conn).await.ok();
+                        fail_batch(one, &e.into());
+                    }
+                }
+            }
+            false
+        }
+    }
+}
+
+#[async_trait]
+impl QuotaStore for SqliteStore {
+    /// Queues the request for the writer task, which runs every request waiting at the time in
+    /// one transaction.
+    async fn consume(
+        &self,
+        key_id: i64,
+        quota: Quota,
+        cost: u64,
+        now: DateTime<Utc>,
+    ) -> Result<QuotaOutcome, StoreError> {
+        PendingConsume::queue(&self.consumes, key_id, quota, cost, now).await
+    }
+
+    async fn give_back(
+        &self,
+        key_id: i64,
+        units: u64,
+        spent_at: DateTime<Utc>,
+    ) -> Result<(), StoreError> {
+        sqlx::query(GIVE_BACK_SQL)
+            .bind(key_id)
+            .bind(day_label(spent_at))
+            .bind(month_label(spent_at))
+            .bind(count_i64(units))
+            .execute(&self.write)
+            .await?;
+        Ok(())
+    }
+
+    async fn usage(&self, key_id: i64, now: DateTime<Utc>) -> Result<Usage, StoreError> {
+        let row: Option<(i64, i64, i64)> = sqlx::query_as(concat!(
+            "SELECT ",
+            daily_now!("u", "?2"),
+            ", ",
+            monthly_now!("u", "?3"),
+            ", u.total_requests FROM api_usage u WHERE u.api_key_id = ?1"
+        ))
+        .bind(key_id)
+        .bind(day_label(now))
+        .bind(month_label(now))
+        .fetch_optional(&self.read)
+        .await?;
+        Ok(row.map(Usage::from_counts).unwrap_or_default())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::KeyStore;
+    use crate::store::sqlite::tests::migrated_store;
+
+    /// Requests in one batch are answered from the batch's own rows, and as if each ran alone in
+    /// turn.
+    #[tokio::test]
+    async fn a_batch_answers_every_request_as_if_each_ran_alone() {
+        let (_dir, store) = migrated_store().await;
+        let now = Utc::now();
+        let mut ids = Vec::new();
+        for name in ["a", "b"] {
+            let secret = crate::keys::generate();
+            let key = store.create(name, &secret, Default::default(), None, now);
+            ids.push(key.await.unwrap().id);
+        }
+        let (a, b) = (ids[0], ids[1]);
+        let daily_2 = Quota {
+            daily: Some(2),
+            monthly: None,
+        };
+        let monthly_9 = Quota {
+            daily: None,
+            monthly: Some(9),
+        };
+        let mut batch = Vec::new();
+        let mut answers = Vec::new();
+        for (key_id, quota, cost) in [
+            (a, daily_2, 1),
+            (b, monthly_9, 4),
+            (a, daily_2, 1),
+            (b, monthly_9, 4),
+            (a, daily_2, 1),
+            (b, monthly_9, 4),
+        ] {
+            let (pending, answer) = PendingConsume::new(key_id, quota, cost, now);
+            batch.push(pending);
+            answers.push(answer);
+        }
+        let mut conn = store.write.acquire().await.unwrap();
+        assert!(consume_batch(&mut conn, batch).await);
+        let mut outcomes = Vec::new();
+        for answer in answers {
+            outcomes.push(answer.await.unwrap().unwrap());
+        }
+        use QuotaOutcome::*;
+        assert_eq!(
+            outcomes,
+            [
+                Admitted {
+                    daily: 1,
+                    monthly: 1
+                },
+                Admitted {
+                    daily: 4,
+                    monthly: 4
+                },
+                Admitted {
+                    daily: 2,
+                    monthly: 2
+                },
+                Admitted {
+                    daily: 8,
+                    monthly: 8
+                },
+                DailyExceeded { used: 2 },
+                MonthlyExceeded { used: 8 },
+            ]
+        );
+    }
+}
