@@ -170,6 +170,41 @@ impl Writer {
     }
 }
 
+/// Keeps the request log in shape (partitions ahead, retention) at start and every hour.
+pub async fn maintain(
+    log: Arc<dyn RequestLogStore>,
+    clock: Arc<dyn crate::clock::Clock>,
+    retention: Option<std::time::Duration>,
+    stop: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(std::time::Duration::from_secs(3600));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        match log.maintain(clock.now(), retention).await {
+            Ok(done) => {
+                if !done.partitions_created.is_empty()
+                    || !done.partitions_dropped.is_empty()
+                    || done.rows_deleted > 0
+                {
+                    tracing::info!(
+                        created = ?done.partitions_created,
+                        dropped = ?done.partitions_dropped,
+                        rows_deleted = done.rows_deleted,
+                        "request log maintained"
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "request log maintenance failed; retrying in an hour")
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

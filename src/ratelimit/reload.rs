@@ -1,0 +1,109 @@
+//! Rules reload: the rules in force change when their files do (checked every
+//! `ratelimit.watch_interval`) or on SIGHUP, without dropping a request.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio_util::sync::CancellationToken;
+
+use super::rules::Rules;
+use super::service::RateLimitService;
+use crate::telemetry::Metrics;
+
+/// Reloads the rate limit rules when their files change (checked every `interval`) or on
+/// SIGHUP. A change is loaded once the files have stayed the same for a whole interval, so a
+/// file caught half-written is not loaded. A file that does not load leaves the rules in force
+/// as they were: the error is logged and counted, and the next change is tried again.
+pub async fn watch(
+    path: std::path::PathBuf,
+    interval: std::time::Duration,
+    service: Arc<RateLimitService>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
+    let mut seen = rules_fingerprint(&path);
+    let mut pending = None;
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    #[cfg(unix)]
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    loop {
+        #[cfg(unix)]
+        let hangup = async {
+            match hup.as_mut() {
+                Some(h) => {
+                    h.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let hangup = std::future::pending::<()>();
+        let forced = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => false,
+            _ = hangup => true,
+        };
+        let now = rules_fingerprint(&path);
+        if !forced {
+            if now == seen {
+                pending = None;
+                continue;
+            }
+            // Changed: wait until it holds still for one interval.
+            if pending.as_ref() != Some(&now) {
+                pending = Some(now);
+                continue;
+            }
+        }
+        pending = None;
+        seen = now;
+        match Rules::load(&path) {
+            Ok(rules) => {
+                service.replace_rules(rules);
+                metrics.rules_reloads_ok.inc();
+                metrics
+                    .rules_last_reload_failed
+                    .store(false, Ordering::Relaxed);
+                tracing::info!(path = %path.display(), "rate limit rules reloaded");
+            }
+            Err(e) => {
+                metrics.rules_reloads_failed.inc();
+                metrics
+                    .rules_last_reload_failed
+                    .store(true, Ordering::Relaxed);
+                tracing::error!(error = %e, "rate limit rules not reloaded; the previous rules stay in force");
+            }
+        }
+    }
+}
+
+/// Names, sizes and modification times of the rules files: changes when any file does.
+fn rules_fingerprint(
+    path: &std::path::Path,
+) -> Vec<(std::path::PathBuf, u64, Option<std::time::SystemTime>)> {
+    fn walk(
+        p: &std::path::Path,
+        out: &mut Vec<(std::path::PathBuf, u64, Option<std::time::SystemTime>)>,
+    ) {
+        let Ok(meta) = std::fs::metadata(p) else {
+            out.push((p.to_path_buf(), 0, None));
+            return;
+        };
+        if meta.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(p) {
+                let mut children: Vec<_> =
+                    entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+                children.sort();
+                for c in children {
+                    walk(&c, out);
+                }
+            }
+        } else {
+            out.push((p.to_path_buf(), meta.len(), meta.modified().ok()));
+        }
+    }
+    let mut out = Vec::new();
+    walk(path, &mut out);
+    out
+}
