@@ -1,4 +1,4 @@
-//! Criterion benchmarks of the pure code every check runs (issue 6): key hashing and shape
+//! Criterion benchmarks of the pure code every check runs: key hashing and shape
 //! checks, the key cache's hit path, descriptor matching, header and problem-body formatting, and
 //! the window arithmetic. `cargo bench`; `cargo bench -- rules` runs one group.
 //!

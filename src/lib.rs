@@ -2,21 +2,26 @@
 //!
 //! # Layout
 //!
-//! - [`app`]: builds everything from the configuration, serves, shuts down in order.
+//! A Check reads top to bottom: [`grpc`] turns Envoy's protobuf into domain types, [`authz`]
+//! decides (key → per-minute window → quota), [`decision`] says how the client sees it.
+//!
+//! - [`app`]: composes everything from the configuration, serves, shuts down in order.
 //! - [`config`]: the YAML file and `TOLLGATE_*` overrides, validated at start.
 //! - [`grpc`]: Envoy's protobuf APIs, translated to and from the domain (nothing decided there).
 //! - [`authz`]: the Check decision: key → per-minute window → daily/monthly quota.
 //! - [`decision`]: decisions and how the client sees them (status, headers, problem body).
 //! - [`keys`]: key format, hashing, and the in-memory key cache.
 //! - [`limiter`]: per-minute windows (fixed, sliding, token bucket), in-process or in Redis.
-//! - [`ratelimit`]: Envoy's rate limit service: envoyproxy/ratelimit-style rules and how
-//!   a request's descriptors are counted.
-//! - [`store`]: keys, quotas and the request log in the database (SQLite now).
-//! - [`reqlog`]: the bounded queue and batch writer of the request log.
+//! - [`ratelimit`]: Envoy's rate limit service: envoyproxy/ratelimit-style rules, how a
+//!   request's descriptors are counted, and the rules' reload.
+//! - [`store`]: keys, quotas and the request log in the database, one trait per seam, one file
+//!   per backend per seam (SQLite, the embedded default, and PostgreSQL).
+//! - [`reqlog`]: the bounded queue and batch writer of the request log, and its maintenance.
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`telemetry`]: logging setup and metrics.
 //! - [`clock`]: time, settable in tests.
-//! - [`cli`]: the command line and the `tollgate keys` commands.
+//! - [`cli`]: the command line and the `tollgate keys` and `tollgate usage` commands.
+//! - `bench_hooks`: internals the benchmark times alone; not an API.
 
 pub mod app;
 pub mod authz;
