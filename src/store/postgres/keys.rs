@@ -9,7 +9,7 @@ use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
 use super::PgStore;
-use crate::keys::{self, ApiKey, KeyHash, KeyStatus, Limits, NewKey};
+use crate::keys::{self, ApiKey, KeyHash, Limits, NewKey};
 use crate::store::keys::{KeyRow, key_columns, key_of, opt_i64};
 use crate::store::{KeyChange, KeyStore, LimitsPatch, StoreError};
 
@@ -92,11 +92,12 @@ impl KeyStore for PgStore {
         expires_at: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> Result<ApiKey, StoreError> {
-        let id: i64 = sqlx::query_scalar(
+        let row: KeyRow = sqlx::query_as(concat!(
             "INSERT INTO api_keys (name, prefix, key_hash, expires_at, per_minute, daily_limit, \
                monthly_limit, created_at, updated_at, refund_5xx) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9) RETURNING id",
-        )
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9) RETURNING ",
+            key_columns!()
+        ))
         .bind(name)
         .bind(&key.prefix)
         .bind(keys::hash_hex(&key.hash))
@@ -108,14 +109,7 @@ impl KeyStore for PgStore {
         .bind(limits.refund_5xx)
         .fetch_one(&self.pool)
         .await?;
-        Ok(ApiKey {
-            id,
-            name: name.to_string(),
-            prefix: key.prefix.clone(),
-            status: KeyStatus::Active,
-            expires_at,
-            limits,
-        })
+        row.try_into()
     }
 
     async fn get(&self, id: i64) -> Result<Option<ApiKey>, StoreError> {

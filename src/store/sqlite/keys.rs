@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use super::{SqliteStore, ts_text};
-use crate::keys::{self, ApiKey, KeyHash, KeyStatus, Limits, NewKey};
+use crate::keys::{self, ApiKey, KeyHash, Limits, NewKey};
 use crate::store::keys::{KeyRow, key_columns, key_of, opt_i64};
 use crate::store::{KeyChange, KeyStore, LimitsPatch, StoreError};
 
@@ -105,12 +105,13 @@ impl KeyStore for SqliteStore {
         expires_at: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) -> Result<ApiKey, StoreError> {
-        let id: i64 = sqlx::query_scalar(concat!(
+        let row: KeyRow = sqlx::query_as(concat!(
             "INSERT INTO api_keys (name, prefix, key_hash, status, expires_at, per_minute, \
                daily_limit, monthly_limit, created_at, updated_at, change_seq, refund_5xx) \
              VALUES (?1, ?2, ?3, 'active', ?4, ?5, ?6, ?7, ?8, ?8, ",
             next_change_seq!(),
-            ", ?9) RETURNING id"
+            ", ?9) RETURNING ",
+            key_columns!()
         ))
         .bind(name)
         .bind(&key.prefix)
@@ -123,14 +124,7 @@ impl KeyStore for SqliteStore {
         .bind(limits.refund_5xx)
         .fetch_one(&self.write)
         .await?;
-        Ok(ApiKey {
-            id,
-            name: name.to_string(),
-            prefix: key.prefix.clone(),
-            status: KeyStatus::Active,
-            expires_at,
-            limits,
-        })
+        row.try_into()
     }
 
     async fn get(&self, id: i64) -> Result<Option<ApiKey>, StoreError> {
