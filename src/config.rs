@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_yaml::Value;
 
 use crate::limiter::Algorithm;
+pub use crate::setting::{Dur, FailureMode, InvalidSetting, SecretUrl, redact_url};
 
 /// Environment variable prefix.
 pub const ENV_PREFIX: &str = "TOLLGATE_";
@@ -67,16 +68,6 @@ impl Default for Config {
             warnings: Vec::new(),
         }
     }
-}
-
-/// What a check does when a backend cannot answer (DESIGN rule 7).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum FailureMode {
-    /// Allow the request, log a warning, count it in a metric.
-    Open,
-    /// Refuse the request with 503 and a body that says why.
-    Closed,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -293,63 +284,6 @@ impl Default for LogConfig {
 pub enum LogFormat {
     Text,
     Json,
-}
-
-/// A duration written as `"250ms"`, `"30s"`, `"5m"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Dur(pub Duration);
-
-impl Serialize for Dur {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(self.0).to_string())
-    }
-}
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
-            serde::de::Error::custom(format!("{s:?} is not a duration like \"30s\" ({e})"))
-        })
-    }
-}
-
-/// A URL that may hold a password: `Debug` shows it without.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct SecretUrl(pub String);
-
-impl SecretUrl {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for SecretUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:?}", redact_url(&self.0))
-    }
-}
-
-impl std::fmt::Display for SecretUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&redact_url(&self.0))
-    }
-}
-
-/// `scheme://user:secret@host/…` → `scheme://user:***@host/…`.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_string();
-    };
-    match rest[..at].split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
-        None => url.to_string(),
-    }
 }
 
 /// A configuration problem: where, which field, what is wrong.

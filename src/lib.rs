@@ -4,6 +4,7 @@
 //!
 //! - [`app`]: builds everything from the configuration, serves, shuts down in order.
 //! - [`config`]: the YAML file and `TOLLGATE_*` overrides, validated at start.
+//! - [`setting`]: the types settings are written in (durations, secret URLs, failure modes).
 //! - [`grpc`]: Envoy's protobuf APIs, translated to and from the domain (nothing decided there).
 //! - [`authz`]: the Check decision: key → per-minute window → daily/monthly quota.
 //! - [`decision`]: decisions and how the client sees them (status, headers, problem body).
@@ -30,5 +31,6 @@ pub mod keys;
 pub mod limiter;
 pub mod ratelimit;
 pub mod reqlog;
+pub mod setting;
 pub mod store;
 pub mod telemetry;

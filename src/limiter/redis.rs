@@ -64,7 +64,7 @@ pub fn parse_url(url: &str) -> Result<Target, String> {
     let check = |u: &str| {
         redis::Client::open(u)
             .map(|_| ())
-            .map_err(|e| format!("node {}: {e}", crate::config::redact_url(u)))
+            .map_err(|e| format!("node {}: {e}", crate::setting::redact_url(u)))
     };
     match scheme {
         "redis" | "rediss" => {
