@@ -95,6 +95,37 @@ impl Default for DatabaseConfig {
     }
 }
 
+impl DatabaseConfig {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        let url = self.url.expose();
+        if !["sqlite:", "postgres://", "postgresql://"]
+            .iter()
+            .any(|scheme| url.starts_with(scheme))
+        {
+            return Err(InvalidSetting::new(
+                "database.url",
+                format!(
+                    "{} is not supported: use sqlite://PATH or postgres://USER@HOST/DB",
+                    redact_url(url)
+                ),
+            ));
+        }
+        if self.max_connections == 0 {
+            return Err(InvalidSetting::new(
+                "database.max_connections",
+                "must be at least 1",
+            ));
+        }
+        if self.timeout.0.is_zero() {
+            return Err(InvalidSetting::new(
+                "database.timeout",
+                "must be longer than 0",
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
@@ -117,6 +148,32 @@ impl Default for RedisConfig {
             timeout: Dur(Duration::from_millis(100)),
             key_prefix: "tollgate:".into(),
         }
+    }
+}
+
+impl RedisConfig {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if let Some(url) = &self.url
+            && let Err(e) = crate::limiter::redis::parse_url(url.expose())
+        {
+            return Err(InvalidSetting::new("redis.url", format!("{url}: {e}")));
+        }
+        if self.timeout.0.is_zero() {
+            return Err(InvalidSetting::new(
+                "redis.timeout",
+                "must be longer than 0",
+            ));
+        }
+        if self.key_prefix.contains(['{', '}']) {
+            return Err(InvalidSetting::new(
+                "redis.key_prefix",
+                format!(
+                    "{:?} contains {{ or }}, which would break the hash tags that keep a counter's keys in one cluster slot",
+                    self.key_prefix
+                ),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -148,6 +205,35 @@ impl Default for AuthzConfig {
     }
 }
 
+impl AuthzConfig {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if self.key_headers.is_empty() && !self.bearer {
+            return Err(InvalidSetting::new(
+                "authz.key_headers",
+                "empty while authz.bearer is false: no header could carry a key",
+            ));
+        }
+        for (i, h) in self.key_headers.iter().enumerate() {
+            if !is_header_name(h) {
+                return Err(InvalidSetting::new(
+                    format!("authz.key_headers[{i}]"),
+                    format!("{h:?} is not a lower-case HTTP header name"),
+                ));
+            }
+        }
+        if !is_header_name(&self.key_id_header) {
+            return Err(InvalidSetting::new(
+                "authz.key_id_header",
+                format!(
+                    "{:?} is not a lower-case HTTP header name",
+                    self.key_id_header
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
@@ -155,6 +241,18 @@ pub struct LimitsConfig {
     pub default_per_minute: Option<u64>,
     /// How per-minute limits are counted: `fixed_window`, `sliding_window` or `token_bucket`.
     pub algorithm: Algorithm,
+}
+
+impl LimitsConfig {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if self.default_per_minute == Some(0) {
+            return Err(InvalidSetting::new(
+                "limits.default_per_minute",
+                "must be at least 1 (leave unset for unlimited)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -179,6 +277,18 @@ impl Default for RateLimitConfig {
             algorithm: crate::limiter::Algorithm::FixedWindow,
             watch_interval: Dur(Duration::from_secs(1)),
         }
+    }
+}
+
+impl RateLimitConfig {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if self.watch_interval.0.is_zero() {
+            return Err(InvalidSetting::new(
+                "ratelimit.watch_interval",
+                "must be longer than 0",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -213,6 +323,21 @@ impl Default for QuotaConfig {
     }
 }
 
+impl QuotaConfig {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if self.max_block == 0 {
+            return Err(InvalidSetting::new("quota.max_block", "must be at least 1"));
+        }
+        if self.flush_interval.0.is_zero() || self.flush_interval.0 > Duration::from_secs(1) {
+            return Err(InvalidSetting::new(
+                "quota.flush_interval",
+                "must be longer than 0 and at most 1s, so counters show real use within a second",
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
@@ -231,6 +356,24 @@ impl Default for CacheConfig {
             negative_ttl: Dur(Duration::from_secs(5)),
             poll_interval: Dur(Duration::from_millis(250)),
         }
+    }
+}
+
+impl CacheConfig {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if self.poll_interval.0.is_zero() {
+            return Err(InvalidSetting::new(
+                "cache.poll_interval",
+                "must be longer than 0",
+            ));
+        }
+        if self.poll_interval.0 > Duration::from_secs(1) {
+            return Err(InvalidSetting::new(
+                "cache.poll_interval",
+                "must be at most 1s, or key changes would take longer than 1s to apply",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -261,6 +404,30 @@ impl Default for RequestLogConfig {
     }
 }
 
+impl RequestLogConfig {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if self.flush_interval.0.is_zero() {
+            return Err(InvalidSetting::new(
+                "request_log.flush_interval",
+                "must be longer than 0",
+            ));
+        }
+        if self.queue_capacity == 0 {
+            return Err(InvalidSetting::new(
+                "request_log.queue_capacity",
+                "must be at least 1",
+            ));
+        }
+        if self.batch_size == 0 {
+            return Err(InvalidSetting::new(
+                "request_log.batch_size",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -276,6 +443,18 @@ impl Default for LogConfig {
             format: LogFormat::Text,
             level: "info".into(),
         }
+    }
+}
+
+impl LogConfig {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.level) {
+            return Err(InvalidSetting::new(
+                "log.level",
+                format!("{:?}: {e}", self.level),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -353,122 +532,25 @@ impl Config {
         })
     }
 
+    /// Checks every subsystem's settings, each with its own `validate`; the first problem found
+    /// is the error, named after the file (or variable) it came from.
     fn validate(&self, source_name: &str) -> Result<(), ConfigError> {
-        let fail = |field: &str, message: String| ConfigError {
-            source_name: source_name.to_string(),
-            field: field.into(),
-            message,
+        let each = || -> Result<(), InvalidSetting> {
+            self.database.validate()?;
+            self.redis.validate()?;
+            self.authz.validate()?;
+            self.limits.validate()?;
+            self.ratelimit.validate()?;
+            self.cache.validate()?;
+            self.request_log.validate()?;
+            self.quota.validate()?;
+            self.log.validate()
         };
-        let db = self.database.url.expose();
-        if !["sqlite:", "postgres://", "postgresql://"]
-            .iter()
-            .any(|scheme| db.starts_with(scheme))
-        {
-            return Err(fail(
-                "database.url",
-                format!(
-                    "{} is not supported: use sqlite://PATH or postgres://USER@HOST/DB",
-                    redact_url(db)
-                ),
-            ));
-        }
-        if self.database.max_connections == 0 {
-            return Err(fail(
-                "database.max_connections",
-                "must be at least 1".into(),
-            ));
-        }
-        if self.database.timeout.0.is_zero() {
-            return Err(fail("database.timeout", "must be longer than 0".into()));
-        }
-        if let Some(redis) = &self.redis.url
-            && let Err(e) = crate::limiter::redis::parse_url(redis.expose())
-        {
-            return Err(fail("redis.url", format!("{redis}: {e}")));
-        }
-        if self.redis.timeout.0.is_zero() {
-            return Err(fail("redis.timeout", "must be longer than 0".into()));
-        }
-        if self.redis.key_prefix.contains(['{', '}']) {
-            return Err(fail(
-                "redis.key_prefix",
-                format!(
-                    "{:?} contains {{ or }}, which would break the hash tags that keep a counter's keys in one cluster slot",
-                    self.redis.key_prefix
-                ),
-            ));
-        }
-        if self.authz.key_headers.is_empty() && !self.authz.bearer {
-            return Err(fail(
-                "authz.key_headers",
-                "empty while authz.bearer is false: no header could carry a key".into(),
-            ));
-        }
-        for (i, h) in self.authz.key_headers.iter().enumerate() {
-            if !is_header_name(h) {
-                return Err(fail(
-                    &format!("authz.key_headers[{i}]"),
-                    format!("{h:?} is not a lower-case HTTP header name"),
-                ));
-            }
-        }
-        if !is_header_name(&self.authz.key_id_header) {
-            return Err(fail(
-                "authz.key_id_header",
-                format!(
-                    "{:?} is not a lower-case HTTP header name",
-                    self.authz.key_id_header
-                ),
-            ));
-        }
-        if self.limits.default_per_minute == Some(0) {
-            return Err(fail(
-                "limits.default_per_minute",
-                "must be at least 1 (leave unset for unlimited)".into(),
-            ));
-        }
-        for (field, d) in [
-            ("ratelimit.watch_interval", self.ratelimit.watch_interval),
-            ("cache.poll_interval", self.cache.poll_interval),
-            (
-                "request_log.flush_interval",
-                self.request_log.flush_interval,
-            ),
-        ] {
-            if d.0.is_zero() {
-                return Err(fail(field, "must be longer than 0".into()));
-            }
-        }
-        if self.quota.max_block == 0 {
-            return Err(fail("quota.max_block", "must be at least 1".into()));
-        }
-        if self.quota.flush_interval.0.is_zero()
-            || self.quota.flush_interval.0 > Duration::from_secs(1)
-        {
-            return Err(fail(
-                "quota.flush_interval",
-                "must be longer than 0 and at most 1s, so counters show real use within a second"
-                    .into(),
-            ));
-        }
-        if self.cache.poll_interval.0 > Duration::from_secs(1) {
-            return Err(fail(
-                "cache.poll_interval",
-                "must be at most 1s, or key changes would take longer than 1s to apply".into(),
-            ));
-        }
-        if self.request_log.queue_capacity == 0 || self.request_log.batch_size == 0 {
-            let field = if self.request_log.queue_capacity == 0 {
-                "request_log.queue_capacity"
-            } else {
-                "request_log.batch_size"
-            };
-            return Err(fail(field, "must be at least 1".into()));
-        }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            return Err(fail("log.level", format!("{:?}: {e}", self.log.level)));
-        }
-        Ok(())
+        each().map_err(|e| ConfigError {
+            source_name: source_name.to_string(),
+            field: e.field,
+            message: e.message,
+        })
     }
 }
 
@@ -663,6 +745,67 @@ mod tests {
         assert_eq!(e.field, "redis.key_prefix");
         let e = load_yaml("limits:\n  algorithm: leaky\n", &[]).unwrap_err();
         assert_eq!(e.field, "limits.algorithm");
+    }
+
+    #[test]
+    fn each_subsystem_validates_itself() {
+        let field = |r: Result<(), InvalidSetting>| r.unwrap_err().field;
+        assert_eq!(
+            field(
+                DatabaseConfig {
+                    max_connections: 0,
+                    ..Default::default()
+                }
+                .validate()
+            ),
+            "database.max_connections"
+        );
+        assert_eq!(
+            field(
+                CacheConfig {
+                    poll_interval: Dur(Duration::from_secs(2)),
+                    ..Default::default()
+                }
+                .validate()
+            ),
+            "cache.poll_interval"
+        );
+        assert_eq!(
+            field(
+                RequestLogConfig {
+                    batch_size: 0,
+                    ..Default::default()
+                }
+                .validate()
+            ),
+            "request_log.batch_size"
+        );
+        assert_eq!(
+            field(
+                AuthzConfig {
+                    key_headers: Vec::new(),
+                    bearer: false,
+                    ..Default::default()
+                }
+                .validate()
+            ),
+            "authz.key_headers"
+        );
+        assert_eq!(
+            field(
+                QuotaConfig {
+                    flush_interval: Dur(Duration::from_secs(2)),
+                    ..Default::default()
+                }
+                .validate()
+            ),
+            "quota.flush_interval"
+        );
+        let e = load_yaml("quota:\n  max_block: 0\n", &[]).unwrap_err();
+        assert_eq!(e.field, "quota.max_block");
+        assert_eq!(e.message, "must be at least 1");
+        Config::default().redis.validate().unwrap();
+        Config::default().log.validate().unwrap();
     }
 
     #[test]
