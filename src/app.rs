@@ -30,9 +30,7 @@ use crate::grpc::authz::AuthzGrpc;
 use crate::grpc::ratelimit::RateLimitGrpc;
 use crate::http::{HttpState, router};
 use crate::keys::cache::KeyCache;
-use crate::limiter::WindowLimiter;
-use crate::limiter::memory::MemoryLimiter;
-use crate::limiter::redis::RedisLimiter;
+use crate::limiter::{self, WindowLimiter};
 use crate::ratelimit::rules::Rules;
 use crate::ratelimit::service::RateLimitService;
 use crate::reqlog::{self, OutcomeLog, RequestLog};
@@ -103,7 +101,7 @@ impl App {
             config.cache.key_ttl.0,
             config.cache.negative_ttl.0,
         ));
-        let limiter = limiter(&config)?;
+        let limiter = limiter::open(&config.redis)?;
         let batched = (config.quota.mode == QuotaMode::Batched).then(|| {
             Arc::new(BatchedQuota::new(
                 stores.quotas.clone(),
@@ -348,26 +346,6 @@ impl App {
             None => Ok(()),
         }
     }
-}
-
-/// The window store, chosen once at start: Redis when `redis.url` is set, else this process.
-/// Redis is not contacted here: if it is down at start, tollgate serves anyway, follows
-/// `redis.failure_mode`, and the connection comes up when Redis does.
-fn limiter(config: &Config) -> anyhow::Result<Arc<dyn WindowLimiter>> {
-    Ok(match &config.redis.url {
-        Some(url) => {
-            let redis = RedisLimiter::new(
-                url.expose(),
-                &config.redis.key_prefix,
-                config.redis.timeout.0,
-            )
-            .with_context(|| format!("cannot use redis.url {url}"))?;
-            tracing::info!(redis = %url, algorithm = config.limits.algorithm.as_str(),
-                "rate-limit windows in Redis");
-            Arc::new(redis)
-        }
-        None => Arc::new(MemoryLimiter::new()),
-    })
 }
 
 /// Reloads the rate limit rules when their files change (checked every `interval`) or on

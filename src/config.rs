@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 use serde_yaml::Value;
 
 use crate::limiter::Algorithm;
+pub use crate::limiter::RedisConfig;
 pub use crate::setting::{Dur, FailureMode, InvalidSetting, SecretUrl, redact_url};
 
 /// Environment variable prefix.
@@ -120,57 +121,6 @@ impl DatabaseConfig {
             return Err(InvalidSetting::new(
                 "database.timeout",
                 "must be longer than 0",
-            ));
-        }
-        Ok(())
-    }
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct RedisConfig {
-    /// Unset: per-minute windows are counted in this process. `redis://HOST:PORT[/DB]`,
-    /// `rediss://…` (TLS), or `redis+cluster://HOST:PORT,HOST:PORT,…` for a Redis Cluster.
-    pub url: Option<SecretUrl>,
-    /// Per-minute limits when Redis cannot be reached (or answers too slowly).
-    pub failure_mode: FailureMode,
-    /// The longest a check waits for Redis, connecting included.
-    pub timeout: Dur,
-    /// Put before every Redis key tollgate writes.
-    pub key_prefix: String,
-}
-
-impl Default for RedisConfig {
-    fn default() -> Self {
-        Self {
-            url: None,
-            failure_mode: FailureMode::Open,
-            timeout: Dur(Duration::from_millis(100)),
-            key_prefix: "tollgate:".into(),
-        }
-    }
-}
-
-impl RedisConfig {
-    pub fn validate(&self) -> Result<(), InvalidSetting> {
-        if let Some(url) = &self.url
-            && let Err(e) = crate::limiter::redis::parse_url(url.expose())
-        {
-            return Err(InvalidSetting::new("redis.url", format!("{url}: {e}")));
-        }
-        if self.timeout.0.is_zero() {
-            return Err(InvalidSetting::new(
-                "redis.timeout",
-                "must be longer than 0",
-            ));
-        }
-        if self.key_prefix.contains(['{', '}']) {
-            return Err(InvalidSetting::new(
-                "redis.key_prefix",
-                format!(
-                    "{:?} contains {{ or }}, which would break the hash tags that keep a counter's keys in one cluster slot",
-                    self.key_prefix
-                ),
             ));
         }
         Ok(())
