@@ -32,11 +32,22 @@ use crate::setting::{Dur, FailureMode, InvalidSetting, SecretUrl};
 /// What went wrong talking to the limiter's backend.
 #[derive(Debug, thiserror::Error)]
 pub enum LimiterError {
+    /// The backend could not be reached, or did not answer in time, or said it is busy or
+    /// failing over: asking again later may work.
     #[error("rate limiter backend unavailable: {0}")]
     Unavailable(String),
+    /// The backend answered, with an error or with a reply tollgate cannot read (a script that
+    /// failed, a refused command, a reply of the wrong shape): asking again gets the same.
+    #[error("rate limiter backend error: {0}")]
+    Backend(String),
+    /// The settings name no usable backend (a bad URL).
+    #[error("rate limiter misconfigured: {0}")]
+    Config(String),
 }
 
 impl LimiterError {
+    /// Whether retrying later may succeed (the backend is away or busy), as opposed to a bug,
+    /// a misconfigured server or bad settings that retrying cannot fix.
     pub fn is_transient(&self) -> bool {
         matches!(self, LimiterError::Unavailable(_))
     }
@@ -184,7 +195,8 @@ pub trait WindowLimiter: Send + Sync + 'static {
     /// counts nothing. Check and count are one atomic step, also across replicas sharing a
     /// backend. `now` is tollgate's clock, not the backend's.
     ///
-    /// Errors mean the backend could not be asked (down, too slow); they are transient.
+    /// Errors mean the backend could not be asked (down, too slow) or could not answer (a script
+    /// error, a reply of the wrong shape); [`LimiterError::is_transient`] tells which.
     async fn hit(
         &self,
         key: &str,
