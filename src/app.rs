@@ -116,24 +116,37 @@ impl App {
         let uncapped = Arc::new(BatchedQuota::new(stores.quotas.clone(), UNCAPPED_BLOCK));
         let batched: Vec<Arc<BatchedQuota>> =
             batched.into_iter().chain([uncapped.clone()]).collect();
-        let authz = Arc::new(AuthzService::new(
-            &config,
-            cache.clone(),
-            limiter.clone(),
-            quotas,
-            uncapped,
-            log.clone(),
-            clock.clone(),
+        let failures = crate::failure::FailurePolicies::new(
+            config.database.failure_mode,
+            config.redis.failure_mode,
             metrics.clone(),
+        );
+        let authz = Arc::new(AuthzService::new(
+            &config.authz,
+            &config.limits,
+            crate::authz::AuthzDeps {
+                keys: cache.clone(),
+                limiter: limiter.clone(),
+                quotas,
+                uncapped,
+                log: log.clone(),
+                clock: clock.clone(),
+                metrics: metrics.clone(),
+                failures: failures.clone(),
+            },
         ));
         let ratelimit = Arc::new(RateLimitService::new(
-            &config,
+            &config.ratelimit,
+            &config.limits,
             rules,
-            limiter.clone(),
-            cache.clone(),
-            log.clone(),
-            clock.clone(),
-            metrics.clone(),
+            crate::ratelimit::service::RateLimitDeps {
+                limiter: limiter.clone(),
+                keys: cache.clone(),
+                log: log.clone(),
+                clock: clock.clone(),
+                metrics: metrics.clone(),
+                failures,
+            },
         ));
         Ok(App {
             config,

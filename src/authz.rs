@@ -8,8 +8,9 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 
 use crate::clock::{self, Clock};
-use crate::config::{Config, FailureMode};
+use crate::config::{AuthzConfig, FailureMode, LimitsConfig};
 use crate::decision::{Allowed, Decision, Denial, DenyReason, LimitKind, LimitState, MAX_COST};
+use crate::failure::FailurePolicies;
 use crate::keys::{self, ApiKey, KeyStatus, cache::KeyCache};
 use crate::limiter::{Algorithm, Rate, WindowLimiter};
 use crate::reqlog::{RequestLog, clip};
@@ -35,6 +36,21 @@ pub struct CheckInput<'a> {
     pub cost: Option<&'a str>,
 }
 
+/// What Check works with besides its settings: the key cache, the backends, the request log,
+/// the clock, the metrics and the backends' failure policies.
+pub struct AuthzDeps {
+    pub keys: Arc<KeyCache>,
+    pub limiter: Arc<dyn WindowLimiter>,
+    pub quotas: Arc<dyn QuotaStore>,
+    /// Counts keys without quotas: nothing to enforce, so their usage is counted in memory
+    /// and written in blocks (see `store::batched`) instead of one write per request.
+    pub uncapped: Arc<dyn QuotaStore>,
+    pub log: RequestLog,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<Metrics>,
+    pub failures: FailurePolicies,
+}
+
 /// Decides Check requests.
 pub struct AuthzService {
     key_headers: Vec<Arc<str>>,
@@ -50,8 +66,6 @@ pub struct AuthzService {
     keys: Arc<KeyCache>,
     limiter: Arc<dyn WindowLimiter>,
     quotas: Arc<dyn QuotaStore>,
-    /// Counts keys without quotas: nothing to enforce, so their usage is counted in memory
-    /// and written in blocks (see `store::batched`) instead of one write per request.
     uncapped: Arc<dyn QuotaStore>,
     log: RequestLog,
     clock: Arc<dyn Clock>,
@@ -59,31 +73,32 @@ pub struct AuthzService {
 }
 
 impl AuthzService {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        config: &Config,
-        keys: Arc<KeyCache>,
-        limiter: Arc<dyn WindowLimiter>,
-        quotas: Arc<dyn QuotaStore>,
-        uncapped: Arc<dyn QuotaStore>,
-        log: RequestLog,
-        clock: Arc<dyn Clock>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    /// Check with the `authz` settings; `limits` holds the per-minute limit of keys without one
+    /// of their own, and how their windows count.
+    pub fn new(config: &AuthzConfig, limits: &LimitsConfig, deps: AuthzDeps) -> Self {
+        let AuthzDeps {
+            keys,
+            limiter,
+            quotas,
+            uncapped,
+            log,
+            clock,
+            metrics,
+            failures,
+        } = deps;
         Self {
             key_headers: config
-                .authz
                 .key_headers
                 .iter()
                 .map(|h| Arc::from(h.as_str()))
                 .collect(),
             authorization: Arc::from("authorization"),
-            bearer: config.authz.bearer,
-            rate_limit: config.authz.rate_limit,
-            default_per_minute: config.limits.default_per_minute,
-            algorithm: config.limits.algorithm,
-            database_failure: config.database.failure_mode,
-            limiter_failure: config.redis.failure_mode,
+            bearer: config.bearer,
+            rate_limit: config.rate_limit,
+            default_per_minute: limits.default_per_minute,
+            algorithm: limits.algorithm,
+            database_failure: failures.database.mode(),
+            limiter_failure: failures.limiter.mode(),
             warn_limiter: WarnEvery::default(),
             warn_database: WarnEvery::default(),
             keys,

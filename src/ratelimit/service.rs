@@ -12,7 +12,8 @@ use chrono::{DateTime, Utc};
 
 use super::rules::{RuleLimit, Rules, Unit};
 use crate::clock::Clock;
-use crate::config::{Config, FailureMode};
+use crate::config::{FailureMode, LimitsConfig, RateLimitConfig};
+use crate::failure::FailurePolicies;
 use crate::keys::cache::KeyCache;
 use crate::limiter::{Algorithm, Rate, WindowLimiter};
 use crate::reqlog::RequestLog;
@@ -92,6 +93,18 @@ enum Plan {
     },
 }
 
+/// What ShouldRateLimit works with besides its settings and rules: the window limiter, the key
+/// cache (for descriptors that name a key), the request log, the clock, the metrics and the
+/// backends' failure policies.
+pub struct RateLimitDeps {
+    pub limiter: Arc<dyn WindowLimiter>,
+    pub keys: Arc<KeyCache>,
+    pub log: RequestLog,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<Metrics>,
+    pub failures: FailurePolicies,
+}
+
 /// Decides ShouldRateLimit requests.
 pub struct RateLimitService {
     rules: RwLock<Arc<Rules>>,
@@ -109,15 +122,22 @@ pub struct RateLimitService {
 }
 
 impl RateLimitService {
+    /// The service with the `ratelimit` settings and `rules`; `limits` holds the per-minute
+    /// limit of keys without one of their own, and how their windows count.
     pub fn new(
-        config: &Config,
+        config: &RateLimitConfig,
+        limits: &LimitsConfig,
         rules: Rules,
-        limiter: Arc<dyn WindowLimiter>,
-        keys: Arc<KeyCache>,
-        log: RequestLog,
-        clock: Arc<dyn Clock>,
-        metrics: Arc<Metrics>,
+        deps: RateLimitDeps,
     ) -> Self {
+        let RateLimitDeps {
+            limiter,
+            keys,
+            log,
+            clock,
+            metrics,
+            failures,
+        } = deps;
         Self {
             rules: RwLock::new(Arc::new(rules)),
             limiter,
@@ -125,12 +145,12 @@ impl RateLimitService {
             log,
             clock,
             metrics,
-            algorithm: config.ratelimit.algorithm,
-            key_algorithm: config.limits.algorithm,
-            default_per_minute: config.limits.default_per_minute,
-            global_shadow: config.ratelimit.shadow_mode,
-            limiter_failure: config.redis.failure_mode,
-            database_failure: config.database.failure_mode,
+            algorithm: config.algorithm,
+            key_algorithm: limits.algorithm,
+            default_per_minute: limits.default_per_minute,
+            global_shadow: config.shadow_mode,
+            limiter_failure: failures.limiter.mode(),
+            database_failure: failures.database.mode(),
         }
     }
 
