@@ -8,9 +8,9 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 
 use crate::clock::{self, Clock};
-use crate::config::{AuthzConfig, FailureMode, LimitsConfig};
+use crate::config::{AuthzConfig, LimitsConfig};
 use crate::decision::{Allowed, Decision, Denial, DenyReason, LimitKind, LimitState, MAX_COST};
-use crate::failure::FailurePolicies;
+use crate::failure::{FailurePolicies, Verdict};
 use crate::keys::{self, ApiKey, KeyStatus, cache::KeyCache};
 use crate::limiter::{Algorithm, Rate, WindowLimiter};
 use crate::reqlog::{RequestLog, clip};
@@ -59,10 +59,7 @@ pub struct AuthzService {
     rate_limit: bool,
     default_per_minute: Option<u64>,
     algorithm: Algorithm,
-    database_failure: FailureMode,
-    limiter_failure: FailureMode,
-    warn_limiter: WarnEvery,
-    warn_database: WarnEvery,
+    failures: FailurePolicies,
     keys: Arc<KeyCache>,
     limiter: Arc<dyn WindowLimiter>,
     quotas: Arc<dyn QuotaStore>,
@@ -97,10 +94,7 @@ impl AuthzService {
             rate_limit: config.rate_limit,
             default_per_minute: limits.default_per_minute,
             algorithm: limits.algorithm,
-            database_failure: failures.database.mode(),
-            limiter_failure: failures.limiter.mode(),
-            warn_limiter: WarnEvery::default(),
-            warn_database: WarnEvery::default(),
+            failures,
             keys,
             limiter,
             quotas,
@@ -221,8 +215,8 @@ impl AuthzService {
                 }
             }
             Err(e) => {
-                self.metrics.backend_errors_database.inc();
-                tracing::warn!(error = %e, "key lookup failed");
+                // Whatever the failure mode: a key that could not be looked up is not known to be valid.
+                self.failures.database.on_error_closed("key lookup", &e);
                 return unavailable(None);
             }
         };
@@ -269,17 +263,11 @@ impl AuthzService {
                     limits.push(state);
                     counted = Some(rate);
                 }
-                Err(e) => {
-                    self.metrics.backend_errors_limiter.inc();
-                    if self.warn_limiter.due() {
-                        tracing::warn!(error = %e, failure_mode = ?self.limiter_failure,
-                            "rate limiter unavailable; per-minute limits follow the failure mode");
-                    }
-                    if self.limiter_failure == FailureMode::Closed {
-                        return unavailable(Some(key.id));
-                    }
-                    self.metrics.fail_open_limiter.inc();
-                }
+                Err(e) => match self.failures.limiter.on_error("per-minute window", &e) {
+                    // Not limited per minute while the limiter is away.
+                    Verdict::Open => {}
+                    Verdict::Closed => return unavailable(Some(key.id)),
+                },
             }
         }
 
@@ -358,15 +346,9 @@ impl AuthzService {
                     key_id: Some(key.id),
                 })
             }
-            Err(e) => {
-                self.metrics.backend_errors_database.inc();
-                if self.warn_database.due() {
-                    tracing::warn!(error = %e, failure_mode = ?self.database_failure,
-                        "quota update failed; quotas follow the failure mode");
-                }
-                if self.database_failure == FailureMode::Open {
-                    // Admitted uncounted: the database cannot count it.
-                    self.metrics.fail_open_database.inc();
+            Err(e) => match self.failures.database.on_error("quota update", &e) {
+                // Admitted uncounted: the database cannot count it.
+                Verdict::Open => {
                     return Decision::Allow(Allowed {
                         key,
                         limits,
@@ -374,8 +356,8 @@ impl AuthzService {
                         cost: 0,
                     });
                 }
-                unavailable(Some(key.id))
-            }
+                Verdict::Closed => unavailable(Some(key.id)),
+            },
         };
         // The request was refused after its per-minute hit was counted: give the hit back,
         // so a refused request costs nothing.
@@ -385,28 +367,6 @@ impl AuthzService {
             tracing::warn!(error = %e, key_id = key.id, "rate limit refund failed");
         }
         refused
-    }
-}
-
-/// Lets a warning through at most once per [`WarnEvery::INTERVAL`], so an outage logs a line
-/// every few seconds, not one per request.
-#[derive(Debug, Default)]
-struct WarnEvery(std::sync::atomic::AtomicU64);
-
-impl WarnEvery {
-    const INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
-
-    fn due(&self) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
-        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-        let now = START
-            .get_or_init(std::time::Instant::now)
-            .elapsed()
-            .as_millis() as u64
-            + Self::INTERVAL.as_millis() as u64;
-        let last = self.0.load(Relaxed);
-        now.saturating_sub(last) >= Self::INTERVAL.as_millis() as u64
-            && self.0.compare_exchange(last, now, Relaxed, Relaxed).is_ok()
     }
 }
 

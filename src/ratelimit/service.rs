@@ -5,6 +5,10 @@
 //! Differences from envoyproxy/ratelimit, all on the side of not counting what was refused: a
 //! descriptor over its limit counts nothing, and when the request as a whole is refused the other
 //! descriptors' hits are given back (in shadow mode nothing is refused, so nothing is given back).
+//!
+//! A backend that fails is handled by its [`FailurePolicy`](crate::failure::FailurePolicy), the
+//! same one Check uses: `open` lets the descriptor through unchecked, `closed` answers
+//! [`Unavailable`].
 
 use std::sync::{Arc, RwLock};
 
@@ -12,8 +16,8 @@ use chrono::{DateTime, Utc};
 
 use super::rules::{RuleLimit, Rules, Unit};
 use crate::clock::Clock;
-use crate::config::{FailureMode, LimitsConfig, RateLimitConfig};
-use crate::failure::FailurePolicies;
+use crate::config::{LimitsConfig, RateLimitConfig};
+use crate::failure::{FailurePolicies, LogEvery, Verdict};
 use crate::keys::cache::KeyCache;
 use crate::limiter::{Algorithm, Rate, WindowLimiter};
 use crate::reqlog::RequestLog;
@@ -117,8 +121,9 @@ pub struct RateLimitService {
     key_algorithm: Algorithm,
     default_per_minute: Option<u64>,
     global_shadow: bool,
-    limiter_failure: FailureMode,
-    database_failure: FailureMode,
+    failures: FailurePolicies,
+    /// Paces the line logged when a descriptor goes over its limit in shadow mode.
+    shadow_log: LogEvery,
 }
 
 impl RateLimitService {
@@ -149,8 +154,8 @@ impl RateLimitService {
             key_algorithm: limits.algorithm,
             default_per_minute: limits.default_per_minute,
             global_shadow: config.shadow_mode,
-            limiter_failure: failures.limiter.mode(),
-            database_failure: failures.database.mode(),
+            failures,
+            shadow_log: LogEvery::default(),
         }
     }
 
@@ -256,28 +261,31 @@ impl RateLimitService {
             self.metrics.limiter_duration.observe(step.elapsed());
             let state = match hit {
                 Ok(state) => state,
-                Err(e) => {
-                    self.metrics.backend_errors_limiter.inc();
-                    if self.limiter_failure == FailureMode::Closed {
+                Err(e) => match self.failures.limiter.on_error("descriptor window", &e) {
+                    Verdict::Closed => {
                         self.give_back(&counted, now).await;
                         return Err(Unavailable(e.to_string()));
                     }
-                    self.metrics.fail_open_limiter.inc();
-                    statuses.push(Status {
-                        over_limit: false,
-                        limit: Some(limit.clone()),
-                        remaining: 0,
-                        reset_after: None,
-                        unlimited: false,
-                    });
-                    continue;
-                }
+                    Verdict::Open => {
+                        statuses.push(Status {
+                            over_limit: false,
+                            limit: Some(limit.clone()),
+                            remaining: 0,
+                            reset_after: None,
+                            unlimited: false,
+                        });
+                        continue;
+                    }
+                },
             };
             let refused = !state.allowed;
             let shadowed = refused && (*shadow || self.global_shadow);
             if shadowed {
                 self.metrics.rls_shadow.inc();
-                tracing::info!(rule = %counter_key, "over limit in shadow mode; allowed");
+                if let Some(suppressed) = self.shadow_log.due() {
+                    tracing::info!(rule = %counter_key, suppressed,
+                        "over limit in shadow mode; allowed");
+                }
             } else if refused {
                 self.metrics.rls_over_limit.inc();
                 over_limit = true;
@@ -393,12 +401,10 @@ impl RateLimitService {
             let key = match self.keys.lookup_id(id).await {
                 Ok(key) => key,
                 Err(e) => {
-                    self.metrics.backend_errors_database.inc();
-                    if self.database_failure == FailureMode::Closed {
-                        return Err(Unavailable(e.to_string()));
-                    }
-                    self.metrics.fail_open_database.inc();
-                    return Ok(Plan::NoLimit);
+                    return match self.failures.database.on_error("descriptor key lookup", &e) {
+                        Verdict::Closed => Err(Unavailable(e.to_string())),
+                        Verdict::Open => Ok(Plan::NoLimit),
+                    };
                 }
             };
             let Some(per_minute) =
