@@ -39,9 +39,9 @@ pub struct Descriptor<'a> {
     pub negative: bool,
 }
 
-/// A ShouldRateLimit request.
+/// A ShouldRateLimit request: a domain and its descriptors.
 #[derive(Debug, Clone, Default)]
-pub struct Request<'a> {
+pub struct RateLimitQuery<'a> {
     pub domain: &'a str,
     pub descriptors: Vec<Descriptor<'a>>,
     /// Hits per descriptor; 0 means 1 (protobuf cannot tell unset from 0 here).
@@ -58,7 +58,7 @@ pub struct AppliedLimit {
 
 /// One descriptor's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Status {
+pub struct DescriptorAnswer {
     pub over_limit: bool,
     /// `None`: no limit applies (no rule, unlimited, or replaced).
     pub limit: Option<AppliedLimit>,
@@ -69,11 +69,11 @@ pub struct Status {
     pub unlimited: bool,
 }
 
-/// The whole answer.
+/// The answer to a whole [`RateLimitQuery`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Answer {
+pub struct RateLimitAnswer {
     pub over_limit: bool,
-    pub statuses: Vec<Status>,
+    pub statuses: Vec<DescriptorAnswer>,
     /// Seconds until every refused descriptor would fit again.
     pub retry_after: Option<u64>,
 }
@@ -168,15 +168,18 @@ impl RateLimitService {
         *self.rules.write().expect("rules lock") = Arc::new(rules);
     }
 
-    pub async fn should_rate_limit(&self, req: &Request<'_>) -> Result<Answer, Unavailable> {
+    pub async fn should_rate_limit(
+        &self,
+        query: &RateLimitQuery<'_>,
+    ) -> Result<RateLimitAnswer, Unavailable> {
         use tracing::Instrument;
         let started = std::time::Instant::now();
         let span = tracing::debug_span!(
             "should_rate_limit",
-            domain = req.domain,
+            domain = query.domain,
             over_limit = tracing::field::Empty
         );
-        let answer = self.decide(req).instrument(span.clone()).await;
+        let answer = self.decide(query).instrument(span.clone()).await;
         if let Ok(a) = &answer
             && !span.is_disabled()
         {
@@ -192,12 +195,12 @@ impl RateLimitService {
         answer
     }
 
-    async fn decide(&self, req: &Request<'_>) -> Result<Answer, Unavailable> {
+    async fn decide(&self, query: &RateLimitQuery<'_>) -> Result<RateLimitAnswer, Unavailable> {
         let now = self.clock.now();
         let rules = self.rules();
-        let mut plans = Vec::with_capacity(req.descriptors.len());
-        for d in &req.descriptors {
-            plans.push(self.plan(&rules, req.domain, d).await?);
+        let mut plans = Vec::with_capacity(query.descriptors.len());
+        for d in &query.descriptors {
+            plans.push(self.plan(&rules, query.domain, d).await?);
         }
         // A rule that another matched rule replaces does not apply to this request.
         let replaced: Vec<String> = plans
@@ -218,12 +221,12 @@ impl RateLimitService {
             }
         }
 
-        let request_hits = req.hits_addend.max(1);
+        let request_hits = query.hits_addend.max(1);
         let mut statuses = Vec::with_capacity(plans.len());
         let mut counted: Vec<(String, Rate, u64)> = Vec::new();
         let mut over_limit = false;
         let mut retry_after: Option<u64> = None;
-        for (d, plan) in req.descriptors.iter().zip(&plans) {
+        for (d, plan) in query.descriptors.iter().zip(&plans) {
             let Plan::Count {
                 counter_key,
                 rate,
@@ -233,7 +236,7 @@ impl RateLimitService {
             } = plan
             else {
                 let unlimited = matches!(plan, Plan::Unlimited);
-                statuses.push(Status {
+                statuses.push(DescriptorAnswer {
                     over_limit: false,
                     limit: None,
                     remaining: 0,
@@ -247,7 +250,7 @@ impl RateLimitService {
                 if let Err(e) = self.limiter.refund(counter_key, *rate, hits, now).await {
                     tracing::warn!(error = %e, "rate limit refund failed");
                 }
-                statuses.push(Status {
+                statuses.push(DescriptorAnswer {
                     over_limit: false,
                     limit: Some(limit.clone()),
                     remaining: 0,
@@ -267,7 +270,7 @@ impl RateLimitService {
                         return Err(Unavailable(e.to_string()));
                     }
                     Verdict::Open => {
-                        statuses.push(Status {
+                        statuses.push(DescriptorAnswer {
                             over_limit: false,
                             limit: Some(limit.clone()),
                             remaining: 0,
@@ -296,7 +299,7 @@ impl RateLimitService {
                     counted.push((counter_key.clone(), *rate, hits));
                 }
             }
-            statuses.push(Status {
+            statuses.push(DescriptorAnswer {
                 over_limit: refused && !shadowed,
                 limit: Some(limit.clone()),
                 remaining: state.remaining,
@@ -308,7 +311,7 @@ impl RateLimitService {
             self.give_back(&counted, now).await;
         }
         // A call that names a key is that key's request: log it (it spends no quota).
-        if let Some(key_id) = req
+        if let Some(key_id) = query
             .descriptors
             .iter()
             .find_map(|d| match d.entries.as_slice() {
@@ -331,7 +334,7 @@ impl RateLimitService {
                 cost: 0,
             });
         }
-        Ok(Answer {
+        Ok(RateLimitAnswer {
             over_limit,
             statuses,
             retry_after,
