@@ -30,9 +30,7 @@ use crate::grpc::authz::AuthzGrpc;
 use crate::grpc::ratelimit::RateLimitGrpc;
 use crate::http::{HttpState, router};
 use crate::keys::cache::KeyCache;
-use crate::limiter::WindowLimiter;
-use crate::limiter::memory::MemoryLimiter;
-use crate::limiter::redis::RedisLimiter;
+use crate::limiter::{self, WindowLimiter};
 use crate::ratelimit::rules::Rules;
 use crate::ratelimit::service::RateLimitService;
 use crate::reqlog::{self, OutcomeLog, RequestLog};
@@ -103,26 +101,38 @@ impl App {
             config.cache.key_ttl.0,
             config.cache.negative_ttl.0,
         ));
-        let limiter = limiter(&config)?;
+        let limiter = limiter::open(&config.redis)?;
         let quotas = Arc::new(QuotaCounter::new(stores.quotas.clone(), &config.quota));
-        let authz = Arc::new(AuthzService::new(
-            &config,
-            cache.clone(),
-            limiter.clone(),
-            quotas.clone(),
-            quotas.clone(),
-            log.clone(),
-            clock.clone(),
+        let failures = crate::failure::FailurePolicies::new(
+            config.database.failure_mode,
+            config.redis.failure_mode,
             metrics.clone(),
+        );
+        let authz = Arc::new(AuthzService::new(
+            &config.authz,
+            &config.limits,
+            crate::authz::AuthzDeps {
+                keys: cache.clone(),
+                limiter: limiter.clone(),
+                quotas: quotas.clone(),
+                log: log.clone(),
+                clock: clock.clone(),
+                metrics: metrics.clone(),
+                failures: failures.clone(),
+            },
         ));
         let ratelimit = Arc::new(RateLimitService::new(
-            &config,
+            &config.ratelimit,
+            &config.limits,
             rules,
-            limiter.clone(),
-            cache.clone(),
-            log.clone(),
-            clock.clone(),
-            metrics.clone(),
+            crate::ratelimit::service::RateLimitDeps {
+                limiter: limiter.clone(),
+                keys: cache.clone(),
+                log: log.clone(),
+                clock: clock.clone(),
+                metrics: metrics.clone(),
+                failures,
+            },
         ));
         Ok(App {
             config,
@@ -327,26 +337,6 @@ impl App {
             None => Ok(()),
         }
     }
-}
-
-/// The window store, chosen once at start: Redis when `redis.url` is set, else this process.
-/// Redis is not contacted here: if it is down at start, tollgate serves anyway, follows
-/// `redis.failure_mode`, and the connection comes up when Redis does.
-fn limiter(config: &Config) -> anyhow::Result<Arc<dyn WindowLimiter>> {
-    Ok(match &config.redis.url {
-        Some(url) => {
-            let redis = RedisLimiter::new(
-                url.expose(),
-                &config.redis.key_prefix,
-                config.redis.timeout.0,
-            )
-            .with_context(|| format!("cannot use redis.url {url}"))?;
-            tracing::info!(redis = %url, algorithm = config.limits.algorithm.as_str(),
-                "rate-limit windows in Redis");
-            Arc::new(redis)
-        }
-        None => Arc::new(MemoryLimiter::new()),
-    })
 }
 
 /// Resolves on SIGTERM or SIGINT.

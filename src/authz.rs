@@ -8,8 +8,9 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 
 use crate::clock::{self, Clock};
-use crate::config::{Config, FailureMode};
+use crate::config::{AuthzConfig, LimitsConfig};
 use crate::decision::{Allowed, Decision, Denial, DenyReason, LimitKind, LimitState, MAX_COST};
+use crate::failure::{FailurePolicies, Verdict};
 use crate::keys::{self, ApiKey, KeyStatus, cache::KeyCache};
 use crate::limiter::{Algorithm, Rate, WindowLimiter};
 use crate::reqlog::{RequestLog, clip};
@@ -35,6 +36,19 @@ pub struct CheckInput<'a> {
     pub cost: Option<&'a str>,
 }
 
+/// What Check works with besides its settings: the key cache, the backends, the request log,
+/// the clock, the metrics and the backends' failure policies.
+pub struct AuthzDeps {
+    pub keys: Arc<KeyCache>,
+    pub limiter: Arc<dyn WindowLimiter>,
+    /// How quota is spent (exactly, or in blocks; see `store::batched`): Check does not know.
+    pub quotas: Arc<dyn QuotaStore>,
+    pub log: RequestLog,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<Metrics>,
+    pub failures: FailurePolicies,
+}
+
 /// Decides Check requests.
 pub struct AuthzService {
     key_headers: Vec<Arc<str>>,
@@ -43,53 +57,43 @@ pub struct AuthzService {
     rate_limit: bool,
     default_per_minute: Option<u64>,
     algorithm: Algorithm,
-    database_failure: FailureMode,
-    limiter_failure: FailureMode,
-    warn_limiter: WarnEvery,
-    warn_database: WarnEvery,
+    failures: FailurePolicies,
     keys: Arc<KeyCache>,
     limiter: Arc<dyn WindowLimiter>,
     quotas: Arc<dyn QuotaStore>,
-    /// Counts keys without quotas: nothing to enforce, so their usage is counted in memory
-    /// and written in blocks (see `store::batched`) instead of one write per request.
-    uncapped: Arc<dyn QuotaStore>,
     log: RequestLog,
     clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
 }
 
 impl AuthzService {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        config: &Config,
-        keys: Arc<KeyCache>,
-        limiter: Arc<dyn WindowLimiter>,
-        quotas: Arc<dyn QuotaStore>,
-        uncapped: Arc<dyn QuotaStore>,
-        log: RequestLog,
-        clock: Arc<dyn Clock>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
+    /// Check with the `authz` settings; `limits` holds the per-minute limit of keys without one
+    /// of their own, and how their windows count.
+    pub fn new(config: &AuthzConfig, limits: &LimitsConfig, deps: AuthzDeps) -> Self {
+        let AuthzDeps {
+            keys,
+            limiter,
+            quotas,
+            log,
+            clock,
+            metrics,
+            failures,
+        } = deps;
         Self {
             key_headers: config
-                .authz
                 .key_headers
                 .iter()
                 .map(|h| Arc::from(h.as_str()))
                 .collect(),
             authorization: Arc::from("authorization"),
-            bearer: config.authz.bearer,
-            rate_limit: config.authz.rate_limit,
-            default_per_minute: config.limits.default_per_minute,
-            algorithm: config.limits.algorithm,
-            database_failure: config.database.failure_mode,
-            limiter_failure: config.redis.failure_mode,
-            warn_limiter: WarnEvery::default(),
-            warn_database: WarnEvery::default(),
+            bearer: config.bearer,
+            rate_limit: config.rate_limit,
+            default_per_minute: limits.default_per_minute,
+            algorithm: limits.algorithm,
+            failures,
             keys,
             limiter,
             quotas,
-            uncapped,
             log,
             clock,
             metrics,
@@ -206,8 +210,8 @@ impl AuthzService {
                 }
             }
             Err(e) => {
-                self.metrics.backend_errors_database.inc();
-                tracing::warn!(error = %e, "key lookup failed");
+                // Whatever the failure mode: a key that could not be looked up is not known to be valid.
+                self.failures.database.on_error_closed("key lookup", &e);
                 return unavailable(None);
             }
         };
@@ -254,35 +258,24 @@ impl AuthzService {
                     limits.push(state);
                     counted = Some(rate);
                 }
-                Err(e) => {
-                    self.metrics.backend_errors_limiter.inc();
-                    if self.warn_limiter.due() {
-                        tracing::warn!(error = %e, failure_mode = ?self.limiter_failure,
-                            "rate limiter unavailable; per-minute limits follow the failure mode");
-                    }
-                    if self.limiter_failure == FailureMode::Closed {
-                        return unavailable(Some(key.id));
-                    }
-                    self.metrics.fail_open_limiter.inc();
-                }
+                Err(e) => match self.failures.limiter.on_error("per-minute window", &e) {
+                    // Not limited per minute while the limiter is away.
+                    Verdict::Open => {}
+                    Verdict::Closed => return unavailable(Some(key.id)),
+                },
             }
         }
 
         // 4. The daily and monthly quota: one atomic statement (exact mode), or spent from a
-        //    block reserved with that statement (batched mode). Every admitted request is
-        //    counted, also for keys without quotas (in blocks: nothing to enforce), so usage
-        //    and the log agree.
+        //    block reserved with that statement (batched mode, and keys without quotas, which
+        //    have nothing to enforce). Every admitted request is counted, so usage and the log
+        //    agree.
         let quota = Quota {
             daily: key.limits.daily,
             monthly: key.limits.monthly,
         };
         let step = std::time::Instant::now();
-        let store = if quota.daily.is_none() && quota.monthly.is_none() {
-            &self.uncapped
-        } else {
-            &self.quotas
-        };
-        let outcome = store.consume(key.id, quota, cost, now).await;
+        let outcome = self.quotas.consume(key.id, quota, cost, now).await;
         self.metrics.database_duration.observe(step.elapsed());
         let refused = match outcome {
             Ok(QuotaOutcome::Admitted { daily, monthly }) => {
@@ -343,15 +336,9 @@ impl AuthzService {
                     key_id: Some(key.id),
                 })
             }
-            Err(e) => {
-                self.metrics.backend_errors_database.inc();
-                if self.warn_database.due() {
-                    tracing::warn!(error = %e, failure_mode = ?self.database_failure,
-                        "quota update failed; quotas follow the failure mode");
-                }
-                if self.database_failure == FailureMode::Open {
-                    // Admitted uncounted: the database cannot count it.
-                    self.metrics.fail_open_database.inc();
+            Err(e) => match self.failures.database.on_error("quota update", &e) {
+                // Admitted uncounted: the database cannot count it.
+                Verdict::Open => {
                     return Decision::Allow(Allowed {
                         key,
                         limits,
@@ -359,8 +346,8 @@ impl AuthzService {
                         cost: 0,
                     });
                 }
-                unavailable(Some(key.id))
-            }
+                Verdict::Closed => unavailable(Some(key.id)),
+            },
         };
         // The request was refused after its per-minute hit was counted: give the hit back,
         // so a refused request costs nothing.
@@ -370,28 +357,6 @@ impl AuthzService {
             tracing::warn!(error = %e, key_id = key.id, "rate limit refund failed");
         }
         refused
-    }
-}
-
-/// Lets a warning through at most once per [`WarnEvery::INTERVAL`], so an outage logs a line
-/// every few seconds, not one per request.
-#[derive(Debug, Default)]
-struct WarnEvery(std::sync::atomic::AtomicU64);
-
-impl WarnEvery {
-    const INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
-
-    fn due(&self) -> bool {
-        use std::sync::atomic::Ordering::Relaxed;
-        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-        let now = START
-            .get_or_init(std::time::Instant::now)
-            .elapsed()
-            .as_millis() as u64
-            + Self::INTERVAL.as_millis() as u64;
-        let last = self.0.load(Relaxed);
-        now.saturating_sub(last) >= Self::INTERVAL.as_millis() as u64
-            && self.0.compare_exchange(last, now, Relaxed, Relaxed).is_ok()
     }
 }
 

@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 use serde_yaml::Value;
 
 use crate::limiter::Algorithm;
+pub use crate::limiter::RedisConfig;
+pub use crate::setting::{Dur, FailureMode, InvalidSetting, SecretUrl, redact_url};
 
 /// Environment variable prefix.
 pub const ENV_PREFIX: &str = "TOLLGATE_";
@@ -69,16 +71,6 @@ impl Default for Config {
     }
 }
 
-/// What a check does when a backend cannot answer (DESIGN rule 7).
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
-pub enum FailureMode {
-    /// Allow the request, log a warning, count it in a metric.
-    Open,
-    /// Refuse the request with 503 and a body that says why.
-    Closed,
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
@@ -104,28 +96,34 @@ impl Default for DatabaseConfig {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields, default)]
-pub struct RedisConfig {
-    /// Unset: per-minute windows are counted in this process. `redis://HOST:PORT[/DB]`,
-    /// `rediss://…` (TLS), or `redis+cluster://HOST:PORT,HOST:PORT,…` for a Redis Cluster.
-    pub url: Option<SecretUrl>,
-    /// Per-minute limits when Redis cannot be reached (or answers too slowly).
-    pub failure_mode: FailureMode,
-    /// The longest a check waits for Redis, connecting included.
-    pub timeout: Dur,
-    /// Put before every Redis key tollgate writes.
-    pub key_prefix: String,
-}
-
-impl Default for RedisConfig {
-    fn default() -> Self {
-        Self {
-            url: None,
-            failure_mode: FailureMode::Open,
-            timeout: Dur(Duration::from_millis(100)),
-            key_prefix: "tollgate:".into(),
+impl DatabaseConfig {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        let url = self.url.expose();
+        if !["sqlite:", "postgres://", "postgresql://"]
+            .iter()
+            .any(|scheme| url.starts_with(scheme))
+        {
+            return Err(InvalidSetting::new(
+                "database.url",
+                format!(
+                    "{} is not supported: use sqlite://PATH or postgres://USER@HOST/DB",
+                    redact_url(url)
+                ),
+            ));
         }
+        if self.max_connections == 0 {
+            return Err(InvalidSetting::new(
+                "database.max_connections",
+                "must be at least 1",
+            ));
+        }
+        if self.timeout.0.is_zero() {
+            return Err(InvalidSetting::new(
+                "database.timeout",
+                "must be longer than 0",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -157,6 +155,35 @@ impl Default for AuthzConfig {
     }
 }
 
+impl AuthzConfig {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if self.key_headers.is_empty() && !self.bearer {
+            return Err(InvalidSetting::new(
+                "authz.key_headers",
+                "empty while authz.bearer is false: no header could carry a key",
+            ));
+        }
+        for (i, h) in self.key_headers.iter().enumerate() {
+            if !is_header_name(h) {
+                return Err(InvalidSetting::new(
+                    format!("authz.key_headers[{i}]"),
+                    format!("{h:?} is not a lower-case HTTP header name"),
+                ));
+            }
+        }
+        if !is_header_name(&self.key_id_header) {
+            return Err(InvalidSetting::new(
+                "authz.key_id_header",
+                format!(
+                    "{:?} is not a lower-case HTTP header name",
+                    self.key_id_header
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
@@ -164,6 +191,18 @@ pub struct LimitsConfig {
     pub default_per_minute: Option<u64>,
     /// How per-minute limits are counted: `fixed_window`, `sliding_window` or `token_bucket`.
     pub algorithm: Algorithm,
+}
+
+impl LimitsConfig {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if self.default_per_minute == Some(0) {
+            return Err(InvalidSetting::new(
+                "limits.default_per_minute",
+                "must be at least 1 (leave unset for unlimited)",
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -188,6 +227,18 @@ impl Default for RateLimitConfig {
             algorithm: crate::limiter::Algorithm::FixedWindow,
             watch_interval: Dur(Duration::from_secs(1)),
         }
+    }
+}
+
+impl RateLimitConfig {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if self.watch_interval.0.is_zero() {
+            return Err(InvalidSetting::new(
+                "ratelimit.watch_interval",
+                "must be longer than 0",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -222,6 +273,21 @@ impl Default for QuotaConfig {
     }
 }
 
+impl QuotaConfig {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if self.max_block == 0 {
+            return Err(InvalidSetting::new("quota.max_block", "must be at least 1"));
+        }
+        if self.flush_interval.0.is_zero() || self.flush_interval.0 > Duration::from_secs(1) {
+            return Err(InvalidSetting::new(
+                "quota.flush_interval",
+                "must be longer than 0 and at most 1s, so counters show real use within a second",
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
@@ -240,6 +306,24 @@ impl Default for CacheConfig {
             negative_ttl: Dur(Duration::from_secs(5)),
             poll_interval: Dur(Duration::from_millis(250)),
         }
+    }
+}
+
+impl CacheConfig {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if self.poll_interval.0.is_zero() {
+            return Err(InvalidSetting::new(
+                "cache.poll_interval",
+                "must be longer than 0",
+            ));
+        }
+        if self.poll_interval.0 > Duration::from_secs(1) {
+            return Err(InvalidSetting::new(
+                "cache.poll_interval",
+                "must be at most 1s, or key changes would take longer than 1s to apply",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -270,6 +354,30 @@ impl Default for RequestLogConfig {
     }
 }
 
+impl RequestLogConfig {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if self.flush_interval.0.is_zero() {
+            return Err(InvalidSetting::new(
+                "request_log.flush_interval",
+                "must be longer than 0",
+            ));
+        }
+        if self.queue_capacity == 0 {
+            return Err(InvalidSetting::new(
+                "request_log.queue_capacity",
+                "must be at least 1",
+            ));
+        }
+        if self.batch_size == 0 {
+            return Err(InvalidSetting::new(
+                "request_log.batch_size",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -288,68 +396,23 @@ impl Default for LogConfig {
     }
 }
 
+impl LogConfig {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.level) {
+            return Err(InvalidSetting::new(
+                "log.level",
+                format!("{:?}: {e}", self.level),
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     Text,
     Json,
-}
-
-/// A duration written as `"250ms"`, `"30s"`, `"5m"`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Dur(pub Duration);
-
-impl Serialize for Dur {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&humantime::format_duration(self.0).to_string())
-    }
-}
-
-impl<'de> Deserialize<'de> for Dur {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(s.trim()).map(Dur).map_err(|e| {
-            serde::de::Error::custom(format!("{s:?} is not a duration like \"30s\" ({e})"))
-        })
-    }
-}
-
-/// A URL that may hold a password: `Debug` shows it without.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct SecretUrl(pub String);
-
-impl SecretUrl {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for SecretUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:?}", redact_url(&self.0))
-    }
-}
-
-impl std::fmt::Display for SecretUrl {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&redact_url(&self.0))
-    }
-}
-
-/// `scheme://user:secret@host/…` → `scheme://user:***@host/…`.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_string();
-    };
-    match rest[..at].split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
-        None => url.to_string(),
-    }
 }
 
 /// A configuration problem: where, which field, what is wrong.
@@ -419,122 +482,25 @@ impl Config {
         })
     }
 
+    /// Checks every subsystem's settings, each with its own `validate`; the first problem found
+    /// is the error, named after the file (or variable) it came from.
     fn validate(&self, source_name: &str) -> Result<(), ConfigError> {
-        let fail = |field: &str, message: String| ConfigError {
-            source_name: source_name.to_string(),
-            field: field.into(),
-            message,
+        let each = || -> Result<(), InvalidSetting> {
+            self.database.validate()?;
+            self.redis.validate()?;
+            self.authz.validate()?;
+            self.limits.validate()?;
+            self.ratelimit.validate()?;
+            self.cache.validate()?;
+            self.request_log.validate()?;
+            self.quota.validate()?;
+            self.log.validate()
         };
-        let db = self.database.url.expose();
-        if !["sqlite:", "postgres://", "postgresql://"]
-            .iter()
-            .any(|scheme| db.starts_with(scheme))
-        {
-            return Err(fail(
-                "database.url",
-                format!(
-                    "{} is not supported: use sqlite://PATH or postgres://USER@HOST/DB",
-                    redact_url(db)
-                ),
-            ));
-        }
-        if self.database.max_connections == 0 {
-            return Err(fail(
-                "database.max_connections",
-                "must be at least 1".into(),
-            ));
-        }
-        if self.database.timeout.0.is_zero() {
-            return Err(fail("database.timeout", "must be longer than 0".into()));
-        }
-        if let Some(redis) = &self.redis.url
-            && let Err(e) = crate::limiter::redis::parse_url(redis.expose())
-        {
-            return Err(fail("redis.url", format!("{redis}: {e}")));
-        }
-        if self.redis.timeout.0.is_zero() {
-            return Err(fail("redis.timeout", "must be longer than 0".into()));
-        }
-        if self.redis.key_prefix.contains(['{', '}']) {
-            return Err(fail(
-                "redis.key_prefix",
-                format!(
-                    "{:?} contains {{ or }}, which would break the hash tags that keep a counter's keys in one cluster slot",
-                    self.redis.key_prefix
-                ),
-            ));
-        }
-        if self.authz.key_headers.is_empty() && !self.authz.bearer {
-            return Err(fail(
-                "authz.key_headers",
-                "empty while authz.bearer is false: no header could carry a key".into(),
-            ));
-        }
-        for (i, h) in self.authz.key_headers.iter().enumerate() {
-            if !is_header_name(h) {
-                return Err(fail(
-                    &format!("authz.key_headers[{i}]"),
-                    format!("{h:?} is not a lower-case HTTP header name"),
-                ));
-            }
-        }
-        if !is_header_name(&self.authz.key_id_header) {
-            return Err(fail(
-                "authz.key_id_header",
-                format!(
-                    "{:?} is not a lower-case HTTP header name",
-                    self.authz.key_id_header
-                ),
-            ));
-        }
-        if self.limits.default_per_minute == Some(0) {
-            return Err(fail(
-                "limits.default_per_minute",
-                "must be at least 1 (leave unset for unlimited)".into(),
-            ));
-        }
-        for (field, d) in [
-            ("ratelimit.watch_interval", self.ratelimit.watch_interval),
-            ("cache.poll_interval", self.cache.poll_interval),
-            (
-                "request_log.flush_interval",
-                self.request_log.flush_interval,
-            ),
-        ] {
-            if d.0.is_zero() {
-                return Err(fail(field, "must be longer than 0".into()));
-            }
-        }
-        if self.quota.max_block == 0 {
-            return Err(fail("quota.max_block", "must be at least 1".into()));
-        }
-        if self.quota.flush_interval.0.is_zero()
-            || self.quota.flush_interval.0 > Duration::from_secs(1)
-        {
-            return Err(fail(
-                "quota.flush_interval",
-                "must be longer than 0 and at most 1s, so counters show real use within a second"
-                    .into(),
-            ));
-        }
-        if self.cache.poll_interval.0 > Duration::from_secs(1) {
-            return Err(fail(
-                "cache.poll_interval",
-                "must be at most 1s, or key changes would take longer than 1s to apply".into(),
-            ));
-        }
-        if self.request_log.queue_capacity == 0 || self.request_log.batch_size == 0 {
-            let field = if self.request_log.queue_capacity == 0 {
-                "request_log.queue_capacity"
-            } else {
-                "request_log.batch_size"
-            };
-            return Err(fail(field, "must be at least 1".into()));
-        }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
-            return Err(fail("log.level", format!("{:?}: {e}", self.log.level)));
-        }
-        Ok(())
+        each().map_err(|e| ConfigError {
+            source_name: source_name.to_string(),
+            field: e.field,
+            message: e.message,
+        })
     }
 }
 
@@ -729,6 +695,67 @@ mod tests {
         assert_eq!(e.field, "redis.key_prefix");
         let e = load_yaml("limits:\n  algorithm: leaky\n", &[]).unwrap_err();
         assert_eq!(e.field, "limits.algorithm");
+    }
+
+    #[test]
+    fn each_subsystem_validates_itself() {
+        let field = |r: Result<(), InvalidSetting>| r.unwrap_err().field;
+        assert_eq!(
+            field(
+                DatabaseConfig {
+                    max_connections: 0,
+                    ..Default::default()
+                }
+                .validate()
+            ),
+            "database.max_connections"
+        );
+        assert_eq!(
+            field(
+                CacheConfig {
+                    poll_interval: Dur(Duration::from_secs(2)),
+                    ..Default::default()
+                }
+                .validate()
+            ),
+            "cache.poll_interval"
+        );
+        assert_eq!(
+            field(
+                RequestLogConfig {
+                    batch_size: 0,
+                    ..Default::default()
+                }
+                .validate()
+            ),
+            "request_log.batch_size"
+        );
+        assert_eq!(
+            field(
+                AuthzConfig {
+                    key_headers: Vec::new(),
+                    bearer: false,
+                    ..Default::default()
+                }
+                .validate()
+            ),
+            "authz.key_headers"
+        );
+        assert_eq!(
+            field(
+                QuotaConfig {
+                    flush_interval: Dur(Duration::from_secs(2)),
+                    ..Default::default()
+                }
+                .validate()
+            ),
+            "quota.flush_interval"
+        );
+        let e = load_yaml("quota:\n  max_block: 0\n", &[]).unwrap_err();
+        assert_eq!(e.field, "quota.max_block");
+        assert_eq!(e.message, "must be at least 1");
+        Config::default().redis.validate().unwrap();
+        Config::default().log.validate().unwrap();
     }
 
     #[test]

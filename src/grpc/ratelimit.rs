@@ -1,7 +1,7 @@
 //! `envoy.service.ratelimit.v3.RateLimitService/ShouldRateLimit`: translates a
-//! `RateLimitRequest` into a [`Request`], asks [`RateLimitService`], translates the [`Answer`]
-//! back. A backend failure whose failure mode is `closed` becomes gRPC `UNAVAILABLE`, so Envoy's
-//! `failure_mode_deny` decides, as with any rate limit service.
+//! `RateLimitRequest` into a [`RateLimitQuery`], asks [`RateLimitService`], translates the
+//! [`RateLimitAnswer`] back. A backend failure whose failure mode is `closed` becomes gRPC
+//! `UNAVAILABLE`, so Envoy's `failure_mode_deny` decides, as with any rate limit service.
 
 use std::sync::Arc;
 
@@ -12,10 +12,10 @@ use envoy_types::pb::envoy::service::ratelimit::v3::{
     rate_limit_service_server::RateLimitService as RateLimitApi,
 };
 use envoy_types::pb::google::protobuf::Duration as PbDuration;
-use tonic::{Request as GrpcRequest, Response};
+use tonic::{Request, Response};
 
 use crate::ratelimit::rules::Unit;
-use crate::ratelimit::service::{Answer, Descriptor, RateLimitService, Request};
+use crate::ratelimit::service::{Descriptor, RateLimitAnswer, RateLimitQuery, RateLimitService};
 
 /// The tonic service for ratelimit.v3.
 pub struct RateLimitGrpc {
@@ -61,7 +61,7 @@ fn clamp_u32(n: u64) -> u32 {
 impl RateLimitApi for RateLimitGrpc {
     async fn should_rate_limit(
         &self,
-        request: GrpcRequest<RateLimitRequest>,
+        request: Request<RateLimitRequest>,
     ) -> Result<Response<RateLimitResponse>, tonic::Status> {
         let request = request.into_inner();
         let descriptors = request
@@ -87,19 +87,19 @@ impl RateLimitApi for RateLimitGrpc {
                 negative: d.is_negative_hits,
             })
             .collect();
-        let req = Request {
+        let query = RateLimitQuery {
             domain: &request.domain,
             descriptors,
             hits_addend: u64::from(request.hits_addend),
         };
-        match self.service.should_rate_limit(&req).await {
+        match self.service.should_rate_limit(&query).await {
             Ok(answer) => Ok(Response::new(response(&answer))),
             Err(e) => Err(tonic::Status::unavailable(e.to_string())),
         }
     }
 }
 
-fn response(answer: &Answer) -> RateLimitResponse {
+fn response(answer: &RateLimitAnswer) -> RateLimitResponse {
     let statuses = answer
         .statuses
         .iter()

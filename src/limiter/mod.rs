@@ -10,25 +10,115 @@
 //!
 //! Windows are epoch-aligned: a 60 s window runs from hh:mm:00 to hh:mm+1:00 UTC, the same on
 //! every replica and in Envoy's rate limit service.
+//!
+//! The limiter owns its settings ([`RedisConfig`], the file's `redis:` section) and picks its
+//! backend from them in [`open`].
 
 pub mod memory;
 pub mod redis;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use self::memory::MemoryLimiter;
+use self::redis::{RedisLimiter, parse_url};
+use crate::setting::{Dur, FailureMode, InvalidSetting, SecretUrl};
+
 /// What went wrong talking to the limiter's backend.
 #[derive(Debug, thiserror::Error)]
 pub enum LimiterError {
+    /// The backend could not be reached, or did not answer in time, or said it is busy or
+    /// failing over: asking again later may work.
     #[error("rate limiter backend unavailable: {0}")]
     Unavailable(String),
+    /// The backend answered, with an error or with a reply tollgate cannot read (a script that
+    /// failed, a refused command, a reply of the wrong shape): asking again gets the same.
+    #[error("rate limiter backend error: {0}")]
+    Backend(String),
+    /// The settings name no usable backend (a bad URL).
+    #[error("rate limiter misconfigured: {0}")]
+    Config(String),
 }
 
 impl LimiterError {
+    /// Whether retrying later may succeed (the backend is away or busy), as opposed to a bug,
+    /// a misconfigured server or bad settings that retrying cannot fix.
     pub fn is_transient(&self) -> bool {
         matches!(self, LimiterError::Unavailable(_))
     }
+}
+
+/// Where windows are counted (the `redis:` section of the configuration).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// Unset: per-minute windows are counted in this process. `redis://HOST:PORT[/DB]`,
+    /// `rediss://…` (TLS), or `redis+cluster://HOST:PORT,HOST:PORT,…` for a Redis Cluster.
+    pub url: Option<SecretUrl>,
+    /// Per-minute limits when Redis cannot be reached (or answers too slowly).
+    pub failure_mode: FailureMode,
+    /// The longest a check waits for Redis, connecting included.
+    pub timeout: Dur,
+    /// Put before every Redis key tollgate writes.
+    pub key_prefix: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        Self {
+            url: None,
+            failure_mode: FailureMode::Open,
+            timeout: Dur(Duration::from_millis(100)),
+            key_prefix: "tollgate:".into(),
+        }
+    }
+}
+
+impl RedisConfig {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if let Some(url) = &self.url
+            && let Err(e) = parse_url(url.expose())
+        {
+            return Err(InvalidSetting::new("redis.url", format!("{url}: {e}")));
+        }
+        if self.timeout.0.is_zero() {
+            return Err(InvalidSetting::new(
+                "redis.timeout",
+                "must be longer than 0",
+            ));
+        }
+        if self.key_prefix.contains(['{', '}']) {
+            return Err(InvalidSetting::new(
+                "redis.key_prefix",
+                format!(
+                    "{:?} contains {{ or }}, which would break the hash tags that keep a counter's keys in one cluster slot",
+                    self.key_prefix
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The window store, chosen once at start: Redis when `redis.url` is set, else this process.
+/// Redis is not contacted here: if it is down at start, tollgate serves anyway, follows
+/// `redis.failure_mode`, and the connection comes up when Redis does. Must run inside a Tokio
+/// runtime.
+pub fn open(config: &RedisConfig) -> anyhow::Result<Arc<dyn WindowLimiter>> {
+    Ok(match &config.url {
+        Some(url) => {
+            let redis = RedisLimiter::new(url.expose(), &config.key_prefix, config.timeout.0)
+                .with_context(|| format!("cannot use redis.url {url}"))?;
+            tracing::info!(redis = %url, "rate-limit windows in Redis");
+            Arc::new(redis)
+        }
+        None => Arc::new(MemoryLimiter::new()),
+    })
 }
 
 /// How hits are counted against a [`Rate`].
@@ -105,7 +195,8 @@ pub trait WindowLimiter: Send + Sync + 'static {
     /// counts nothing. Check and count are one atomic step, also across replicas sharing a
     /// backend. `now` is tollgate's clock, not the backend's.
     ///
-    /// Errors mean the backend could not be asked (down, too slow); they are transient.
+    /// Errors mean the backend could not be asked (down, too slow) or could not answer (a script
+    /// error, a reply of the wrong shape); [`LimiterError::is_transient`] tells which.
     async fn hit(
         &self,
         key: &str,

@@ -64,7 +64,7 @@ pub fn parse_url(url: &str) -> Result<Target, String> {
     let check = |u: &str| {
         redis::Client::open(u)
             .map(|_| ())
-            .map_err(|e| format!("node {}: {e}", crate::config::redact_url(u)))
+            .map_err(|e| format!("node {}: {e}", crate::setting::redact_url(u)))
     };
     match scheme {
         "redis" | "rediss" => {
@@ -134,7 +134,7 @@ impl RedisLimiter {
     /// Sets up the connection without connecting (Redis may be down at start); must run inside
     /// a Tokio runtime. `timeout` bounds every call, connecting included.
     pub fn new(url: &str, key_prefix: &str, timeout: Duration) -> Result<Self, LimiterError> {
-        let fail = |e: String| LimiterError::Unavailable(e);
+        let fail = LimiterError::Config;
         // rediss://: TLS by rustls with the ring provider, trusting the system's roots (or
         // the file named by SSL_CERT_FILE). Err only means a provider is already installed.
         let _ = rustls::crypto::ring::default_provider().install_default();
@@ -221,19 +221,47 @@ impl RedisLimiter {
         };
         match tokio::time::timeout(self.timeout, answer).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(LimiterError::Unavailable(e.to_string())),
-            Err(_) => Err(LimiterError::Unavailable(format!(
-                "no answer from Redis within {:?}",
-                self.timeout
-            ))),
+            Ok(Err(e)) => Err(classify(&e)),
+            Err(_) => Err(self.timed_out()),
         }
+    }
+
+    fn timed_out(&self) -> LimiterError {
+        LimiterError::Unavailable(format!("no answer from Redis within {:?}", self.timeout))
+    }
+}
+
+/// A Redis error as a [`LimiterError`]: transient when Redis could not be reached or asked to
+/// be asked again (loading, cluster down or failing over, a slot moved), not when it answered
+/// with an error (a failed script, a refused command, bad credentials) or with a reply that is
+/// not what the script returns.
+fn classify(e: &redis::RedisError) -> LimiterError {
+    use redis::{ErrorKind, ServerErrorKind};
+    let transient = e.is_io_error()
+        || matches!(
+            e.kind(),
+            ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::Server(
+                    ServerErrorKind::BusyLoading
+                        | ServerErrorKind::TryAgain
+                        | ServerErrorKind::ClusterDown
+                        | ServerErrorKind::MasterDown
+                        | ServerErrorKind::ReadOnly
+                        | ServerErrorKind::Moved
+                        | ServerErrorKind::Ask
+                )
+        );
+    if transient {
+        LimiterError::Unavailable(e.to_string())
+    } else {
+        LimiterError::Backend(e.to_string())
     }
 }
 
 fn field(v: &[i64], i: usize) -> Result<u64, LimiterError> {
     v.get(i)
         .map(|n| (*n).max(0) as u64)
-        .ok_or_else(|| LimiterError::Unavailable(format!("unexpected script reply {v:?}")))
+        .ok_or_else(|| LimiterError::Backend(format!("unexpected script reply {v:?}")))
 }
 
 #[async_trait]
@@ -249,11 +277,8 @@ impl WindowLimiter for RedisLimiter {
         };
         match tokio::time::timeout(self.timeout, answer).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(LimiterError::Unavailable(e.to_string())),
-            Err(_) => Err(LimiterError::Unavailable(format!(
-                "no answer from Redis within {:?}",
-                self.timeout
-            ))),
+            Ok(Err(e)) => Err(classify(&e)),
+            Err(_) => Err(self.timed_out()),
         }
     }
 
@@ -322,5 +347,52 @@ mod tests {
         );
         assert!(parse_url("127.0.0.1:6379").is_err());
         assert!(parse_url("redis+cluster://").is_err());
+    }
+
+    #[test]
+    fn errors_say_whether_they_are_transient() {
+        use redis::{ErrorKind, RedisError, ServerErrorKind};
+        use std::io;
+        let io = |kind: io::ErrorKind| RedisError::from(io::Error::from(kind));
+        for e in [
+            io(io::ErrorKind::TimedOut),
+            io(io::ErrorKind::ConnectionRefused),
+            io(io::ErrorKind::ConnectionReset),
+            io(io::ErrorKind::BrokenPipe),
+            RedisError::from((ErrorKind::Server(ServerErrorKind::BusyLoading), "loading")),
+            RedisError::from((ErrorKind::Server(ServerErrorKind::ClusterDown), "down")),
+            RedisError::from((ErrorKind::Server(ServerErrorKind::TryAgain), "again")),
+            RedisError::from((ErrorKind::ClusterConnectionNotFound, "no node")),
+        ] {
+            assert!(classify(&e).is_transient(), "{e:?} should be transient");
+        }
+        for e in [
+            redis::make_extension_error(
+                "ERR".into(),
+                Some("Error running script (call to f_0123): attempt to compare nil".into()),
+            ),
+            RedisError::from((
+                ErrorKind::Server(ServerErrorKind::ResponseError),
+                "ERR user_script:1: Script attempted to access nonexistent global variable",
+            )),
+            RedisError::from((ErrorKind::Server(ServerErrorKind::NoPerm), "no perm")),
+            RedisError::from((ErrorKind::UnexpectedReturnType, "not an array")),
+            RedisError::from((ErrorKind::Parse, "bad reply")),
+            RedisError::from((ErrorKind::AuthenticationFailed, "WRONGPASS")),
+        ] {
+            let got = classify(&e);
+            assert!(!got.is_transient(), "{e:?} should not be transient");
+            assert!(matches!(got, LimiterError::Backend(_)), "{got:?}");
+        }
+        // A reply of the wrong shape is the script's fault, not Redis's absence.
+        assert!(!field(&[1], 1).unwrap_err().is_transient());
+        assert_eq!(field(&[1, -3], 1).unwrap(), 0);
+        // A URL that names no Redis is a setting to fix.
+        let bad = RedisLimiter::new("http://cache:6379", "t:", Duration::from_secs(1)).unwrap_err();
+        assert!(matches!(bad, LimiterError::Config(_)), "{bad:?}");
+        assert!(!bad.is_transient());
+        assert!(
+            LimiterError::Unavailable("no answer from Redis within 100ms".into()).is_transient()
+        );
     }
 }

@@ -5,6 +5,10 @@
 //! Differences from envoyproxy/ratelimit, all on the side of not counting what was refused: a
 //! descriptor over its limit counts nothing, and when the request as a whole is refused the other
 //! descriptors' hits are given back (in shadow mode nothing is refused, so nothing is given back).
+//!
+//! A backend that fails is handled by its [`FailurePolicy`](crate::failure::FailurePolicy), the
+//! same one Check uses: `open` lets the descriptor through unchecked, `closed` answers
+//! [`Unavailable`].
 
 use std::sync::{Arc, RwLock};
 
@@ -12,7 +16,8 @@ use chrono::{DateTime, Utc};
 
 use super::rules::{RuleLimit, Rules, Unit};
 use crate::clock::Clock;
-use crate::config::{Config, FailureMode};
+use crate::config::{LimitsConfig, RateLimitConfig};
+use crate::failure::{FailurePolicies, LogEvery, Verdict};
 use crate::keys::cache::KeyCache;
 use crate::limiter::{Algorithm, Rate, WindowLimiter};
 use crate::reqlog::RequestLog;
@@ -34,9 +39,9 @@ pub struct Descriptor<'a> {
     pub negative: bool,
 }
 
-/// A ShouldRateLimit request.
+/// A ShouldRateLimit request: a domain and its descriptors.
 #[derive(Debug, Clone, Default)]
-pub struct Request<'a> {
+pub struct RateLimitQuery<'a> {
     pub domain: &'a str,
     pub descriptors: Vec<Descriptor<'a>>,
     /// Hits per descriptor; 0 means 1 (protobuf cannot tell unset from 0 here).
@@ -53,7 +58,7 @@ pub struct AppliedLimit {
 
 /// One descriptor's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Status {
+pub struct DescriptorAnswer {
     pub over_limit: bool,
     /// `None`: no limit applies (no rule, unlimited, or replaced).
     pub limit: Option<AppliedLimit>,
@@ -64,11 +69,11 @@ pub struct Status {
     pub unlimited: bool,
 }
 
-/// The whole answer.
+/// The answer to a whole [`RateLimitQuery`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Answer {
+pub struct RateLimitAnswer {
     pub over_limit: bool,
-    pub statuses: Vec<Status>,
+    pub statuses: Vec<DescriptorAnswer>,
     /// Seconds until every refused descriptor would fit again.
     pub retry_after: Option<u64>,
 }
@@ -92,6 +97,18 @@ enum Plan {
     },
 }
 
+/// What ShouldRateLimit works with besides its settings and rules: the window limiter, the key
+/// cache (for descriptors that name a key), the request log, the clock, the metrics and the
+/// backends' failure policies.
+pub struct RateLimitDeps {
+    pub limiter: Arc<dyn WindowLimiter>,
+    pub keys: Arc<KeyCache>,
+    pub log: RequestLog,
+    pub clock: Arc<dyn Clock>,
+    pub metrics: Arc<Metrics>,
+    pub failures: FailurePolicies,
+}
+
 /// Decides ShouldRateLimit requests.
 pub struct RateLimitService {
     rules: RwLock<Arc<Rules>>,
@@ -104,20 +121,28 @@ pub struct RateLimitService {
     key_algorithm: Algorithm,
     default_per_minute: Option<u64>,
     global_shadow: bool,
-    limiter_failure: FailureMode,
-    database_failure: FailureMode,
+    failures: FailurePolicies,
+    /// Paces the line logged when a descriptor goes over its limit in shadow mode.
+    shadow_log: LogEvery,
 }
 
 impl RateLimitService {
+    /// The service with the `ratelimit` settings and `rules`; `limits` holds the per-minute
+    /// limit of keys without one of their own, and how their windows count.
     pub fn new(
-        config: &Config,
+        config: &RateLimitConfig,
+        limits: &LimitsConfig,
         rules: Rules,
-        limiter: Arc<dyn WindowLimiter>,
-        keys: Arc<KeyCache>,
-        log: RequestLog,
-        clock: Arc<dyn Clock>,
-        metrics: Arc<Metrics>,
+        deps: RateLimitDeps,
     ) -> Self {
+        let RateLimitDeps {
+            limiter,
+            keys,
+            log,
+            clock,
+            metrics,
+            failures,
+        } = deps;
         Self {
             rules: RwLock::new(Arc::new(rules)),
             limiter,
@@ -125,12 +150,12 @@ impl RateLimitService {
             log,
             clock,
             metrics,
-            algorithm: config.ratelimit.algorithm,
-            key_algorithm: config.limits.algorithm,
-            default_per_minute: config.limits.default_per_minute,
-            global_shadow: config.ratelimit.shadow_mode,
-            limiter_failure: config.redis.failure_mode,
-            database_failure: config.database.failure_mode,
+            algorithm: config.algorithm,
+            key_algorithm: limits.algorithm,
+            default_per_minute: limits.default_per_minute,
+            global_shadow: config.shadow_mode,
+            failures,
+            shadow_log: LogEvery::default(),
         }
     }
 
@@ -143,15 +168,18 @@ impl RateLimitService {
         *self.rules.write().expect("rules lock") = Arc::new(rules);
     }
 
-    pub async fn should_rate_limit(&self, req: &Request<'_>) -> Result<Answer, Unavailable> {
+    pub async fn should_rate_limit(
+        &self,
+        query: &RateLimitQuery<'_>,
+    ) -> Result<RateLimitAnswer, Unavailable> {
         use tracing::Instrument;
         let started = std::time::Instant::now();
         let span = tracing::debug_span!(
             "should_rate_limit",
-            domain = req.domain,
+            domain = query.domain,
             over_limit = tracing::field::Empty
         );
-        let answer = self.decide(req).instrument(span.clone()).await;
+        let answer = self.decide(query).instrument(span.clone()).await;
         if let Ok(a) = &answer
             && !span.is_disabled()
         {
@@ -167,12 +195,12 @@ impl RateLimitService {
         answer
     }
 
-    async fn decide(&self, req: &Request<'_>) -> Result<Answer, Unavailable> {
+    async fn decide(&self, query: &RateLimitQuery<'_>) -> Result<RateLimitAnswer, Unavailable> {
         let now = self.clock.now();
         let rules = self.rules();
-        let mut plans = Vec::with_capacity(req.descriptors.len());
-        for d in &req.descriptors {
-            plans.push(self.plan(&rules, req.domain, d).await?);
+        let mut plans = Vec::with_capacity(query.descriptors.len());
+        for d in &query.descriptors {
+            plans.push(self.plan(&rules, query.domain, d).await?);
         }
         // A rule that another matched rule replaces does not apply to this request.
         let replaced: Vec<String> = plans
@@ -193,12 +221,12 @@ impl RateLimitService {
             }
         }
 
-        let request_hits = req.hits_addend.max(1);
+        let request_hits = query.hits_addend.max(1);
         let mut statuses = Vec::with_capacity(plans.len());
         let mut counted: Vec<(String, Rate, u64)> = Vec::new();
         let mut over_limit = false;
         let mut retry_after: Option<u64> = None;
-        for (d, plan) in req.descriptors.iter().zip(&plans) {
+        for (d, plan) in query.descriptors.iter().zip(&plans) {
             let Plan::Count {
                 counter_key,
                 rate,
@@ -208,7 +236,7 @@ impl RateLimitService {
             } = plan
             else {
                 let unlimited = matches!(plan, Plan::Unlimited);
-                statuses.push(Status {
+                statuses.push(DescriptorAnswer {
                     over_limit: false,
                     limit: None,
                     remaining: 0,
@@ -222,7 +250,7 @@ impl RateLimitService {
                 if let Err(e) = self.limiter.refund(counter_key, *rate, hits, now).await {
                     tracing::warn!(error = %e, "rate limit refund failed");
                 }
-                statuses.push(Status {
+                statuses.push(DescriptorAnswer {
                     over_limit: false,
                     limit: Some(limit.clone()),
                     remaining: 0,
@@ -236,28 +264,31 @@ impl RateLimitService {
             self.metrics.limiter_duration.observe(step.elapsed());
             let state = match hit {
                 Ok(state) => state,
-                Err(e) => {
-                    self.metrics.backend_errors_limiter.inc();
-                    if self.limiter_failure == FailureMode::Closed {
+                Err(e) => match self.failures.limiter.on_error("descriptor window", &e) {
+                    Verdict::Closed => {
                         self.give_back(&counted, now).await;
                         return Err(Unavailable(e.to_string()));
                     }
-                    self.metrics.fail_open_limiter.inc();
-                    statuses.push(Status {
-                        over_limit: false,
-                        limit: Some(limit.clone()),
-                        remaining: 0,
-                        reset_after: None,
-                        unlimited: false,
-                    });
-                    continue;
-                }
+                    Verdict::Open => {
+                        statuses.push(DescriptorAnswer {
+                            over_limit: false,
+                            limit: Some(limit.clone()),
+                            remaining: 0,
+                            reset_after: None,
+                            unlimited: false,
+                        });
+                        continue;
+                    }
+                },
             };
             let refused = !state.allowed;
             let shadowed = refused && (*shadow || self.global_shadow);
             if shadowed {
                 self.metrics.rls_shadow.inc();
-                tracing::info!(rule = %counter_key, "over limit in shadow mode; allowed");
+                if let Some(suppressed) = self.shadow_log.due() {
+                    tracing::info!(rule = %counter_key, suppressed,
+                        "over limit in shadow mode; allowed");
+                }
             } else if refused {
                 self.metrics.rls_over_limit.inc();
                 over_limit = true;
@@ -268,7 +299,7 @@ impl RateLimitService {
                     counted.push((counter_key.clone(), *rate, hits));
                 }
             }
-            statuses.push(Status {
+            statuses.push(DescriptorAnswer {
                 over_limit: refused && !shadowed,
                 limit: Some(limit.clone()),
                 remaining: state.remaining,
@@ -280,7 +311,7 @@ impl RateLimitService {
             self.give_back(&counted, now).await;
         }
         // A call that names a key is that key's request: log it (it spends no quota).
-        if let Some(key_id) = req
+        if let Some(key_id) = query
             .descriptors
             .iter()
             .find_map(|d| match d.entries.as_slice() {
@@ -303,7 +334,7 @@ impl RateLimitService {
                 cost: 0,
             });
         }
-        Ok(Answer {
+        Ok(RateLimitAnswer {
             over_limit,
             statuses,
             retry_after,
@@ -373,12 +404,10 @@ impl RateLimitService {
             let key = match self.keys.lookup_id(id).await {
                 Ok(key) => key,
                 Err(e) => {
-                    self.metrics.backend_errors_database.inc();
-                    if self.database_failure == FailureMode::Closed {
-                        return Err(Unavailable(e.to_string()));
-                    }
-                    self.metrics.fail_open_database.inc();
-                    return Ok(Plan::NoLimit);
+                    return match self.failures.database.on_error("descriptor key lookup", &e) {
+                        Verdict::Closed => Err(Unavailable(e.to_string())),
+                        Verdict::Open => Ok(Plan::NoLimit),
+                    };
                 }
             };
             let Some(per_minute) =
