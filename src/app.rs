@@ -10,6 +10,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::Context;
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
@@ -19,8 +20,11 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use tonic::server::NamedService;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_health::server::HealthReporter;
 
 use crate::authz::AuthzService;
 use crate::clock::{Clock, SystemClock};
@@ -41,23 +45,52 @@ use crate::telemetry::Metrics;
 /// A built, not yet running, tollgate.
 pub struct App {
     config: Config,
-    grpc: TcpListener,
-    http: TcpListener,
+    /// Bound at build, served by run.
+    grpc: Option<TcpListener>,
+    http: Option<TcpListener>,
+    grpc_addr: SocketAddr,
+    http_addr: SocketAddr,
     stores: Stores,
     cache: Arc<KeyCache>,
     authz: Arc<AuthzService>,
     ratelimit: Arc<RateLimitService>,
     limiter: Arc<dyn WindowLimiter>,
     log: RequestLog,
-    log_writer: Option<JoinHandle<()>>,
-    drain: CancellationToken,
     outcomes: OutcomeLog,
-    outcome_writer: Option<JoinHandle<()>>,
-    drain_outcomes: CancellationToken,
-    clock: Arc<dyn Clock>,
     /// How quota is spent; blocks reserved and not spent are given back on flush.
     quotas: Arc<QuotaCounter>,
+    clock: Arc<dyn Clock>,
     metrics: Arc<Metrics>,
+    stops: Stops,
+    /// The request log's writers, which end once their stop is cancelled and their queue written.
+    log_writer: Option<JoinHandle<()>>,
+    outcome_writer: Option<JoinHandle<()>>,
+}
+
+/// Where each part of a running tollgate hears that it is time to stop: one token per step of
+/// the shutdown order, all children of one root (cancelling it stops everything at once).
+#[derive(Debug, Clone)]
+struct Stops {
+    /// The gRPC and HTTP servers stop accepting, and access-log streams end.
+    serving: CancellationToken,
+    /// The background tasks: key change feed, rules reload, log maintenance, quota flushes.
+    background: CancellationToken,
+    /// The request log writer writes what is queued and ends...
+    log: CancellationToken,
+    /// ...then the access-log outcomes that complete those rows.
+    outcomes: CancellationToken,
+}
+
+impl Stops {
+    fn new() -> Self {
+        let root = CancellationToken::new();
+        Stops {
+            serving: root.child_token(),
+            background: root.child_token(),
+            log: root.child_token(),
+            outcomes: root.child_token(),
+        }
+    }
 }
 
 impl App {
@@ -82,19 +115,18 @@ impl App {
             .await
             .with_context(|| format!("cannot open database {}", config.database.url))?;
         let metrics = Arc::new(Metrics::default());
-        let drain = CancellationToken::new();
+        let stops = Stops::new();
         let (log, log_writer) = reqlog::start(
             &config.request_log,
             stores.log.clone(),
             metrics.clone(),
-            drain.clone(),
+            stops.log.clone(),
         );
-        let drain_outcomes = CancellationToken::new();
         let (outcomes, outcome_writer) = reqlog::start_outcomes(
             &config.request_log,
             stores.log.clone(),
             metrics.clone(),
-            drain_outcomes.clone(),
+            stops.outcomes.clone(),
         );
         let cache = Arc::new(KeyCache::new(
             stores.keys.clone(),
@@ -136,32 +168,33 @@ impl App {
         ));
         Ok(App {
             config,
-            grpc,
-            http,
+            grpc_addr: grpc.local_addr()?,
+            http_addr: http.local_addr()?,
+            grpc: Some(grpc),
+            http: Some(http),
             stores,
             cache,
             authz,
             ratelimit,
             limiter,
             log,
-            log_writer,
-            drain,
             outcomes,
-            outcome_writer,
-            drain_outcomes,
-            clock,
             quotas,
+            clock,
             metrics,
+            stops,
+            log_writer,
+            outcome_writer,
         })
     }
 
     /// The bound gRPC address (useful when the configured port was 0).
     pub fn grpc_addr(&self) -> SocketAddr {
-        self.grpc.local_addr().expect("bound socket")
+        self.grpc_addr
     }
 
     pub fn http_addr(&self) -> SocketAddr {
-        self.http.local_addr().expect("bound socket")
+        self.http_addr
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {
@@ -169,174 +202,170 @@ impl App {
     }
 
     /// Serves until `shutdown` resolves (or a server fails), then shuts down in order.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
-        let App {
-            config,
-            grpc,
-            http,
-            stores,
-            cache,
-            authz,
-            ratelimit,
-            limiter,
-            log,
-            log_writer,
-            drain,
-            outcomes,
-            outcome_writer,
-            drain_outcomes,
-            clock,
-            quotas,
-            metrics,
-        } = self;
-        let grpc_addr = grpc.local_addr()?;
-        let http_addr = http.local_addr()?;
-
-        let background = CancellationToken::new();
-        let tasks = TaskTracker::new();
-        tasks.spawn(
-            cache
-                .clone()
-                .watch_changes(config.cache.poll_interval.0, background.clone()),
-        );
-        tasks.spawn(reqlog::maintain(
-            stores.log.clone(),
-            clock.clone(),
-            config.request_log.retention.map(|d| d.0),
-            background.clone(),
-        ));
-        tasks.spawn(quotas.clone().run_flushes(background.clone()));
+    pub async fn run(mut self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
+        let (grpc_addr, http_addr) = (self.grpc_addr(), self.http_addr());
+        let tasks = self.start_background();
         // Serve only once key changes are being heard, so no cached key can miss one.
-        if !cache.wait_primed(std::time::Duration::from_secs(10)).await {
+        if !self.cache.wait_primed(Duration::from_secs(10)).await {
             tracing::warn!("key change feed not running after 10s; serving anyway");
         }
-        if let Some(path) = config.ratelimit.rules.clone() {
-            tasks.spawn(crate::ratelimit::reload::watch(
-                path,
-                config.ratelimit.watch_interval.0,
-                ratelimit.clone(),
-                metrics.clone(),
-                background.clone(),
-            ));
-        }
-
         let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<AuthorizationServer<AuthzGrpc>>().await;
-        health
-            .set_serving::<RateLimitServiceServer<RateLimitGrpc>>()
-            .await;
+        set_health(&health, ServingStatus::Serving).await;
         let shutting_down = Arc::new(AtomicBool::new(false));
+        let mut grpc_server = tokio::spawn(self.grpc_server(health_service));
+        let mut http_server = tokio::spawn(self.http_server(shutting_down.clone()));
+        tracing::info!(%grpc_addr, %http_addr, database = %self.config.database.url, "tollgate serving");
 
-        let grpc_stop = CancellationToken::new();
-        let authz_grpc = AuthzGrpc::new(
-            authz,
-            config.authz.key_id_header.clone(),
-            config.authz.hide_credentials,
-        );
-        let mut grpc_server = tokio::spawn(
-            tonic::transport::Server::builder()
-                .add_service(health_service)
-                .add_service(AuthorizationServer::new(authz_grpc))
-                .add_service(RateLimitServiceServer::new(RateLimitGrpc::new(ratelimit)))
-                .add_service(AccessLogServiceServer::new(AccessLogGrpc::new(
-                    outcomes,
-                    grpc_stop.clone(),
-                )))
-                .serve_with_incoming_shutdown(
-                    TcpIncoming::from(grpc).with_nodelay(Some(true)),
-                    grpc_stop.clone().cancelled_owned(),
-                ),
-        );
-
-        let http_stop = CancellationToken::new();
-        let state = HttpState {
-            metrics,
-            keys: stores.keys.clone(),
-            limiter,
-            database_failure: config.database.failure_mode,
-            limiter_failure: config.redis.failure_mode,
-            cache,
-            log,
-            shutting_down: shutting_down.clone(),
+        let failure = tokio::select! {
+            _ = shutdown => {
+                tracing::info!("shutdown requested");
+                None
+            }
+            r = &mut grpc_server => Some(format!("gRPC server stopped: {r:?}")),
+            r = &mut http_server => Some(format!("HTTP server stopped: {r:?}")),
         };
-        let mut http_server = tokio::spawn(
-            axum::serve(http, router(state))
-                .with_graceful_shutdown(http_stop.clone().cancelled_owned())
-                .into_future(),
-        );
-        tracing::info!(%grpc_addr, %http_addr, database = %config.database.url, "tollgate serving");
 
-        let mut failure = None;
-        tokio::select! {
-            _ = shutdown => tracing::info!("shutdown requested"),
-            r = &mut grpc_server => failure = Some(format!("gRPC server stopped: {r:?}")),
-            r = &mut http_server => failure = Some(format!("HTTP server stopped: {r:?}")),
-        }
-
-        // 1. Tell Envoy and the orchestrator we are going.
+        // 1. Tell Envoy and the orchestrator we are going, and keep answering while they notice.
         shutting_down.store(true, Ordering::Relaxed);
-        health
-            .set_service_status("", ServingStatus::NotServing)
-            .await;
-        health
-            .set_not_serving::<AuthorizationServer<AuthzGrpc>>()
-            .await;
-        health
-            .set_not_serving::<RateLimitServiceServer<RateLimitGrpc>>()
-            .await;
-        // ...and keep answering while they notice.
-        if !config.shutdown_delay.0.is_zero() && failure.is_none() {
-            tracing::info!(delay = ?config.shutdown_delay.0, "reporting not serving; still answering");
-            tokio::time::sleep(config.shutdown_delay.0).await;
+        set_health(&health, ServingStatus::NotServing).await;
+        let delay = self.config.shutdown_delay.0;
+        if !delay.is_zero() && failure.is_none() {
+            tracing::info!(?delay, "reporting not serving; still answering");
+            tokio::time::sleep(delay).await;
         }
         // 2. Stop accepting; let in-flight checks finish.
-        let deadline = config.shutdown_timeout.0;
-        grpc_stop.cancel();
-        http_stop.cancel();
-        if !grpc_server.is_finished()
-            && tokio::time::timeout(deadline, &mut grpc_server)
-                .await
-                .is_err()
-        {
+        let deadline = self.config.shutdown_timeout.0;
+        self.stops.serving.cancel();
+        if !finished(&mut grpc_server, deadline).await {
             tracing::warn!("in-flight checks still running after {deadline:?}; stopping");
             grpc_server.abort();
         }
-        if tokio::time::timeout(deadline, &mut http_server)
-            .await
-            .is_err()
-        {
+        if !finished(&mut http_server, deadline).await {
             http_server.abort();
         }
         // 3. Background tasks.
-        background.cancel();
+        self.stops.background.cancel();
         tasks.close();
         tasks.wait().await;
-        // 4. Every queued log row.
-        drain.cancel();
-        if let Some(writer) = log_writer
-            && tokio::time::timeout(deadline, writer).await.is_err()
+        // 4. Every queued log row, then the outcomes that complete those rows, then quota
+        //    reserved but not spent.
+        self.stops.log.cancel();
+        if let Some(mut writer) = self.log_writer.take()
+            && !finished(&mut writer, deadline).await
         {
             tracing::error!("request log flush did not finish within {deadline:?}");
         }
-        // ...then the outcomes that complete those rows.
-        drain_outcomes.cancel();
-        if let Some(writer) = outcome_writer
-            && tokio::time::timeout(deadline, writer).await.is_err()
+        self.stops.outcomes.cancel();
+        if let Some(mut writer) = self.outcome_writer.take()
+            && !finished(&mut writer, deadline).await
         {
             tracing::error!("access log outcomes not written within {deadline:?}");
         }
-        // ...and quota reserved but not spent.
-        if let Err(e) = quotas.flush().await {
+        if let Err(e) = self.quotas.flush().await {
             tracing::error!(error = %e, "reserved quota not given back at shutdown");
         }
         // 5. The database.
-        stores.close().await;
+        self.stores.close().await;
         tracing::info!("tollgate stopped");
         match failure {
             Some(f) => anyhow::bail!(f),
             None => Ok(()),
         }
     }
+
+    /// Starts what runs beside the servers until [`Stops::background`]: the key change feed, log
+    /// maintenance, quota flushes and, with a rules file, its reload.
+    fn start_background(&self) -> TaskTracker {
+        let stop = &self.stops.background;
+        let tasks = TaskTracker::new();
+        tasks.spawn(
+            self.cache
+                .clone()
+                .watch_changes(self.config.cache.poll_interval.0, stop.clone()),
+        );
+        tasks.spawn(reqlog::maintain(
+            self.stores.log.clone(),
+            self.clock.clone(),
+            self.config.request_log.retention.map(|d| d.0),
+            stop.clone(),
+        ));
+        tasks.spawn(self.quotas.clone().run_flushes(stop.clone()));
+        if let Some(path) = self.config.ratelimit.rules.clone() {
+            tasks.spawn(crate::ratelimit::reload::watch(
+                path,
+                self.config.ratelimit.watch_interval.0,
+                self.ratelimit.clone(),
+                self.metrics.clone(),
+                stop.clone(),
+            ));
+        }
+        tasks
+    }
+
+    /// The gRPC port: health, Check, ShouldRateLimit and the access log, until
+    /// [`Stops::serving`].
+    fn grpc_server<H: Health>(
+        &mut self,
+        health: HealthServer<H>,
+    ) -> impl Future<Output = Result<(), tonic::transport::Error>> + use<H> {
+        let authz = AuthzGrpc::new(
+            self.authz.clone(),
+            self.config.authz.key_id_header.clone(),
+            self.config.authz.hide_credentials,
+        );
+        let stop = self.stops.serving.clone();
+        let listener = self.grpc.take().expect("an App runs once");
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(AuthorizationServer::new(authz))
+            .add_service(RateLimitServiceServer::new(RateLimitGrpc::new(
+                self.ratelimit.clone(),
+            )))
+            .add_service(AccessLogServiceServer::new(AccessLogGrpc::new(
+                self.outcomes.clone(),
+                stop.clone(),
+            )))
+            .serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                stop.cancelled_owned(),
+            )
+    }
+
+    /// The HTTP port: `/healthz`, `/readyz` and `/metrics`, until [`Stops::serving`].
+    fn http_server(
+        &mut self,
+        shutting_down: Arc<AtomicBool>,
+    ) -> impl Future<Output = std::io::Result<()>> + use<> {
+        let state = HttpState {
+            metrics: self.metrics.clone(),
+            keys: self.stores.keys.clone(),
+            limiter: self.limiter.clone(),
+            database_failure: self.config.database.failure_mode,
+            limiter_failure: self.config.redis.failure_mode,
+            cache: self.cache.clone(),
+            log: self.log.clone(),
+            shutting_down,
+        };
+        axum::serve(self.http.take().expect("an App runs once"), router(state))
+            .with_graceful_shutdown(self.stops.serving.clone().cancelled_owned())
+            .into_future()
+    }
+}
+
+/// Reports every service tollgate serves, and the server as a whole, as `status`.
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health
+        .set_service_status(AuthorizationServer::<AuthzGrpc>::NAME, status)
+        .await;
+    health
+        .set_service_status(RateLimitServiceServer::<RateLimitGrpc>::NAME, status)
+        .await;
+}
+
+/// Whether `task` finishes within `deadline` (one that does not keeps running).
+async fn finished<T>(task: &mut JoinHandle<T>, deadline: Duration) -> bool {
+    task.is_finished() || tokio::time::timeout(deadline, task).await.is_ok()
 }
 
 /// Resolves on SIGTERM or SIGINT.
