@@ -485,7 +485,7 @@ fn memory_table(r: &Results, page: &mut Vec<String>) {
 }
 
 fn targets_table(r: &Results, page: &mut Vec<String>) {
-    page.push("**Targets** (issue 6; a reference named \"(orientation)\" is the issue's Limitador figure, not measured here; one named after a peer was measured in this run, and compared with tollgate measured right before it)".into());
+    page.push("**Targets** (a reference named \"(orientation)\" is the Limitador figure the targets were set with, not measured here; one named after a peer was measured in this run, and compared with tollgate measured right before it)".into());
     page.push(String::new());
     page.push("| target | measured | goal | |".into());
     page.push("| --- | ---: | ---: | --- |".into());
