@@ -84,14 +84,6 @@ impl FailurePolicy {
         }
     }
 
-    pub fn backend(&self) -> Backend {
-        self.backend
-    }
-
-    pub fn mode(&self) -> FailureMode {
-        self.mode
-    }
-
     /// `step` (what the request asked the backend: `"quota update"`, …) failed with `error`:
     /// counts it, logs when a line is due, and says what the failure mode makes of the request.
     pub fn on_error(&self, step: &'static str, error: &dyn BackendError) -> Verdict {
@@ -257,8 +249,6 @@ mod tests {
             closed.on_error("per-minute window", &down()),
             Verdict::Closed
         );
-        assert_eq!(open.mode(), FailureMode::Open);
-        assert_eq!(closed.backend(), Backend::Limiter);
     }
 
     #[test]

@@ -26,20 +26,20 @@
 //! - `bench_hooks`: internals the benchmark times alone; not an API.
 
 pub mod app;
-pub mod authz;
+pub(crate) mod authz;
 #[doc(hidden)]
 pub mod bench_hooks;
 pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod decision;
-pub mod failure;
-pub mod grpc;
-pub mod http;
+pub(crate) mod failure;
+pub(crate) mod grpc;
+pub(crate) mod http;
 pub mod keys;
 pub mod limiter;
 pub mod ratelimit;
-pub mod reqlog;
-pub mod setting;
+pub(crate) mod reqlog;
+pub(crate) mod setting;
 pub mod store;
 pub mod telemetry;

@@ -1,5 +1,5 @@
 //! Envoy's rate limit service (ratelimit.v3): descriptor rules and their evaluation.
 
-pub mod reload;
+pub(crate) mod reload;
 pub mod rules;
-pub mod service;
+pub(crate) mod service;
