@@ -280,22 +280,10 @@ impl AuthzService {
         let refused = match outcome {
             Ok(QuotaOutcome::Admitted { daily, monthly }) => {
                 if let Some(limit) = quota.daily {
-                    limits.push(LimitState {
-                        kind: LimitKind::Daily,
-                        limit,
-                        remaining: limit.saturating_sub(daily),
-                        reset_after: clock::secs_until_next_day(now),
-                        window_secs: 86_400,
-                    });
+                    limits.push(quota_state(LimitKind::Daily, limit, daily, now));
                 }
                 if let Some(limit) = quota.monthly {
-                    limits.push(LimitState {
-                        kind: LimitKind::Monthly,
-                        limit,
-                        remaining: limit.saturating_sub(monthly),
-                        reset_after: clock::secs_until_next_month(now),
-                        window_secs: clock::month_length_secs(now),
-                    });
+                    limits.push(quota_state(LimitKind::Monthly, limit, monthly, now));
                 }
                 return Decision::Allow(Allowed {
                     key,
@@ -306,35 +294,13 @@ impl AuthzService {
             }
             Ok(QuotaOutcome::DailyExceeded { .. }) => {
                 let limit = quota.daily.unwrap_or_default();
-                let reset = clock::secs_until_next_day(now);
-                Decision::Deny(Denial {
-                    reason: DenyReason::DailyQuotaExceeded,
-                    retry_after: Some(reset),
-                    limit: Some(LimitState {
-                        kind: LimitKind::Daily,
-                        limit,
-                        remaining: 0,
-                        reset_after: reset,
-                        window_secs: 86_400,
-                    }),
-                    key_id: Some(key.id),
-                })
+                let state = quota_state(LimitKind::Daily, limit, limit, now);
+                quota_denial(DenyReason::DailyQuotaExceeded, state, key.id)
             }
             Ok(QuotaOutcome::MonthlyExceeded { .. }) => {
                 let limit = quota.monthly.unwrap_or_default();
-                let reset = clock::secs_until_next_month(now);
-                Decision::Deny(Denial {
-                    reason: DenyReason::MonthlyQuotaExceeded,
-                    retry_after: Some(reset),
-                    limit: Some(LimitState {
-                        kind: LimitKind::Monthly,
-                        limit,
-                        remaining: 0,
-                        reset_after: reset,
-                        window_secs: clock::month_length_secs(now),
-                    }),
-                    key_id: Some(key.id),
-                })
+                let state = quota_state(LimitKind::Monthly, limit, limit, now);
+                quota_denial(DenyReason::MonthlyQuotaExceeded, state, key.id)
             }
             Err(e) => match self.failures.database.on_error("quota update", &e) {
                 // Admitted uncounted: the database cannot count it.
@@ -363,6 +329,35 @@ impl AuthzService {
 /// The counter key of a key's per-minute window.
 fn window_key(key: &ApiKey) -> String {
     format!("key:{}", key.id)
+}
+
+/// The daily or monthly quota `limit` with `used` spent, as it stands at `now`: it resets at the
+/// next UTC midnight or first of the month.
+fn quota_state(kind: LimitKind, limit: u64, used: u64, now: DateTime<Utc>) -> LimitState {
+    let (reset_after, window_secs) = match kind {
+        LimitKind::Monthly => (
+            clock::secs_until_next_month(now),
+            clock::month_length_secs(now),
+        ),
+        LimitKind::Daily | LimitKind::PerMinute => (clock::secs_until_next_day(now), 86_400),
+    };
+    LimitState {
+        kind,
+        limit,
+        remaining: limit.saturating_sub(used),
+        reset_after,
+        window_secs,
+    }
+}
+
+/// A refusal by a spent quota: retry when it resets.
+fn quota_denial(reason: DenyReason, state: LimitState, key_id: i64) -> Decision {
+    Decision::Deny(Denial {
+        reason,
+        retry_after: Some(state.reset_after),
+        limit: Some(state),
+        key_id: Some(key_id),
+    })
 }
 
 fn deny(reason: DenyReason, key_id: Option<i64>) -> Decision {
