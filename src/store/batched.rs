@@ -54,27 +54,15 @@ impl QuotaCounter {
         }
     }
 
-    fn blocks(&self) -> impl Iterator<Item = &BatchedQuota> {
-        self.batched.iter().chain([&self.uncapped])
-    }
-
     /// Gives back every unit reserved and not spent. Units whose return fails are kept and
     /// tried again at the next flush; the first error is returned.
     pub async fn flush(&self) -> Result<u64, StoreError> {
-        let mut returned = 0;
-        let mut first_error = None;
-        for b in self.blocks() {
-            match b.flush().await {
-                Ok(n) => returned += n,
-                Err(e) => {
-                    first_error.get_or_insert(e);
-                }
-            }
-        }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(returned),
-        }
+        let uncapped = self.uncapped.flush().await;
+        let batched = match &self.batched {
+            Some(b) => b.flush().await,
+            None => Ok(0),
+        };
+        Ok(uncapped? + batched?)
     }
 
     /// Gives back what is reserved and not spent every `quota.flush_interval`, until `stop`.
