@@ -1,17 +1,18 @@
 //! Check over gRPC, as Envoy calls it, against a real tollgate on the embedded default.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use chrono::Duration as Span;
-use common::*;
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
 use envoy_types::pb::envoy::service::auth::v3::{
     AttributeContext, CheckRequest,
     attribute_context::{HttpRequest, Request as AttrRequest},
 };
 use envoy_types::pb::google::protobuf::value::Kind;
+use harness::check::{check_request, denied, headers_of, key_header, ok};
+use harness::db::Db;
+use harness::every_database;
+use harness::server::{Tollgate, t0};
 use tollgate::keys::Limits;
 
 fn limits(per_minute: Option<u64>, daily: Option<u64>, monthly: Option<u64>) -> Limits {

@@ -2,12 +2,14 @@
 //! goes away and comes back. Outages use a private `redis-server` that the test starts and
 //! kills, never the shared one.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use chrono::Duration as Span;
-use common::*;
+use harness::check::{denied, headers_of, key_header, ok};
+use harness::redis::{
+    PrivateRedis, delete_redis_keys, redis_cluster_url, redis_keys, redis_url, unique_prefix,
+};
+use harness::server::Tollgate;
 use tollgate::config::{Dur, FailureMode, SecretUrl};
 use tollgate::keys::Limits;
 use tollgate::limiter::Algorithm;

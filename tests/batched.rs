@@ -1,12 +1,15 @@
 //! `quota.mode: batched`: blocks reserved with the exact-mode statement, spent in memory. Never
 //! more than the limit across replicas; counters show real use after each flush.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use harness::check::{allowed, burst, key_header, ok};
+use harness::cli::cli_create_key;
+use harness::db::{Db, TestDb};
+use harness::every_database;
+use harness::replica::Replica;
+use harness::server::{Tollgate, t0};
 use tollgate::config::QuotaMode;
 use tollgate::keys::Limits;
 use tollgate::store::batched::BatchedQuota;

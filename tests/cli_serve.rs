@@ -1,12 +1,12 @@
 //! The `tollgate` binary as users and scripts drive it: `serve` with signals, health and metrics;
 //! `keys`, `migrate` and `check-config` with their outputs and exit codes.
 
-mod common;
-
 use std::process::{Command, Output};
 
-use common::{Replica, check_request, free_port, http_client, key_header};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use harness::check::{check_request, key_header};
+use harness::net::{free_port, http_client};
+use harness::replica::Replica;
 use tonic_health::pb::{
     HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
 };

@@ -1,10 +1,10 @@
 //! End to end: HTTP clients → real Envoy (envoy/ext_authz.yaml) → tollgate → demo upstream.
 //! What is asserted is what an API client sees.
 
-mod common;
-
 use chrono::Duration as Span;
-use common::*;
+use harness::envoy::Envoy;
+use harness::net::{free_port, http_client};
+use harness::server::{Tollgate, t0};
 use tollgate::keys::Limits;
 
 fn limits(per_minute: Option<u64>, daily: Option<u64>, monthly: Option<u64>) -> Limits {

@@ -1,11 +1,11 @@
 //! End to end: real Envoy with ext_authz and ratelimit chained (envoy/ratelimit.yaml), both
 //! answered by one tollgate with the rules in examples/ratelimit/rules.yaml.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
+use harness::envoy::Envoy;
+use harness::net::http_client;
+use harness::server::Tollgate;
 use tollgate::keys::Limits;
 
 async fn start() -> (Tollgate, Envoy) {

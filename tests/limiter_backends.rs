@@ -3,12 +3,13 @@
 //! clock. The Redis backends need the real servers that scripts/test starts; without them the
 //! tests fail, naming the missing service.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use harness::redis::{
+    delete_redis_keys, redis_cluster_url, redis_keys, redis_nodes, redis_url, unique_prefix,
+};
 use tollgate::limiter::memory::MemoryLimiter;
 use tollgate::limiter::redis::RedisLimiter;
 use tollgate::limiter::{
@@ -34,15 +35,15 @@ impl Backend {
     }
 
     async fn redis_node() -> Backend {
-        Self::redis(common::redis_url().await).await
+        Self::redis(redis_url().await).await
     }
 
     async fn redis_cluster() -> Backend {
-        Self::redis(common::redis_cluster_url().await).await
+        Self::redis(redis_cluster_url().await).await
     }
 
     async fn redis(url: String) -> Backend {
-        let prefix = common::unique_prefix("limiter");
+        let prefix = unique_prefix("limiter");
         // Generous: these tests assert behaviour, not latency, on a 2-core machine.
         let limiter = RedisLimiter::new(&url, &prefix, Duration::from_secs(5)).unwrap();
         Backend {
@@ -61,7 +62,7 @@ impl Backend {
 
     async fn cleanup(self) {
         if let Some((url, prefix)) = &self.redis {
-            common::delete_redis_keys(url, prefix).await;
+            delete_redis_keys(url, prefix).await;
         }
     }
 }
@@ -291,7 +292,7 @@ async fn redis_keys_are_tagged_and_expire(b: &Backend) {
     for alg in [FixedWindow, SlidingWindow, TokenBucket] {
         b.hit("key:42", per_minute(5, alg), 1, at(20_000)).await;
     }
-    let mut keys = common::redis_keys(url, prefix).await;
+    let mut keys = redis_keys(url, prefix).await;
     keys.sort();
     let start = at(0).timestamp_millis();
     assert_eq!(
@@ -304,7 +305,7 @@ async fn redis_keys_are_tagged_and_expire(b: &Backend) {
     );
     // All on one node (one cluster slot, by the hash tag), each with a time to live.
     let mut nodes_holding = 0;
-    for node in common::redis_nodes(url) {
+    for node in redis_nodes(url) {
         let client = redis::Client::open(node).unwrap();
         let mut c = client.get_multiplexed_async_connection().await.unwrap();
         let here: Vec<String> = redis::cmd("KEYS")

@@ -1,13 +1,14 @@
 //! PostgreSQL-specific guarantees: the indexes tollgate's lookups use, concurrent migration, and
 //! what happens when the server goes away and comes back (on a private server the test owns).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use harness::check::key_header;
+use harness::db::{Db, TestDb, scalar};
+use harness::net::free_port;
+use harness::server::{Tollgate, t0};
 use tollgate::config::{FailureMode, SecretUrl};
 use tollgate::keys::Limits;
 

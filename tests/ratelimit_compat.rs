@@ -7,17 +7,15 @@
 //! overall code (`OK` / `OVER_LIMIT`), optionally each descriptor's code (`statuses`), the first
 //! descriptor's `limit` ([requests_per_unit, unit] or `none`) and its `remaining`.
 
-mod common;
-
 use std::path::Path;
 
-use common::*;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{
     RateLimitDescriptor, rate_limit_descriptor::Entry,
 };
 use envoy_types::pb::envoy::service::ratelimit::v3::{
     RateLimitRequest, rate_limit_response::Code, rate_limit_service_client::RateLimitServiceClient,
 };
+use harness::server::Tollgate;
 use serde::Deserialize;
 
 #[derive(Deserialize)]

@@ -1,11 +1,8 @@
 //! ShouldRateLimit over gRPC against a real tollgate: rules in envoyproxy/ratelimit's format,
 //! per-key descriptors, hits_addend, shadow mode, replaces, overrides, and reloads.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{
     RateLimitDescriptor,
     rate_limit_descriptor::{Entry, RateLimitOverride},
@@ -14,6 +11,9 @@ use envoy_types::pb::envoy::service::ratelimit::v3::{
     RateLimitRequest, RateLimitResponse, rate_limit_response::Code,
     rate_limit_service_client::RateLimitServiceClient,
 };
+use harness::redis::{delete_redis_keys, redis_keys, redis_url, unique_prefix};
+use harness::replica::Replica;
+use harness::server::Tollgate;
 use tollgate::keys::Limits;
 use tonic::transport::Channel;
 

@@ -5,16 +5,15 @@
 //! (test binaries run one after another). The shared single node is never flushed; its restart
 //! case is in authz_redis.rs, with a private server.
 
-mod common;
-
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use harness::redis::{delete_redis_keys, redis_cluster_url, redis_nodes, unique_prefix};
 use tollgate::limiter::redis::RedisLimiter;
 use tollgate::limiter::{Algorithm, Rate, WindowLimiter};
 
 async fn flush_scripts(url: &str) {
-    for node in common::redis_nodes(url) {
+    for node in redis_nodes(url) {
         let client = redis::Client::open(node).unwrap();
         let mut c = client.get_multiplexed_async_connection().await.unwrap();
         let _: String = redis::cmd("SCRIPT")
@@ -27,8 +26,8 @@ async fn flush_scripts(url: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_nodes_that_lost_the_scripts_get_them_again() {
-    let url = common::redis_cluster_url().await;
-    let prefix = common::unique_prefix("scripts");
+    let url = redis_cluster_url().await;
+    let prefix = unique_prefix("scripts");
     let l = RedisLimiter::new(&url, &prefix, Duration::from_secs(5)).unwrap();
     let now: DateTime<Utc> = "2026-03-10T12:00:20Z".parse().unwrap();
     for alg in [
@@ -49,5 +48,5 @@ async fn cluster_nodes_that_lost_the_scripts_get_them_again() {
             assert_eq!((s.allowed, s.remaining), (true, 0), "{alg:?}");
         }
     }
-    common::delete_redis_keys(&url, &prefix).await;
+    delete_redis_keys(&url, &prefix).await;
 }

@@ -2,13 +2,12 @@
 //! TLS, with a certificate from a test CA that the process trusts through `SSL_CERT_FILE`.
 //! (A separate process, because the trusted roots are read from the environment.)
 
-mod common;
-
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use harness::check::{denied, headers_of, key_header, ok};
+use harness::net::{free_port, http_client};
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")

@@ -1,11 +1,13 @@
 //! Several tollgate processes sharing one PostgreSQL: no answer may depend on which replica was
 //! asked.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
+use harness::check::{burst, denied, key_header, one_round_each};
+use harness::cli::cli_create_key;
+use harness::db::{Db, TestDb};
+use harness::redis::{delete_redis_keys, redis_cluster_url, unique_prefix};
+use harness::replica::Replica;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_admit_exactly_the_daily_limit_and_the_log_agrees() {

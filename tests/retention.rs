@@ -1,12 +1,11 @@
 //! Request-log retention: monthly partitions in PostgreSQL (created ahead, dropped whole when
 //! older than the retention), row deletes in SQLite; and a running tollgate doing it.
 
-mod common;
-
 use std::time::Duration;
 
 use chrono::{DateTime, Datelike, Duration as Span, Utc};
-use common::*;
+use harness::db::{Db, TestDb};
+use harness::server::{Tollgate, t0};
 use tollgate::config::{DatabaseConfig, SecretUrl};
 use tollgate::store::{self, LogApi, LogRow, Stores};
 

@@ -2,10 +2,10 @@
 //! promise, checked through the traits alone, once on SQLite and once on PostgreSQL. Two
 //! `store::open`s of one database stand for two replicas.
 
-mod common;
-
 use chrono::{DateTime, Duration as Span, Utc};
-use common::*;
+use harness::db::{Db, TestDb};
+use harness::every_database;
+use harness::server::t0;
 use tollgate::config::{DatabaseConfig, SecretUrl};
 use tollgate::keys::{self, Limits};
 use tollgate::store::{self, LogApi, LogRow, Outcome, Quota, QuotaOutcome, Stores, Usage};

@@ -1,0 +1,24 @@
+//! What tollgate's integration tests (`tests/*.rs`) share: a real tollgate on port 0 with a
+//! settable clock, databases of their own, real Envoy and Redis, and readers of what a client
+//! sees. A library crate, so that each test binary takes the pieces it needs and the rest is not
+//! dead code in it.
+//!
+//! # Layout
+//! - [`db`]: a database of the test's own (SQLite or PostgreSQL), reading and locking it, and
+//!   [`every_database!`], which runs a test body on each.
+//! - [`server`]: [`server::Tollgate`], an in-process tollgate on ephemeral ports; [`server::t0`].
+//! - [`check`]: CheckRequest builders, and what a client sees of the answers.
+//! - [`cli`]: the `tollgate` binary: running a command, creating a key with it.
+//! - [`replica`]: [`replica::Replica`], a `tollgate serve` process.
+//! - [`envoy`]: [`envoy::Envoy`], a real Envoy in front of a tollgate.
+//! - [`redis`]: the shared Redis node and cluster, key prefixes, and a private Redis to stop.
+//! - [`net`]: free ports, the HTTP client, `/metrics`.
+
+pub mod check;
+pub mod cli;
+pub mod db;
+pub mod envoy;
+pub mod net;
+pub mod redis;
+pub mod replica;
+pub mod server;

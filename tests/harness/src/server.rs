@@ -1,0 +1,164 @@
+//! [`Tollgate`]: a real tollgate in the test's process, serving on ephemeral ports from a
+//! database of its own, with a [`ManualClock`] starting at [`t0`]; its stores for setting up keys
+//! and reading usage, and a graceful stop that hands back the database.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tollgate::app::App;
+use tollgate::clock::ManualClock;
+use tollgate::config::{Config, Dur, SecretUrl};
+use tollgate::keys::{self, Limits};
+use tollgate::store::{self, Stores};
+use tollgate::telemetry::Metrics;
+use tonic::transport::Channel;
+
+use crate::cli::tollgate_command;
+use crate::db::{Db, TestDb, scalar};
+use crate::net::metrics_text;
+
+/// 2026-03-10 12:00:20 UTC: 40 s before the minute turns, a Tuesday mid-month.
+pub fn t0() -> DateTime<Utc> {
+    "2026-03-10T12:00:20Z".parse().unwrap()
+}
+
+/// A tollgate serving on ephemeral ports from its own database.
+pub struct Tollgate {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    pub db_url: String,
+    pub db: TestDb,
+    pub clock: ManualClock,
+    pub metrics: Arc<Metrics>,
+    pub stores: Stores,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Tollgate {
+    pub async fn start() -> Tollgate {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Tollgate {
+        Self::on_with(Db::Sqlite, tweak).await
+    }
+
+    pub async fn on(db: Db) -> Tollgate {
+        Self::on_with(db, |_| {}).await
+    }
+
+    /// Starts on a new database of kind `db`, with the configuration changed by `tweak`.
+    pub async fn on_with(db: Db, tweak: impl FnOnce(&mut Config)) -> Tollgate {
+        let dir = tempfile::tempdir().unwrap();
+        let db = TestDb::create(db).await;
+        let db_url = db.url.clone();
+        let mut config = Config {
+            grpc_addr: "127.0.0.1:0".parse().unwrap(),
+            http_addr: "127.0.0.1:0".parse().unwrap(),
+            ..Config::default()
+        };
+        config.database.url = SecretUrl(db_url.clone());
+        config.request_log.flush_interval = Dur(Duration::from_millis(50));
+        tweak(&mut config);
+        let config_db = config.database.clone();
+        let clock = ManualClock::new(t0());
+        let app = App::build_with_clock(config, Arc::new(clock.clone()))
+            .await
+            .expect("tollgate builds");
+        let (grpc, http, metrics) = (app.grpc_addr(), app.http_addr(), app.metrics());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let handle = tokio::spawn(app.run(async {
+            let _ = stopped.await;
+        }));
+        let stores = store::open(&config_db, false).await.unwrap();
+        Tollgate {
+            grpc,
+            http,
+            db_url,
+            db,
+            clock,
+            metrics,
+            stores,
+            stop: Some(stop),
+            handle: Some(handle),
+            dir,
+        }
+    }
+
+    /// Creates a key directly in the database; returns (key, id).
+    pub async fn create_key(&self, name: &str, limits: Limits) -> (String, i64) {
+        self.create_key_expiring(name, limits, None).await
+    }
+
+    pub async fn create_key_expiring(
+        &self,
+        name: &str,
+        limits: Limits,
+        expires_at: Option<DateTime<Utc>>,
+    ) -> (String, i64) {
+        let new = keys::generate();
+        let key = self
+            .stores
+            .keys
+            .create(name, &new, limits, expires_at, self.clock_now())
+            .await
+            .unwrap();
+        (new.plaintext, key.id)
+    }
+
+    fn clock_now(&self) -> DateTime<Utc> {
+        use tollgate::clock::Clock;
+        self.clock.now()
+    }
+
+    /// Runs the `tollgate` binary against this instance's database.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        tollgate_command(self.dir.path())
+            .args(args)
+            .env("TOLLGATE_DATABASE_URL", &self.db_url)
+            .output()
+            .expect("tollgate binary runs")
+    }
+
+    pub async fn client(&self) -> AuthorizationClient<Channel> {
+        AuthorizationClient::connect(format!("http://{}", self.grpc))
+            .await
+            .expect("connects")
+    }
+
+    pub async fn scalar(&self, sql: &str) -> i64 {
+        scalar(&self.db_url, sql).await
+    }
+
+    /// What `/metrics` says now.
+    pub async fn metrics_text(&self) -> String {
+        metrics_text(&format!("http://{}", self.http)).await
+    }
+
+    /// Stops it as SIGTERM would, and waits for it to finish (log flushed, database closed).
+    /// The database stays readable through the returned value.
+    pub async fn stop(mut self) -> Stopped {
+        self.stores.close().await;
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            tokio::time::timeout(Duration::from_secs(20), handle)
+                .await
+                .expect("stops within 20s")
+                .expect("run task")
+                .expect("run returns Ok");
+        }
+        self.db
+    }
+}
+
+/// What is left of a stopped tollgate: its database.
+pub type Stopped = TestDb;
