@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use harness::redis::{
-    delete_redis_keys, redis_cluster_url, redis_keys, redis_nodes, redis_url, unique_prefix,
+    delete_redis_keys, keys_on, node_connections, redis_cluster_url, redis_keys, redis_url,
+    unique_prefix,
 };
 use tollgate::limiter::memory::MemoryLimiter;
 use tollgate::limiter::redis::RedisLimiter;
@@ -305,14 +306,8 @@ async fn redis_keys_are_tagged_and_expire(b: &Backend) {
     );
     // All on one node (one cluster slot, by the hash tag), each with a time to live.
     let mut nodes_holding = 0;
-    for node in redis_nodes(url) {
-        let client = redis::Client::open(node).unwrap();
-        let mut c = client.get_multiplexed_async_connection().await.unwrap();
-        let here: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{prefix}*"))
-            .query_async(&mut c)
-            .await
-            .unwrap();
+    for mut c in node_connections(url).await {
+        let here = keys_on(&mut c, prefix).await;
         if here.is_empty() {
             continue;
         }

@@ -8,14 +8,12 @@
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use harness::redis::{delete_redis_keys, redis_cluster_url, redis_nodes, unique_prefix};
+use harness::redis::{delete_redis_keys, node_connections, redis_cluster_url, unique_prefix};
 use tollgate::limiter::redis::RedisLimiter;
 use tollgate::limiter::{Algorithm, Rate, WindowLimiter};
 
 async fn flush_scripts(url: &str) {
-    for node in redis_nodes(url) {
-        let client = redis::Client::open(node).unwrap();
-        let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    for mut c in node_connections(url).await {
         let _: String = redis::cmd("SCRIPT")
             .arg("FLUSH")
             .query_async(&mut c)

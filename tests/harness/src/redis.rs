@@ -1,10 +1,13 @@
 //! Redis for the tests: the shared single node ([`redis_url`]) and Redis Cluster
 //! ([`redis_cluster_url`]), which fail the test, naming them, when they do not answer; key
-//! prefixes no other test uses, and listing or deleting the keys under one on every node; and
-//! [`PrivateRedis`], a server of the test's own that it may stop and start again.
+//! prefixes no other test uses; a connection to every node, and the keys under a prefix on each,
+//! to list or delete; and [`PrivateRedis`], a server of the test's own that it may stop and start
+//! again.
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use ::redis::aio::MultiplexedConnection;
 
 use crate::net::free_port;
 
@@ -77,33 +80,38 @@ pub fn unique_prefix(tag: &str) -> String {
     )
 }
 
+/// A connection to each node of `url` (one for a single node), to read or change what it holds.
+pub async fn node_connections(url: &str) -> Vec<MultiplexedConnection> {
+    let mut connections = Vec::new();
+    for node in redis_nodes(url) {
+        let client = ::redis::Client::open(node.as_str()).unwrap();
+        connections.push(client.get_multiplexed_async_connection().await.unwrap());
+    }
+    connections
+}
+
+/// Keys under `prefix` on the node `c` is connected to.
+pub async fn keys_on(c: &mut MultiplexedConnection, prefix: &str) -> Vec<String> {
+    ::redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(c)
+        .await
+        .unwrap()
+}
+
 /// Keys under `prefix` on every node of `url`.
 pub async fn redis_keys(url: &str, prefix: &str) -> Vec<String> {
     let mut keys = Vec::new();
-    for node in redis_nodes(url) {
-        let client = ::redis::Client::open(node.as_str()).unwrap();
-        let mut c = client.get_multiplexed_async_connection().await.unwrap();
-        let found: Vec<String> = ::redis::cmd("KEYS")
-            .arg(format!("{prefix}*"))
-            .query_async(&mut c)
-            .await
-            .unwrap();
-        keys.extend(found);
+    for mut c in node_connections(url).await {
+        keys.extend(keys_on(&mut c, prefix).await);
     }
     keys
 }
 
 /// Deletes every key under `prefix` on every node of `url`.
 pub async fn delete_redis_keys(url: &str, prefix: &str) {
-    for node in redis_nodes(url) {
-        let client = ::redis::Client::open(node.as_str()).unwrap();
-        let mut c = client.get_multiplexed_async_connection().await.unwrap();
-        let found: Vec<String> = ::redis::cmd("KEYS")
-            .arg(format!("{prefix}*"))
-            .query_async(&mut c)
-            .await
-            .unwrap();
-        for key in found {
+    for mut c in node_connections(url).await {
+        for key in keys_on(&mut c, prefix).await {
             let _: i64 = ::redis::cmd("DEL")
                 .arg(&key)
                 .query_async(&mut c)
