@@ -12,17 +12,8 @@ use envoy_types::pb::google::protobuf::value::Kind;
 use harness::check::{check_request, denied, headers_of, key_header, ok};
 use harness::db::Db;
 use harness::every_database;
-use harness::server::{Tollgate, t0};
+use harness::server::{Tollgate, limits, t0};
 use tollgate::keys::Limits;
-
-fn limits(per_minute: Option<u64>, daily: Option<u64>, monthly: Option<u64>) -> Limits {
-    Limits {
-        per_minute,
-        daily,
-        monthly,
-        refund_5xx: false,
-    }
-}
 
 async fn missing_key_is_401_with_www_authenticate_and_problem_body(db: Db) {
     let tg = Tollgate::on(db).await;

@@ -4,17 +4,8 @@
 use chrono::Duration as Span;
 use harness::envoy::Envoy;
 use harness::net::{free_port, http_client};
-use harness::server::{Tollgate, t0};
+use harness::server::{Tollgate, limits, t0};
 use tollgate::keys::Limits;
-
-fn limits(per_minute: Option<u64>, daily: Option<u64>, monthly: Option<u64>) -> Limits {
-    Limits {
-        per_minute,
-        daily,
-        monthly,
-        refund_5xx: false,
-    }
-}
 
 struct Reply {
     status: u16,

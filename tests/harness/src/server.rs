@@ -1,6 +1,6 @@
 //! [`Tollgate`]: a real tollgate in the test's process, serving on ephemeral ports from a
 //! database of its own, with a [`ManualClock`] starting at [`t0`]; its stores for setting up keys
-//! and reading usage, and a graceful stop that hands back the database.
+//! (with [`limits`]) and reading usage, and a graceful stop that hands back the database.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -25,6 +25,16 @@ use crate::net::metrics_text;
 /// 2026-03-10 12:00:20 UTC: 40 s before the minute turns, a Tuesday mid-month.
 pub fn t0() -> DateTime<Utc> {
     "2026-03-10T12:00:20Z".parse().unwrap()
+}
+
+/// A key's limits: these windows and quotas (`None`: unlimited), no refunds on 5xx answers.
+pub fn limits(per_minute: Option<u64>, daily: Option<u64>, monthly: Option<u64>) -> Limits {
+    Limits {
+        per_minute,
+        daily,
+        monthly,
+        refund_5xx: false,
+    }
 }
 
 /// A tollgate serving on ephemeral ports from its own database.
