@@ -10,6 +10,7 @@ use envoy_types::pb::envoy::service::auth::v3::{
 };
 use envoy_types::pb::google::protobuf::value::Kind;
 use harness::check::{check_request, denied, headers_of, key_header, ok};
+use harness::cli::tollgate_command;
 use harness::db::Db;
 use harness::every_database;
 use harness::server::{Tollgate, limits, t0};
@@ -644,11 +645,9 @@ async fn usage_command_reports_days_and_top_keys_from_the_log(db: Db) {
     let dir = tempfile::tempdir().unwrap();
     let db = tg.stop().await;
     let usage = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        let out = tollgate_command(dir.path())
             .arg("usage")
             .args(args)
-            .current_dir(dir.path())
-            .env_remove("TOLLGATE_CONFIG")
             .env("TOLLGATE_DATABASE_URL", &url)
             .output()
             .unwrap();

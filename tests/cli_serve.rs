@@ -5,6 +5,7 @@ use std::process::{Command, Output};
 
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use harness::check::{check_request, key_header};
+use harness::cli::tollgate_command;
 use harness::net::{free_port, http_client};
 use harness::replica::Replica;
 use tonic_health::pb::{
@@ -27,11 +28,8 @@ impl Bin {
     }
 
     fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_tollgate"));
-        c.args(args)
-            .current_dir(self.dir.path())
-            .env("TOLLGATE_DATABASE_URL", self.db_url())
-            .env_remove("TOLLGATE_CONFIG");
+        let mut c = tollgate_command(self.dir.path());
+        c.args(args).env("TOLLGATE_DATABASE_URL", self.db_url());
         c
     }
 

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use harness::check::{burst, denied, key_header, one_round_each};
-use harness::cli::cli_create_key;
+use harness::cli::{cli_create_key, tollgate_command};
 use harness::db::{Db, TestDb};
 use harness::redis::{delete_redis_keys, redis_cluster_url, unique_prefix};
 use harness::replica::Replica;
@@ -78,9 +78,8 @@ async fn a_revoke_reaches_every_replica_within_a_second() {
             .code;
         assert_eq!(code, 0);
     }
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+    let out = tollgate_command(dir.path())
         .args(["keys", "revoke", &id.to_string()])
-        .current_dir(dir.path())
         .env("TOLLGATE_DATABASE_URL", &db.url)
         .output()
         .unwrap();
