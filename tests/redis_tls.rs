@@ -4,10 +4,11 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 use harness::check::{denied, headers_of, key_header, ok};
-use harness::net::{free_port, http_client};
+use harness::cli::cli_create_key;
+use harness::net::free_port;
+use harness::replica::Replica;
 
 fn openssl(dir: &Path, args: &[&str]) {
     let out = Command::new("openssl")
@@ -125,61 +126,22 @@ async fn serve_counts_windows_in_a_tls_redis() {
     );
 
     let db = format!("sqlite://{}", dir.path().join("t.db").display());
-    let tollgate = |args: &[&str]| {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_tollgate"));
-        c.args(args)
-            .env("TOLLGATE_DATABASE_URL", &db)
-            .env("TOLLGATE_REDIS_URL", format!("rediss://localhost:{port}"))
+    let (key, _) = cli_create_key(dir.path(), &db, &["--name", "t", "--per-minute", "2"]);
+    let redis_url = format!("rediss://localhost:{port}");
+    let ca = dir.path().join("ca.crt");
+    let serve = Replica::spawn(
+        dir.path(),
+        &[
+            ("TOLLGATE_DATABASE_URL", db.as_str()),
+            ("TOLLGATE_REDIS_URL", redis_url.as_str()),
             // If TLS failed, checks would be refused with 503 rather than let through.
-            .env("TOLLGATE_REDIS_FAILURE_MODE", "closed")
-            .env("TOLLGATE_REDIS_TIMEOUT", "2s")
-            .env("SSL_CERT_FILE", dir.path().join("ca.crt"))
-            .current_dir(dir.path());
-        c
-    };
-    let out = tollgate(&[
-        "keys",
-        "create",
-        "--name",
-        "t",
-        "--per-minute",
-        "2",
-        "--json",
-    ])
-    .output()
-    .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let key = created["key"].as_str().unwrap().to_string();
-
-    let (grpc, http) = (free_port(), free_port());
-    let _serve = Killed(
-        tollgate(&["serve"])
-            .env("TOLLGATE_GRPC_ADDR", format!("127.0.0.1:{grpc}"))
-            .env("TOLLGATE_HTTP_ADDR", format!("127.0.0.1:{http}"))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(r) = http_client()
-            .get(format!("http://127.0.0.1:{http}/readyz"))
-            .send()
-            .await
-            && r.status().is_success()
-        {
-            break;
-        }
-        assert!(Instant::now() < deadline, "tollgate serve not ready in 20s");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let mut c = envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::connect(
-        format!("http://127.0.0.1:{grpc}"),
+            ("TOLLGATE_REDIS_FAILURE_MODE", "closed"),
+            ("TOLLGATE_REDIS_TIMEOUT", "2s"),
+            ("SSL_CERT_FILE", ca.to_str().unwrap()),
+        ],
     )
-    .await
-    .unwrap();
+    .await;
+    let mut c = serve.client().await;
     for left in ["1", "0"] {
         let resp = c.check(key_header(&key)).await.unwrap().into_inner();
         let h = headers_of(&ok(&resp).response_headers_to_add);
