@@ -255,7 +255,7 @@ async fn serve_answers_health_and_metrics_then_sigterm_flushes_and_exits_0() {
         assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
     }
 
-    let mut c = AuthorizationClient::connect(s.grpc.clone()).await.unwrap();
+    let mut c = s.client().await;
     for _ in 0..3 {
         let r = c.check(key_header(&key)).await.unwrap().into_inner();
         assert_eq!(r.status.unwrap().code, 0);
@@ -345,7 +345,7 @@ async fn no_api_key_appears_in_any_log_line_even_at_trace_level() {
         ],
     )
     .await;
-    let mut c = AuthorizationClient::connect(s.grpc.clone()).await.unwrap();
+    let mut c = s.client().await;
     let bearer = format!("Bearer {key}");
     let half = &key[..30];
     for req in [
@@ -400,14 +400,7 @@ async fn shutdown_delay_keeps_answering_while_health_says_not_serving() {
         .unwrap();
     let mut health = HealthClient::new(channel.clone());
     let mut c = AuthorizationClient::new(channel);
-    let pid = s.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    s.signal("-TERM");
     let started = std::time::Instant::now();
     loop {
         let status = health

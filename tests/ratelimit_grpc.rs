@@ -444,14 +444,7 @@ async fn sighup_reloads_at_once_and_no_request_is_dropped_meanwhile() {
         RULES.replace("requests_per_unit: 100}", "requests_per_unit: 7}"),
     )
     .unwrap();
-    let pid = replica.child.id().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    replica.signal("-HUP");
     let started = Instant::now();
     while limit_of(&ask(&mut c, probe()).await) != 7 {
         assert!(

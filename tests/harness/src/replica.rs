@@ -73,14 +73,19 @@ impl Replica {
             .expect("connects")
     }
 
-    /// Sends a signal (`-TERM`, `-INT`) and waits for the exit status.
-    pub async fn stop_with(mut self, signal: &str) -> std::process::ExitStatus {
+    /// Sends a signal (`-TERM`, `-HUP`) and returns without waiting for its effect.
+    pub fn signal(&self, signal: &str) {
         let sent = Command::new("kill")
             .args([signal, &self.child.id().to_string()])
             .status()
             .unwrap()
             .success();
         assert!(sent);
+    }
+
+    /// Sends a signal (`-TERM`, `-INT`) and waits for the exit status.
+    pub async fn stop_with(mut self, signal: &str) -> std::process::ExitStatus {
+        self.signal(signal);
         tokio::task::spawn_blocking(move || self.child.wait())
             .await
             .unwrap()
