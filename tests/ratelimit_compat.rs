@@ -12,9 +12,7 @@ use std::path::Path;
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{
     RateLimitDescriptor, rate_limit_descriptor::Entry,
 };
-use envoy_types::pb::envoy::service::ratelimit::v3::{
-    RateLimitRequest, rate_limit_response::Code, rate_limit_service_client::RateLimitServiceClient,
-};
+use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, rate_limit_response::Code};
 use harness::server::Tollgate;
 use serde::Deserialize;
 
@@ -76,9 +74,7 @@ async fn run_fixture(path: &Path) {
     let rules = dir.path().join("rules.yaml");
     std::fs::write(&rules, &fixture.rules).unwrap();
     let tg = Tollgate::start_with(|c| c.ratelimit.rules = Some(rules.clone())).await;
-    let mut c = RateLimitServiceClient::connect(format!("http://{}", tg.grpc))
-        .await
-        .unwrap();
+    let mut c = tg.ratelimit_client().await;
     for (i, step) in fixture.steps.iter().enumerate() {
         let request = RateLimitRequest {
             domain: domain.clone(),

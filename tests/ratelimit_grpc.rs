@@ -57,12 +57,6 @@ async fn start(rules: &str) -> (Tollgate, std::path::PathBuf) {
     (tg, path)
 }
 
-async fn client(tg: &Tollgate) -> RateLimitServiceClient<Channel> {
-    RateLimitServiceClient::connect(format!("http://{}", tg.grpc))
-        .await
-        .unwrap()
-}
-
 fn descriptor(entries: &[(&str, &str)]) -> RateLimitDescriptor {
     RateLimitDescriptor {
         entries: entries
@@ -95,7 +89,7 @@ fn over(r: &RateLimitResponse) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_value_rule_limits_and_reports_each_descriptor() {
     let (tg, _) = start(RULES).await;
-    let mut c = client(&tg).await;
+    let mut c = tg.ratelimit_client().await;
     let search = || request("api", vec![descriptor(&[("path", "/v1/search")])]);
     for left in [2, 1, 0] {
         let r = ask(&mut c, search()).await;
@@ -129,7 +123,7 @@ async fn a_value_rule_limits_and_reports_each_descriptor() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_descriptors_are_all_counted_and_a_refusal_gives_the_others_back() {
     let (tg, _) = start(RULES).await;
-    let mut c = client(&tg).await;
+    let mut c = tg.ratelimit_client().await;
     let r = ask(
         &mut c,
         request(
@@ -169,7 +163,7 @@ async fn several_descriptors_are_all_counted_and_a_refusal_gives_the_others_back
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hits_addend_counts_at_request_and_descriptor_level() {
     let (tg, _) = start(RULES).await;
-    let mut c = client(&tg).await;
+    let mut c = tg.ratelimit_client().await;
     let mut r = request("api", vec![descriptor(&[("path", "/v1/search")])]);
     r.hits_addend = 2;
     assert_eq!(ask(&mut c, r.clone()).await.statuses[0].limit_remaining, 1);
@@ -193,7 +187,7 @@ async fn hits_addend_counts_at_request_and_descriptor_level() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadow_mode_counts_but_allows() {
     let (tg, _) = start(RULES).await;
-    let mut c = client(&tg).await;
+    let mut c = tg.ratelimit_client().await;
     for _ in 0..3 {
         let r = ask(&mut c, request("api", vec![descriptor(&[("soft", "x")])])).await;
         assert!(!over(&r));
@@ -214,7 +208,7 @@ async fn shadow_mode_counts_but_allows() {
         c.ratelimit.shadow_mode = true;
     })
     .await;
-    let mut c = client(&tg).await;
+    let mut c = tg.ratelimit_client().await;
     let r = ask(
         &mut c,
         request("api", vec![descriptor(&[("remote_address", "10.0.0.66")])]),
@@ -227,7 +221,7 @@ async fn shadow_mode_counts_but_allows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replaces_drops_the_replaced_rule_for_that_request() {
     let (tg, _) = start(RULES).await;
-    let mut c = client(&tg).await;
+    let mut c = tg.ratelimit_client().await;
     let both = || {
         request(
             "api",
@@ -256,7 +250,7 @@ async fn replaces_drops_the_replaced_rule_for_that_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoys_limit_override_wins() {
     let (tg, _) = start(RULES).await;
-    let mut c = client(&tg).await;
+    let mut c = tg.ratelimit_client().await;
     let mut d = descriptor(&[("path", "/v1/search")]);
     d.limit = Some(RateLimitOverride {
         requests_per_unit: 1,
@@ -282,7 +276,7 @@ async fn an_api_key_descriptor_gets_that_keys_per_minute_limit() {
         )
         .await;
     let (_, unlimited) = tg.create_key("free", Limits::default()).await;
-    let mut c = client(&tg).await;
+    let mut c = tg.ratelimit_client().await;
     let id_text = id.to_string();
     let key = || request("api", vec![descriptor(&[("api_key_id", &id_text)])]);
     let r = ask(&mut c, key()).await;
@@ -335,7 +329,7 @@ async fn an_api_key_descriptor_gets_that_keys_per_minute_limit() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rules_reload_on_change_and_a_bad_file_keeps_the_old_rules() {
     let (tg, path) = start(RULES).await;
-    let mut c = client(&tg).await;
+    let mut c = tg.ratelimit_client().await;
     let probe = || request("api", vec![descriptor(&[("path", "/v1/search")])]);
     assert_eq!(ask(&mut c, probe()).await.statuses[0].limit_remaining, 2);
     std::fs::write(
@@ -411,9 +405,7 @@ async fn sighup_reloads_at_once_and_no_request_is_dropped_meanwhile() {
         ],
     )
     .await;
-    let mut c = RateLimitServiceClient::connect(replica.grpc.clone())
-        .await
-        .unwrap();
+    let mut c = replica.ratelimit_client().await;
     let probe = || request("api", vec![descriptor(&[("path", "/v1/other")])]);
     let limit_of = |r: &RateLimitResponse| {
         r.statuses[0]
@@ -472,7 +464,7 @@ async fn two_replicas_on_redis_share_rule_counters() {
     };
     let a = Tollgate::start_with(configure).await;
     let b = Tollgate::start_with(configure).await;
-    let (mut ca, mut cb) = (client(&a).await, client(&b).await);
+    let (mut ca, mut cb) = (a.ratelimit_client().await, b.ratelimit_client().await);
     let search = || request("api", vec![descriptor(&[("path", "/v1/search")])]);
     assert!(!over(&ask(&mut ca, search()).await));
     assert!(!over(&ask(&mut cb, search()).await));

@@ -7,6 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use tonic::transport::Channel;
 
 use crate::cli::tollgate_command;
@@ -69,6 +70,12 @@ impl Replica {
 
     pub async fn client(&self) -> AuthorizationClient<Channel> {
         AuthorizationClient::connect(self.grpc.clone())
+            .await
+            .expect("connects")
+    }
+
+    pub async fn ratelimit_client(&self) -> RateLimitServiceClient<Channel> {
+        RateLimitServiceClient::connect(self.grpc.clone())
             .await
             .expect("connects")
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
+use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tollgate::app::App;
@@ -139,6 +140,12 @@ impl Tollgate {
 
     pub async fn client(&self) -> AuthorizationClient<Channel> {
         AuthorizationClient::connect(format!("http://{}", self.grpc))
+            .await
+            .expect("connects")
+    }
+
+    pub async fn ratelimit_client(&self) -> RateLimitServiceClient<Channel> {
+        RateLimitServiceClient::connect(format!("http://{}", self.grpc))
             .await
             .expect("connects")
     }
