@@ -6,6 +6,7 @@ use std::process::{Command, Output};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use harness::check::{check_request, key_header};
 use harness::cli::tollgate_command;
+use harness::db::scalar;
 use harness::net::{free_port, http_client};
 use harness::replica::Replica;
 use tonic_health::pb::{
@@ -287,13 +288,8 @@ async fn serve_answers_health_and_metrics_then_sigterm_flushes_and_exits_0() {
 
     // The flush interval is 10 s, so the rows are still queued: SIGTERM must write them.
     assert_eq!(s.stop_with("-TERM").await.code(), Some(0));
-    let pool = sqlx::SqlitePool::connect(&bin.db_url()).await.unwrap();
-    let rows: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_requests_log")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let rows = scalar(&bin.db_url(), "SELECT COUNT(*) FROM api_requests_log").await;
     assert_eq!(rows, 4);
-    pool.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
