@@ -29,16 +29,7 @@ async fn explain(db: &TestDb, sql: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_lookup_tollgate_makes_uses_an_index() {
     let db = TestDb::create(Db::Postgres).await;
-    let stores = tollgate::store::open(
-        &tollgate::config::DatabaseConfig {
-            url: SecretUrl(db.url.clone()),
-            ..Default::default()
-        },
-        true,
-    )
-    .await
-    .unwrap();
-    stores.close().await;
+    db.open_stores().await.close().await;
     // Enough rows that a sequential scan would be the planner's choice without an index.
     db.execute(
         "INSERT INTO api_keys (name, prefix, key_hash) \

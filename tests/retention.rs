@@ -6,8 +6,8 @@ use std::time::Duration;
 use chrono::{DateTime, Datelike, Duration as Span, Utc};
 use harness::db::{Db, TestDb};
 use harness::server::{Tollgate, t0};
-use tollgate::config::{DatabaseConfig, SecretUrl};
-use tollgate::store::{self, LogApi, LogRow, Stores};
+use tollgate::config::SecretUrl;
+use tollgate::store::{LogApi, LogRow};
 
 const RETENTION: Duration = Duration::from_secs(90 * 86_400);
 
@@ -28,18 +28,6 @@ fn row(ts: DateTime<Utc>, id: &str) -> LogRow {
     }
 }
 
-async fn open(db: &TestDb) -> Stores {
-    store::open(
-        &DatabaseConfig {
-            url: SecretUrl(db.url.clone()),
-            ..Default::default()
-        },
-        true,
-    )
-    .await
-    .unwrap()
-}
-
 fn partition(t: DateTime<Utc>) -> String {
     format!("api_requests_log_{:04}_{:02}", t.year(), t.month())
 }
@@ -55,7 +43,7 @@ async fn exists(db: &TestDb, table: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_keeps_months_ahead_and_drops_whole_months_past_the_retention() {
     let db = TestDb::create(Db::Postgres).await;
-    let stores = open(&db).await;
+    let stores = db.open_stores().await;
     let now: DateTime<Utc> = "2026-03-10T12:00:00Z".parse().unwrap();
     let rows = [
         row(now - Span::days(150), "old"),
@@ -127,7 +115,7 @@ async fn replicas_maintaining_at_once_agree() {
     let now: DateTime<Utc> = "2026-03-10T12:00:00Z".parse().unwrap();
     let mut replicas = Vec::new();
     for _ in 0..4 {
-        replicas.push(open(&db).await);
+        replicas.push(db.open_stores().await);
     }
     let runs: Vec<_> = replicas
         .iter()
@@ -158,7 +146,7 @@ async fn replicas_maintaining_at_once_agree() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_deletes_rows_past_the_retention() {
     let db = TestDb::create(Db::Sqlite).await;
-    let stores = open(&db).await;
+    let stores = db.open_stores().await;
     let now: DateTime<Utc> = "2026-03-10T12:00:00Z".parse().unwrap();
     let rows: Vec<LogRow> = (0..12_000)
         .map(|i| row(now - Span::days(if i % 2 == 0 { 100 } else { 10 }), "r"))
@@ -180,7 +168,7 @@ async fn sqlite_deletes_rows_past_the_retention() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_tollgate_maintains_the_log_at_start() {
     let db = TestDb::create(Db::Postgres).await;
-    let stores = open(&db).await;
+    let stores = db.open_stores().await;
     // t0 is 2026-03-10: a row from last year is past any 90-day retention.
     stores
         .log
@@ -206,8 +194,8 @@ async fn a_running_tollgate_maintains_the_log_at_start() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_row_is_lost_while_a_month_is_carved_out_of_the_default_partition() {
     let db = TestDb::create(Db::Postgres).await;
-    let writer = open(&db).await;
-    let maintainer = open(&db).await;
+    let writer = db.open_stores().await;
+    let maintainer = db.open_stores().await;
     let start: DateTime<Utc> = "2026-01-15T00:00:00Z".parse().unwrap();
     // Rows keep arriving for the months that maintenance is about to create.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

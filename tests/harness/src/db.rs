@@ -1,9 +1,11 @@
 //! Databases of a test's own: [`TestDb`] on SQLite or PostgreSQL (dropped with the test, also
-//! when it fails), statements and [`scalar`] reads on it, a lock that holds quota writes, and
-//! [`every_database!`](crate::every_database), which runs one test body on each database.
-//! PostgreSQL that does not answer fails the test, naming it.
+//! when it fails), statements and [`scalar`] reads on it, tollgate's stores opened on it, a lock
+//! that holds quota writes, and [`every_database!`](crate::every_database), which runs one test
+//! body on each database. PostgreSQL that does not answer fails the test, naming it.
 
 use sqlx::Connection;
+use tollgate::config::{DatabaseConfig, SecretUrl};
+use tollgate::store::{self, Stores};
 
 /// Which database a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +82,19 @@ impl TestDb {
 
     pub async fn scalar(&self, sql: &str) -> i64 {
         scalar(&self.url, sql).await
+    }
+
+    /// Opens tollgate's stores on this database, as a replica does at start (migrating it).
+    pub async fn open_stores(&self) -> Stores {
+        store::open(
+            &DatabaseConfig {
+                url: SecretUrl(self.url.clone()),
+                ..Default::default()
+            },
+            true,
+        )
+        .await
+        .unwrap()
     }
 
     /// Takes a lock that makes every quota write wait until [`QuotaLock::release`].
