@@ -10,7 +10,7 @@ use envoy_types::pb::envoy::service::auth::v3::{
 };
 use envoy_types::pb::google::protobuf::value::Kind;
 use harness::check::{check_request, denied, headers_of, key_header, ok};
-use harness::cli::tollgate_command;
+use harness::cli::{cli_create_key, tollgate_command};
 use harness::db::Db;
 use harness::every_database;
 use harness::server::{Tollgate, limits, t0};
@@ -170,10 +170,11 @@ async fn revoked_key_is_403_on_the_running_server_within_a_second(db: Db) {
 async fn key_created_by_the_cli_works_on_the_running_server_within_a_second(db: Db) {
     let tg = Tollgate::on(db).await;
     let mut c = tg.client().await;
-    let out = tg.cli(&["keys", "create", "--name", "late", "--daily", "5", "--json"]);
-    assert!(out.status.success(), "{out:?}");
-    let created: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let key = created["key"].as_str().unwrap().to_string();
+    let (key, _) = cli_create_key(
+        tg.dir.path(),
+        &tg.db_url,
+        &["--name", "late", "--daily", "5"],
+    );
     let started = Instant::now();
     // Asked once before it existed, so the unknown answer is cached: the change poll must
     // still let it in within a second.

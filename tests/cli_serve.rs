@@ -5,7 +5,7 @@ use std::process::{Command, Output};
 
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use harness::check::{check_request, key_header};
-use harness::cli::tollgate_command;
+use harness::cli::{cli_create_key, tollgate_command};
 use harness::db::scalar;
 use harness::net::{free_port, http_client};
 use harness::replica::Replica;
@@ -223,9 +223,7 @@ async fn serve(bin: &Bin) -> Replica {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_answers_health_and_metrics_then_sigterm_flushes_and_exits_0() {
     let bin = Bin::new();
-    let created: serde_json::Value =
-        serde_json::from_str(&bin.run_ok(&["keys", "create", "--name", "s", "--json"])).unwrap();
-    let key = created["key"].as_str().unwrap().to_string();
+    let (key, _) = cli_create_key(bin.dir.path(), &bin.db_url(), &["--name", "s"]);
     let s = serve(&bin).await;
 
     let health = http_client()
@@ -325,11 +323,7 @@ fn serve_refuses_a_port_in_use_with_a_clear_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_api_key_appears_in_any_log_line_even_at_trace_level() {
     let bin = Bin::new();
-    let created: serde_json::Value =
-        serde_json::from_str(&bin.run_ok(&["keys", "create", "--name", "secret", "--json"]))
-            .unwrap();
-    let key = created["key"].as_str().unwrap().to_string();
-    let id = created["id"].as_i64().unwrap();
+    let (key, id) = cli_create_key(bin.dir.path(), &bin.db_url(), &["--name", "secret"]);
     let unknown = tollgate::keys::generate().plaintext;
     let db = bin.db_url();
     let s = Replica::spawn(
@@ -377,9 +371,7 @@ async fn no_api_key_appears_in_any_log_line_even_at_trace_level() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_delay_keeps_answering_while_health_says_not_serving() {
     let bin = Bin::new();
-    let created: serde_json::Value =
-        serde_json::from_str(&bin.run_ok(&["keys", "create", "--name", "d", "--json"])).unwrap();
-    let key = created["key"].as_str().unwrap().to_string();
+    let (key, _) = cli_create_key(bin.dir.path(), &bin.db_url(), &["--name", "d"]);
     let db = bin.db_url();
     let s = Replica::spawn(
         bin.dir.path(),
