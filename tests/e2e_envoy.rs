@@ -23,8 +23,18 @@ impl Reply {
     }
 }
 
+/// GET /v1/things through Envoy with these headers.
 async fn get(envoy: &Envoy, headers: &[(&str, &str)]) -> Reply {
-    let mut req = http_client().get(envoy.url("/v1/things"));
+    get_at(envoy, "/v1/things", headers).await
+}
+
+/// GET `path` through Envoy with this key.
+async fn get_path(envoy: &Envoy, path: &str, key: &str) -> Reply {
+    get_at(envoy, path, &[("x-api-key", key)]).await
+}
+
+async fn get_at(envoy: &Envoy, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut req = http_client().get(envoy.url(path));
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
@@ -388,18 +398,4 @@ async fn a_key_that_asks_gets_its_quota_back_when_the_upstream_fails() {
     }
     assert_eq!(get_path(&envoy, "/v1/things", &key).await.status, 429);
     tg.stop().await;
-}
-
-async fn get_path(envoy: &Envoy, path: &str, key: &str) -> Reply {
-    let resp = http_client()
-        .get(envoy.url(path))
-        .header("x-api-key", key)
-        .send()
-        .await
-        .expect("envoy answers");
-    Reply {
-        status: resp.status().as_u16(),
-        headers: resp.headers().clone(),
-        body: resp.text().await.unwrap(),
-    }
 }
