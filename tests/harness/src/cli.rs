@@ -6,7 +6,7 @@ use std::process::Command;
 
 /// The `tollgate` binary built for these tests: `CARGO_BIN_EXE_tollgate`, which cargo sets when
 /// it runs an integration test, else the one beside the test binary (`target/debug/deps/..`).
-pub fn tollgate_bin() -> PathBuf {
+fn tollgate_bin() -> PathBuf {
     if let Some(path) = std::env::var_os("CARGO_BIN_EXE_tollgate") {
         return PathBuf::from(path);
     }

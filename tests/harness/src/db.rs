@@ -16,7 +16,7 @@ pub enum Db {
 
 /// The PostgreSQL server tests create their databases on: `TEST_POSTGRES_URL`, else the
 /// machine's local server.
-pub fn postgres_admin_url() -> String {
+fn postgres_admin_url() -> String {
     std::env::var("TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
@@ -24,7 +24,7 @@ pub fn postgres_admin_url() -> String {
 /// A database of the test's own, removed when dropped (also when the test fails).
 pub struct TestDb {
     pub url: String,
-    pub kind: Db,
+    kind: Db,
     pg: Option<(String, String)>,
     _dir: tempfile::TempDir,
 }
@@ -177,7 +177,7 @@ async fn connect_pg(url: &str) -> sqlx::PgConnection {
 }
 
 /// Twelve lowercase letters and digits, for names no other test picks.
-pub fn rand_suffix() -> String {
+fn rand_suffix() -> String {
     use rand::RngExt;
     rand::rng()
         .sample_iter(&rand::distr::Alphanumeric)

@@ -1,6 +1,6 @@
 //! [`Envoy`]: a real Envoy process running one of the configs in `envoy/`, its ports moved to
-//! free ones and its tollgate cluster pointed at the test's tollgate; where its binary is
-//! ([`envoy_binary`]), and what it logged.
+//! free ones and its tollgate cluster pointed at the test's tollgate (the binary is
+//! `TEST_ENVOY_BIN`, else `envoy` on PATH); its URLs, and what it logged.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use crate::net::{free_port, http_client};
 
 /// Path of the envoy binary: `TEST_ENVOY_BIN`, else `envoy` on PATH.
-pub fn envoy_binary() -> PathBuf {
+fn envoy_binary() -> PathBuf {
     if let Some(p) = std::env::var_os("TEST_ENVOY_BIN") {
         return PathBuf::from(p);
     }
@@ -39,9 +39,9 @@ fn repository() -> &'static Path {
 /// A real Envoy running one of the configs in `envoy/`, its ports moved to free ones.
 pub struct Envoy {
     child: Child,
-    pub port: u16,
-    pub admin_port: u16,
-    pub access_log: PathBuf,
+    port: u16,
+    admin_port: u16,
+    access_log: PathBuf,
     dir: tempfile::TempDir,
 }
 
@@ -118,7 +118,7 @@ impl Envoy {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
-    pub fn log(&self) -> String {
+    fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("envoy.log")).unwrap_or_default()
     }
 

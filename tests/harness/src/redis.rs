@@ -58,7 +58,7 @@ pub async fn redis_cluster_url() -> String {
 }
 
 /// Every node URL in a `redis://` or `redis+cluster://` URL.
-pub fn redis_nodes(url: &str) -> Vec<String> {
+fn redis_nodes(url: &str) -> Vec<String> {
     match tollgate::limiter::redis::parse_url(url).expect("a Redis URL") {
         tollgate::limiter::redis::Target::Node(u) => vec![u],
         tollgate::limiter::redis::Target::Cluster(nodes) => nodes,
@@ -124,7 +124,7 @@ pub async fn delete_redis_keys(url: &str, prefix: &str) {
 /// A Redis server of this test's own, on a free port, that the test may stop and restart
 /// (never the shared one).
 pub struct PrivateRedis {
-    pub port: u16,
+    port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
 }

@@ -15,7 +15,7 @@ use crate::net::{free_port, http_client, metrics_text};
 
 /// A `tollgate serve` process on free ports.
 pub struct Replica {
-    pub child: Child,
+    child: Child,
     pub grpc: String,
     pub http: String,
     /// Where its standard error (its log) goes.
