@@ -4,14 +4,16 @@
 //! dead code in it.
 //!
 //! # Layout
-//! - [`db`]: a database of the test's own (SQLite or PostgreSQL), reading and locking it, and
-//!   [`every_database!`], which runs a test body on each.
-//! - [`server`]: [`server::Tollgate`], an in-process tollgate on ephemeral ports; [`server::t0`].
+//! - [`db`]: a database of the test's own (SQLite or PostgreSQL): reading it, locking it, opening
+//!   tollgate's stores on it; and [`every_database!`], which runs a test body on each.
+//! - [`server`]: [`server::Tollgate`], an in-process tollgate on ephemeral ports, with its
+//!   clients and stores; [`server::t0`] and [`server::limits`].
 //! - [`check`]: CheckRequest builders, and what a client sees of the answers.
 //! - [`cli`]: the `tollgate` binary: running a command, creating a key with it.
 //! - [`replica`]: [`replica::Replica`], a `tollgate serve` process.
 //! - [`envoy`]: [`envoy::Envoy`], a real Envoy in front of a tollgate.
-//! - [`redis`]: the shared Redis node and cluster, key prefixes, and a private Redis to stop.
+//! - [`redis`]: the shared Redis node and cluster, key prefixes, the keys on each node, and a
+//!   private Redis to stop.
 //! - [`net`]: free ports, the HTTP client, `/metrics`.
 
 pub mod check;
