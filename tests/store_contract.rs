@@ -6,21 +6,8 @@ use chrono::{DateTime, Duration as Span, Utc};
 use harness::db::{Db, TestDb};
 use harness::every_database;
 use harness::server::t0;
-use tollgate::config::{DatabaseConfig, SecretUrl};
 use tollgate::keys::{self, Limits};
-use tollgate::store::{self, LogApi, LogRow, Outcome, Quota, QuotaOutcome, Stores, Usage};
-
-async fn open(db: &TestDb) -> Stores {
-    store::open(
-        &DatabaseConfig {
-            url: SecretUrl(db.url.clone()),
-            ..Default::default()
-        },
-        true,
-    )
-    .await
-    .unwrap()
-}
+use tollgate::store::{LogApi, LogRow, Outcome, Quota, QuotaOutcome, Stores, Usage};
 
 async fn new_key(stores: &Stores, name: &str, limits: Limits) -> i64 {
     stores
@@ -47,7 +34,7 @@ fn usage(daily: u64, monthly: u64, total: u64) -> Usage {
 /// every other one is refused for the day with the count at the limit, and the counters say 50.
 async fn consume_admits_exactly_the_limit_across_replicas(db: Db) {
     let db = TestDb::create(db).await;
-    let replicas = [open(&db).await, open(&db).await];
+    let replicas = [db.open_stores().await, db.open_stores().await];
     let key = new_key(&replicas[0], "hot", Limits::default()).await;
     let tasks: Vec<_> = (0..200)
         .map(|i| {
@@ -81,7 +68,7 @@ async fn consume_admits_exactly_the_limit_across_replicas(db: Db) {
 /// A cost that does not fit whole spends nothing; one that fits exactly is admitted.
 async fn consume_is_all_or_nothing_for_a_cost(db: Db) {
     let db = TestDb::create(db).await;
-    let stores = open(&db).await;
+    let stores = db.open_stores().await;
     let key = new_key(&stores, "costly", Limits::default()).await;
     let q = quota(Some(10), Some(12));
     let outcome = |daily, monthly| QuotaOutcome::Admitted { daily, monthly };
@@ -114,7 +101,7 @@ async fn consume_is_all_or_nothing_for_a_cost(db: Db) {
 /// goes on counting until the month turns (DESIGN rule 2).
 async fn a_new_day_and_a_new_month_count_from_zero(db: Db) {
     let db = TestDb::create(db).await;
-    let stores = open(&db).await;
+    let stores = db.open_stores().await;
     let key = new_key(&stores, "daily", Limits::default()).await;
     let q = quota(Some(2), Some(5));
     for _ in 0..2 {
@@ -154,7 +141,7 @@ async fn a_new_day_and_a_new_month_count_from_zero(db: Db) {
 /// still belong to them; the total always; never below zero.
 async fn give_back_returns_units_to_the_period_they_were_spent_in(db: Db) {
     let db = TestDb::create(db).await;
-    let stores = open(&db).await;
+    let stores = db.open_stores().await;
     let key = new_key(&stores, "refunded", Limits::default()).await;
     let q = quota(None, Some(1000));
     stores.quotas.consume(key, q, 5, t0()).await.unwrap();
@@ -184,7 +171,7 @@ async fn give_back_returns_units_to_the_period_they_were_spent_in(db: Db) {
 /// unit is counted once.
 async fn replicas_sharing_keys_in_opposite_orders_never_deadlock(db: Db) {
     let db = TestDb::create(db).await;
-    let replicas = [open(&db).await, open(&db).await];
+    let replicas = [db.open_stores().await, db.open_stores().await];
     let mut ids = Vec::new();
     for i in 0..8 {
         ids.push(new_key(&replicas[0], &format!("k{i}"), Limits::default()).await);
@@ -230,7 +217,7 @@ async fn replicas_sharing_keys_in_opposite_orders_never_deadlock(db: Db) {
 /// request of a key is counted like every other.
 async fn every_key_has_its_counters_from_the_start(db: Db) {
     let db = TestDb::create(db).await;
-    let stores = open(&db).await;
+    let stores = db.open_stores().await;
     db.execute(
         "INSERT INTO api_keys (name, prefix, key_hash, status, created_at, updated_at) \
          VALUES ('by hand', 'tg_byhand1', 'by-hand', 'active', '2026-03-10T00:00:00Z', \
@@ -286,7 +273,7 @@ fn outcome(request_id: &str, status: u16) -> Outcome {
 /// cost back to the day it was spent in, once; other keys and other statuses keep theirs.
 async fn complete_fills_in_outcomes_and_refunds_once(db: Db) {
     let db = TestDb::create(db).await;
-    let stores = open(&db).await;
+    let stores = db.open_stores().await;
     let refund = Limits {
         refund_5xx: true,
         ..Limits::default()
@@ -337,7 +324,7 @@ async fn complete_fills_in_outcomes_and_refunds_once(db: Db) {
 /// is left.
 async fn maintenance_keeps_what_retention_keeps(db: Db) {
     let db = TestDb::create(db).await;
-    let stores = open(&db).await;
+    let stores = db.open_stores().await;
     let key = new_key(&stores, "logged", Limits::default()).await;
     let now: DateTime<Utc> = "2026-09-15T12:00:00Z".parse().unwrap();
     let old = now - Span::days(200);
