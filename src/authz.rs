@@ -14,7 +14,7 @@ use crate::failure::{FailurePolicies, Verdict};
 use crate::keys::{self, ApiKey, KeyStatus, cache::KeyCache};
 use crate::limiter::{Algorithm, Rate, WindowLimiter};
 use crate::reqlog::{RequestLog, clip};
-use crate::store::{LogApi, LogRow, Quota, QuotaOutcome, QuotaStore};
+use crate::store::{LogApi, LogRow, Quota, QuotaOutcome, QuotaStore, Spend};
 use crate::telemetry::Metrics;
 
 /// Per-minute window length.
@@ -275,7 +275,10 @@ impl AuthzService {
             monthly: key.limits.monthly,
         };
         let step = std::time::Instant::now();
-        let outcome = self.quotas.consume(key.id, quota, cost, now).await;
+        let outcome = self
+            .quotas
+            .consume(Spend::new(key.id, cost, now), quota)
+            .await;
         self.metrics.database_duration.observe(step.elapsed());
         let refused = match outcome {
             Ok(QuotaOutcome::Admitted { daily, monthly }) => {

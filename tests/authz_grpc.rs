@@ -711,7 +711,7 @@ async fn usage_command_reports_days_and_top_keys_from_the_log(db: Db) {
 }
 
 async fn a_5xx_answer_gives_the_quota_back_for_keys_that_ask(db: Db) {
-    use tollgate::store::{LogApi, LogRow, Outcome, Quota, QuotaOutcome};
+    use tollgate::store::{LogApi, LogRow, Outcome, Quota, QuotaOutcome, Spend};
     let tg = Tollgate::on(db).await;
     let refunding = Limits {
         daily: Some(5),
@@ -731,7 +731,7 @@ async fn a_5xx_answer_gives_the_quota_back_for_keys_that_ask(db: Db) {
         let spent = tg
             .stores
             .quotas
-            .consume(key, quota, cost, now)
+            .consume(Spend::new(key, cost, now), quota)
             .await
             .unwrap();
         assert!(matches!(spent, QuotaOutcome::Admitted { .. }));
@@ -791,7 +791,7 @@ async fn a_5xx_answer_gives_the_quota_back_for_keys_that_ask(db: Db) {
 /// SQLite writer batches them), and each must still be answered as if it ran alone.
 async fn concurrent_quota_requests_on_many_keys_are_each_answered_exactly(db: Db) {
     use std::collections::HashMap;
-    use tollgate::store::{Quota, QuotaOutcome};
+    use tollgate::store::{Quota, QuotaOutcome, Spend};
     let tg = Tollgate::on(db).await;
     let (_, daily) = tg
         .create_key("daily", limits(None, Some(30), Some(1000)))
@@ -826,7 +826,13 @@ async fn concurrent_quota_requests_on_many_keys_are_each_answered_exactly(db: Db
                     daily: d,
                     monthly: m,
                 };
-                (key, quotas.consume(key, quota, cost, t0()).await.unwrap())
+                (
+                    key,
+                    quotas
+                        .consume(Spend::new(key, cost, t0()), quota)
+                        .await
+                        .unwrap(),
+                )
             })
         })
         .collect();

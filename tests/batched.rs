@@ -13,7 +13,7 @@ use harness::server::{Tollgate, t0};
 use tollgate::config::QuotaMode;
 use tollgate::keys::Limits;
 use tollgate::store::batched::BatchedQuota;
-use tollgate::store::{Quota, QuotaOutcome, QuotaStore};
+use tollgate::store::{Quota, QuotaOutcome, QuotaStore, Spend};
 
 fn daily(n: u64) -> Limits {
     Limits {
@@ -40,7 +40,9 @@ async fn replicas_never_admit_more_than_the_limit(db: Db) {
         let tasks: Vec<_> = (0..1000)
             .map(|i| {
                 let r = replicas[i % 2].clone();
-                tokio::spawn(async move { r.consume(id, quota, 1, t0()).await.unwrap() })
+                tokio::spawn(
+                    async move { r.consume(Spend::new(id, 1, t0()), quota).await.unwrap() },
+                )
             })
             .collect();
         let mut admitted = 0;
@@ -77,13 +79,13 @@ async fn a_rollover_starts_from_zero_and_leftovers_go_back_to_their_day(db: Db) 
     let late: chrono::DateTime<chrono::Utc> = "2026-03-10T23:59:59Z".parse().unwrap();
     for _ in 0..3 {
         assert!(matches!(
-            b.consume(id, quota, 1, late).await.unwrap(),
+            b.consume(Spend::new(id, 1, late), quota).await.unwrap(),
             QuotaOutcome::Admitted { .. }
         ));
     }
     let next: chrono::DateTime<chrono::Utc> = "2026-03-11T00:00:01Z".parse().unwrap();
     assert!(matches!(
-        b.consume(id, quota, 1, next).await.unwrap(),
+        b.consume(Spend::new(id, 1, next), quota).await.unwrap(),
         QuotaOutcome::Admitted { .. }
     ));
     b.flush().await.unwrap();

@@ -7,7 +7,7 @@ use harness::db::{Db, TestDb};
 use harness::every_database;
 use harness::server::t0;
 use tollgate::keys::{self, Limits};
-use tollgate::store::{LogApi, LogRow, Outcome, Quota, QuotaOutcome, Stores, Usage};
+use tollgate::store::{LogApi, LogRow, Outcome, Quota, QuotaOutcome, Spend, Stores, Usage};
 
 async fn new_key(stores: &Stores, name: &str, limits: Limits) -> i64 {
     stores
@@ -41,7 +41,7 @@ async fn consume_admits_exactly_the_limit_across_replicas(db: Db) {
             let quotas = replicas[i % 2].quotas.clone();
             tokio::spawn(async move {
                 quotas
-                    .consume(key, quota(Some(50), Some(1000)), 1, t0())
+                    .consume(Spend::new(key, 1, t0()), quota(Some(50), Some(1000)))
                     .await
                     .unwrap()
             })
@@ -73,21 +73,37 @@ async fn consume_is_all_or_nothing_for_a_cost(db: Db) {
     let q = quota(Some(10), Some(12));
     let outcome = |daily, monthly| QuotaOutcome::Admitted { daily, monthly };
     assert_eq!(
-        stores.quotas.consume(key, q, 7, t0()).await.unwrap(),
+        stores
+            .quotas
+            .consume(Spend::new(key, 7, t0()), q)
+            .await
+            .unwrap(),
         outcome(7, 7)
     );
     assert_eq!(
-        stores.quotas.consume(key, q, 4, t0()).await.unwrap(),
+        stores
+            .quotas
+            .consume(Spend::new(key, 4, t0()), q)
+            .await
+            .unwrap(),
         QuotaOutcome::DailyExceeded { used: 7 }
     );
     assert_eq!(
-        stores.quotas.consume(key, q, 3, t0()).await.unwrap(),
+        stores
+            .quotas
+            .consume(Spend::new(key, 3, t0()), q)
+            .await
+            .unwrap(),
         outcome(10, 10)
     );
     // The month has 2 left, the next day 10: the month refuses.
     let tomorrow = t0() + Span::days(1);
     assert_eq!(
-        stores.quotas.consume(key, q, 3, tomorrow).await.unwrap(),
+        stores
+            .quotas
+            .consume(Spend::new(key, 3, tomorrow), q)
+            .await
+            .unwrap(),
         QuotaOutcome::MonthlyExceeded { used: 10 }
     );
     assert_eq!(
@@ -106,17 +122,29 @@ async fn a_new_day_and_a_new_month_count_from_zero(db: Db) {
     let q = quota(Some(2), Some(5));
     for _ in 0..2 {
         assert!(matches!(
-            stores.quotas.consume(key, q, 1, t0()).await.unwrap(),
+            stores
+                .quotas
+                .consume(Spend::new(key, 1, t0()), q)
+                .await
+                .unwrap(),
             QuotaOutcome::Admitted { .. }
         ));
     }
     assert_eq!(
-        stores.quotas.consume(key, q, 1, t0()).await.unwrap(),
+        stores
+            .quotas
+            .consume(Spend::new(key, 1, t0()), q)
+            .await
+            .unwrap(),
         QuotaOutcome::DailyExceeded { used: 2 }
     );
     let tomorrow = t0() + Span::days(1);
     assert_eq!(
-        stores.quotas.consume(key, q, 1, tomorrow).await.unwrap(),
+        stores
+            .quotas
+            .consume(Spend::new(key, 1, tomorrow), q)
+            .await
+            .unwrap(),
         QuotaOutcome::Admitted {
             daily: 1,
             monthly: 3
@@ -128,7 +156,11 @@ async fn a_new_day_and_a_new_month_count_from_zero(db: Db) {
         usage(0, 0, 3)
     );
     assert_eq!(
-        stores.quotas.consume(key, q, 2, next_month).await.unwrap(),
+        stores
+            .quotas
+            .consume(Spend::new(key, 2, next_month), q)
+            .await
+            .unwrap(),
         QuotaOutcome::Admitted {
             daily: 2,
             monthly: 2
@@ -144,21 +176,41 @@ async fn give_back_returns_units_to_the_period_they_were_spent_in(db: Db) {
     let stores = db.open_stores().await;
     let key = new_key(&stores, "refunded", Limits::default()).await;
     let q = quota(None, Some(1000));
-    stores.quotas.consume(key, q, 5, t0()).await.unwrap();
-    stores.quotas.give_back(key, 2, t0()).await.unwrap();
+    stores
+        .quotas
+        .consume(Spend::new(key, 5, t0()), q)
+        .await
+        .unwrap();
+    stores
+        .quotas
+        .give_back(Spend::new(key, 2, t0()))
+        .await
+        .unwrap();
     assert_eq!(
         stores.quotas.usage(key, t0()).await.unwrap(),
         usage(3, 3, 3)
     );
     // The next day: giving back yesterday's units leaves today's counter alone.
     let tomorrow = t0() + Span::days(1);
-    stores.quotas.consume(key, q, 4, tomorrow).await.unwrap();
-    stores.quotas.give_back(key, 1, t0()).await.unwrap();
+    stores
+        .quotas
+        .consume(Spend::new(key, 4, tomorrow), q)
+        .await
+        .unwrap();
+    stores
+        .quotas
+        .give_back(Spend::new(key, 1, t0()))
+        .await
+        .unwrap();
     assert_eq!(
         stores.quotas.usage(key, tomorrow).await.unwrap(),
         usage(4, 6, 6)
     );
-    stores.quotas.give_back(key, 100, tomorrow).await.unwrap();
+    stores
+        .quotas
+        .give_back(Spend::new(key, 100, tomorrow))
+        .await
+        .unwrap();
     assert_eq!(
         stores.quotas.usage(key, tomorrow).await.unwrap(),
         usage(0, 0, 0)
@@ -183,7 +235,7 @@ async fn replicas_sharing_keys_in_opposite_orders_never_deadlock(db: Db) {
                 let quotas = quotas.clone();
                 async move {
                     quotas
-                        .consume(id, quota(None, Some(1 << 40)), 1, t0())
+                        .consume(Spend::new(id, 1, t0()), quota(None, Some(1 << 40)))
                         .await
                 }
             });
@@ -231,7 +283,7 @@ async fn every_key_has_its_counters_from_the_start(db: Db) {
     assert_eq!(
         stores
             .quotas
-            .consume(id, quota(Some(1), None), 1, t0())
+            .consume(Spend::new(id, 1, t0()), quota(Some(1), None))
             .await
             .unwrap(),
         QuotaOutcome::Admitted {
@@ -282,12 +334,12 @@ async fn complete_fills_in_outcomes_and_refunds_once(db: Db) {
     let b = new_key(&stores, "keep", Limits::default()).await;
     stores
         .quotas
-        .consume(a, quota(None, None), 5, t0())
+        .consume(Spend::new(a, 5, t0()), quota(None, None))
         .await
         .unwrap();
     stores
         .quotas
-        .consume(b, quota(None, None), 2, t0())
+        .consume(Spend::new(b, 2, t0()), quota(None, None))
         .await
         .unwrap();
     stores

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
-use super::{Quota, QuotaOutcome, QuotaStore, StoreError, Usage};
+use super::{Quota, QuotaOutcome, QuotaStore, Spend, StoreError, Usage};
 use crate::config::{QuotaConfig, QuotaMode};
 
 /// Block size for counting keys without quotas.
@@ -83,29 +83,18 @@ impl QuotaCounter {
 
 #[async_trait]
 impl QuotaStore for QuotaCounter {
-    async fn consume(
-        &self,
-        key_id: i64,
-        quota: Quota,
-        cost: u64,
-        now: DateTime<Utc>,
-    ) -> Result<QuotaOutcome, StoreError> {
+    async fn consume(&self, spend: Spend, quota: Quota) -> Result<QuotaOutcome, StoreError> {
         if quota.is_uncapped() {
-            self.uncapped.consume(key_id, quota, cost, now).await
+            self.uncapped.consume(spend, quota).await
         } else if let Some(batched) = &self.batched {
-            batched.consume(key_id, quota, cost, now).await
+            batched.consume(spend, quota).await
         } else {
-            self.db.consume(key_id, quota, cost, now).await
+            self.db.consume(spend, quota).await
         }
     }
 
-    async fn give_back(
-        &self,
-        key_id: i64,
-        units: u64,
-        spent_at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        self.db.give_back(key_id, units, spent_at).await
+    async fn give_back(&self, spent: Spend) -> Result<(), StoreError> {
+        self.db.give_back(spent).await
     }
 
     async fn usage(&self, key_id: i64, now: DateTime<Utc>) -> Result<Usage, StoreError> {
@@ -182,7 +171,11 @@ impl BatchedQuota {
             if s.available > 0
                 && let Some(at) = s.reserved_at
             {
-                match self.inner.give_back(key_id, s.available, at).await {
+                match self
+                    .inner
+                    .give_back(Spend::new(key_id, s.available, at))
+                    .await
+                {
                     Ok(()) => {
                         returned += s.available;
                         s.available = 0;
@@ -212,13 +205,12 @@ impl BatchedQuota {
 
 #[async_trait]
 impl QuotaStore for BatchedQuota {
-    async fn consume(
-        &self,
-        key_id: i64,
-        quota: Quota,
-        cost: u64,
-        now: DateTime<Utc>,
-    ) -> Result<QuotaOutcome, StoreError> {
+    async fn consume(&self, spend: Spend, quota: Quota) -> Result<QuotaOutcome, StoreError> {
+        let Spend {
+            key_id,
+            units: cost,
+            at: now,
+        } = spend;
         let slot = self.slot(key_id);
         let mut s = slot.lock().await;
         // Units reserved on another day or in another month do not count now: give them back.
@@ -226,7 +218,9 @@ impl QuotaStore for BatchedQuota {
             && !same_period(at, now)
         {
             if s.available > 0 {
-                self.inner.give_back(key_id, s.available, at).await?;
+                self.inner
+                    .give_back(Spend::new(key_id, s.available, at))
+                    .await?;
             }
             *s = Slot::default();
         }
@@ -235,7 +229,11 @@ impl QuotaStore for BatchedQuota {
             let mut want = (s.block.max(1) * 2).min(self.max_block).max(cost);
             let mut granted = false;
             for _ in 0..4 {
-                match self.inner.consume(key_id, quota, want, now).await? {
+                match self
+                    .inner
+                    .consume(Spend::new(key_id, want, now), quota)
+                    .await?
+                {
                     QuotaOutcome::Admitted { daily, monthly } => {
                         s.available += want;
                         s.reserved_at = Some(now);
@@ -262,7 +260,7 @@ impl QuotaStore for BatchedQuota {
             }
             if !granted || s.available < cost {
                 // Room kept moving under us: answer as the database would.
-                return self.inner.consume(key_id, quota, cost, now).await;
+                return self.inner.consume(spend, quota).await;
             }
         }
         s.available -= cost;
@@ -272,13 +270,8 @@ impl QuotaStore for BatchedQuota {
         })
     }
 
-    async fn give_back(
-        &self,
-        key_id: i64,
-        units: u64,
-        spent_at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        self.inner.give_back(key_id, units, spent_at).await
+    async fn give_back(&self, spent: Spend) -> Result<(), StoreError> {
+        self.inner.give_back(spent).await
     }
 
     async fn usage(&self, key_id: i64, now: DateTime<Utc>) -> Result<Usage, StoreError> {

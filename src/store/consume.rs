@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot};
 
 use super::StoreError;
-use super::quota::{Quota, QuotaOutcome, count_i64, refusal};
+use super::quota::{Quota, QuotaOutcome, Spend, count_i64, refusal};
 
 /// A quota request queued for a store's writer, which may run it together with others.
 #[derive(Debug)]
@@ -24,18 +24,13 @@ pub(crate) type ConsumeAnswer = oneshot::Receiver<Result<QuotaOutcome, StoreErro
 
 impl PendingConsume {
     /// A request, and where its answer will arrive.
-    pub(crate) fn new(
-        key_id: i64,
-        quota: Quota,
-        cost: u64,
-        now: DateTime<Utc>,
-    ) -> (Self, ConsumeAnswer) {
+    pub(crate) fn new(spend: Spend, quota: Quota) -> (Self, ConsumeAnswer) {
         let (reply, answer) = oneshot::channel();
         let pending = PendingConsume {
-            key_id,
+            key_id: spend.key_id,
             quota,
-            cost: count_i64(cost),
-            now,
+            cost: count_i64(spend.units),
+            now: spend.at,
             reply,
         };
         (pending, answer)
@@ -45,12 +40,10 @@ impl PendingConsume {
     /// (the store is closed) reads as an unavailable database.
     pub(crate) async fn queue(
         queue: &mpsc::Sender<PendingConsume>,
-        key_id: i64,
+        spend: Spend,
         quota: Quota,
-        cost: u64,
-        now: DateTime<Utc>,
     ) -> Result<QuotaOutcome, StoreError> {
-        let (pending, answer) = PendingConsume::new(key_id, quota, cost, now);
+        let (pending, answer) = PendingConsume::new(spend, quota);
         queue
             .send(pending)
             .await
@@ -118,7 +111,7 @@ mod tests {
         let mut batch = Vec::new();
         let mut answers = Vec::new();
         for cost in [1, 2, 3, 4] {
-            let (p, a) = PendingConsume::new(cost as i64, capped, cost, now);
+            let (p, a) = PendingConsume::new(Spend::new(cost as i64, cost, now), capped);
             batch.push(p);
             answers.push(a);
         }

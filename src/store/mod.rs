@@ -28,7 +28,7 @@ pub use keys::{KeyChange, KeyStore, LimitsPatch};
 pub use log::{
     DayUsage, KeyUsage, LogApi, LogRow, Maintenance, Outcome, RequestLogStore, UsageSummary,
 };
-pub use quota::{Quota, QuotaOutcome, QuotaStore, Usage};
+pub use quota::{Quota, QuotaOutcome, QuotaStore, Spend, Usage};
 
 use crate::config::DatabaseConfig;
 

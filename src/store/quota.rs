@@ -20,6 +20,21 @@ impl Quota {
     }
 }
 
+/// Units of one key's quota spent, or given back, at one moment: they count in the UTC day and
+/// month `at` falls in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spend {
+    pub key_id: i64,
+    pub units: u64,
+    pub at: DateTime<Utc>,
+}
+
+impl Spend {
+    pub fn new(key_id: i64, units: u64, at: DateTime<Utc>) -> Self {
+        Spend { key_id, units, at }
+    }
+}
+
 /// The answer of [`QuotaStore::consume`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum QuotaOutcome {
@@ -53,27 +68,16 @@ impl Usage {
 /// Daily and monthly usage quotas.
 #[async_trait]
 pub trait QuotaStore: Send + Sync + 'static {
-    /// Adds `cost` to the key's daily, monthly and total counters if, and only if, the whole cost
-    /// fits in both today's and this month's room; one atomic statement (DESIGN rules 1 and 2).
-    /// Days and months are the UTC ones `now` falls in; a counter from an earlier day or month
-    /// counts as 0. Errors leave the counters unchanged.
-    async fn consume(
-        &self,
-        key_id: i64,
-        quota: Quota,
-        cost: u64,
-        now: DateTime<Utc>,
-    ) -> Result<QuotaOutcome, StoreError>;
+    /// Adds the spend's units to the key's daily, monthly and total counters if, and only if,
+    /// they all fit in both that day's and that month's room under `quota`; one atomic statement
+    /// (DESIGN rules 1 and 2). A counter from an earlier day or month counts as 0. Errors leave
+    /// the counters unchanged.
+    async fn consume(&self, spend: Spend, quota: Quota) -> Result<QuotaOutcome, StoreError>;
 
-    /// Takes `units` off the counters of a key: the daily one only if it still belongs to the
-    /// day of `spent_at`, the monthly one only if it still belongs to that month, and the total.
-    /// Never below zero. For quota reserved and not used, or refunded.
-    async fn give_back(
-        &self,
-        key_id: i64,
-        units: u64,
-        spent_at: DateTime<Utc>,
-    ) -> Result<(), StoreError>;
+    /// Takes units spent back off the key's counters: the daily one only if it still belongs to
+    /// the day they were spent in, the monthly one only if it still belongs to that month, and
+    /// the total. Never below zero. For quota reserved and not used, or refunded.
+    async fn give_back(&self, spent: Spend) -> Result<(), StoreError>;
 
     /// The key's counters as they stand at `now` (zero for a key without any).
     async fn usage(&self, key_id: i64, now: DateTime<Utc>) -> Result<Usage, StoreError>;

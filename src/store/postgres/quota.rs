@@ -19,7 +19,7 @@ use super::{PgStore, day_and_month};
 use crate::store::consume::{BatchRow, PendingConsume, answer_batch, fail_batch};
 use crate::store::keys::opt_i64;
 use crate::store::quota::{count_i64, daily_now, monthly_now};
-use crate::store::{Quota, QuotaOutcome, QuotaStore, StoreError, Usage};
+use crate::store::{Quota, QuotaOutcome, QuotaStore, Spend, StoreError, Usage};
 
 /// Most quota requests, for different keys, in one statement.
 const MAX_CONSUME_BATCH: usize = 64;
@@ -173,23 +173,12 @@ async fn run(pool: &PgPool, batch: &[PendingConsume]) -> Result<Vec<BatchRow>, s
 impl QuotaStore for PgStore {
     /// Queues the request for the writer, which runs the requests waiting at one moment for
     /// different keys as one statement.
-    async fn consume(
-        &self,
-        key_id: i64,
-        quota: Quota,
-        cost: u64,
-        now: DateTime<Utc>,
-    ) -> Result<QuotaOutcome, StoreError> {
-        PendingConsume::queue(&self.consumes, key_id, quota, cost, now).await
+    async fn consume(&self, spend: Spend, quota: Quota) -> Result<QuotaOutcome, StoreError> {
+        PendingConsume::queue(&self.consumes, spend, quota).await
     }
 
-    async fn give_back(
-        &self,
-        key_id: i64,
-        units: u64,
-        spent_at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
-        let (day, month) = day_and_month(spent_at);
+    async fn give_back(&self, spent: Spend) -> Result<(), StoreError> {
+        let (day, month) = day_and_month(spent.at);
         sqlx::query(
             "UPDATE api_usage SET \
                daily_requests = CASE WHEN day = $2 THEN greatest(daily_requests - $4, 0) \
@@ -199,10 +188,10 @@ impl QuotaStore for PgStore {
                total_requests = greatest(total_requests - $4, 0), updated_at = now() \
              WHERE api_key_id = $1",
         )
-        .bind(key_id)
+        .bind(spent.key_id)
         .bind(day)
         .bind(month)
-        .bind(count_i64(units))
+        .bind(count_i64(spent.units))
         .execute(&self.pool)
         .await?;
         Ok(())

@@ -19,7 +19,7 @@ use crate::clock::{day_label, month_label};
 use crate::store::consume::{BatchRow, PendingConsume, answer_batch, fail_batch};
 use crate::store::keys::opt_i64;
 use crate::store::quota::{count_i64, daily_now, monthly_now};
-use crate::store::{Quota, QuotaOutcome, QuotaStore, StoreError, Usage};
+use crate::store::{Quota, QuotaOutcome, QuotaStore, Spend, StoreError, Usage};
 
 /// Quota requests run together, in one transaction, per trip to the writer. Batches are padded
 /// up to a power of two, so the writer caches 7 statements, not 64.
@@ -206,27 +206,16 @@ async fn consume_batch(conn: &mut SqliteConnection, batch: Vec<PendingConsume>) 
 impl QuotaStore for SqliteStore {
     /// Queues the request for the writer task, which runs every request waiting at the time in
     /// one transaction.
-    async fn consume(
-        &self,
-        key_id: i64,
-        quota: Quota,
-        cost: u64,
-        now: DateTime<Utc>,
-    ) -> Result<QuotaOutcome, StoreError> {
-        PendingConsume::queue(&self.consumes, key_id, quota, cost, now).await
+    async fn consume(&self, spend: Spend, quota: Quota) -> Result<QuotaOutcome, StoreError> {
+        PendingConsume::queue(&self.consumes, spend, quota).await
     }
 
-    async fn give_back(
-        &self,
-        key_id: i64,
-        units: u64,
-        spent_at: DateTime<Utc>,
-    ) -> Result<(), StoreError> {
+    async fn give_back(&self, spent: Spend) -> Result<(), StoreError> {
         sqlx::query(GIVE_BACK_SQL)
-            .bind(key_id)
-            .bind(day_label(spent_at))
-            .bind(month_label(spent_at))
-            .bind(count_i64(units))
+            .bind(spent.key_id)
+            .bind(day_label(spent.at))
+            .bind(month_label(spent.at))
+            .bind(count_i64(spent.units))
             .execute(&self.write)
             .await?;
         Ok(())
@@ -286,7 +275,7 @@ mod tests {
             (a, daily_2, 1),
             (b, monthly_9, 4),
         ] {
-            let (pending, answer) = PendingConsume::new(key_id, quota, cost, now);
+            let (pending, answer) = PendingConsume::new(Spend::new(key_id, cost, now), quota);
             batch.push(pending);
             answers.push(answer);
         }
