@@ -67,7 +67,13 @@ fn key_cache(c: &mut Criterion) {
             let key = keys::generate();
             stores
                 .keys
-                .create(&format!("k{i}"), &key, Limits::default(), None, now)
+                .create(&tollgate::store::KeyRecord {
+                    key: &key,
+                    name: &format!("k{i}"),
+                    limits: Limits::default(),
+                    expires_at: None,
+                    created_at: now,
+                })
                 .await
                 .expect("create");
             cache.lookup(&key.hash).await.expect("lookup");

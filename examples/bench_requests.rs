@@ -321,7 +321,14 @@ async fn create_keys(
             let name = format!("{name}-{i}");
             async move {
                 let key = keys::generate();
-                let stored = keys.create(&name, &key, limits, None, now).await?;
+                let record = tollgate::store::KeyRecord {
+                    key: &key,
+                    name: &name,
+                    limits,
+                    expires_at: None,
+                    created_at: now,
+                };
+                let stored = keys.create(&record).await?;
                 Ok((stored.id, key.plaintext))
             }
         })

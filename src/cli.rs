@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::config::Config;
 use crate::keys::{self, ApiKey, Limits};
-use crate::store::{LimitsPatch, Stores, Usage};
+use crate::store::{KeyRecord, LimitsPatch, Stores, Usage, UsageQuery};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -82,12 +82,12 @@ pub async fn run_usage(
     let start = |d: chrono::NaiveDate| d.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
     let summary = stores
         .log
-        .summarize(
-            start(since),
-            start(until + chrono::Duration::days(1)),
-            args.key,
-            args.top,
-        )
+        .summarize(&UsageQuery {
+            from: start(since),
+            to: start(until + chrono::Duration::days(1)),
+            key_id: args.key,
+            top: args.top,
+        })
         .await?;
     if args.json {
         let v = json!({
@@ -262,7 +262,13 @@ pub async fn run_keys(
             let new = keys::generate();
             let key = stores
                 .keys
-                .create(name.trim(), &new, limits, expires_at, now)
+                .create(&KeyRecord {
+                    key: &new,
+                    name: name.trim(),
+                    limits,
+                    expires_at,
+                    created_at: now,
+                })
                 .await?;
             if json {
                 let mut v = key_json(&key, default_pm);

@@ -7,12 +7,20 @@ use harness::db::{Db, TestDb};
 use harness::every_database;
 use harness::server::t0;
 use tollgate::keys::{self, Limits};
-use tollgate::store::{LogApi, LogRow, Outcome, Quota, QuotaOutcome, Spend, Stores, Usage};
+use tollgate::store::{
+    KeyRecord, LogApi, LogRow, Outcome, Quota, QuotaOutcome, Spend, Stores, Usage, UsageQuery,
+};
 
 async fn new_key(stores: &Stores, name: &str, limits: Limits) -> i64 {
     stores
         .keys
-        .create(name, &keys::generate(), limits, None, t0())
+        .create(&KeyRecord {
+            key: &keys::generate(),
+            name,
+            limits,
+            expires_at: None,
+            created_at: t0(),
+        })
         .await
         .unwrap()
         .id
@@ -392,7 +400,12 @@ async fn maintenance_keeps_what_retention_keeps(db: Db) {
         .unwrap();
     let all = stores
         .log
-        .summarize(old - Span::days(1), now + Span::days(1), None, 10)
+        .summarize(&UsageQuery {
+            from: old - Span::days(1),
+            to: now + Span::days(1),
+            key_id: None,
+            top: 10,
+        })
         .await
         .unwrap();
     let allowed: u64 = all.days.iter().map(|d| d.allowed).sum();

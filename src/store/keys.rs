@@ -39,6 +39,16 @@ impl LimitsPatch {
     }
 }
 
+/// A key to store: the hash and visible prefix of its secret, and what it is created with.
+#[derive(Debug, Clone, Copy)]
+pub struct KeyRecord<'a> {
+    pub key: &'a NewKey,
+    pub name: &'a str,
+    pub limits: Limits,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
+
 /// Keys: lookups for the request path, and the admin operations behind `tollgate keys`.
 #[async_trait]
 pub trait KeyStore: Send + Sync + 'static {
@@ -56,15 +66,8 @@ pub trait KeyStore: Send + Sync + 'static {
         stop: CancellationToken,
     );
 
-    /// Stores a new key (the database gives it its usage row); `now` is its creation time.
-    async fn create(
-        &self,
-        name: &str,
-        key: &NewKey,
-        limits: Limits,
-        expires_at: Option<DateTime<Utc>>,
-        now: DateTime<Utc>,
-    ) -> Result<ApiKey, StoreError>;
+    /// Stores a new key (the database gives it its usage row).
+    async fn create(&self, record: &KeyRecord<'_>) -> Result<ApiKey, StoreError>;
 
     async fn get(&self, id: i64) -> Result<Option<ApiKey>, StoreError>;
 

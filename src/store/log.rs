@@ -85,6 +85,16 @@ pub struct Maintenance {
     pub rows_deleted: u64,
 }
 
+/// Which Check requests [`RequestLogStore::summarize`] counts: those in `[from, to)`, of one key
+/// or of all, with the `top` keys by requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UsageQuery {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+    pub key_id: Option<i64>,
+    pub top: u32,
+}
+
 /// What the log says about a period: Check requests (`api = 'authz'`) from `from` up to `to`.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UsageSummary {
@@ -146,13 +156,6 @@ pub trait RequestLogStore: Send + Sync + 'static {
         retention: Option<Duration>,
     ) -> Result<Maintenance, StoreError>;
 
-    /// Check requests in `[from, to)` by UTC day and the `top` keys by requests, for one key
-    /// or for all.
-    async fn summarize(
-        &self,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-        key_id: Option<i64>,
-        top: u32,
-    ) -> Result<UsageSummary, StoreError>;
+    /// The Check requests `query` names, by UTC day, and its top keys by requests.
+    async fn summarize(&self, query: &UsageQuery) -> Result<UsageSummary, StoreError>;
 }

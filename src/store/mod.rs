@@ -24,9 +24,10 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-pub use keys::{KeyChange, KeyStore, LimitsPatch};
+pub use keys::{KeyChange, KeyRecord, KeyStore, LimitsPatch};
 pub use log::{
-    DayUsage, KeyUsage, LogApi, LogRow, Maintenance, Outcome, RequestLogStore, UsageSummary,
+    DayUsage, KeyUsage, LogApi, LogRow, Maintenance, Outcome, RequestLogStore, UsageQuery,
+    UsageSummary,
 };
 pub use quota::{Quota, QuotaOutcome, QuotaStore, Spend, Usage};
 

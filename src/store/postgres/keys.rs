@@ -9,8 +9,8 @@ use sqlx::postgres::PgListener;
 use tokio_util::sync::CancellationToken;
 
 use super::PgStore;
-use crate::keys::{self, ApiKey, KeyHash, Limits, NewKey};
-use crate::store::keys::{KeyRow, key_columns, key_of, opt_i64};
+use crate::keys::{self, ApiKey, KeyHash};
+use crate::store::keys::{KeyRecord, KeyRow, key_columns, key_of, opt_i64};
 use crate::store::{KeyChange, KeyStore, LimitsPatch, StoreError};
 
 /// The channel the `api_keys` trigger notifies.
@@ -84,14 +84,14 @@ impl KeyStore for PgStore {
         }
     }
 
-    async fn create(
-        &self,
-        name: &str,
-        key: &NewKey,
-        limits: Limits,
-        expires_at: Option<DateTime<Utc>>,
-        now: DateTime<Utc>,
-    ) -> Result<ApiKey, StoreError> {
+    async fn create(&self, record: &KeyRecord<'_>) -> Result<ApiKey, StoreError> {
+        let KeyRecord {
+            key,
+            name,
+            limits,
+            expires_at,
+            created_at,
+        } = *record;
         let row: KeyRow = sqlx::query_as(concat!(
             "INSERT INTO api_keys (name, prefix, key_hash, expires_at, per_minute, daily_limit, \
                monthly_limit, created_at, updated_at, refund_5xx) \
@@ -105,7 +105,7 @@ impl KeyStore for PgStore {
         .bind(opt_i64(limits.per_minute))
         .bind(opt_i64(limits.daily))
         .bind(opt_i64(limits.monthly))
-        .bind(now)
+        .bind(created_at)
         .bind(limits.refund_5xx)
         .fetch_one(&self.pool)
         .await?;

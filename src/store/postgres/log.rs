@@ -9,7 +9,9 @@ use chrono::{DateTime, Datelike, NaiveDate, Utc};
 
 use super::PgStore;
 use crate::store::quota::count_i64;
-use crate::store::{LogRow, Maintenance, Outcome, RequestLogStore, StoreError, UsageSummary};
+use crate::store::{
+    LogRow, Maintenance, Outcome, RequestLogStore, StoreError, UsageQuery, UsageSummary,
+};
 
 /// Advisory lock key for request-log maintenance ("tollgate" in ASCII, more or less).
 const MAINTENANCE_LOCK: i64 = 0x746f_6c6c_6761_7465;
@@ -220,13 +222,13 @@ impl RequestLogStore for PgStore {
         ))
     }
 
-    async fn summarize(
-        &self,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-        key_id: Option<i64>,
-        top: u32,
-    ) -> Result<UsageSummary, StoreError> {
+    async fn summarize(&self, query: &UsageQuery) -> Result<UsageSummary, StoreError> {
+        let UsageQuery {
+            from,
+            to,
+            key_id,
+            top,
+        } = *query;
         let days: Vec<(String, i64, i64)> = sqlx::query_as(
             "SELECT to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, \
                     count(*) FILTER (WHERE decision = 'allow') AS allowed, \

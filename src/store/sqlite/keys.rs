@@ -8,8 +8,8 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use super::{SqliteStore, ts_text};
-use crate::keys::{self, ApiKey, KeyHash, Limits, NewKey};
-use crate::store::keys::{KeyRow, key_columns, key_of, opt_i64};
+use crate::keys::{self, ApiKey, KeyHash};
+use crate::store::keys::{KeyRecord, KeyRow, key_columns, key_of, opt_i64};
 use crate::store::{KeyChange, KeyStore, LimitsPatch, StoreError};
 
 /// The next `change_seq`: one past every change so far. SQLite has one writer at a time, so
@@ -97,14 +97,14 @@ impl KeyStore for SqliteStore {
         }
     }
 
-    async fn create(
-        &self,
-        name: &str,
-        key: &NewKey,
-        limits: Limits,
-        expires_at: Option<DateTime<Utc>>,
-        now: DateTime<Utc>,
-    ) -> Result<ApiKey, StoreError> {
+    async fn create(&self, record: &KeyRecord<'_>) -> Result<ApiKey, StoreError> {
+        let KeyRecord {
+            key,
+            name,
+            limits,
+            expires_at,
+            created_at,
+        } = *record;
         let row: KeyRow = sqlx::query_as(concat!(
             "INSERT INTO api_keys (name, prefix, key_hash, status, expires_at, per_minute, \
                daily_limit, monthly_limit, created_at, updated_at, change_seq, refund_5xx) \
@@ -120,7 +120,7 @@ impl KeyStore for SqliteStore {
         .bind(opt_i64(limits.per_minute))
         .bind(opt_i64(limits.daily))
         .bind(opt_i64(limits.monthly))
-        .bind(ts_text(now))
+        .bind(ts_text(created_at))
         .bind(limits.refund_5xx)
         .fetch_one(&self.write)
         .await?;

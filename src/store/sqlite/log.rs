@@ -10,7 +10,9 @@ use sqlx::Row;
 use super::quota::GIVE_BACK_SQL;
 use super::{SqliteStore, ts_text};
 use crate::store::quota::count_i64;
-use crate::store::{LogRow, Maintenance, Outcome, RequestLogStore, StoreError, UsageSummary};
+use crate::store::{
+    LogRow, Maintenance, Outcome, RequestLogStore, StoreError, UsageQuery, UsageSummary,
+};
 
 /// Rows per INSERT statement of the request log (12 parameters each; SQLite allows 32,766).
 const LOG_ROWS_PER_STATEMENT: usize = 500;
@@ -88,13 +90,13 @@ impl RequestLogStore for SqliteStore {
         Ok((found, refunded))
     }
 
-    async fn summarize(
-        &self,
-        from: DateTime<Utc>,
-        to: DateTime<Utc>,
-        key_id: Option<i64>,
-        top: u32,
-    ) -> Result<UsageSummary, StoreError> {
+    async fn summarize(&self, query: &UsageQuery) -> Result<UsageSummary, StoreError> {
+        let UsageQuery {
+            from,
+            to,
+            key_id,
+            top,
+        } = *query;
         // Times are RFC 3339 text in UTC, so a text range is a time range and the first ten
         // characters are the day.
         let days: Vec<(String, i64, i64)> = sqlx::query_as(

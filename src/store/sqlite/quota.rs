@@ -241,8 +241,8 @@ impl QuotaStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::KeyStore;
     use crate::store::sqlite::tests::migrated_store;
+    use crate::store::{KeyRecord, KeyStore};
 
     /// Requests in one batch are answered from the batch's own rows, and as if each ran alone in
     /// turn.
@@ -253,8 +253,14 @@ mod tests {
         let mut ids = Vec::new();
         for name in ["a", "b"] {
             let secret = crate::keys::generate();
-            let key = store.create(name, &secret, Default::default(), None, now);
-            ids.push(key.await.unwrap().id);
+            let record = KeyRecord {
+                key: &secret,
+                name,
+                limits: Default::default(),
+                expires_at: None,
+                created_at: now,
+            };
+            ids.push(store.create(&record).await.unwrap().id);
         }
         let (a, b) = (ids[0], ids[1]);
         let daily_2 = Quota {

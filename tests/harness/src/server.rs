@@ -118,7 +118,13 @@ impl Tollgate {
         let key = self
             .stores
             .keys
-            .create(name, &new, limits, expires_at, self.clock_now())
+            .create(&tollgate::store::KeyRecord {
+                key: &new,
+                name,
+                limits,
+                expires_at,
+                created_at: self.clock_now(),
+            })
             .await
             .unwrap();
         (new.plaintext, key.id)
