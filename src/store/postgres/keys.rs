@@ -85,27 +85,21 @@ impl KeyStore for PgStore {
     }
 
     async fn create(&self, record: &KeyRecord<'_>) -> Result<ApiKey, StoreError> {
-        let KeyRecord {
-            key,
-            name,
-            limits,
-            expires_at,
-            created_at,
-        } = *record;
+        let (key, limits) = (record.key, record.limits);
         let row: KeyRow = sqlx::query_as(concat!(
             "INSERT INTO api_keys (name, prefix, key_hash, expires_at, per_minute, daily_limit, \
                monthly_limit, created_at, updated_at, refund_5xx) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9) RETURNING ",
             key_columns!()
         ))
-        .bind(name)
+        .bind(record.name)
         .bind(&key.prefix)
         .bind(keys::hash_hex(&key.hash))
-        .bind(expires_at)
+        .bind(record.expires_at)
         .bind(opt_i64(limits.per_minute))
         .bind(opt_i64(limits.daily))
         .bind(opt_i64(limits.monthly))
-        .bind(created_at)
+        .bind(record.created_at)
         .bind(limits.refund_5xx)
         .fetch_one(&self.pool)
         .await?;

@@ -223,12 +223,6 @@ impl RequestLogStore for PgStore {
     }
 
     async fn summarize(&self, query: &UsageQuery) -> Result<UsageSummary, StoreError> {
-        let UsageQuery {
-            from,
-            to,
-            key_id,
-            top,
-        } = *query;
         let days: Vec<(String, i64, i64)> = sqlx::query_as(
             "SELECT to_char(ts AT TIME ZONE 'UTC', 'YYYY-MM-DD') AS day, \
                     count(*) FILTER (WHERE decision = 'allow') AS allowed, \
@@ -238,9 +232,9 @@ impl RequestLogStore for PgStore {
                AND ($3::bigint IS NULL OR api_key_id = $3) \
              GROUP BY 1 ORDER BY 1",
         )
-        .bind(from)
-        .bind(to)
-        .bind(key_id)
+        .bind(query.from)
+        .bind(query.to)
+        .bind(query.key_id)
         .fetch_all(&self.pool)
         .await?;
         let keys: Vec<(i64, Option<String>, i64, i64)> = sqlx::query_as(
@@ -252,10 +246,10 @@ impl RequestLogStore for PgStore {
                AND ($3::bigint IS NULL OR l.api_key_id = $3) \
              GROUP BY l.api_key_id, k.name ORDER BY count(*) DESC, l.api_key_id LIMIT $4",
         )
-        .bind(from)
-        .bind(to)
-        .bind(key_id)
-        .bind(i64::from(top))
+        .bind(query.from)
+        .bind(query.to)
+        .bind(query.key_id)
+        .bind(i64::from(query.top))
         .fetch_all(&self.pool)
         .await?;
         Ok(UsageSummary::from_rows(days, keys))

@@ -98,13 +98,7 @@ impl KeyStore for SqliteStore {
     }
 
     async fn create(&self, record: &KeyRecord<'_>) -> Result<ApiKey, StoreError> {
-        let KeyRecord {
-            key,
-            name,
-            limits,
-            expires_at,
-            created_at,
-        } = *record;
+        let (key, limits) = (record.key, record.limits);
         let row: KeyRow = sqlx::query_as(concat!(
             "INSERT INTO api_keys (name, prefix, key_hash, status, expires_at, per_minute, \
                daily_limit, monthly_limit, created_at, updated_at, change_seq, refund_5xx) \
@@ -113,14 +107,14 @@ impl KeyStore for SqliteStore {
             ", ?9) RETURNING ",
             key_columns!()
         ))
-        .bind(name)
+        .bind(record.name)
         .bind(&key.prefix)
         .bind(keys::hash_hex(&key.hash))
-        .bind(expires_at.map(ts_text))
+        .bind(record.expires_at.map(ts_text))
         .bind(opt_i64(limits.per_minute))
         .bind(opt_i64(limits.daily))
         .bind(opt_i64(limits.monthly))
-        .bind(ts_text(created_at))
+        .bind(ts_text(record.created_at))
         .bind(limits.refund_5xx)
         .fetch_one(&self.write)
         .await?;

@@ -91,12 +91,6 @@ impl RequestLogStore for SqliteStore {
     }
 
     async fn summarize(&self, query: &UsageQuery) -> Result<UsageSummary, StoreError> {
-        let UsageQuery {
-            from,
-            to,
-            key_id,
-            top,
-        } = *query;
         // Times are RFC 3339 text in UTC, so a text range is a time range and the first ten
         // characters are the day.
         let days: Vec<(String, i64, i64)> = sqlx::query_as(
@@ -106,9 +100,9 @@ impl RequestLogStore for SqliteStore {
              WHERE api = 'authz' AND ts >= ?1 AND ts < ?2 AND (?3 IS NULL OR api_key_id = ?3) \
              GROUP BY day ORDER BY day",
         )
-        .bind(ts_text(from))
-        .bind(ts_text(to))
-        .bind(key_id)
+        .bind(ts_text(query.from))
+        .bind(ts_text(query.to))
+        .bind(query.key_id)
         .fetch_all(&self.read)
         .await?;
         let keys: Vec<(i64, Option<String>, i64, i64)> = sqlx::query_as(
@@ -119,10 +113,10 @@ impl RequestLogStore for SqliteStore {
                AND (?3 IS NULL OR l.api_key_id = ?3) \
              GROUP BY l.api_key_id, k.name ORDER BY COUNT(*) DESC, l.api_key_id LIMIT ?4",
         )
-        .bind(ts_text(from))
-        .bind(ts_text(to))
-        .bind(key_id)
-        .bind(i64::from(top))
+        .bind(ts_text(query.from))
+        .bind(ts_text(query.to))
+        .bind(query.key_id)
+        .bind(i64::from(query.top))
         .fetch_all(&self.read)
         .await?;
         Ok(UsageSummary::from_rows(days, keys))
