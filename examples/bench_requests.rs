@@ -452,21 +452,20 @@ async fn verify_one(
     Ok(())
 }
 
-/// PostgreSQL's quota statement with its parameters as tollgate binds them for a lone request (a
-/// batch of one) of a key with daily and monthly quotas that never run out: the key id from the
+/// PostgreSQL's quota statement with its parameters as tollgate binds them for a lone request of
+/// a key with daily and monthly quotas that never run out: the key id from the
 /// pgbench variable `:id`, the rest as today's values. pgbench's prepared mode (`-M prepared`)
 /// sends it as a prepared statement, as sqlx does.
 fn pgbench_sql() -> String {
     let today = chrono::Utc::now().date_naive();
     let month = today.format("%Y-%m-01").to_string();
     tollgate::bench_hooks::POSTGRES_CONSUME_SQL
-        .replace("$1::int[]", "ARRAY[0]")
-        .replace("$2::bigint[]", "ARRAY[:id]::bigint[]")
-        .replace("$3::date[]", &format!("ARRAY['{today}'::date]"))
-        .replace("$4::date[]", &format!("ARRAY['{month}'::date]"))
-        .replace("$5::bigint[]", "ARRAY[1]::bigint[]")
-        .replace("$6::bigint[]", "ARRAY[1000000000000]::bigint[]")
-        .replace("$7::bigint[]", "ARRAY[1000000000000]::bigint[]")
+        .replace("$1", ":id")
+        .replace("$2", &format!("'{today}'::date"))
+        .replace("$3", &format!("'{month}'::date"))
+        .replace("$4", "1")
+        .replace("$5", "1000000000000")
+        .replace("$6", "1000000000000")
 }
 
 async fn sqlite_ceiling(url: &str, min_id: i64, max_id: i64, seconds: f64) -> anyhow::Result<()> {

@@ -57,6 +57,21 @@ async fn every_lookup_tollgate_makes_uses_an_index() {
     let consume = explain(
         &db,
         &tollgate::bench_hooks::POSTGRES_CONSUME_SQL
+            .replace("$1", "42")
+            .replace("$2", "current_date")
+            .replace("$3", "current_date")
+            .replace("$4", "1")
+            .replace("$5", "100")
+            .replace("$6", "1000"),
+    )
+    .await;
+    assert!(
+        consume.contains("Index Scan using api_usage_pkey"),
+        "{consume}"
+    );
+    let consume = explain(
+        &db,
+        &tollgate::bench_hooks::POSTGRES_BATCH_SQL
             .replace("$1::int[]", "ARRAY[0]")
             .replace("$2::bigint[]", "ARRAY[42]::bigint[]")
             .replace("$3::date[]", "ARRAY[current_date]")
