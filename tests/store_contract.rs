@@ -415,7 +415,44 @@ async fn maintenance_keeps_what_retention_keeps(db: Db) {
     stores.close().await;
 }
 
+/// Near midnight, a replica whose clock lags a second behind still counts in the new day: its
+/// request is added to the day the counters already belong to, and never moves them back to
+/// the day before (which would zero the new day's count for every other replica).
+async fn a_lagging_clock_never_moves_the_counters_back_a_day(db: Db) {
+    let db = TestDb::create(db).await;
+    let replicas = [db.open_stores().await, db.open_stores().await];
+    let key = new_key(&replicas[0], "midnight", Limits::default()).await;
+    let q = quota(Some(100), Some(1000));
+    let just_after: DateTime<Utc> = "2026-04-01T00:00:00.400Z".parse().unwrap();
+    let just_before: DateTime<Utc> = "2026-03-31T23:59:59.600Z".parse().unwrap();
+    let spend = |at| Spend::new(key, 1, at);
+    replicas[0]
+        .quotas
+        .consume(spend(just_after), q)
+        .await
+        .unwrap();
+    // The lagging replica, still in March.
+    replicas[1]
+        .quotas
+        .consume(spend(just_before), q)
+        .await
+        .unwrap();
+    replicas[0]
+        .quotas
+        .consume(spend(just_after), q)
+        .await
+        .unwrap();
+    assert_eq!(
+        replicas[0].quotas.usage(key, just_after).await.unwrap(),
+        usage(3, 3, 3)
+    );
+    for r in replicas {
+        r.close().await;
+    }
+}
+
 every_database!(
+    a_lagging_clock_never_moves_the_counters_back_a_day,
     consume_admits_exactly_the_limit_across_replicas,
     consume_is_all_or_nothing_for_a_cost,
     a_new_day_and_a_new_month_count_from_zero,

@@ -111,15 +111,18 @@ pub(crate) fn count_i64(v: u64) -> i64 {
     v.min(i64::MAX as u64) as i64
 }
 
-/// SQL, in both dialects: the daily counter of usage row `$u` as it counts on day `$day` (0 when
-/// it belongs to an earlier day: DESIGN rule 2). Every statement that reads or spends the daily
-/// quota uses this expression, so the rule is stated once.
+/// SQL, in both dialects: the daily counter of usage row `$u` as it counts on day `$day`: 0 when
+/// it belongs to an earlier day (DESIGN rule 2). When it already belongs to a later day (a
+/// replica whose clock lags, just after midnight), the request counts in that later day, and a
+/// statement that spends sets the row's day to the later of the two, so a lagging clock never
+/// moves the counters back a day. Every statement that reads or spends the daily quota uses this
+/// expression, so the rule is stated once.
 macro_rules! daily_now {
     ($u:literal, $day:literal) => {
         concat!(
             "(CASE WHEN ",
             $u,
-            ".day = ",
+            ".day >= ",
             $day,
             " THEN ",
             $u,
@@ -128,13 +131,14 @@ macro_rules! daily_now {
     };
 }
 
-/// SQL, in both dialects: the monthly counter of usage row `$u` as it counts in month `$month`.
+/// SQL, in both dialects: the monthly counter of usage row `$u` as it counts in month `$month`,
+/// by the same rule as `daily_now!`.
 macro_rules! monthly_now {
     ($u:literal, $month:literal) => {
         concat!(
             "(CASE WHEN ",
             $u,
-            ".month = ",
+            ".month >= ",
             $month,
             " THEN ",
             $u,
@@ -171,11 +175,11 @@ mod tests {
     fn the_rule_of_the_day_reads_as_sql() {
         assert_eq!(
             daily_now!("u", "$2"),
-            "(CASE WHEN u.day = $2 THEN u.daily_requests ELSE 0 END)"
+            "(CASE WHEN u.day >= $2 THEN u.daily_requests ELSE 0 END)"
         );
         assert_eq!(
             monthly_now!("u", "r.month"),
-            "(CASE WHEN u.month = r.month THEN u.monthly_requests ELSE 0 END)"
+            "(CASE WHEN u.month >= r.month THEN u.monthly_requests ELSE 0 END)"
         );
     }
 }

@@ -47,7 +47,7 @@ pub const CONSUME_SQL: &str = concat!(
      ), spent AS ( \
        UPDATE api_usage u SET daily_requests = c.daily + r.cost, \
          monthly_requests = c.monthly + r.cost, total_requests = u.total_requests + r.cost, \
-         day = r.day, month = r.month, updated_at = now() \
+         day = greatest(u.day, r.day), month = greatest(u.month, r.month), updated_at = now() \
        FROM r JOIN cur c ON c.i = r.i \
        WHERE u.api_key_id = c.api_key_id \
          AND (r.daily_limit IS NULL OR c.daily + r.cost <= r.daily_limit) \
@@ -70,7 +70,8 @@ pub const SPEND_ONE_SQL: &str = concat!(
     daily_now!("u", "$2"),
     " + $4, monthly_requests = ",
     monthly_now!("u", "$3"),
-    " + $4, total_requests = u.total_requests + $4, day = $2, month = $3, updated_at = now() \
+    " + $4, total_requests = u.total_requests + $4, day = greatest(u.day, $2), \
+       month = greatest(u.month, $3), updated_at = now() \
      WHERE u.api_key_id = $1 \
        AND ($5::bigint IS NULL OR ",
     daily_now!("u", "$2"),

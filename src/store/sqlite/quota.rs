@@ -45,7 +45,8 @@ pub const CONSUME_SQL: &str = concat!(
     " + r.cost, monthly_requests = ",
     monthly_now!("api_usage", "r.month"),
     " + r.cost, total_requests = total_requests + r.cost, \
-       day = r.day, month = r.month, updated_at = r.now \
+       day = max(api_usage.day, r.day), month = max(api_usage.month, r.month), \
+       updated_at = r.now \
      FROM r WHERE api_usage.api_key_id = r.key_id \
        AND (r.daily_limit IS NULL OR ",
     daily_now!("api_usage", "r.day"),
