@@ -315,16 +315,31 @@ impl App {
         );
         let stop = self.stops.serving.clone();
         let listener = self.grpc.take().expect("an App runs once");
-        tonic::transport::Server::builder()
+        let limits = &self.config.grpc;
+        let max_message = limits.max_message_bytes;
+        let mut server = tonic::transport::Server::builder()
+            .http2_keepalive_interval(limits.keepalive_interval.map(|d| d.0))
+            .http2_keepalive_timeout(Some(limits.keepalive_timeout.0))
+            .max_concurrent_streams(limits.max_concurrent_streams);
+        if let Some(age) = limits.max_connection_age {
+            server = server
+                .max_connection_age(age.0)
+                .max_connection_age_grace(self.config.shutdown_timeout.0);
+        }
+        server
             .add_service(health)
-            .add_service(AuthorizationServer::new(authz))
-            .add_service(RateLimitServiceServer::new(RateLimitGrpc::new(
-                self.ratelimit.clone(),
-            )))
-            .add_service(AccessLogServiceServer::new(AccessLogGrpc::new(
-                self.outcomes.clone(),
-                stop.clone(),
-            )))
+            .add_service(AuthorizationServer::new(authz).max_decoding_message_size(max_message))
+            .add_service(
+                RateLimitServiceServer::new(RateLimitGrpc::new(self.ratelimit.clone()))
+                    .max_decoding_message_size(max_message),
+            )
+            .add_service(
+                AccessLogServiceServer::new(AccessLogGrpc::new(
+                    self.outcomes.clone(),
+                    stop.clone(),
+                ))
+                .max_decoding_message_size(max_message),
+            )
             .serve_with_incoming_shutdown(
                 TcpIncoming::from(listener).with_nodelay(Some(true)),
                 stop.cancelled_owned(),

@@ -29,6 +29,8 @@ pub struct Config {
     pub grpc_addr: SocketAddr,
     /// Where `/healthz`, `/readyz` and `/metrics` are served.
     pub http_addr: SocketAddr,
+    /// How the gRPC port treats its connections.
+    pub grpc: GrpcConfig,
     /// Keys, usage quotas and the request log.
     pub database: DatabaseConfig,
     /// Per-minute windows; without a URL they are counted in this process.
@@ -55,6 +57,7 @@ impl Default for Config {
         Self {
             grpc_addr: "127.0.0.1:8081".parse().expect("literal"),
             http_addr: "127.0.0.1:9090".parse().expect("literal"),
+            grpc: GrpcConfig::default(),
             database: DatabaseConfig::default(),
             redis: RedisConfig::default(),
             authz: AuthzConfig::default(),
@@ -288,6 +291,73 @@ impl QuotaConfig {
     }
 }
 
+/// The gRPC server's connection settings, as Envoy's own upstreams have them: keepalive so a
+/// dead Envoy connection is noticed, bounds on streams and message size, and an age after which
+/// a connection is closed gracefully, so the Envoys of a shared service spread over new replicas.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GrpcConfig {
+    /// An HTTP/2 PING on a connection this long idle; `null` sends none.
+    pub keepalive_interval: Option<Dur>,
+    /// A connection whose PING is not answered this long is closed.
+    pub keepalive_timeout: Dur,
+    /// Streams (calls) one connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// The largest request message; larger ones are refused with OUT_OF_RANGE.
+    pub max_message_bytes: usize,
+    /// Connections older than this are closed gracefully (GOAWAY; calls in flight get
+    /// `shutdown_timeout` to finish) and the client reconnects; `null` keeps them.
+    pub max_connection_age: Option<Dur>,
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        Self {
+            keepalive_interval: Some(Dur(Duration::from_secs(30))),
+            keepalive_timeout: Dur(Duration::from_secs(10)),
+            max_concurrent_streams: 1024,
+            max_message_bytes: 4 << 20,
+            max_connection_age: None,
+        }
+    }
+}
+
+impl GrpcConfig {
+    pub fn validate(&self) -> Result<(), InvalidSetting> {
+        if self.keepalive_interval.is_some_and(|d| d.0.is_zero()) {
+            return Err(InvalidSetting::new(
+                "grpc.keepalive_interval",
+                "must be longer than 0 (null sends no PINGs)",
+            ));
+        }
+        if self.keepalive_timeout.0.is_zero() {
+            return Err(InvalidSetting::new(
+                "grpc.keepalive_timeout",
+                "must be longer than 0",
+            ));
+        }
+        if self.max_concurrent_streams == 0 {
+            return Err(InvalidSetting::new(
+                "grpc.max_concurrent_streams",
+                "must be at least 1",
+            ));
+        }
+        if !(1024..=64 << 20).contains(&self.max_message_bytes) {
+            return Err(InvalidSetting::new(
+                "grpc.max_message_bytes",
+                "must be between 1024 and 67108864 (64 MiB)",
+            ));
+        }
+        if self.max_connection_age.is_some_and(|d| d.0.is_zero()) {
+            return Err(InvalidSetting::new(
+                "grpc.max_connection_age",
+                "must be longer than 0 (null keeps connections)",
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
@@ -486,6 +556,7 @@ impl Config {
     /// is the error, named after the file (or variable) it came from.
     fn validate(&self, source_name: &str) -> Result<(), ConfigError> {
         let each = || -> Result<(), InvalidSetting> {
+            self.grpc.validate()?;
             self.database.validate()?;
             self.redis.validate()?;
             self.authz.validate()?;
