@@ -1,12 +1,14 @@
 //! Rules reload: the rules in force change when their files do (checked every
 //! `ratelimit.watch_interval`) or on SIGHUP, without dropping a request.
 
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::SystemTime;
 
 use tokio_util::sync::CancellationToken;
 
-use super::rules::Rules;
+use super::rules::{Rules, rule_files};
 use super::service::RateLimitService;
 use crate::telemetry::Metrics;
 
@@ -15,7 +17,7 @@ use crate::telemetry::Metrics;
 /// file caught half-written is not loaded. A file that does not load leaves the rules in force
 /// as they were: the error is logged and counted, and the next change is tried again.
 pub async fn watch(
-    path: std::path::PathBuf,
+    path: PathBuf,
     interval: std::time::Duration,
     service: Arc<RateLimitService>,
     metrics: Arc<Metrics>,
@@ -78,32 +80,21 @@ pub async fn watch(
     }
 }
 
-/// Names, sizes and modification times of the rules files: changes when any file does.
-fn rules_fingerprint(
-    path: &std::path::Path,
-) -> Vec<(std::path::PathBuf, u64, Option<std::time::SystemTime>)> {
-    fn walk(
-        p: &std::path::Path,
-        out: &mut Vec<(std::path::PathBuf, u64, Option<std::time::SystemTime>)>,
-    ) {
-        let Ok(meta) = std::fs::metadata(p) else {
-            out.push((p.to_path_buf(), 0, None));
-            return;
-        };
-        if meta.is_dir() {
-            if let Ok(entries) = std::fs::read_dir(p) {
-                let mut children: Vec<_> =
-                    entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
-                children.sort();
-                for c in children {
-                    walk(&c, out);
-                }
-            }
-        } else {
-            out.push((p.to_path_buf(), meta.len(), meta.modified().ok()));
-        }
-    }
-    let mut out = Vec::new();
-    walk(path, &mut out);
-    out
+/// What identifies the rules as they are on disk: each file's name, size and modification time
+/// (through links, so a ConfigMap's `..data` swap changes it), or the error that hides them.
+type Fingerprint = Result<Vec<(PathBuf, u64, Option<SystemTime>)>, String>;
+
+/// The rules files as [`Rules::load`] finds them, and their sizes and times: changes when any
+/// file does.
+fn rules_fingerprint(path: &Path) -> Fingerprint {
+    let files = rule_files(path).map_err(|e| e.to_string())?;
+    Ok(files
+        .into_iter()
+        .map(|f| {
+            let meta = std::fs::metadata(&f).ok();
+            let len = meta.as_ref().map_or(0, |m| m.len());
+            let modified = meta.and_then(|m| m.modified().ok());
+            (f, len, modified)
+        })
+        .collect())
 }

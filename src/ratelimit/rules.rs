@@ -230,13 +230,11 @@ impl Rules {
     /// Loads a rules file, or every `.yaml`/`.yml` file under a directory (recursively, skipping
     /// hidden entries such as the `..data` links of a Kubernetes ConfigMap mount).
     pub fn load(path: &Path) -> Result<Rules, RulesError> {
-        let mut files = Vec::new();
-        collect_files(path, &mut files).map_err(|e| RulesError {
+        let files = rule_files(path).map_err(|e| RulesError {
             file: path.to_path_buf(),
             path: "(file)".into(),
             message: format!("cannot read: {e}"),
         })?;
-        files.sort();
         let mut texts = Vec::with_capacity(files.len());
         for f in files {
             let text = std::fs::read_to_string(&f).map_err(|e| RulesError {
@@ -337,28 +335,48 @@ fn push_part(out: &mut String, part: &str) {
     let _ = write!(out, "{}:{part}", part.len());
 }
 
-fn collect_files(path: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+/// How deep under the rules directory files are looked for.
+const MAX_RULES_DEPTH: usize = 16;
+
+/// The rules files `path` names, sorted: the file itself, or every `.yaml`/`.yml` file under the
+/// directory, skipping hidden entries (the `..data` links of a Kubernetes ConfigMap mount). Links
+/// are followed, but each directory is walked once (by its real path), at most
+/// [`MAX_RULES_DEPTH`] deep, so a link that loops back ends the walk there.
+pub(crate) fn rule_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
+    fn walk(
+        dir: &Path,
+        depth: usize,
+        seen: &mut std::collections::HashSet<PathBuf>,
+        out: &mut Vec<PathBuf>,
+    ) -> std::io::Result<()> {
+        if depth > MAX_RULES_DEPTH || !seen.insert(std::fs::canonicalize(dir)?) {
+            return Ok(());
+        }
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') {
+                continue;
+            }
+            let p = entry.path();
+            if p.is_dir() {
+                walk(&p, depth + 1, seen, out)?;
+            } else if name.ends_with(".yaml") || name.ends_with(".yml") {
+                out.push(p);
+            }
+        }
+        Ok(())
+    }
     if !path.is_dir() {
         // Reading a missing file fails here, with the path in the error.
         std::fs::metadata(path)?;
-        out.push(path.to_path_buf());
-        return Ok(());
+        return Ok(vec![path.to_path_buf()]);
     }
-    for entry in std::fs::read_dir(path)? {
-        let entry = entry?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with('.') {
-            continue;
-        }
-        let p = entry.path();
-        if p.is_dir() {
-            collect_files(&p, out)?;
-        } else if name.ends_with(".yaml") || name.ends_with(".yml") {
-            out.push(p);
-        }
-    }
-    Ok(())
+    let mut out = Vec::new();
+    walk(path, 0, &mut Default::default(), &mut out)?;
+    out.sort();
+    Ok(out)
 }
 
 fn compile_level(
@@ -729,5 +747,25 @@ descriptors:
         assert_eq!(domains, ["one", "two"]);
         let e = Rules::load(&dir.path().join("missing.yaml")).unwrap_err();
         assert!(e.message.contains("cannot read"), "{e}");
+    }
+
+    /// Directory links that loop back (`a -> .`, `b -> ..`) are walked once: loading finds each
+    /// file once, and soon, instead of following the loop until paths are too long (and, with two
+    /// such links, through exponentially many paths).
+    #[test]
+    fn links_that_loop_are_walked_once() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("rules")).unwrap();
+        std::fs::write(dir.path().join("rules/one.yaml"), "domain: one\n").unwrap();
+        std::os::unix::fs::symlink(".", dir.path().join("rules/a")).unwrap();
+        std::os::unix::fs::symlink("..", dir.path().join("rules/b")).unwrap();
+        let path = dir.path().join("rules");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(Rules::load(&path)).ok());
+        let loaded = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("loading ends")
+            .unwrap();
+        assert_eq!(loaded.domains().collect::<Vec<_>>(), ["one"]);
     }
 }
