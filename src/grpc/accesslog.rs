@@ -40,13 +40,22 @@ pub fn outcome(entry: &HttpAccessLogEntry) -> Option<Outcome> {
         .common_properties
         .as_ref()
         .and_then(|c| c.time_to_last_downstream_tx_byte.as_ref())
-        .map(|d| (d.seconds.max(0) as u64) * 1000 + (d.nanos.max(0) as u64) / 1_000_000);
+        .map(|d| {
+            (d.seconds.max(0) as u64)
+                .saturating_mul(1000)
+                .saturating_add(d.nanos.max(0) as u64 / 1_000_000)
+        });
     Some(Outcome {
         request_id: crate::reqlog::clip(&request.request_id),
         status: status.min(u32::from(u16::MAX)) as u16,
         duration_ms,
-        bytes_received: request.request_headers_bytes + request.request_body_bytes,
-        bytes_sent: response.response_headers_bytes + response.response_body_bytes,
+        // Sums of what a client sent: they saturate rather than overflow.
+        bytes_received: request
+            .request_headers_bytes
+            .saturating_add(request.request_body_bytes),
+        bytes_sent: response
+            .response_headers_bytes
+            .saturating_add(response.response_body_bytes),
     })
 }
 
@@ -72,5 +81,50 @@ impl AccessLogService for AccessLogGrpc {
             }
         }
         Ok(Response::new(StreamAccessLogsResponse {}))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::data::accesslog::v3::{
+        AccessLogCommon, HttpRequestProperties, HttpResponseProperties,
+    };
+
+    /// Sizes and durations a client made up, at their largest, give the largest outcome instead
+    /// of an overflow.
+    #[test]
+    fn absurd_sizes_and_durations_saturate() {
+        let entry = HttpAccessLogEntry {
+            common_properties: Some(AccessLogCommon {
+                time_to_last_downstream_tx_byte: Some(
+                    envoy_types::pb::google::protobuf::Duration {
+                        seconds: i64::MAX,
+                        nanos: i32::MAX,
+                    },
+                ),
+                ..Default::default()
+            }),
+            request: Some(HttpRequestProperties {
+                request_id: "r".into(),
+                request_headers_bytes: u64::MAX,
+                request_body_bytes: u64::MAX,
+                ..Default::default()
+            }),
+            response: Some(HttpResponseProperties {
+                response_code: Some(envoy_types::pb::google::protobuf::UInt32Value {
+                    value: u32::MAX,
+                }),
+                response_headers_bytes: u64::MAX,
+                response_body_bytes: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let o = outcome(&entry).unwrap();
+        assert_eq!(o.bytes_received, u64::MAX);
+        assert_eq!(o.bytes_sent, u64::MAX);
+        assert_eq!(o.duration_ms, Some(u64::MAX));
+        assert_eq!(o.status, u16::MAX);
     }
 }
