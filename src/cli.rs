@@ -74,17 +74,24 @@ pub async fn run_usage(
     stores: &Stores,
     now: DateTime<Utc>,
 ) -> anyhow::Result<String> {
+    use chrono::Days;
     let until = args.until.unwrap_or_else(|| now.date_naive());
-    let since = args
-        .since
-        .unwrap_or_else(|| until - chrono::Duration::days(i64::from(args.days) - 1));
+    let since = match args.since {
+        Some(since) => since,
+        None => until
+            .checked_sub_days(Days::new(u64::from(args.days) - 1))
+            .ok_or_else(|| anyhow::anyhow!("--days {} before {until} is too far", args.days))?,
+    };
     anyhow::ensure!(since <= until, "--since {since} is after --until {until}");
+    let end = until
+        .checked_add_days(Days::new(1))
+        .ok_or_else(|| anyhow::anyhow!("--until {until} is past the last day there is"))?;
     let start = |d: chrono::NaiveDate| d.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
     let summary = stores
         .log
         .summarize(&UsageQuery {
             from: start(since),
-            to: start(until + chrono::Duration::days(1)),
+            to: start(end),
             key_id: args.key,
             top: args.top,
         })
@@ -519,5 +526,35 @@ mod tests {
             ])
             .is_err()
         );
+    }
+
+    /// Days at the very ends of the calendar are refused with a message, not a panic.
+    #[tokio::test]
+    async fn usage_refuses_days_off_the_calendar() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::DatabaseConfig {
+            url: crate::config::SecretUrl(format!("sqlite://{}/u.db", dir.path().display())),
+            ..Default::default()
+        };
+        let stores = crate::store::open(&config, true).await.unwrap();
+        let usage = |args: &[&str]| {
+            let mut all = vec!["tollgate", "usage"];
+            all.extend_from_slice(args);
+            match Cli::try_parse_from(all).unwrap().command {
+                Command::Usage(args) => args,
+                other => panic!("{other:?}"),
+            }
+        };
+        let max = chrono::NaiveDate::MAX.to_string();
+        let e = run_usage(usage(&["--until", &max]), &stores, Utc::now())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("--until"), "{e}");
+        let until_min = format!("--until={}", chrono::NaiveDate::MIN);
+        let e = run_usage(usage(&[&until_min, "--days", "3"]), &stores, Utc::now())
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("--days"), "{e}");
+        stores.close().await;
     }
 }
