@@ -432,16 +432,27 @@ impl RequestLogConfig {
                 "must be longer than 0",
             ));
         }
-        if self.queue_capacity == 0 {
+        // The queue holds rows in memory: a bound that memory can hold (a row is a few hundred
+        // bytes), and batches no larger than one statement should carry.
+        if !(1..=1_000_000).contains(&self.queue_capacity) {
             return Err(InvalidSetting::new(
                 "request_log.queue_capacity",
-                "must be at least 1",
+                "must be between 1 and 1000000",
             ));
         }
-        if self.batch_size == 0 {
+        if !(1..=65_536).contains(&self.batch_size) {
             return Err(InvalidSetting::new(
                 "request_log.batch_size",
-                "must be at least 1",
+                "must be between 1 and 65536",
+            ));
+        }
+        if let Some(retention) = self.retention
+            && !(Duration::from_secs(3600)..=Duration::from_secs(100 * 366 * 86_400))
+                .contains(&retention.0)
+        {
+            return Err(InvalidSetting::new(
+                "request_log.retention",
+                "must be between 1h and 100years (null keeps every row)",
             ));
         }
         Ok(())
@@ -738,6 +749,30 @@ mod tests {
             e.to_string().contains(".yaml") || e.to_string().contains("tmp"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn request_log_bounds_are_named() {
+        for (yaml, field) in [
+            ("request_log:\n  retention: 0s\n", "request_log.retention"),
+            (
+                "request_log:\n  retention: 1000000years\n",
+                "request_log.retention",
+            ),
+            (
+                "request_log:\n  queue_capacity: 100000000000\n",
+                "request_log.queue_capacity",
+            ),
+            (
+                "request_log:\n  batch_size: 10000000000\n",
+                "request_log.batch_size",
+            ),
+        ] {
+            let e = load_yaml(yaml, &[]).unwrap_err();
+            assert_eq!(e.field, field, "{yaml}: {e}");
+        }
+        let c = load_yaml("request_log:\n  retention: null\n", &[]).unwrap();
+        assert_eq!(c.request_log.retention, None);
     }
 
     #[test]

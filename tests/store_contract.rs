@@ -393,6 +393,13 @@ async fn maintenance_keeps_what_retention_keeps(db: Db) {
         .write_batch(&[log_row(old, key, "old", 1), log_row(now, key, "new", 1)])
         .await
         .unwrap();
+    // A retention longer than the calendar removes nothing, and does not fail.
+    let forever = stores
+        .log
+        .maintain(now, Some(std::time::Duration::from_secs(u64::MAX)))
+        .await
+        .unwrap();
+    assert_eq!(forever.rows_deleted, 0);
     stores
         .log
         .maintain(now, Some(std::time::Duration::from_secs(90 * 86_400)))

@@ -99,7 +99,13 @@ impl PgStore {
         let Some(retention) = retention else {
             return Ok(report);
         };
-        let cutoff = now - chrono::Duration::from_std(retention).unwrap_or(chrono::TimeDelta::MAX);
+        // A retention reaching before the calendar starts removes nothing.
+        let Some(cutoff) = chrono::Duration::from_std(retention)
+            .ok()
+            .and_then(|r| now.checked_sub_signed(r))
+        else {
+            return Ok(report);
+        };
         let partitions: Vec<String> = sqlx::query_scalar(
             "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
              WHERE i.inhparent = 'api_requests_log'::regclass",

@@ -33,8 +33,14 @@ impl RequestLogStore for SqliteStore {
         let Some(retention) = retention else {
             return Ok(report);
         };
-        let cutoff =
-            ts_text(now - chrono::Duration::from_std(retention).unwrap_or(chrono::TimeDelta::MAX));
+        // A retention reaching before the calendar starts removes nothing.
+        let Some(cutoff) = chrono::Duration::from_std(retention)
+            .ok()
+            .and_then(|r| now.checked_sub_signed(r))
+        else {
+            return Ok(report);
+        };
+        let cutoff = ts_text(cutoff);
         // In batches, so the single writer is never held for long.
         loop {
             let done = sqlx::query(PRUNE_LOG_SQL)
