@@ -51,8 +51,31 @@ impl std::fmt::Display for SecretUrl {
     }
 }
 
-/// `scheme://user:secret@host/…` → `scheme://user:***@host/…`.
+/// A URL as it may be shown: `scheme://user:secret@host/…?password=secret` →
+/// `scheme://user:***@host/…?password=***` (any query parameter whose name holds `pass`,
+/// `secret` or `token`).
 pub fn redact_url(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let mut out = redact_user_info(base);
+    if let Some(query) = query {
+        out.push('?');
+        let params: Vec<String> = query
+            .split('&')
+            .map(|param| match param.split_once('=') {
+                Some((name, _)) if is_secret_param(name) => format!("{name}=***"),
+                _ => param.to_string(),
+            })
+            .collect();
+        out.push_str(&params.join("&"));
+    }
+    out
+}
+
+/// `scheme://user:secret@host/…` → `scheme://user:***@host/…`.
+fn redact_user_info(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
@@ -64,6 +87,12 @@ pub fn redact_url(url: &str) -> String {
         Some((user, _)) => format!("{scheme}://{user}:***{}", &rest[at..]),
         None => url.to_string(),
     }
+}
+
+/// Query parameters whose value is a credential (`password`, libpq's `sslpassword`, a token…).
+fn is_secret_param(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["pass", "secret", "token"].iter().any(|s| name.contains(s))
 }
 
 /// What a check does when a backend cannot answer (DESIGN rule 7).
@@ -107,6 +136,18 @@ mod tests {
         assert_eq!(redact_url("redis://:pw@h:6379/0"), "redis://:***@h:6379/0");
         assert_eq!(redact_url("sqlite://a.db"), "sqlite://a.db");
         assert_eq!(redact_url("no url"), "no url");
+        assert_eq!(
+            redact_url("postgres://db/x?user=u&password=hunter2&sslmode=require"),
+            "postgres://db/x?user=u&password=***&sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://u:pw@db/x?sslpassword=k3y&application_name=t"),
+            "postgres://u:***@db/x?sslpassword=***&application_name=t"
+        );
+        assert_eq!(
+            redact_url("redis://h:6379/0?token=abc"),
+            "redis://h:6379/0?token=***"
+        );
         let s = SecretUrl("redis://:pw@h:6379".into());
         assert!(!format!("{s:?}").contains("pw"));
         assert!(!s.to_string().contains("pw"));
