@@ -19,9 +19,45 @@ pub fn init_logging(config: &LogConfig) {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match config.format {
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Text => builder.fmt_fields(one_line_fields()).try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
     };
+}
+
+/// How the text format writes an event's fields: as the default format does (`message`, then
+/// `name=value` pairs), with line breaks and other control characters in values escaped, so
+/// every event is one line and no value (an error from a server, a client's header) can forge
+/// a log line of its own. The JSON format escapes them already.
+fn one_line_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> {
+    use tracing_subscriber::field::MakeExt;
+    tracing_subscriber::fmt::format::debug_fn(|w, field, value| {
+        if field.name() != "message" {
+            write!(w, "{field}=")?;
+        }
+        write!(OneLine(w), "{value:?}")
+    })
+    .delimited(" ")
+}
+
+/// Writes through to `W`, escaping control characters (`\n` for a newline, `\u{1b}` for ESC).
+struct OneLine<'a, W>(&'a mut W);
+
+impl<W: std::fmt::Write> std::fmt::Write for OneLine<'_, W> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let mut rest = s;
+        while let Some(i) = rest.find(|c: char| c.is_control()) {
+            self.0.write_str(&rest[..i])?;
+            let c = rest[i..].chars().next().expect("a control character");
+            match c {
+                '\n' => self.0.write_str("\\n")?,
+                '\r' => self.0.write_str("\\r")?,
+                '\t' => self.0.write_str("\\t")?,
+                c => write!(self.0, "{}", c.escape_unicode())?,
+            }
+            rest = &rest[i + c.len_utf8()..];
+        }
+        self.0.write_str(rest)
+    }
 }
 
 /// A monotonically increasing counter.
@@ -343,6 +379,41 @@ impl Metrics {
 
 #[cfg(test)]
 mod tests {
+
+    /// A value with line breaks, in an error or in the message, stays on its event's line.
+    #[test]
+    fn text_log_lines_are_one_per_event() {
+        #[derive(Clone, Default)]
+        struct Buf(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .fmt_fields(one_line_fields())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let error = "server said:\nERROR forged line";
+            tracing::warn!(error = %error, path = "/a\r\nb", "failed\nagain\u{1b}[31m");
+        });
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert_eq!(out.matches('\n').count(), 1, "{out}");
+        assert!(out.contains("failed\\nagain\\u{1b}[31m"), "{out}");
+        assert!(
+            out.contains("error=server said:\\nERROR forged line"),
+            "{out}"
+        );
+        assert!(out.contains(r#"path="/a\r\nb""#), "{out}");
+    }
     use super::*;
     use crate::decision::Denial;
 
