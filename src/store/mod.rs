@@ -56,6 +56,19 @@ impl StoreError {
         matches!(self, StoreError::Unavailable(_))
     }
 
+    /// What went wrong, in words that quote no value the statement carried (a database's own
+    /// message may quote them): the error's kind, with the database's error code and the
+    /// constraint it names, if any. For logs about rows that may hold secrets.
+    pub fn kind(&self) -> String {
+        match self {
+            StoreError::Unavailable(e) => format!("unavailable: {}", sqlx_kind(e)),
+            StoreError::Query(e) => sqlx_kind(e),
+            StoreError::Migrate(_) => "migration failed".into(),
+            StoreError::UnsupportedUrl(_) => "unsupported database URL".into(),
+            StoreError::Corrupt { table, .. } => format!("corrupt row in {table}"),
+        }
+    }
+
     /// The error of a store that is closed (its pool or its writer is gone).
     pub(crate) fn closed() -> Self {
         StoreError::Unavailable(Arc::new(sqlx::Error::PoolClosed))
@@ -83,6 +96,27 @@ impl From<sqlx::Error> for StoreError {
             StoreError::Query(Arc::new(e))
         }
     }
+}
+
+/// The kind of a sqlx error, quoting nothing of what the statement carried.
+fn sqlx_kind(e: &sqlx::Error) -> String {
+    let kind = match e {
+        sqlx::Error::Database(db) => {
+            let mut kind = format!("database error {}", db.code().unwrap_or_default());
+            if let Some(constraint) = db.constraint() {
+                kind.push_str(&format!(" (constraint {constraint})"));
+            }
+            return kind;
+        }
+        sqlx::Error::Io(_) => "connection error",
+        sqlx::Error::PoolTimedOut => "pool timed out",
+        sqlx::Error::PoolClosed => "pool closed",
+        sqlx::Error::WorkerCrashed => "worker crashed",
+        sqlx::Error::Protocol(_) => "protocol error",
+        sqlx::Error::Encode(_) => "a value could not be encoded",
+        _ => "query error",
+    };
+    kind.to_string()
 }
 
 /// Whether a PostgreSQL error (by its SQLSTATE) is about the server rather than the statement or
