@@ -47,9 +47,23 @@ impl std::fmt::Debug for RequestLog {
 }
 
 impl RequestLog {
-    /// Queues a row without waiting. A full queue drops it and counts the drop.
-    pub fn record(&self, row: LogRow) {
+    /// Cleans the row's text (see [`clean`]) and queues it without waiting. A full queue drops
+    /// it and counts the drop.
+    pub fn record(&self, mut row: LogRow) {
         let Some(tx) = &self.tx else { return };
+        for field in [
+            &mut row.request_id,
+            &mut row.method,
+            &mut row.path,
+            &mut row.host,
+            &mut row.client_addr,
+        ] {
+            if let Some(text) = field
+                && needs_cleaning(text)
+            {
+                *text = clean(text);
+            }
+        }
         if tx.try_send(row).is_err() {
             self.metrics.reqlog_dropped.inc();
         }
@@ -64,16 +78,31 @@ impl RequestLog {
     }
 }
 
-/// Cuts a text field to [`MAX_FIELD`] bytes on a character boundary.
-pub fn clip(s: &str) -> String {
-    if s.len() <= MAX_FIELD {
+/// A request-log value as it is stored: every control character (C0, tab and newline
+/// included, DEL, C1) replaced by U+FFFD, then cut to [`MAX_FIELD`] bytes on a character
+/// boundary. A NUL would make PostgreSQL refuse the row, and escape sequences or line breaks have
+/// no business in an id, a method, a path, a host or an address; the mark says one was there.
+pub fn clean(s: &str) -> String {
+    if !needs_cleaning(s) {
         return s.to_string();
     }
-    let mut end = MAX_FIELD;
-    while !s.is_char_boundary(end) {
-        end -= 1;
+    let mut out = String::with_capacity(s.len().min(MAX_FIELD));
+    for c in s.chars() {
+        let c = if c.is_control() {
+            char::REPLACEMENT_CHARACTER
+        } else {
+            c
+        };
+        if out.len() + c.len_utf8() > MAX_FIELD {
+            break;
+        }
+        out.push(c);
     }
-    s[..end].to_string()
+    out
+}
+
+fn needs_cleaning(s: &str) -> bool {
+    s.len() > MAX_FIELD || s.chars().any(char::is_control)
 }
 
 /// Creates the queue and its writer. The writer runs until `drain` is cancelled, then writes
@@ -441,11 +470,58 @@ mod tests {
     }
 
     #[test]
-    fn clip_respects_char_boundaries() {
-        assert_eq!(clip("abc"), "abc");
+    fn clean_cuts_on_char_boundaries() {
+        assert_eq!(clean("abc"), "abc");
         let long = "é".repeat(MAX_FIELD);
-        let c = clip(&long);
+        let c = clean(&long);
         assert!(c.len() <= MAX_FIELD && c.chars().all(|ch| ch == 'é'));
+        assert_eq!(c.len(), MAX_FIELD);
+    }
+
+    #[test]
+    fn clean_marks_every_control_character() {
+        assert_eq!(clean("a\0b"), "a\u{FFFD}b");
+        assert_eq!(
+            clean("\t\r\n\x1b[2J\x7f\u{85}"),
+            "\u{FFFD}\u{FFFD}\u{FFFD}\u{FFFD}[2J\u{FFFD}\u{FFFD}"
+        );
+        // What is not a control character stays.
+        assert_eq!(clean("/v1/ünï cödé?q=1&r=%00"), "/v1/ünï cödé?q=1&r=%00");
+        // The marks count against the length: three bytes each.
+        let c = clean(&"\0".repeat(MAX_FIELD));
+        assert_eq!(c.len(), MAX_FIELD / 3 * 3);
+        assert!(c.chars().all(|ch| ch == char::REPLACEMENT_CHARACTER));
+    }
+
+    #[test]
+    fn record_cleans_every_text_field_before_queueing() {
+        let metrics = Arc::new(Metrics::default());
+        let (tx, mut rx) = mpsc::channel(1);
+        let log = RequestLog {
+            tx: Some(tx),
+            metrics,
+        };
+        let dirty = |s: &str| Some(format!("{s}\0{}", "x".repeat(3 * MAX_FIELD)));
+        log.record(LogRow {
+            request_id: dirty("id"),
+            method: dirty("GET"),
+            path: dirty("/"),
+            host: dirty("h"),
+            client_addr: dirty("10.0.0.1"),
+            ..row(0, "/")
+        });
+        let row = rx.try_recv().unwrap();
+        for (field, prefix) in [
+            (&row.request_id, "id"),
+            (&row.method, "GET"),
+            (&row.path, "/"),
+            (&row.host, "h"),
+            (&row.client_addr, "10.0.0.1"),
+        ] {
+            let text = field.as_deref().unwrap();
+            assert!(text.starts_with(&format!("{prefix}\u{FFFD}x")), "{prefix}");
+            assert!(text.len() <= MAX_FIELD, "{prefix}");
+        }
     }
 }
 

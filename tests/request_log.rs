@@ -3,6 +3,15 @@
 
 use std::time::{Duration, Instant};
 
+use envoy_types::pb::envoy::data::accesslog::v3::{
+    HttpAccessLogEntry, HttpRequestProperties, HttpResponseProperties,
+};
+use envoy_types::pb::envoy::service::accesslog::v3::{
+    StreamAccessLogsMessage,
+    access_log_service_client::AccessLogServiceClient,
+    stream_access_logs_message::{HttpAccessLogEntries, LogEntries},
+};
+use envoy_types::pb::google::protobuf::UInt32Value;
 use harness::check::{check_request, denied};
 use harness::db::{Db, TestDb};
 use harness::every_database;
@@ -24,7 +33,8 @@ async fn check_with_id(tg: &Tollgate, request_id: &str, path: &str) {
     assert_eq!(d.body["error"], "missing_key");
 }
 
-/// Waits, while tollgate runs, until `sql` counts `want` rows; fails after 10 s saying how many.
+/// Waits, while tollgate runs, until `sql` counts `want` rows; fails after 10 s saying how many
+/// it found.
 async fn wait_for_rows(tg: &Tollgate, sql: &str, want: i64) {
     let started = Instant::now();
     loop {
@@ -34,10 +44,81 @@ async fn wait_for_rows(tg: &Tollgate, sql: &str, want: i64) {
         }
         assert!(
             started.elapsed() < Duration::from_secs(10),
-            "{got} of {want} rows written within 10 s"
+            "{got} of {want} rows within 10 s: {sql}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A NUL in `x-request-id` (PostgreSQL text cannot hold one) is cleaned before the row is queued,
+/// so the row and every row behind it are written while tollgate runs; the access log's outcome
+/// for that request is cleaned the same way, so it still completes the row.
+async fn a_nul_in_a_request_id_is_cleaned_and_holds_up_no_row(db: Db) {
+    let tg = Tollgate::on(db).await;
+    check_with_id(&tg, "bad\0id\x1b[2J", "/v1/things").await;
+    for i in 0..100 {
+        check_with_id(&tg, &format!("rid-{i}"), "/v1/things").await;
+    }
+    wait_for_rows(
+        &tg,
+        "SELECT count(*) FROM api_requests_log WHERE request_id LIKE 'rid-%'",
+        100,
+    )
+    .await;
+    assert_eq!(
+        tg.scalar(
+            "SELECT count(*) FROM api_requests_log \
+             WHERE request_id = 'bad\u{FFFD}id\u{FFFD}[2J'"
+        )
+        .await,
+        1,
+        "the request id is kept with its control characters replaced"
+    );
+    send_outcome(&tg, "bad\0id\x1b[2J", 204).await;
+    wait_for_rows(
+        &tg,
+        "SELECT count(*) FROM api_requests_log \
+         WHERE request_id = 'bad\u{FFFD}id\u{FFFD}[2J' AND response_status = 204",
+        1,
+    )
+    .await;
+    let metrics = tg.metrics.clone();
+    let db = tg.stop().await;
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM api_requests_log").await,
+        101
+    );
+    assert_eq!(metrics.reqlog_written.get(), 101);
+    assert_eq!(metrics.reqlog_rejected.get(), 0);
+    assert_eq!(metrics.reqlog_failed.get(), 0);
+}
+
+/// Streams one access log entry to tollgate, as Envoy's gRPC access logger does: the request
+/// `request_id` was answered `status`.
+async fn send_outcome(tg: &Tollgate, request_id: &str, status: u32) {
+    let entry = HttpAccessLogEntry {
+        request: Some(HttpRequestProperties {
+            request_id: request_id.into(),
+            ..Default::default()
+        }),
+        response: Some(HttpResponseProperties {
+            response_code: Some(UInt32Value { value: status }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let message = StreamAccessLogsMessage {
+        log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries {
+            log_entry: vec![entry],
+        })),
+        ..Default::default()
+    };
+    let mut c = AccessLogServiceClient::connect(format!("http://{}", tg.grpc))
+        .await
+        .expect("connects");
+    c.stream_access_logs(futures_util::stream::iter([message]))
+        .await
+        .unwrap();
 }
 
 /// Makes the database itself refuse any row whose path is `/poison`, as a constraint would.
@@ -99,7 +180,10 @@ async fn a_row_the_database_rejects_is_dropped_and_counted_and_the_rest_are_writ
     );
 }
 
-every_database!(a_row_the_database_rejects_is_dropped_and_counted_and_the_rest_are_written,);
+every_database!(
+    a_nul_in_a_request_id_is_cleaned_and_holds_up_no_row,
+    a_row_the_database_rejects_is_dropped_and_counted_and_the_rest_are_written,
+);
 
 /// Why values are cleaned before they are queued: PostgreSQL refuses a NUL in text, and says
 /// retrying will not help.
