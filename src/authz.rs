@@ -13,7 +13,7 @@ use crate::decision::{Allowed, Decision, Denial, DenyReason, LimitKind, LimitSta
 use crate::failure::{FailurePolicies, Verdict};
 use crate::keys::{self, ApiKey, KeyStatus, cache::KeyCache};
 use crate::limiter::{Algorithm, Rate, WindowLimiter};
-use crate::reqlog::{RequestLog, clip};
+use crate::reqlog::RequestLog;
 use crate::store::{LogApi, LogRow, Quota, QuotaOutcome, QuotaStore, Spend};
 use crate::telemetry::Metrics;
 
@@ -164,12 +164,12 @@ impl AuthzService {
         self.log.record(LogRow {
             ts: now,
             api: LogApi::Authz,
-            request_id: input.request_id.map(clip),
+            request_id: input.request_id.map(str::to_owned),
             key_id,
-            method: input.method.map(clip),
-            path: input.path.map(clip),
-            host: input.host.map(clip),
-            client_addr: input.client_addr.map(clip),
+            method: input.method.map(str::to_owned),
+            path: input.path.map(str::to_owned),
+            host: input.host.map(str::to_owned),
+            client_addr: input.client_addr.map(str::to_owned),
             allowed: matches!(decision, Decision::Allow(_)),
             reason: decision.reason_code(),
             status: decision.status(),

@@ -2,8 +2,11 @@
 //!
 //! A check hands its row over with `try_send` and never waits (DESIGN rule 5). The writer takes
 //! rows in batches of up to `batch_size`, writing whenever a batch is full or `flush_interval` has
-//! passed. A failed write is retried with backoff while new rows wait in the queue; a full queue
-//! drops the new row and counts it. On shutdown the queue is closed and everything in it is written.
+//! passed. A write that fails because the database is away is retried with backoff while new
+//! rows wait in the queue; a full queue drops the new row and counts it. A write the database
+//! rejects is split to find the rows it rejects: those are dropped and counted, the others
+//! written, so one bad row never holds up the rows behind it. On shutdown the queue is closed and
+//! everything in it is written.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +20,16 @@ use crate::telemetry::Metrics;
 
 /// Longest a row's text fields may be; longer values are cut (a 1 MB path is not worth storing).
 const MAX_FIELD: usize = 2048;
+
+/// Most writes spent, besides the first, on finding the rows of one batch the database rejects.
+/// One bad row among 1,000 takes 20; past the limit a sub-batch still rejected is dropped whole,
+/// so a batch full of bad rows costs a bounded number of statements, not one per row.
+const MAX_SPLIT_WRITES: usize = 64;
+
+/// The first wait before retrying a write the database could not take, doubled up to
+/// [`MAX_BACKOFF`].
+const INITIAL_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// The request path's end of the log.
 #[derive(Clone)]
@@ -34,9 +47,23 @@ impl std::fmt::Debug for RequestLog {
 }
 
 impl RequestLog {
-    /// Queues a row without waiting. A full queue drops it and counts the drop.
-    pub fn record(&self, row: LogRow) {
+    /// Cleans the row's text (see [`clean`]) and queues it without waiting. A full queue drops
+    /// it and counts the drop.
+    pub fn record(&self, mut row: LogRow) {
         let Some(tx) = &self.tx else { return };
+        for field in [
+            &mut row.request_id,
+            &mut row.method,
+            &mut row.path,
+            &mut row.host,
+            &mut row.client_addr,
+        ] {
+            if let Some(text) = field
+                && needs_cleaning(text)
+            {
+                *text = clean(text);
+            }
+        }
         if tx.try_send(row).is_err() {
             self.metrics.reqlog_dropped.inc();
         }
@@ -51,16 +78,31 @@ impl RequestLog {
     }
 }
 
-/// Cuts a text field to [`MAX_FIELD`] bytes on a character boundary.
-pub fn clip(s: &str) -> String {
-    if s.len() <= MAX_FIELD {
+/// A request-log value as it is stored: every control character (C0, tab and newline
+/// included, DEL, C1) replaced by U+FFFD, then cut to [`MAX_FIELD`] bytes on a character
+/// boundary. A NUL would make PostgreSQL refuse the row, and escape sequences or line breaks have
+/// no business in an id, a method, a path, a host or an address; the mark says one was there.
+pub fn clean(s: &str) -> String {
+    if !needs_cleaning(s) {
         return s.to_string();
     }
-    let mut end = MAX_FIELD;
-    while !s.is_char_boundary(end) {
-        end -= 1;
+    let mut out = String::with_capacity(s.len().min(MAX_FIELD));
+    for c in s.chars() {
+        let c = if c.is_control() {
+            char::REPLACEMENT_CHARACTER
+        } else {
+            c
+        };
+        if out.len() + c.len_utf8() > MAX_FIELD {
+            break;
+        }
+        out.push(c);
     }
-    s[..end].to_string()
+    out
+}
+
+fn needs_cleaning(s: &str) -> bool {
+    s.len() > MAX_FIELD || s.chars().any(char::is_control)
 }
 
 /// Creates the queue and its writer. The writer runs until `drain` is cancelled, then writes
@@ -135,38 +177,71 @@ impl Writer {
         }
     }
 
-    /// Writes and clears `batch`, retrying with backoff. While running, retries until the write
-    /// succeeds; once draining, gives up after a few tries and counts the rows as failed.
+    /// Writes and clears `batch`. A write that fails because the database is away or busy (a
+    /// transient error) is retried with backoff: while running until it succeeds, once draining
+    /// a few times before its rows are counted as failed. A write the database rejects (any other
+    /// error) is split in halves, recursively, so that the rows it rejects are found, dropped
+    /// and counted, and the others written: about 2·log2(N) writes for one bad row among N, and
+    /// never more than [`MAX_SPLIT_WRITES`] writes besides the first (past that, a sub-batch still
+    /// rejected is dropped whole). One warning per batch says how many rows went and why, without
+    /// their values.
     async fn write(&self, batch: &mut Vec<LogRow>, drain: &CancellationToken) {
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = INITIAL_BACKOFF;
         let mut tries_while_draining = 0;
-        loop {
-            match self.sink.write_batch(batch).await {
+        let mut split_writes = 0;
+        let mut rejected = 0;
+        let mut rejection = None;
+        // The ranges of `batch` still to write: depth first, left half first, so at most
+        // log2(N) + 1 wait here.
+        let mut pending = Vec::new();
+        pending.push(0..batch.len());
+        while let Some(range) = pending.pop() {
+            let rows = &batch[range.clone()];
+            let e = match self.sink.write_batch(rows).await {
                 Ok(()) => {
-                    self.metrics.reqlog_written.add(batch.len() as u64);
-                    batch.clear();
-                    return;
+                    self.metrics.reqlog_written.add(rows.len() as u64);
+                    backoff = INITIAL_BACKOFF;
+                    continue;
                 }
-                Err(e) => {
-                    self.metrics.reqlog_write_errors.inc();
-                    tracing::warn!(error = %e, rows = batch.len(), "request log write failed; retrying");
-                    if drain.is_cancelled() {
-                        tries_while_draining += 1;
-                        if tries_while_draining >= 5 {
-                            self.metrics.reqlog_failed.add(batch.len() as u64);
-                            tracing::error!(
-                                rows = batch.len(),
-                                "request log rows lost at shutdown"
-                            );
-                            batch.clear();
-                            return;
-                        }
-                    }
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                Err(e) => e,
+            };
+            self.metrics.reqlog_write_errors.inc();
+            if !e.is_transient() {
+                rejection.get_or_insert_with(|| e.kind());
+                if range.len() > 1 && split_writes + 2 <= MAX_SPLIT_WRITES {
+                    split_writes += 2;
+                    let mid = range.start + range.len() / 2;
+                    pending.push(mid..range.end);
+                    pending.push(range.start..mid);
+                } else {
+                    rejected += range.len();
+                }
+                continue;
+            }
+            tracing::warn!(error = %e, rows = rows.len(), "request log write failed; retrying");
+            if drain.is_cancelled() {
+                tries_while_draining += 1;
+                if tries_while_draining >= 5 {
+                    let lost = range.len() + pending.iter().map(|r| r.len()).sum::<usize>();
+                    self.metrics.reqlog_failed.add(lost as u64);
+                    tracing::error!(rows = lost, "request log rows lost at shutdown");
+                    break;
                 }
             }
+            pending.push(range);
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
+        if rejected > 0 {
+            self.metrics.reqlog_rejected.add(rejected as u64);
+            tracing::warn!(
+                rows = rejected,
+                batch = batch.len(),
+                error_kind = rejection.as_deref().unwrap_or_default(),
+                "request log rows rejected by the database; dropped"
+            );
+        }
+        batch.clear();
     }
 }
 
@@ -207,14 +282,246 @@ pub async fn maintain(
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+    use async_trait::async_trait;
+    use chrono::{DateTime, Utc};
+
     use super::*;
+    use crate::store::{LogApi, Maintenance, Outcome, StoreError, UsageQuery, UsageSummary};
+
+    /// A request log that rejects every batch holding a row whose path is `/poison`, as a
+    /// constraint would, and fails the writes numbered in `away` (from 0) as if the server were
+    /// down.
+    #[derive(Default)]
+    struct FakeLog {
+        away: std::ops::Range<usize>,
+        writes: AtomicUsize,
+        rows: Mutex<Vec<LogRow>>,
+    }
+
+    #[async_trait]
+    impl RequestLogStore for FakeLog {
+        async fn write_batch(&self, rows: &[LogRow]) -> Result<(), StoreError> {
+            if self.away.contains(&self.writes.fetch_add(1, Relaxed)) {
+                return Err(sqlx::Error::PoolTimedOut.into());
+            }
+            if rows.iter().any(|r| r.path.as_deref() == Some("/poison")) {
+                return Err(sqlx::Error::Protocol("rejected".into()).into());
+            }
+            self.rows.lock().unwrap().extend_from_slice(rows);
+            Ok(())
+        }
+        async fn complete(&self, outcomes: &[Outcome]) -> Result<(Vec<bool>, u64), StoreError> {
+            Ok((vec![false; outcomes.len()], 0))
+        }
+        async fn maintain(
+            &self,
+            _: DateTime<Utc>,
+            _: Option<Duration>,
+        ) -> Result<Maintenance, StoreError> {
+            Ok(Maintenance::default())
+        }
+        async fn summarize(&self, _: &UsageQuery) -> Result<UsageSummary, StoreError> {
+            Ok(UsageSummary::default())
+        }
+    }
+
+    fn row(i: usize, path: &str) -> LogRow {
+        LogRow {
+            ts: DateTime::from_timestamp(1_773_144_020, 0).unwrap(),
+            api: LogApi::Authz,
+            request_id: Some(format!("rid-{i}")),
+            key_id: None,
+            method: Some("GET".into()),
+            path: Some(path.into()),
+            host: None,
+            client_addr: None,
+            allowed: false,
+            reason: "missing_key",
+            status: 401,
+            cost: 0,
+        }
+    }
+
+    /// `n` rows, those at `bad` with the path the fake rejects.
+    fn rows(n: usize, bad: &[usize]) -> Vec<LogRow> {
+        (0..n)
+            .map(|i| row(i, if bad.contains(&i) { "/poison" } else { "/ok" }))
+            .collect()
+    }
+
+    fn writer(log: &Arc<FakeLog>) -> (Writer, Arc<Metrics>) {
+        let metrics = Arc::new(Metrics::default());
+        let writer = Writer {
+            sink: log.clone(),
+            metrics: metrics.clone(),
+            batch_size: 1000,
+            flush_interval: Duration::from_millis(50),
+        };
+        (writer, metrics)
+    }
+
+    /// The ids of the rows written, in order.
+    fn written(log: &FakeLog) -> Vec<String> {
+        let rows = log.rows.lock().unwrap();
+        rows.iter().filter_map(|r| r.request_id.clone()).collect()
+    }
+
+    #[tokio::test]
+    async fn one_rejected_row_is_found_in_about_two_log2_n_writes_and_only_it_is_dropped() {
+        let log = Arc::new(FakeLog::default());
+        let (writer, metrics) = writer(&log);
+        let mut batch = rows(1000, &[637]);
+        writer.write(&mut batch, &CancellationToken::new()).await;
+        assert!(batch.is_empty());
+        let want: Vec<String> = (0..1000)
+            .filter(|&i| i != 637)
+            .map(|i| format!("rid-{i}"))
+            .collect();
+        assert_eq!(written(&log), want, "every other row, in order");
+        assert_eq!(metrics.reqlog_written.get(), 999);
+        assert_eq!(metrics.reqlog_rejected.get(), 1);
+        assert_eq!(metrics.reqlog_failed.get(), 0);
+        // The whole batch, then two halves on each of the 10 levels down to the row.
+        assert_eq!(log.writes.load(Relaxed), 21);
+        assert_eq!(metrics.reqlog_write_errors.get(), 11);
+    }
+
+    #[tokio::test]
+    async fn a_few_rejected_rows_are_each_found() {
+        let log = Arc::new(FakeLog::default());
+        let (writer, metrics) = writer(&log);
+        let mut batch = rows(1000, &[0, 500, 999]);
+        writer.write(&mut batch, &CancellationToken::new()).await;
+        assert_eq!(metrics.reqlog_written.get(), 997);
+        assert_eq!(metrics.reqlog_rejected.get(), 3);
+        assert_eq!(written(&log).len(), 997);
+        assert!(log.writes.load(Relaxed) <= 1 + MAX_SPLIT_WRITES);
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_rejected_rows_costs_a_bounded_number_of_writes() {
+        let log = Arc::new(FakeLog::default());
+        let (writer, metrics) = writer(&log);
+        let all: Vec<usize> = (0..1000).collect();
+        let mut batch = rows(1000, &all);
+        writer.write(&mut batch, &CancellationToken::new()).await;
+        assert_eq!(metrics.reqlog_written.get(), 0);
+        assert_eq!(metrics.reqlog_rejected.get(), 1000);
+        assert_eq!(log.writes.load(Relaxed), 1 + MAX_SPLIT_WRITES);
+    }
+
+    #[tokio::test]
+    async fn a_database_that_is_away_is_waited_for_not_split() {
+        let log = Arc::new(FakeLog {
+            away: 0..3,
+            ..Default::default()
+        });
+        let (writer, metrics) = writer(&log);
+        let mut batch = rows(100, &[]);
+        writer.write(&mut batch, &CancellationToken::new()).await;
+        assert_eq!(metrics.reqlog_written.get(), 100);
+        assert_eq!(metrics.reqlog_rejected.get(), 0);
+        assert_eq!(metrics.reqlog_write_errors.get(), 3);
+        assert_eq!(log.writes.load(Relaxed), 4, "the whole batch each time");
+    }
+
+    #[tokio::test]
+    async fn a_database_away_during_a_split_is_waited_for_too() {
+        // The whole batch is rejected; its first half then finds the server away twice.
+        let log = Arc::new(FakeLog {
+            away: 1..3,
+            ..Default::default()
+        });
+        let (writer, metrics) = writer(&log);
+        let mut batch = rows(8, &[5]);
+        writer.write(&mut batch, &CancellationToken::new()).await;
+        assert_eq!(metrics.reqlog_written.get(), 7);
+        assert_eq!(metrics.reqlog_rejected.get(), 1);
+        assert_eq!(metrics.reqlog_failed.get(), 0);
+        // 1 rejected, 2 away, then halves: [0..4] ok, [4..8] rejected, [4..6] rejected, [4] ok,
+        // [5] rejected, [6..8] ok.
+        assert_eq!(log.writes.load(Relaxed), 3 + 6);
+        assert_eq!(
+            written(&log),
+            [
+                "rid-0", "rid-1", "rid-2", "rid-3", "rid-4", "rid-6", "rid-7"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn shutdown_gives_up_on_a_database_that_stays_away_and_counts_the_rows() {
+        let log = Arc::new(FakeLog {
+            away: 0..usize::MAX,
+            ..Default::default()
+        });
+        let (writer, metrics) = writer(&log);
+        let drain = CancellationToken::new();
+        drain.cancel();
+        let mut batch = rows(10, &[]);
+        writer.write(&mut batch, &drain).await;
+        assert!(batch.is_empty());
+        assert_eq!(log.writes.load(Relaxed), 5);
+        assert_eq!(metrics.reqlog_failed.get(), 10);
+        assert_eq!(metrics.reqlog_rejected.get(), 0);
+    }
 
     #[test]
-    fn clip_respects_char_boundaries() {
-        assert_eq!(clip("abc"), "abc");
+    fn clean_cuts_on_char_boundaries() {
+        assert_eq!(clean("abc"), "abc");
         let long = "é".repeat(MAX_FIELD);
-        let c = clip(&long);
+        let c = clean(&long);
         assert!(c.len() <= MAX_FIELD && c.chars().all(|ch| ch == 'é'));
+        assert_eq!(c.len(), MAX_FIELD);
+    }
+
+    #[test]
+    fn clean_marks_every_control_character() {
+        assert_eq!(clean("a\0b"), "a\u{FFFD}b");
+        assert_eq!(
+            clean("\t\r\n\x1b[2J\x7f\u{85}"),
+            "\u{FFFD}\u{FFFD}\u{FFFD}\u{FFFD}[2J\u{FFFD}\u{FFFD}"
+        );
+        // What is not a control character stays.
+        assert_eq!(clean("/v1/ünï cödé?q=1&r=%00"), "/v1/ünï cödé?q=1&r=%00");
+        // The marks count against the length: three bytes each.
+        let c = clean(&"\0".repeat(MAX_FIELD));
+        assert_eq!(c.len(), MAX_FIELD / 3 * 3);
+        assert!(c.chars().all(|ch| ch == char::REPLACEMENT_CHARACTER));
+    }
+
+    #[test]
+    fn record_cleans_every_text_field_before_queueing() {
+        let metrics = Arc::new(Metrics::default());
+        let (tx, mut rx) = mpsc::channel(1);
+        let log = RequestLog {
+            tx: Some(tx),
+            metrics,
+        };
+        let dirty = |s: &str| Some(format!("{s}\0{}", "x".repeat(3 * MAX_FIELD)));
+        log.record(LogRow {
+            request_id: dirty("id"),
+            method: dirty("GET"),
+            path: dirty("/"),
+            host: dirty("h"),
+            client_addr: dirty("10.0.0.1"),
+            ..row(0, "/")
+        });
+        let row = rx.try_recv().unwrap();
+        for (field, prefix) in [
+            (&row.request_id, "id"),
+            (&row.method, "GET"),
+            (&row.path, "/"),
+            (&row.host, "h"),
+            (&row.client_addr, "10.0.0.1"),
+        ] {
+            let text = field.as_deref().unwrap();
+            assert!(text.starts_with(&format!("{prefix}\u{FFFD}x")), "{prefix}");
+            assert!(text.len() <= MAX_FIELD, "{prefix}");
+        }
     }
 }
 

@@ -163,6 +163,8 @@ pub struct Metrics {
     pub reqlog_dropped: Counter,
     pub reqlog_failed: Counter,
     pub reqlog_write_errors: Counter,
+    /// Request log rows dropped because the database rejected them.
+    pub reqlog_rejected: Counter,
 }
 
 impl Metrics {
@@ -361,6 +363,11 @@ impl Metrics {
                 "tollgate_request_log_write_errors_total",
                 "Failed request log batch writes (each retried).",
                 self.reqlog_write_errors.get(),
+            ),
+            (
+                "tollgate_request_log_rejected_total",
+                "Request log rows dropped because the database rejected them.",
+                self.reqlog_rejected.get(),
             ),
         ] {
             let _ = writeln!(

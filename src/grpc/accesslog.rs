@@ -46,7 +46,8 @@ pub fn outcome(entry: &HttpAccessLogEntry) -> Option<Outcome> {
                 .saturating_add(d.nanos.max(0) as u64 / 1_000_000)
         });
     Some(Outcome {
-        request_id: crate::reqlog::clip(&request.request_id),
+        // Cleaned as the Check row's request id was, so the two still match.
+        request_id: crate::reqlog::clean(&request.request_id),
         status: status.min(u32::from(u16::MAX)) as u16,
         duration_ms,
         // Sums of what a client sent: they saturate rather than overflow.
@@ -126,5 +127,25 @@ mod tests {
         assert_eq!(o.bytes_sent, u64::MAX);
         assert_eq!(o.duration_ms, Some(u64::MAX));
         assert_eq!(o.status, u16::MAX);
+    }
+
+    /// The request id is cleaned as the Check row's was, so the outcome still finds the row.
+    #[test]
+    fn the_request_id_is_cleaned_as_the_rows_is() {
+        let raw = format!("bad\0id{}", "x".repeat(5000));
+        let entry = HttpAccessLogEntry {
+            request: Some(HttpRequestProperties {
+                request_id: raw.clone(),
+                ..Default::default()
+            }),
+            response: Some(HttpResponseProperties {
+                response_code: Some(envoy_types::pb::google::protobuf::UInt32Value { value: 200 }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let o = outcome(&entry).unwrap();
+        assert_eq!(o.request_id, crate::reqlog::clean(&raw));
+        assert!(o.request_id.starts_with("bad\u{FFFD}id") && o.request_id.len() <= 2048);
     }
 }

@@ -50,10 +50,23 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Whether retrying later may succeed (the server is away or busy), as opposed to a bug or a
-    /// bad schema that retrying cannot fix.
+    /// Whether retrying later may succeed (the server is away or busy), as opposed to a bug, a
+    /// bad schema or data the database refuses, which retrying cannot fix.
     pub fn is_transient(&self) -> bool {
         matches!(self, StoreError::Unavailable(_))
+    }
+
+    /// What went wrong, in words that quote no value the statement carried (a database's own
+    /// message may quote them): the error's kind, with the database's error code and the
+    /// constraint it names, if any. For logs about rows that may hold secrets.
+    pub fn kind(&self) -> String {
+        match self {
+            StoreError::Unavailable(e) => format!("unavailable: {}", sqlx_kind(e)),
+            StoreError::Query(e) => sqlx_kind(e),
+            StoreError::Migrate(_) => "migration failed".into(),
+            StoreError::UnsupportedUrl(_) => "unsupported database URL".into(),
+            StoreError::Corrupt { table, .. } => format!("corrupt row in {table}"),
+        }
     }
 
     /// The error of a store that is closed (its pool or its writer is gone).
@@ -64,17 +77,58 @@ impl StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
-        match &e {
+        let transient = match &e {
             sqlx::Error::Io(_)
             | sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
-            | sqlx::Error::WorkerCrashed => StoreError::Unavailable(Arc::new(e)),
-            sqlx::Error::Database(db) if db.message().contains("database is locked") => {
-                StoreError::Unavailable(Arc::new(e))
+            | sqlx::Error::WorkerCrashed => true,
+            sqlx::Error::Database(db) => {
+                db.message().contains("database is locked")
+                    || db
+                        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+                        .is_some_and(|pg| postgres_server_trouble(pg.code()))
             }
-            _ => StoreError::Query(Arc::new(e)),
+            _ => false,
+        };
+        if transient {
+            StoreError::Unavailable(Arc::new(e))
+        } else {
+            StoreError::Query(Arc::new(e))
         }
     }
+}
+
+/// The kind of a sqlx error, quoting nothing of what the statement carried.
+fn sqlx_kind(e: &sqlx::Error) -> String {
+    let kind = match e {
+        sqlx::Error::Database(db) => {
+            let mut kind = format!("database error {}", db.code().unwrap_or_default());
+            if let Some(constraint) = db.constraint() {
+                kind.push_str(&format!(" (constraint {constraint})"));
+            }
+            return kind;
+        }
+        sqlx::Error::Io(_) => "connection error",
+        sqlx::Error::PoolTimedOut => "pool timed out",
+        sqlx::Error::PoolClosed => "pool closed",
+        sqlx::Error::WorkerCrashed => "worker crashed",
+        sqlx::Error::Protocol(_) => "protocol error",
+        sqlx::Error::Encode(_) => "a value could not be encoded",
+        _ => "query error",
+    };
+    kind.to_string()
+}
+
+/// Whether a PostgreSQL error (by its SQLSTATE) is about the server rather than the statement or
+/// its data, so the same statement may succeed later: connection trouble (class 08), a rolled back
+/// transaction (40: serialization failure, deadlock), no resources (53: disk full, out of memory,
+/// too many connections), an operator or timeout intervening (57: shutdown, restart, statement
+/// timeout), a system error (58), a server that is read-only for now (25006: a standby, as during
+/// a failover), a lock not available in time (55P03). Everything else, data and schema errors
+/// above all (22, 23, 42), retrying cannot fix.
+fn postgres_server_trouble(sqlstate: &str) -> bool {
+    matches!(sqlstate.get(..2), Some("08" | "40" | "53" | "57" | "58"))
+        || matches!(sqlstate, "25006" | "55P03")
 }
 
 impl From<sqlx::migrate::MigrateError> for StoreError {
@@ -144,4 +198,32 @@ pub async fn open(config: &DatabaseConfig, migrate: bool) -> Result<Stores, Stor
         return Err(StoreError::UnsupportedUrl(crate::config::redact_url(url)));
     };
     Ok(Stores::new(db))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn postgres_errors_about_the_server_are_transient_and_about_the_data_are_not() {
+        for code in [
+            "08006", "40001", "40P01", "53100", "53300", "57014", "57P01", "57P03", "58030",
+            "25006", "55P03",
+        ] {
+            assert!(postgres_server_trouble(code), "{code}");
+        }
+        // A NUL or bad encoding, a check or not-null violation, an undefined column, a
+        // value too long, a bug.
+        for code in [
+            "22021", "22P02", "23514", "23502", "42703", "22001", "XX000", "",
+        ] {
+            assert!(!postgres_server_trouble(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn a_closed_pool_is_transient_and_a_protocol_error_is_not() {
+        assert!(StoreError::from(sqlx::Error::PoolTimedOut).is_transient());
+        assert!(!StoreError::from(sqlx::Error::Protocol("bad reply".into())).is_transient());
+    }
 }

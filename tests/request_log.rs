@@ -1,0 +1,217 @@
+//! The request log cannot be wedged by one row: values are cleaned before they are queued, and a
+//! row the database rejects is dropped and counted while the rows around it are written.
+
+use std::time::{Duration, Instant};
+
+use envoy_types::pb::envoy::data::accesslog::v3::{
+    HttpAccessLogEntry, HttpRequestProperties, HttpResponseProperties,
+};
+use envoy_types::pb::envoy::service::accesslog::v3::{
+    StreamAccessLogsMessage,
+    access_log_service_client::AccessLogServiceClient,
+    stream_access_logs_message::{HttpAccessLogEntries, LogEntries},
+};
+use envoy_types::pb::google::protobuf::UInt32Value;
+use harness::check::{check_request, denied};
+use harness::db::{Db, TestDb};
+use harness::every_database;
+use harness::server::{Tollgate, t0};
+use tollgate::store::{LogApi, LogRow};
+
+/// A Check with this request id (and no key: it is denied, and logged all the same).
+async fn check_with_id(tg: &Tollgate, request_id: &str, path: &str) {
+    let mut request = check_request(&[("x-request-id", request_id)]);
+    let http = request
+        .attributes
+        .as_mut()
+        .and_then(|a| a.request.as_mut())
+        .and_then(|r| r.http.as_mut())
+        .expect("an HTTP request");
+    http.path = path.into();
+    let mut c = tg.client().await;
+    let d = denied(&c.check(request).await.unwrap().into_inner());
+    assert_eq!(d.body["error"], "missing_key");
+}
+
+/// Waits, while tollgate runs, until `sql` counts `want` rows; fails after 10 s saying how many
+/// it found.
+async fn wait_for_rows(tg: &Tollgate, sql: &str, want: i64) {
+    let started = Instant::now();
+    loop {
+        let got = tg.scalar(sql).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{got} of {want} rows within 10 s: {sql}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A NUL in `x-request-id` (PostgreSQL text cannot hold one) is cleaned before the row is queued,
+/// so the row and every row behind it are written while tollgate runs; the access log's outcome
+/// for that request is cleaned the same way, so it still completes the row.
+async fn a_nul_in_a_request_id_is_cleaned_and_holds_up_no_row(db: Db) {
+    let tg = Tollgate::on(db).await;
+    check_with_id(&tg, "bad\0id\x1b[2J", "/v1/things").await;
+    for i in 0..100 {
+        check_with_id(&tg, &format!("rid-{i}"), "/v1/things").await;
+    }
+    wait_for_rows(
+        &tg,
+        "SELECT count(*) FROM api_requests_log WHERE request_id LIKE 'rid-%'",
+        100,
+    )
+    .await;
+    assert_eq!(
+        tg.scalar(
+            "SELECT count(*) FROM api_requests_log \
+             WHERE request_id = 'bad\u{FFFD}id\u{FFFD}[2J'"
+        )
+        .await,
+        1,
+        "the request id is kept with its control characters replaced"
+    );
+    send_outcome(&tg, "bad\0id\x1b[2J", 204).await;
+    wait_for_rows(
+        &tg,
+        "SELECT count(*) FROM api_requests_log \
+         WHERE request_id = 'bad\u{FFFD}id\u{FFFD}[2J' AND response_status = 204",
+        1,
+    )
+    .await;
+    let metrics = tg.metrics.clone();
+    let db = tg.stop().await;
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM api_requests_log").await,
+        101
+    );
+    assert_eq!(metrics.reqlog_written.get(), 101);
+    assert_eq!(metrics.reqlog_rejected.get(), 0);
+    assert_eq!(metrics.reqlog_failed.get(), 0);
+}
+
+/// Streams one access log entry to tollgate, as Envoy's gRPC access logger does: the request
+/// `request_id` was answered `status`.
+async fn send_outcome(tg: &Tollgate, request_id: &str, status: u32) {
+    let entry = HttpAccessLogEntry {
+        request: Some(HttpRequestProperties {
+            request_id: request_id.into(),
+            ..Default::default()
+        }),
+        response: Some(HttpResponseProperties {
+            response_code: Some(UInt32Value { value: status }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let message = StreamAccessLogsMessage {
+        log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries {
+            log_entry: vec![entry],
+        })),
+        ..Default::default()
+    };
+    let mut c = AccessLogServiceClient::connect(format!("http://{}", tg.grpc))
+        .await
+        .expect("connects");
+    c.stream_access_logs(futures_util::stream::iter([message]))
+        .await
+        .unwrap();
+}
+
+/// Makes the database itself refuse any row whose path is `/poison`, as a constraint would.
+async fn reject_poison_paths(db: &TestDb, kind: Db) {
+    match kind {
+        Db::Postgres => {
+            db.execute(
+                "ALTER TABLE api_requests_log ADD CONSTRAINT no_poison \
+                 CHECK (path IS DISTINCT FROM '/poison')",
+            )
+            .await
+        }
+        Db::Sqlite => {
+            db.execute(
+                "CREATE TRIGGER no_poison BEFORE INSERT ON api_requests_log \
+                 WHEN NEW.path = '/poison' BEGIN SELECT RAISE(ABORT, 'no poison'); END",
+            )
+            .await
+        }
+    }
+}
+
+/// A row the database rejects (here a constraint, whatever the cleaning does) is found by
+/// splitting its batch, dropped and counted; every other row of the batch is written.
+async fn a_row_the_database_rejects_is_dropped_and_counted_and_the_rest_are_written(db: Db) {
+    let tg = Tollgate::on_with(db, |c| {
+        // All 101 rows in one batch, written when it is full.
+        c.request_log.batch_size = 101;
+        c.request_log.flush_interval = tollgate::config::Dur(Duration::from_secs(3600));
+    })
+    .await;
+    reject_poison_paths(&tg.db, db).await;
+    for i in 0..50 {
+        check_with_id(&tg, &format!("rid-{i}"), "/v1/things").await;
+    }
+    check_with_id(&tg, "poison", "/poison").await;
+    for i in 50..100 {
+        check_with_id(&tg, &format!("rid-{i}"), "/v1/things").await;
+    }
+    wait_for_rows(
+        &tg,
+        "SELECT count(*) FROM api_requests_log WHERE request_id LIKE 'rid-%'",
+        100,
+    )
+    .await;
+    let metrics = tg.metrics.clone();
+    let text = tg.metrics_text().await;
+    let db = tg.stop().await;
+    assert_eq!(
+        db.scalar("SELECT count(*) FROM api_requests_log").await,
+        100
+    );
+    assert_eq!(metrics.reqlog_written.get(), 100);
+    assert_eq!(metrics.reqlog_failed.get(), 0);
+    assert!(metrics.reqlog_write_errors.get() > 1, "found by splitting");
+    assert!(
+        text.contains("\ntollgate_request_log_rejected_total 1\n"),
+        "{text}"
+    );
+}
+
+every_database!(
+    a_nul_in_a_request_id_is_cleaned_and_holds_up_no_row,
+    a_row_the_database_rejects_is_dropped_and_counted_and_the_rest_are_written,
+);
+
+/// Why values are cleaned before they are queued: PostgreSQL refuses a NUL in text, and says
+/// retrying will not help.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_refuses_a_nul_in_text_for_good() {
+    let db = TestDb::create(Db::Postgres).await;
+    let stores = db.open_stores().await;
+    let row = |id: &str| LogRow {
+        ts: t0(),
+        api: LogApi::Authz,
+        request_id: Some(id.into()),
+        key_id: None,
+        method: Some("GET".into()),
+        path: Some("/".into()),
+        host: None,
+        client_addr: None,
+        allowed: false,
+        reason: "missing_key",
+        status: 401,
+        cost: 0,
+    };
+    let e = stores
+        .log
+        .write_batch(&[row("good"), row("bad\0id")])
+        .await
+        .expect_err("PostgreSQL refuses a NUL");
+    assert!(!e.is_transient(), "{e}");
+    stores.log.write_batch(&[row("good")]).await.unwrap();
+    assert_eq!(db.scalar("SELECT count(*) FROM api_requests_log").await, 1);
+    stores.close().await;
+}
