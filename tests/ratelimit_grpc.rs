@@ -540,3 +540,45 @@ async fn long_values_reach_redis_only_as_digests() {
         delete_redis_keys(&url, &prefix).await;
     }
 }
+
+/// Descriptor values may be credentials: no log line holds one, even at trace level, and the
+/// line logged for a shadow-mode refusal names the rule instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_descriptor_value_appears_in_any_log_line_even_at_trace_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(&rules, RULES).unwrap();
+    let db = format!("sqlite://{}", dir.path().join("t.db").display());
+    let replica = Replica::spawn(
+        dir.path(),
+        &[
+            ("TOLLGATE_DATABASE_URL", db.as_str()),
+            ("TOLLGATE_RATELIMIT_RULES", rules.to_str().unwrap()),
+            ("TOLLGATE_LOG_LEVEL", "trace"),
+        ],
+    )
+    .await;
+    let mut c = replica.ratelimit_client().await;
+    let short = "s3cr3t-Value-0123456789";
+    let long = format!("Bearer {}", "L0ngS3cr3t".repeat(20));
+    for _ in 0..2 {
+        // The shadow rule allows one a minute: the second is over, allowed, and logged.
+        let r = ask(&mut c, request("api", vec![descriptor(&[("soft", short)])])).await;
+        assert!(!over(&r));
+        ask(&mut c, request("api", vec![descriptor(&[("soft", &long)])])).await;
+        ask(&mut c, request("api", vec![descriptor(&[("path", &long)])])).await;
+    }
+    let log_path = replica.log.clone();
+    assert_eq!(replica.stop_with("-TERM").await.code(), Some(0));
+    let log = std::fs::read_to_string(log_path).unwrap();
+    assert!(
+        log.contains("over limit in shadow mode") && log.contains("api.soft"),
+        "{log}"
+    );
+    for secret in [short, &long[7..47]] {
+        assert!(
+            !log.contains(secret),
+            "a descriptor value appears in the log"
+        );
+    }
+}
