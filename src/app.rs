@@ -133,7 +133,7 @@ impl App {
             config.cache.key_ttl.0,
             config.cache.negative_ttl.0,
         ));
-        let limiter = limiter::open(&config.redis)?;
+        let limiter = limiter::open(&config.redis, config.limits.max_counters, metrics.clone())?;
         let quotas = Arc::new(QuotaCounter::new(stores.quotas.clone(), &config.quota));
         let failures = crate::failure::FailurePolicies::new(
             config.database.failure_mode,

@@ -187,13 +187,27 @@ impl AuthzConfig {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsConfig {
     /// Per-minute limit of keys that have none of their own; unset = unlimited.
     pub default_per_minute: Option<u64>,
     /// How per-minute limits are counted: `fixed_window`, `sliding_window` or `token_bucket`.
     pub algorithm: Algorithm,
+    /// Without Redis: the most window counters (of keys and of rate limit descriptors) kept in
+    /// this process. Past it the least recently used counter is dropped, and starts from zero
+    /// if it comes back; so set it above the number of counters in use at once.
+    pub max_counters: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        Self {
+            default_per_minute: None,
+            algorithm: Algorithm::default(),
+            max_counters: crate::limiter::memory::DEFAULT_MAX_COUNTERS,
+        }
+    }
 }
 
 impl LimitsConfig {
@@ -202,6 +216,12 @@ impl LimitsConfig {
             return Err(InvalidSetting::new(
                 "limits.default_per_minute",
                 "must be at least 1 (leave unset for unlimited)",
+            ));
+        }
+        if self.max_counters == 0 {
+            return Err(InvalidSetting::new(
+                "limits.max_counters",
+                "must be at least 1",
             ));
         }
         Ok(())
@@ -721,9 +741,12 @@ mod tests {
                 ("TOLLGATE_REDIS_URL", "redis://:pw@cache:6379/2"),
                 ("TOLLGATE_REDIS_KEY_PREFIX", "tg:"),
                 ("TOLLGATE_LIMITS_ALGORITHM", "sliding_window"),
+                ("TOLLGATE_LIMITS_MAX_COUNTERS", "5000"),
             ],
         )
         .unwrap();
+        assert_eq!(c.limits.max_counters, 5000);
+        assert_eq!(Config::default().limits.max_counters, 100_000);
         assert_eq!(
             c.redis.url.as_ref().map(SecretUrl::expose),
             Some("redis://:pw@cache:6379/2")
@@ -801,6 +824,11 @@ mod tests {
         assert_eq!(e.field, "redis.key_prefix");
         let e = load_yaml("limits:\n  algorithm: leaky\n", &[]).unwrap_err();
         assert_eq!(e.field, "limits.algorithm");
+        let e = load_yaml("limits:\n  max_counters: 0\n", &[]).unwrap_err();
+        assert_eq!(e.field, "limits.max_counters");
+        assert_eq!(e.message, "must be at least 1");
+        let e = load_yaml("", &[("TOLLGATE_LIMITS_MAX_COUNTERS", "0")]).unwrap_err();
+        assert_eq!(e.field, "limits.max_counters");
     }
 
     #[test]

@@ -76,6 +76,22 @@ impl Counter {
     }
 }
 
+/// A value that goes up and down.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Relaxed);
+    }
+    pub fn sub(&self, n: u64) {
+        self.0.fetch_sub(n, Relaxed);
+    }
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
 /// Upper bounds (seconds) of the latency histograms' buckets: 50 µs to 2.5 s.
 const BUCKETS: [f64; 14] = [
     0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
@@ -149,6 +165,10 @@ pub struct Metrics {
     /// How long backend calls took: the quota statement, and a window step.
     pub database_duration: Histogram,
     pub limiter_duration: Histogram,
+    /// In-process window counters held, and those dropped to stay under `limits.max_counters`
+    /// while they still mattered.
+    pub limiter_counters: Gauge,
+    pub limiter_counters_evicted: Counter,
     /// Rules reloads by result, and whether the last one failed (the old rules stay in force).
     pub rules_reloads_ok: Counter,
     pub rules_reloads_failed: Counter,
@@ -319,6 +339,18 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE tollgate_key_cache_entries gauge");
         let _ = writeln!(out, "tollgate_key_cache_entries {cached_keys}");
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_limiter_counters Rate-limit window counters held in this process (0 with Redis).\n\
+             # TYPE tollgate_limiter_counters gauge\ntollgate_limiter_counters {}",
+            self.limiter_counters.get()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_limiter_counters_evicted_total In-process window counters dropped while still in use, to stay within limits.max_counters.\n\
+             # TYPE tollgate_limiter_counters_evicted_total counter\ntollgate_limiter_counters_evicted_total {}",
+            self.limiter_counters_evicted.get()
+        );
         out.push_str("# HELP tollgate_backend_errors_total Failed calls to a backend.\n");
         out.push_str("# TYPE tollgate_backend_errors_total counter\n");
         let _ = writeln!(
@@ -437,6 +469,15 @@ mod tests {
         assert!(text.contains("tollgate_key_cache_lookups_total{outcome=\"miss\"} 1\n"));
         assert!(text.contains("tollgate_request_log_queue_depth 3\n"));
         assert!(text.contains("tollgate_key_cache_entries 5\n"));
+        m.limiter_counters.add(3);
+        m.limiter_counters.sub(1);
+        m.limiter_counters_evicted.inc();
+        let text = m.render(0, 0);
+        assert!(text.contains("\ntollgate_limiter_counters 2\n"), "{text}");
+        assert!(
+            text.contains("\ntollgate_limiter_counters_evicted_total 1\n"),
+            "{text}"
+        );
         assert_eq!(m.decisions("daily_quota_exceeded"), 2);
     }
 

@@ -82,3 +82,25 @@ async fn a_path_rule_is_shared_by_every_client_and_ext_authz_still_comes_first()
     assert_eq!(r.status(), 401);
     tg.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_string_or_a_longer_path_is_no_way_around_a_path_rule() {
+    let (tg, envoy) = start().await;
+    let (key, _) = tg.create_key("q", Limits::default()).await;
+    // Envoy sends the path without its query, normalised, and the search rule is shared by
+    // every path under /v1/search: two a minute, however the client writes them.
+    assert_eq!(get(&envoy, "/v1/search?q=1", &key).await.status(), 200);
+    assert_eq!(
+        get(&envoy, "/v1/search/deeper?q=2", &key).await.status(),
+        200
+    );
+    assert_eq!(get(&envoy, "/v1//search?q=3", &key).await.status(), 429);
+    // Another path is one counter, whatever query strings come with it.
+    let held = tg.metrics.limiter_counters.get();
+    for i in 0..20 {
+        let r = get(&envoy, &format!("/v1/other?n={i}"), &key).await;
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(tg.metrics.limiter_counters.get(), held + 1);
+    tg.stop().await;
+}

@@ -11,7 +11,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::{
     RateLimitRequest, RateLimitResponse, rate_limit_response::Code,
     rate_limit_service_client::RateLimitServiceClient,
 };
-use harness::redis::{delete_redis_keys, redis_keys, redis_url, unique_prefix};
+use harness::redis::{delete_redis_keys, redis_cluster_url, redis_keys, redis_url, unique_prefix};
 use harness::replica::Replica;
 use harness::server::Tollgate;
 use tollgate::keys::Limits;
@@ -474,4 +474,111 @@ async fn two_replicas_on_redis_share_rule_counters() {
     a.stop().await;
     b.stop().await;
     delete_redis_keys(&url, &prefix).await;
+}
+
+/// A long descriptor value reaches Redis only as a digest, on one node and on the cluster: no
+/// key name holds it, a 60 KiB value makes a key as long as a 65-byte one does, each key is one
+/// hash tag around its counter, and the counter still counts exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_values_reach_redis_only_as_digests() {
+    for url in [redis_url().await, redis_cluster_url().await] {
+        let prefix = unique_prefix("rls-long");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rules.yaml");
+        std::fs::write(&path, RULES).unwrap();
+        let tg = Tollgate::start_with(|c| {
+            c.ratelimit.rules = Some(path.clone());
+            c.redis.url = Some(tollgate::config::SecretUrl(url.clone()));
+            c.redis.key_prefix = prefix.clone();
+        })
+        .await;
+        let mut c = tg.ratelimit_client().await;
+        let huge = format!("/{}", "h".repeat(60 * 1024));
+        let long = format!("/{}", "l".repeat(64));
+        let path_of = |v: &str| request("api", vec![descriptor(&[("path", v)])]);
+
+        // The bare path rule: 100 a minute, for this value as for any.
+        let mut all = path_of(&huge);
+        all.hits_addend = 100;
+        let r = ask(&mut c, all).await;
+        assert!(!over(&r));
+        assert_eq!(r.statuses[0].limit_remaining, 0);
+        assert!(over(&ask(&mut c, path_of(&huge)).await));
+        // One byte more is another value, another counter.
+        assert!(!over(&ask(&mut c, path_of(&format!("{huge}x"))).await));
+        assert!(!over(&ask(&mut c, path_of(&long)).await));
+        // Envoy's override is counted per descriptor, under a digest too.
+        let mut d = descriptor(&[("token", &huge)]);
+        d.limit = Some(RateLimitOverride {
+            requests_per_unit: 1,
+            unit: 3, // hour
+        });
+        assert!(!over(&ask(&mut c, request("api", vec![d.clone()])).await));
+        assert!(over(&ask(&mut c, request("api", vec![d])).await));
+
+        let keys = redis_keys(&url, &prefix).await;
+        assert_eq!(keys.len(), 4, "{url}: {keys:?}");
+        for k in &keys {
+            assert!(!k.contains("hhhhhhhh") && !k.contains("llllllll"), "{k}");
+            assert!(k.len() < prefix.len() + 120, "{k}");
+            let tagged = k.strip_prefix(&prefix).unwrap();
+            assert!(
+                tagged.starts_with('{')
+                    && tagged.matches('{').count() == 1
+                    && tagged.matches('}').count() == 1,
+                "{k}"
+            );
+        }
+        let mut path_key_lengths: Vec<usize> = keys
+            .iter()
+            .filter(|k| k.contains("4:path"))
+            .map(String::len)
+            .collect();
+        path_key_lengths.dedup();
+        assert_eq!(path_key_lengths.len(), 1, "{keys:?}");
+        tg.stop().await;
+        delete_redis_keys(&url, &prefix).await;
+    }
+}
+
+/// Descriptor values may be credentials: no log line holds one, even at trace level, and the
+/// line logged for a shadow-mode refusal names the rule instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_descriptor_value_appears_in_any_log_line_even_at_trace_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(&rules, RULES).unwrap();
+    let db = format!("sqlite://{}", dir.path().join("t.db").display());
+    let replica = Replica::spawn(
+        dir.path(),
+        &[
+            ("TOLLGATE_DATABASE_URL", db.as_str()),
+            ("TOLLGATE_RATELIMIT_RULES", rules.to_str().unwrap()),
+            ("TOLLGATE_LOG_LEVEL", "trace"),
+        ],
+    )
+    .await;
+    let mut c = replica.ratelimit_client().await;
+    let short = "s3cr3t-Value-0123456789";
+    let long = format!("Bearer {}", "L0ngS3cr3t".repeat(20));
+    for _ in 0..2 {
+        // The shadow rule allows one a minute: the second is over, allowed, and logged.
+        let r = ask(&mut c, request("api", vec![descriptor(&[("soft", short)])])).await;
+        assert!(!over(&r));
+        ask(&mut c, request("api", vec![descriptor(&[("soft", &long)])])).await;
+        ask(&mut c, request("api", vec![descriptor(&[("path", &long)])])).await;
+    }
+    let log_path = replica.log.clone();
+    assert_eq!(replica.stop_with("-TERM").await.code(), Some(0));
+    let log = std::fs::read_to_string(log_path).unwrap();
+    assert!(
+        log.contains("over limit in shadow mode") && log.contains("api.soft"),
+        "{log}"
+    );
+    for secret in [short, &long[7..47]] {
+        assert!(
+            !log.contains(secret),
+            "a descriptor value appears in the log"
+        );
+    }
 }

@@ -1,25 +1,41 @@
 //! Counters kept in this process: the embedded default, exact for one replica.
 //!
-//! Counters live in a fixed number of mutex-guarded shards picked by the counter key's hash; a
-//! hit locks one shard for a few instructions and never across an `.await`. The arithmetic is
-//! the pure functions of [`super`]. A shard sweeps out counters that can no longer matter (fixed
-//! window ended, sliding window's next window ended, bucket full again) whenever it has doubled
-//! in size since its last sweep, so memory follows the number of live counters, not the number
-//! ever seen.
+//! Counters live in mutex-guarded shards picked by the counter key's hash; a hit locks one shard
+//! for a few instructions and never across an `.await`. The arithmetic is the pure functions of
+//! [`super`].
+//!
+//! **Bounded, whatever clients send.** At most `max_counters` counters are held
+//! (`limits.max_counters`), split evenly over the shards. Each shard keeps its counters in
+//! least-recently-used order: a hit moves its counter to the back. A new counter in a full shard
+//! first has the shard drop the counters that can no longer matter (fixed window ended, sliding
+//! window's next window ended, bucket full again), at most once per half a shard of new
+//! counters; if the shard is still full, the least recently used counter goes. A counter dropped
+//! while it still mattered (an eviction, counted in `tollgate_limiter_counters_evicted_total`)
+//! starts again from zero if its key comes back, so the cap should exceed the number of
+//! counters live at once. Below the cap, a shard also drops ended counters whenever it has
+//! doubled since it last did, so memory follows the number of live counters, not the number
+//! ever seen. Each hit costs O(1), amortised.
 
-use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use hashlink::LinkedHashMap;
+use hashlink::linked_hash_map::RawEntryMut;
 
 use super::{
     Algorithm, Bucket, Fixed, LimiterError, Rate, Sliding, WindowLimiter, WindowState, bucket_hit,
     bucket_refund, fixed_hit, fixed_refund, sliding_hit, sliding_refund,
 };
+use crate::telemetry::Metrics;
 
+/// Counters held at most when nothing else is configured (`limits.max_counters`).
+pub const DEFAULT_MAX_COUNTERS: usize = 100_000;
+/// Most shards there are; fewer for a small cap, so that each holds at least `MIN_SHARD`.
 const SHARDS: usize = 64;
+const MIN_SHARD: usize = 1024;
+/// Below its cap, a shard drops ended counters once it has this many, then whenever it doubles.
 const MIN_SWEEP: usize = 1024;
 
 #[derive(Debug, Clone, Copy)]
@@ -36,43 +52,111 @@ struct Slot {
     expires_ms: i64,
 }
 
+/// Counter key, window and algorithm. Hashes as `(&str, u64, Algorithm)` does, which is how a
+/// hit looks it up without allocating.
 type SlotKey = (Box<str>, u64, Algorithm);
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Shard {
-    slots: HashMap<SlotKey, Slot>,
+    /// Least recently used first.
+    slots: LinkedHashMap<SlotKey, Slot, RandomState>,
+    capacity: usize,
+    /// Below the cap, drop ended counters when the shard has grown to this many.
     sweep_at: usize,
+    /// New counters since ended ones were last dropped.
+    added: usize,
 }
 
-/// In-process counters.
+impl Shard {
+    /// Drops the counters that ended by `now_ms`.
+    fn sweep(&mut self, now_ms: i64, metrics: &Metrics) {
+        let before = self.slots.len();
+        self.slots.retain(|_, slot| slot.expires_ms > now_ms);
+        metrics
+            .limiter_counters
+            .sub((before - self.slots.len()) as u64);
+        self.sweep_at = self.slots.len() * 2;
+        self.added = 0;
+    }
+
+    /// Makes room for one more counter: ended counters go first, then, in a full shard, the
+    /// least recently used one.
+    fn make_room(&mut self, now_ms: i64, metrics: &Metrics) {
+        let len = self.slots.len();
+        if len >= self.capacity {
+            if self.added >= self.capacity / 2 {
+                self.sweep(now_ms, metrics);
+            }
+            if self.slots.len() >= self.capacity
+                && let Some((_, slot)) = self.slots.pop_front()
+            {
+                metrics.limiter_counters.sub(1);
+                if slot.expires_ms > now_ms {
+                    metrics.limiter_counters_evicted.inc();
+                }
+            }
+        } else if len >= self.sweep_at.max(MIN_SWEEP) {
+            self.sweep(now_ms, metrics);
+        }
+        self.added += 1;
+    }
+}
+
+/// In-process counters, at most `max_counters` of them.
 #[derive(Debug)]
 pub struct MemoryLimiter {
     shards: Box<[Mutex<Shard>]>,
+    /// Picks the shard, and is every shard's hasher too, so one hash serves both.
     hasher: RandomState,
+    metrics: Arc<Metrics>,
 }
 
 impl Default for MemoryLimiter {
     fn default() -> Self {
-        Self {
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            hasher: RandomState::new(),
-        }
+        Self::new()
     }
 }
 
 impl MemoryLimiter {
+    /// [`DEFAULT_MAX_COUNTERS`] counters at most, counted in metrics of its own.
     pub fn new() -> Self {
-        Self::default()
+        Self::with_capacity(DEFAULT_MAX_COUNTERS, Arc::default())
     }
 
-    fn shard(&self, key: &str) -> MutexGuard<'_, Shard> {
-        let shard = &self.shards[self.hasher.hash_one(key) as usize % SHARDS];
+    /// At most `max_counters` counters (at least 1); evictions and the counters held are
+    /// counted in `metrics`.
+    pub fn with_capacity(max_counters: usize, metrics: Arc<Metrics>) -> Self {
+        let max_counters = max_counters.max(1);
+        let n = (max_counters / MIN_SHARD).clamp(1, SHARDS);
+        let hasher = RandomState::new();
+        let shards = (0..n)
+            .map(|i| {
+                Mutex::new(Shard {
+                    slots: LinkedHashMap::with_hasher(hasher.clone()),
+                    // The remainder goes one each to the first shards: the caps add up to
+                    // `max_counters` exactly.
+                    capacity: max_counters / n + usize::from(i < max_counters % n),
+                    sweep_at: 0,
+                    added: 0,
+                })
+            })
+            .collect();
+        Self {
+            shards,
+            hasher,
+            metrics,
+        }
+    }
+
+    fn shard(&self, hash: u64) -> MutexGuard<'_, Shard> {
+        // High bits pick the shard: the map inside indexes by the low ones and tags by the top.
+        let shard = &self.shards[(hash >> 32) as usize % self.shards.len()];
         // A panic while holding a shard cannot leave a counter half-written (every update is a
         // single assignment), so a poisoned lock is still good to use.
         shard.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Live counters across all shards; for tests and metrics.
+    /// Counters held across all shards; for tests.
     pub fn len(&self) -> usize {
         self.shards
             .iter()
@@ -97,12 +181,38 @@ fn expiry(counter: &Counter, rate: Rate) -> i64 {
     }
 }
 
-fn fresh(alg: Algorithm) -> Counter {
-    match alg {
-        Algorithm::FixedWindow => Counter::Fixed(Fixed::default()),
-        Algorithm::SlidingWindow => Counter::Sliding(Sliding::default()),
-        Algorithm::TokenBucket => Counter::Bucket(Bucket::default()),
+fn fresh(alg: Algorithm) -> Slot {
+    Slot {
+        counter: match alg {
+            Algorithm::FixedWindow => Counter::Fixed(Fixed::default()),
+            Algorithm::SlidingWindow => Counter::Sliding(Sliding::default()),
+            Algorithm::TokenBucket => Counter::Bucket(Bucket::default()),
+        },
+        expires_ms: i64::MIN,
     }
+}
+
+/// Applies a hit to `slot`.
+fn hit_slot(slot: &mut Slot, rate: Rate, cost: u64, now_ms: i64) -> WindowState {
+    let (counter, state) = match slot.counter {
+        Counter::Fixed(f) => {
+            let (f, s) = fixed_hit(f, rate, cost, now_ms);
+            (Counter::Fixed(f), s)
+        }
+        Counter::Sliding(sl) => {
+            let (sl, s) = sliding_hit(sl, rate, cost, now_ms);
+            (Counter::Sliding(sl), s)
+        }
+        Counter::Bucket(b) => {
+            let (b, s) = bucket_hit(b, rate, cost, now_ms);
+            (Counter::Bucket(b), s)
+        }
+    };
+    *slot = Slot {
+        counter,
+        expires_ms: expiry(&counter, rate),
+    };
+    state
 }
 
 #[async_trait]
@@ -115,36 +225,23 @@ impl WindowLimiter for MemoryLimiter {
         now: DateTime<Utc>,
     ) -> Result<WindowState, LimiterError> {
         let now_ms = now.timestamp_millis();
-        let mut shard = self.shard(key);
-        if shard.slots.len() >= shard.sweep_at.max(MIN_SWEEP) {
-            shard.slots.retain(|_, slot| slot.expires_ms > now_ms);
-            shard.sweep_at = shard.slots.len() * 2;
+        let (window, alg) = (rate.window_secs, rate.algorithm);
+        let hash = self.hasher.hash_one((key, window, alg));
+        let is_key = |k: &SlotKey| &*k.0 == key && k.1 == window && k.2 == alg;
+        let mut shard = self.shard(hash);
+        if let RawEntryMut::Occupied(mut entry) =
+            shard.slots.raw_entry_mut().from_hash(hash, is_key)
+        {
+            entry.to_back();
+            return Ok(hit_slot(entry.get_mut(), rate, cost, now_ms));
         }
-        let slot = shard
-            .slots
-            .entry((key.into(), rate.window_secs, rate.algorithm))
-            .or_insert(Slot {
-                counter: fresh(rate.algorithm),
-                expires_ms: i64::MIN,
-            });
-        let (counter, state) = match slot.counter {
-            Counter::Fixed(f) => {
-                let (f, s) = fixed_hit(f, rate, cost, now_ms);
-                (Counter::Fixed(f), s)
-            }
-            Counter::Sliding(sl) => {
-                let (sl, s) = sliding_hit(sl, rate, cost, now_ms);
-                (Counter::Sliding(sl), s)
-            }
-            Counter::Bucket(b) => {
-                let (b, s) = bucket_hit(b, rate, cost, now_ms);
-                (Counter::Bucket(b), s)
-            }
-        };
-        *slot = Slot {
-            counter,
-            expires_ms: expiry(&counter, rate),
-        };
+        shard.make_room(now_ms, &self.metrics);
+        let mut slot = fresh(alg);
+        let state = hit_slot(&mut slot, rate, cost, now_ms);
+        if let RawEntryMut::Vacant(entry) = shard.slots.raw_entry_mut().from_hash(hash, is_key) {
+            entry.insert_hashed_nocheck(hash, (key.into(), window, alg), slot);
+            self.metrics.limiter_counters.add(1);
+        }
         Ok(state)
     }
 
@@ -156,11 +253,14 @@ impl WindowLimiter for MemoryLimiter {
         now: DateTime<Utc>,
     ) -> Result<(), LimiterError> {
         let now_ms = now.timestamp_millis();
-        let mut shard = self.shard(key);
-        if let Some(slot) = shard
-            .slots
-            .get_mut(&(key.into(), rate.window_secs, rate.algorithm))
+        let (window, alg) = (rate.window_secs, rate.algorithm);
+        let hash = self.hasher.hash_one((key, window, alg));
+        let is_key = |k: &SlotKey| &*k.0 == key && k.1 == window && k.2 == alg;
+        let mut shard = self.shard(hash);
+        if let RawEntryMut::Occupied(mut entry) =
+            shard.slots.raw_entry_mut().from_hash(hash, is_key)
         {
+            let slot = entry.get_mut();
             let counter = match slot.counter {
                 Counter::Fixed(f) => Counter::Fixed(fixed_refund(f, rate, cost, now_ms)),
                 Counter::Sliding(s) => Counter::Sliding(sliding_refund(s, rate, cost, now_ms)),
@@ -188,26 +288,35 @@ mod tests {
         Rate::new(limit, 60, alg)
     }
 
+    const ALGORITHMS: [Algorithm; 3] = [
+        Algorithm::FixedWindow,
+        Algorithm::SlidingWindow,
+        Algorithm::TokenBucket,
+    ];
+
     #[tokio::test]
     async fn ended_counters_are_swept() {
-        for alg in [
-            Algorithm::FixedWindow,
-            Algorithm::SlidingWindow,
-            Algorithm::TokenBucket,
-        ] {
+        for alg in ALGORITHMS {
             let l = MemoryLimiter::new();
             let r = rate(1, alg);
-            for i in 0..(SHARDS * MIN_SWEEP * 2) {
+            let n = DEFAULT_MAX_COUNTERS / 2;
+            for i in 0..n {
                 l.hit(&format!("k{i}"), r, 1, t0()).await.unwrap();
             }
             let later = t0() + Duration::seconds(180);
-            for i in 0..(SHARDS * MIN_SWEEP * 2) {
+            for i in 0..n {
                 l.hit(&format!("j{i}"), r, 1, later).await.unwrap();
             }
             assert!(
-                l.len() < SHARDS * MIN_SWEEP * 4,
+                l.len() < n + n / 2,
                 "{alg:?}: old counters kept: {}",
                 l.len()
+            );
+            assert_eq!(l.metrics.limiter_counters.get(), l.len() as u64);
+            assert_eq!(
+                l.metrics.limiter_counters_evicted.get(),
+                0,
+                "{alg:?}: ended counters are not evictions"
             );
         }
     }
@@ -232,6 +341,82 @@ mod tests {
                 .await
                 .unwrap()
                 .allowed
+        );
+    }
+
+    #[tokio::test]
+    async fn the_least_recently_used_counter_is_evicted_and_counted() {
+        for alg in ALGORITHMS {
+            let metrics = Arc::new(Metrics::default());
+            let l = MemoryLimiter::with_capacity(3, metrics.clone());
+            let r = rate(3, alg);
+            let hit = |key: &'static str| {
+                let l = &l;
+                async move { l.hit(key, r, 1, t0()).await.unwrap() }
+            };
+            hit("a").await;
+            hit("b").await;
+            hit("c").await;
+            // "a" is used again, so "b" is now the least recently used.
+            hit("a").await;
+            assert_eq!(l.len(), 3);
+            assert_eq!(metrics.limiter_counters_evicted.get(), 0);
+            hit("d").await;
+            assert_eq!(l.len(), 3, "{alg:?}");
+            assert_eq!(metrics.limiter_counters_evicted.get(), 1, "{alg:?}");
+            assert_eq!(metrics.limiter_counters.get(), 3, "{alg:?}");
+            // "a" kept its count: one hit left of three, then refused.
+            assert!(hit("a").await.allowed, "{alg:?}");
+            assert!(!hit("a").await.allowed, "{alg:?}");
+            // "b" was evicted: it starts again from zero (and "c" goes to make room).
+            assert_eq!(hit("b").await.remaining, 2, "{alg:?}");
+            assert_eq!(metrics.limiter_counters_evicted.get(), 2, "{alg:?}");
+            // "c" is gone, "d" and "a" are still there.
+            assert_eq!(hit("d").await.remaining, 1, "{alg:?}");
+            assert!(!hit("a").await.allowed, "{alg:?}");
+            assert_eq!(metrics.limiter_counters_evicted.get(), 2, "{alg:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_shard_drops_ended_counters_before_live_ones() {
+        let metrics = Arc::new(Metrics::default());
+        let l = MemoryLimiter::with_capacity(4, metrics.clone());
+        let per_second = Rate::new(5, 1, Algorithm::FixedWindow);
+        let per_hour = Rate::new(5, 3600, Algorithm::FixedWindow);
+        l.hit("hour", per_hour, 1, t0()).await.unwrap();
+        for key in ["s1", "s2", "s3"] {
+            l.hit(key, per_second, 1, t0()).await.unwrap();
+        }
+        // Two seconds on the per-second counters have ended; "hour", the least recently used,
+        // still matters and is kept.
+        let later = t0() + Duration::seconds(2);
+        for key in ["n1", "n2", "n3"] {
+            l.hit(key, per_second, 1, later).await.unwrap();
+        }
+        assert_eq!(metrics.limiter_counters_evicted.get(), 0);
+        assert_eq!(
+            l.hit("hour", per_hour, 1, later).await.unwrap().remaining,
+            3
+        );
+        assert_eq!(l.len(), 4);
+    }
+
+    #[tokio::test]
+    async fn the_cap_holds_across_shards() {
+        let metrics = Arc::new(Metrics::default());
+        let cap = 10_000;
+        let l = MemoryLimiter::with_capacity(cap, metrics.clone());
+        let r = rate(5, Algorithm::FixedWindow);
+        for i in 0..3 * cap {
+            l.hit(&format!("k{i}"), r, 1, t0()).await.unwrap();
+        }
+        assert!(l.len() <= cap, "{} counters held", l.len());
+        assert!(l.len() > cap * 9 / 10, "{} counters held", l.len());
+        assert_eq!(metrics.limiter_counters.get(), l.len() as u64);
+        assert_eq!(
+            metrics.limiter_counters_evicted.get(),
+            (3 * cap - l.len()) as u64
         );
     }
 }

@@ -12,7 +12,11 @@
 //! every replica and in Envoy's rate limit service.
 //!
 //! The limiter owns its settings ([`RedisConfig`], the file's `redis:` section) and picks its
-//! backend from them in [`open`].
+//! backend from them in [`open`]; the in-process counters' cap is `limits.max_counters`.
+//!
+//! Counter keys come from the callers (`key:<id>` for an API key, and what
+//! [`ratelimit::counter_key`](crate::ratelimit::counter_key) builds for a descriptor), already
+//! short: no long value a client sent reaches a backend.
 
 pub mod memory;
 pub mod redis;
@@ -28,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use self::memory::MemoryLimiter;
 use self::redis::{RedisLimiter, parse_url};
 use crate::setting::{Dur, FailureMode, InvalidSetting, SecretUrl};
+use crate::telemetry::Metrics;
 
 /// What went wrong talking to the limiter's backend.
 #[derive(Debug, thiserror::Error)]
@@ -105,11 +110,16 @@ impl RedisConfig {
     }
 }
 
-/// The window store, chosen once at start: Redis when `redis.url` is set, else this process.
+/// The window store, chosen once at start: Redis when `redis.url` is set, else this process,
+/// holding at most `max_counters` counters (evictions counted in `metrics`).
 /// Redis is not contacted here: if it is down at start, tollgate serves anyway, follows
 /// `redis.failure_mode`, and the connection comes up when Redis does. Must run inside a Tokio
 /// runtime.
-pub fn open(config: &RedisConfig) -> anyhow::Result<Arc<dyn WindowLimiter>> {
+pub fn open(
+    config: &RedisConfig,
+    max_counters: usize,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Arc<dyn WindowLimiter>> {
     Ok(match &config.url {
         Some(url) => {
             let redis = RedisLimiter::new(url.expose(), &config.key_prefix, config.timeout.0)
@@ -117,7 +127,7 @@ pub fn open(config: &RedisConfig) -> anyhow::Result<Arc<dyn WindowLimiter>> {
             tracing::info!(redis = %url, "rate-limit windows in Redis");
             Arc::new(redis)
         }
-        None => Arc::new(MemoryLimiter::new()),
+        None => Arc::new(MemoryLimiter::with_capacity(max_counters, metrics)),
     })
 }
 

@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 
+use super::counter_key::push_part;
 use crate::limiter::Algorithm;
 
 /// Time unit of a limit, as in Envoy's `RateLimitResponse.RateLimit.Unit`.
@@ -105,7 +106,8 @@ pub struct Rule {
 pub struct Matched {
     pub rule: Arc<Rule>,
     /// Identifies the counter: the domain and each entry's key and value (the wildcard pattern
-    /// instead of the value where a `share_threshold` wildcard matched).
+    /// instead of the value where a `share_threshold` wildcard matched), each part written as
+    /// [`push_part`] does, so a long value is only a digest here.
     pub counter_key: String,
 }
 
@@ -327,12 +329,6 @@ impl Rules {
         let rule = node?.rule.clone()?;
         Some(Matched { rule, counter_key })
     }
-}
-
-/// Appends a length-prefixed part, so no key or value can be confused with a separator.
-fn push_part(out: &mut String, part: &str) {
-    use std::fmt::Write;
-    let _ = write!(out, "{}:{part}", part.len());
 }
 
 /// How deep under the rules directory files are looked for.

@@ -14,7 +14,8 @@ use std::sync::{Arc, RwLock};
 
 use chrono::{DateTime, Utc};
 
-use super::rules::{RuleLimit, Rules, Unit};
+use super::counter_key::{bounded, push_entries};
+use super::rules::{Rule, RuleLimit, Rules, Unit};
 use crate::clock::Clock;
 use crate::config::{LimitsConfig, RateLimitConfig};
 use crate::failure::{FailurePolicies, LogEvery, Verdict};
@@ -89,11 +90,14 @@ enum Plan {
     NoLimit,
     Unlimited,
     Count {
+        /// Names the counter without any long value a client sent (see `counter_key`).
         counter_key: String,
         rate: Rate,
         limit: AppliedLimit,
         shadow: bool,
         replaces: Vec<String>,
+        /// The rule that matched, if one did: what logs name (never a descriptor's values).
+        rule: Option<Arc<Rule>>,
     },
 }
 
@@ -232,6 +236,7 @@ impl RateLimitService {
                 rate,
                 limit,
                 shadow,
+                rule,
                 ..
             } = plan
             else {
@@ -286,8 +291,8 @@ impl RateLimitService {
             if shadowed {
                 self.metrics.rls_shadow.inc();
                 if let Some(suppressed) = self.shadow_log.due() {
-                    tracing::info!(rule = %counter_key, suppressed,
-                        "over limit in shadow mode; allowed");
+                    let rule = rule.as_ref().map_or("", |r| r.id.as_str());
+                    tracing::info!(rule, suppressed, "over limit in shadow mode; allowed");
                 }
             } else if refused {
                 self.metrics.rls_over_limit.inc();
@@ -359,10 +364,10 @@ impl RateLimitService {
         // Envoy's override wins, counted per domain and descriptor (as envoyproxy/ratelimit).
         if let Some((requests_per_unit, unit)) = d.limit_override {
             let mut counter_key = String::from("override:");
-            counter_key.push_str(&rules_key(domain, &d.entries));
+            push_entries(&mut counter_key, domain, &d.entries);
             counter_key.push_str(&format!("|{requests_per_unit}/{}", unit.name()));
             return Ok(Plan::Count {
-                counter_key,
+                counter_key: bounded(counter_key),
                 rate: Rate::new(requests_per_unit, unit.seconds(), self.algorithm),
                 limit: AppliedLimit {
                     requests_per_unit,
@@ -371,6 +376,7 @@ impl RateLimitService {
                 },
                 shadow: false,
                 replaces: Vec::new(),
+                rule: None,
             });
         }
         if let Some(m) = rules.find(domain, &d.entries) {
@@ -380,7 +386,7 @@ impl RateLimitService {
                     requests_per_unit,
                     unit,
                 } => Plan::Count {
-                    counter_key: format!("rule:{}", m.counter_key),
+                    counter_key: bounded(format!("rule:{}", m.counter_key)),
                     rate: Rate::new(
                         requests_per_unit,
                         unit.seconds(),
@@ -393,6 +399,7 @@ impl RateLimitService {
                     },
                     shadow: m.rule.shadow_mode,
                     replaces: m.rule.replaces.clone(),
+                    rule: Some(m.rule.clone()),
                 },
             });
         }
@@ -425,17 +432,9 @@ impl RateLimitService {
                 },
                 shadow: false,
                 replaces: Vec::new(),
+                rule: None,
             });
         }
         Ok(Plan::NoLimit)
     }
-}
-
-/// A counter key for a domain and its entries, unambiguous whatever the values hold.
-fn rules_key(domain: &str, entries: &[(&str, &str)]) -> String {
-    let mut out = format!("{}:{domain}", domain.len());
-    for (k, v) in entries {
-        out.push_str(&format!("{}:{k}{}:{v}", k.len(), v.len()));
-    }
-    out
 }

@@ -63,6 +63,11 @@ impl Replica {
         }
     }
 
+    /// The process id, e.g. to read its `/proc/PID/status`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// What `/metrics` says now.
     pub async fn metrics_text(&self) -> String {
         metrics_text(&self.http).await
