@@ -159,3 +159,13 @@ pub trait RequestLogStore: Send + Sync + 'static {
     /// The Check requests `query` names, by UTC day, and its top keys by requests.
     async fn summarize(&self, query: &UsageQuery) -> Result<UsageSummary, StoreError>;
 }
+
+/// The time before which rows are past `retention` at `now`; `None` when nothing is (no
+/// retention, or one reaching back before the calendar starts).
+pub(crate) fn retention_cutoff(
+    now: DateTime<Utc>,
+    retention: Option<Duration>,
+) -> Option<DateTime<Utc>> {
+    let retention = chrono::Duration::from_std(retention?).ok()?;
+    now.checked_sub_signed(retention)
+}

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
 
 use super::PgStore;
+use crate::store::log::retention_cutoff;
 use crate::store::quota::count_i64;
 use crate::store::{
     LogRow, Maintenance, Outcome, RequestLogStore, StoreError, UsageQuery, UsageSummary,
@@ -96,14 +97,7 @@ impl PgStore {
                 report.partitions_created.push(name);
             }
         }
-        let Some(retention) = retention else {
-            return Ok(report);
-        };
-        // A retention reaching before the calendar starts removes nothing.
-        let Some(cutoff) = chrono::Duration::from_std(retention)
-            .ok()
-            .and_then(|r| now.checked_sub_signed(r))
-        else {
+        let Some(cutoff) = retention_cutoff(now, retention) else {
             return Ok(report);
         };
         let partitions: Vec<String> = sqlx::query_scalar(

@@ -9,6 +9,7 @@ use sqlx::Row;
 
 use super::quota::GIVE_BACK_SQL;
 use super::{SqliteStore, ts_text};
+use crate::store::log::retention_cutoff;
 use crate::store::quota::count_i64;
 use crate::store::{
     LogRow, Maintenance, Outcome, RequestLogStore, StoreError, UsageQuery, UsageSummary,
@@ -30,14 +31,7 @@ impl RequestLogStore for SqliteStore {
         retention: Option<Duration>,
     ) -> Result<Maintenance, StoreError> {
         let mut report = Maintenance::default();
-        let Some(retention) = retention else {
-            return Ok(report);
-        };
-        // A retention reaching before the calendar starts removes nothing.
-        let Some(cutoff) = chrono::Duration::from_std(retention)
-            .ok()
-            .and_then(|r| now.checked_sub_signed(r))
-        else {
+        let Some(cutoff) = retention_cutoff(now, retention) else {
             return Ok(report);
         };
         let cutoff = ts_text(cutoff);
