@@ -70,6 +70,20 @@ pub struct DescriptorAnswer {
     pub unlimited: bool,
 }
 
+impl DescriptorAnswer {
+    /// A descriptor let through without being counted against `limit`: no limit applies, its
+    /// hits were given back, or the limiter failed open.
+    fn uncounted(limit: Option<AppliedLimit>) -> Self {
+        DescriptorAnswer {
+            over_limit: false,
+            limit,
+            remaining: 0,
+            reset_after: None,
+            unlimited: false,
+        }
+    }
+}
+
 /// The answer to a whole [`RateLimitQuery`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateLimitAnswer {
@@ -240,13 +254,9 @@ impl RateLimitService {
                 ..
             } = plan
             else {
-                let unlimited = matches!(plan, Plan::Unlimited);
                 statuses.push(DescriptorAnswer {
-                    over_limit: false,
-                    limit: None,
-                    remaining: 0,
-                    reset_after: None,
-                    unlimited,
+                    unlimited: matches!(plan, Plan::Unlimited),
+                    ..DescriptorAnswer::uncounted(None)
                 });
                 continue;
             };
@@ -255,13 +265,7 @@ impl RateLimitService {
                 if let Err(e) = self.limiter.refund(counter_key, *rate, hits, now).await {
                     tracing::warn!(error = %e, "rate limit refund failed");
                 }
-                statuses.push(DescriptorAnswer {
-                    over_limit: false,
-                    limit: Some(limit.clone()),
-                    remaining: 0,
-                    reset_after: None,
-                    unlimited: false,
-                });
+                statuses.push(DescriptorAnswer::uncounted(Some(limit.clone())));
                 continue;
             }
             let step = std::time::Instant::now();
@@ -275,13 +279,7 @@ impl RateLimitService {
                         return Err(Unavailable(e.to_string()));
                     }
                     Verdict::Open => {
-                        statuses.push(DescriptorAnswer {
-                            over_limit: false,
-                            limit: Some(limit.clone()),
-                            remaining: 0,
-                            reset_after: None,
-                            unlimited: false,
-                        });
+                        statuses.push(DescriptorAnswer::uncounted(Some(limit.clone())));
                         continue;
                     }
                 },
