@@ -57,28 +57,13 @@ pub struct AuthzService {
     rate_limit: bool,
     default_per_minute: Option<u64>,
     algorithm: Algorithm,
-    failures: FailurePolicies,
-    keys: Arc<KeyCache>,
-    limiter: Arc<dyn WindowLimiter>,
-    quotas: Arc<dyn QuotaStore>,
-    log: RequestLog,
-    clock: Arc<dyn Clock>,
-    metrics: Arc<Metrics>,
+    deps: AuthzDeps,
 }
 
 impl AuthzService {
     /// Check with the `authz` settings; `limits` holds the per-minute limit of keys without one
     /// of their own, and how their windows count.
     pub fn new(config: &AuthzConfig, limits: &LimitsConfig, deps: AuthzDeps) -> Self {
-        let AuthzDeps {
-            keys,
-            limiter,
-            quotas,
-            log,
-            clock,
-            metrics,
-            failures,
-        } = deps;
         Self {
             key_headers: config
                 .key_headers
@@ -90,13 +75,7 @@ impl AuthzService {
             rate_limit: config.rate_limit,
             default_per_minute: limits.default_per_minute,
             algorithm: limits.algorithm,
-            failures,
-            keys,
-            limiter,
-            quotas,
-            log,
-            clock,
-            metrics,
+            deps,
         }
     }
 
@@ -126,7 +105,7 @@ impl AuthzService {
     pub async fn check(&self, input: &CheckInput<'_>) -> Decision {
         use tracing::Instrument;
         let started = std::time::Instant::now();
-        let now = self.clock.now();
+        let now = self.deps.clock.now();
         // One span per check (debug level, so free unless asked for), with what was decided.
         // The key itself is never recorded, only its id once known.
         let span = tracing::debug_span!(
@@ -155,13 +134,13 @@ impl AuthzService {
             span.record("reason", decision.reason_code());
             tracing::debug!(parent: &span, status = decision.status(), "decided");
         }
-        self.metrics.record_decision(&decision);
-        self.metrics.check_duration.observe(started.elapsed());
+        self.deps.metrics.record_decision(&decision);
+        self.deps.metrics.check_duration.observe(started.elapsed());
         let key_id = match &decision {
             Decision::Allow(a) => Some(a.key.id),
             Decision::Deny(d) => d.key_id,
         };
-        self.log.record(LogRow {
+        self.deps.log.record(LogRow {
             ts: now,
             api: LogApi::Authz,
             request_id: input.request_id.map(str::to_owned),
@@ -201,9 +180,9 @@ impl AuthzService {
         };
 
         // 2. A known key, active and unexpired.
-        let key = match self.keys.lookup(&keys::hash(presented)).await {
+        let key = match self.deps.keys.lookup(&keys::hash(presented)).await {
             Ok((found, outcome)) => {
-                self.metrics.record_cache(outcome);
+                self.deps.metrics.record_cache(outcome);
                 match found {
                     Some(key) => key,
                     None => return deny(DenyReason::InvalidKey, None),
@@ -211,7 +190,10 @@ impl AuthzService {
             }
             Err(e) => {
                 // Whatever the failure mode: a key that could not be looked up is not known to be valid.
-                self.failures.database.on_error_closed("key lookup", &e);
+                self.deps
+                    .failures
+                    .database
+                    .on_error_closed("key lookup", &e);
                 return unavailable(None);
             }
         };
@@ -236,8 +218,8 @@ impl AuthzService {
         if let Some(rate) = per_minute {
             let limit = rate.limit;
             let step = std::time::Instant::now();
-            let hit = self.limiter.hit(&window_key, rate, cost, now).await;
-            self.metrics.limiter_duration.observe(step.elapsed());
+            let hit = self.deps.limiter.hit(&window_key, rate, cost, now).await;
+            self.deps.metrics.limiter_duration.observe(step.elapsed());
             match hit {
                 Ok(w) => {
                     let state = LimitState {
@@ -258,7 +240,7 @@ impl AuthzService {
                     limits.push(state);
                     counted = Some(rate);
                 }
-                Err(e) => match self.failures.limiter.on_error("per-minute window", &e) {
+                Err(e) => match self.deps.failures.limiter.on_error("per-minute window", &e) {
                     // Not limited per minute while the limiter is away.
                     Verdict::Open => {}
                     Verdict::Closed => return unavailable(Some(key.id)),
@@ -276,10 +258,11 @@ impl AuthzService {
         };
         let step = std::time::Instant::now();
         let outcome = self
+            .deps
             .quotas
             .consume(Spend::new(key.id, cost, now), quota)
             .await;
-        self.metrics.database_duration.observe(step.elapsed());
+        self.deps.metrics.database_duration.observe(step.elapsed());
         let refused = match outcome {
             Ok(QuotaOutcome::Admitted { daily, monthly }) => {
                 if let Some(limit) = quota.daily {
@@ -305,7 +288,7 @@ impl AuthzService {
                 let state = quota_state(LimitKind::Monthly, limit, limit, now);
                 quota_denial(DenyReason::MonthlyQuotaExceeded, state, key.id)
             }
-            Err(e) => match self.failures.database.on_error("quota update", &e) {
+            Err(e) => match self.deps.failures.database.on_error("quota update", &e) {
                 // Admitted uncounted: the database cannot count it.
                 Verdict::Open => {
                     return Decision::Allow(Allowed {
@@ -321,7 +304,7 @@ impl AuthzService {
         // The request was refused after its per-minute hit was counted: give the hit back,
         // so a refused request costs nothing.
         if let Some(rate) = counted
-            && let Err(e) = self.limiter.refund(&window_key, rate, cost, now).await
+            && let Err(e) = self.deps.limiter.refund(&window_key, rate, cost, now).await
         {
             tracing::warn!(error = %e, key_id = key.id, "rate limit refund failed");
         }
