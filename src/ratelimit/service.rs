@@ -130,16 +130,11 @@ pub struct RateLimitDeps {
 /// Decides ShouldRateLimit requests.
 pub struct RateLimitService {
     rules: RwLock<Arc<Rules>>,
-    limiter: Arc<dyn WindowLimiter>,
-    keys: Arc<KeyCache>,
-    log: RequestLog,
-    clock: Arc<dyn Clock>,
-    metrics: Arc<Metrics>,
+    deps: RateLimitDeps,
     algorithm: Algorithm,
     key_algorithm: Algorithm,
     default_per_minute: Option<u64>,
     global_shadow: bool,
-    failures: FailurePolicies,
     /// Paces the line logged when a descriptor goes over its limit in shadow mode.
     shadow_log: LogEvery,
 }
@@ -153,26 +148,13 @@ impl RateLimitService {
         rules: Rules,
         deps: RateLimitDeps,
     ) -> Self {
-        let RateLimitDeps {
-            limiter,
-            keys,
-            log,
-            clock,
-            metrics,
-            failures,
-        } = deps;
         Self {
             rules: RwLock::new(Arc::new(rules)),
-            limiter,
-            keys,
-            log,
-            clock,
-            metrics,
+            deps,
             algorithm: config.algorithm,
             key_algorithm: limits.algorithm,
             default_per_minute: limits.default_per_minute,
             global_shadow: config.shadow_mode,
-            failures,
             shadow_log: LogEvery::default(),
         }
     }
@@ -204,17 +186,17 @@ impl RateLimitService {
             span.record("over_limit", a.over_limit);
             tracing::debug!(parent: &span, descriptors = a.statuses.len(), "decided");
         }
-        self.metrics.rls_duration.observe(started.elapsed());
+        self.deps.metrics.rls_duration.observe(started.elapsed());
         match &answer {
-            Ok(a) if a.over_limit => self.metrics.rls_requests_over_limit.inc(),
-            Ok(_) => self.metrics.rls_requests_ok.inc(),
-            Err(_) => self.metrics.rls_requests_unavailable.inc(),
+            Ok(a) if a.over_limit => self.deps.metrics.rls_requests_over_limit.inc(),
+            Ok(_) => self.deps.metrics.rls_requests_ok.inc(),
+            Err(_) => self.deps.metrics.rls_requests_unavailable.inc(),
         }
         answer
     }
 
     async fn decide(&self, query: &RateLimitQuery<'_>) -> Result<RateLimitAnswer, Unavailable> {
-        let now = self.clock.now();
+        let now = self.deps.clock.now();
         let rules = self.rules();
         let mut plans = Vec::with_capacity(query.descriptors.len());
         for d in &query.descriptors {
@@ -262,18 +244,23 @@ impl RateLimitService {
             };
             let hits = d.hits_addend.unwrap_or(request_hits);
             if d.negative {
-                if let Err(e) = self.limiter.refund(counter_key, *rate, hits, now).await {
+                if let Err(e) = self
+                    .deps
+                    .limiter
+                    .refund(counter_key, *rate, hits, now)
+                    .await
+                {
                     tracing::warn!(error = %e, "rate limit refund failed");
                 }
                 statuses.push(DescriptorAnswer::uncounted(Some(limit.clone())));
                 continue;
             }
             let step = std::time::Instant::now();
-            let hit = self.limiter.hit(counter_key, *rate, hits, now).await;
-            self.metrics.limiter_duration.observe(step.elapsed());
+            let hit = self.deps.limiter.hit(counter_key, *rate, hits, now).await;
+            self.deps.metrics.limiter_duration.observe(step.elapsed());
             let state = match hit {
                 Ok(state) => state,
-                Err(e) => match self.failures.limiter.on_error("descriptor window", &e) {
+                Err(e) => match self.deps.failures.limiter.on_error("descriptor window", &e) {
                     Verdict::Closed => {
                         self.give_back(&counted, now).await;
                         return Err(Unavailable(e.to_string()));
@@ -287,17 +274,17 @@ impl RateLimitService {
             let refused = !state.allowed;
             let shadowed = refused && (*shadow || self.global_shadow);
             if shadowed {
-                self.metrics.rls_shadow.inc();
+                self.deps.metrics.rls_shadow.inc();
                 if let Some(suppressed) = self.shadow_log.due() {
                     let rule = rule.as_ref().map_or("", |r| r.id.as_str());
                     tracing::info!(rule, suppressed, "over limit in shadow mode; allowed");
                 }
             } else if refused {
-                self.metrics.rls_over_limit.inc();
+                self.deps.metrics.rls_over_limit.inc();
                 over_limit = true;
                 retry_after = Some(retry_after.unwrap_or(0).max(state.reset_after));
             } else {
-                self.metrics.rls_ok.inc();
+                self.deps.metrics.rls_ok.inc();
                 if hits > 0 {
                     counted.push((counter_key.clone(), *rate, hits));
                 }
@@ -322,7 +309,7 @@ impl RateLimitService {
                 _ => None,
             })
         {
-            self.log.record(LogRow {
+            self.deps.log.record(LogRow {
                 ts: now,
                 api: LogApi::RateLimit,
                 request_id: None,
@@ -347,7 +334,7 @@ impl RateLimitService {
     /// Refunds hits counted for a request that is refused as a whole.
     async fn give_back(&self, counted: &[(String, Rate, u64)], now: DateTime<Utc>) {
         for (key, rate, hits) in counted {
-            if let Err(e) = self.limiter.refund(key, *rate, *hits, now).await {
+            if let Err(e) = self.deps.limiter.refund(key, *rate, *hits, now).await {
                 tracing::warn!(error = %e, "rate limit refund failed");
             }
         }
@@ -406,10 +393,15 @@ impl RateLimitService {
         if let [(API_KEY_ENTRY, id)] = d.entries.as_slice()
             && let Ok(id) = id.parse::<i64>()
         {
-            let key = match self.keys.lookup_id(id).await {
+            let key = match self.deps.keys.lookup_id(id).await {
                 Ok(key) => key,
                 Err(e) => {
-                    return match self.failures.database.on_error("descriptor key lookup", &e) {
+                    return match self
+                        .deps
+                        .failures
+                        .database
+                        .on_error("descriptor key lookup", &e)
+                    {
                         Verdict::Closed => Err(Unavailable(e.to_string())),
                         Verdict::Open => Ok(Plan::NoLimit),
                     };
