@@ -5,7 +5,8 @@
 //! does not decode gets tonic's decode error, one that does gets an answer that says something;
 //! no task of the server panics, and after every case a real key is still allowed.
 //!
-//! Three servers, one per counting algorithm, share the cases. The number of cases per property
+//! Three servers, one per counting algorithm, share the cases; before a case its server's clock
+//! may jump (within a window, past a minute, a day, a month). The number of cases per property
 //! is 256, or `PROPTEST_CASES`. Nothing is written to disk about failures: a failing case is
 //! printed, shrunk.
 
@@ -178,16 +179,19 @@ impl Fixture {
         }
     }
 
-    /// Runs one case against `server`: `body` must pass, no thread of `runtime` may panic
-    /// meanwhile, and afterwards the server must still allow a real key.
+    /// Runs one case against `server`, its clock moved on by `pause` first: `body` must pass,
+    /// no thread of `runtime` may panic meanwhile, and afterwards the server must still allow a
+    /// real key.
     async fn case(
         &self,
         server: usize,
+        pause: TimeDelta,
         runtime: &str,
         body: impl Future<Output = Result<(), TestCaseError>>,
     ) -> Result<(), TestCaseError> {
         // What an earlier case left (it failed already).
         let _ = no_panics_in(runtime);
+        self.servers[server].tg.clock.advance(pause);
         let passed = body.await;
         no_panics_in(runtime)?;
         passed?;
@@ -220,6 +224,19 @@ impl Fixture {
             s.tg.stop().await;
         }
     }
+}
+
+/// Which server a case goes to, and how far its clock moves first: not at all, within a
+/// window, past a minute, a day or a month.
+fn target(servers: usize) -> impl Strategy<Value = (usize, TimeDelta)> {
+    let pause = prop_oneof![
+        4 => Just(TimeDelta::zero()),
+        2 => (0i64..2_000).prop_map(TimeDelta::milliseconds),
+        1 => (1i64..120).prop_map(TimeDelta::seconds),
+        1 => Just(TimeDelta::days(1)),
+        1 => Just(TimeDelta::days(40)),
+    ];
+    (0..servers, pause)
 }
 
 // --- panics --------------------------------------------------------------------------------
@@ -859,9 +876,9 @@ fn any_bytes_as_a_check_get_the_decode_error_or_a_well_formed_answer() {
     let rt = runtime(RUNTIME);
     let fx = rt.block_on(Fixture::start());
     let valid = check_request(fx.keys.clone(), 300).prop_map(|r| r.encode_to_vec());
-    let strategy = (0..fx.servers.len(), hostile_bytes(valid));
-    run(strategy, |(server, body)| {
-        rt.block_on(fx.case(server, RUNTIME, async {
+    let strategy = (target(fx.servers.len()), hostile_bytes(valid));
+    run(strategy, |((server, pause), body)| {
+        rt.block_on(fx.case(server, pause, RUNTIME, async {
             let answer = call_raw(&fx.servers[server].channel, CHECK, body.clone()).await;
             expect_raw(&body, answer, check_answer_is_well_formed)
         }))
@@ -878,9 +895,9 @@ fn any_bytes_as_a_should_rate_limit_get_the_decode_error_or_a_well_formed_answer
     let rt = runtime(RUNTIME);
     let fx = rt.block_on(Fixture::start());
     let valid = rate_limit_request(fx.key_ids.clone()).prop_map(|r| r.encode_to_vec());
-    let strategy = (0..fx.servers.len(), hostile_bytes(valid));
-    run(strategy, |(server, body)| {
-        rt.block_on(fx.case(server, RUNTIME, async {
+    let strategy = (target(fx.servers.len()), hostile_bytes(valid));
+    run(strategy, |((server, pause), body)| {
+        rt.block_on(fx.case(server, pause, RUNTIME, async {
             let answer =
                 call_raw(&fx.servers[server].channel, SHOULD_RATE_LIMIT, body.clone()).await;
             match (RateLimitRequest::decode(body.as_slice()), answer) {
@@ -903,9 +920,9 @@ fn any_check_request_gets_a_well_formed_allow_or_deny() {
     const RUNTIME: &str = "hostile-check";
     let rt = runtime(RUNTIME);
     let fx = rt.block_on(Fixture::start());
-    let strategy = (0..fx.servers.len(), check_request(fx.keys.clone(), 20));
-    run(strategy, |(server, request)| {
-        rt.block_on(fx.case(server, RUNTIME, async {
+    let strategy = (target(fx.servers.len()), check_request(fx.keys.clone(), 20));
+    run(strategy, |((server, pause), request)| {
+        rt.block_on(fx.case(server, pause, RUNTIME, async {
             let mut client = AuthorizationClient::new(fx.servers[server].channel.clone());
             let resp = client
                 .check(request.clone())
@@ -926,9 +943,12 @@ fn any_rate_limit_request_gets_a_well_formed_answer() {
     const RUNTIME: &str = "hostile-rls";
     let rt = runtime(RUNTIME);
     let fx = rt.block_on(Fixture::start());
-    let strategy = (0..fx.servers.len(), rate_limit_request(fx.key_ids.clone()));
-    run(strategy, |(server, request)| {
-        rt.block_on(fx.case(server, RUNTIME, async {
+    let strategy = (
+        target(fx.servers.len()),
+        rate_limit_request(fx.key_ids.clone()),
+    );
+    run(strategy, |((server, pause), request)| {
+        rt.block_on(fx.case(server, pause, RUNTIME, async {
             let mut client = RateLimitServiceClient::new(fx.servers[server].channel.clone());
             let answer = client
                 .should_rate_limit(request.clone())
