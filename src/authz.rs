@@ -9,7 +9,9 @@ use chrono::{DateTime, Utc};
 
 use crate::clock::{self, Clock};
 use crate::config::{AuthzConfig, LimitsConfig};
-use crate::decision::{Allowed, Decision, Denial, DenyReason, LimitKind, LimitState, MAX_COST};
+use crate::decision::{
+    Allowed, Decision, Denial, DenyReason, LimitKind, LimitState, MAX_COST, mint_decision_id,
+};
 use crate::failure::{FailurePolicies, Verdict};
 use crate::keys::{self, ApiKey, KeyStatus, cache::KeyCache};
 use crate::limiter::{Algorithm, Rate, WindowLimiter};
@@ -101,8 +103,10 @@ impl AuthzService {
         None
     }
 
-    /// Decides one request, counts it, and queues its log row.
-    pub async fn check(&self, input: &CheckInput<'_>) -> Decision {
+    /// Decides one request, counts it, and queues its log row. Returns the decision and the id
+    /// minted for it (see [`mint_decision_id`]), which the row carries: Envoy hands it back in
+    /// its access log, and only it completes the row.
+    pub async fn check(&self, input: &CheckInput<'_>) -> (Decision, String) {
         use tracing::Instrument;
         let started = std::time::Instant::now();
         let now = self.deps.clock.now();
@@ -140,10 +144,12 @@ impl AuthzService {
             Decision::Allow(a) => Some(a.key.id),
             Decision::Deny(d) => d.key_id,
         };
+        let decision_id = mint_decision_id();
         self.deps.log.record(LogRow {
             ts: now,
             api: LogApi::Authz,
             request_id: input.request_id.map(str::to_owned),
+            decision_id: Some(decision_id.clone()),
             key_id,
             method: input.method.map(str::to_owned),
             path: input.path.map(str::to_owned),
@@ -157,7 +163,7 @@ impl AuthzService {
                 Decision::Deny(_) => 0,
             },
         });
-        decision
+        (decision, decision_id)
     }
 
     async fn decide(&self, input: &CheckInput<'_>, now: DateTime<Utc>) -> Decision {

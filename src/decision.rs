@@ -216,6 +216,39 @@ impl Denial {
     }
 }
 
+/// Characters of a decision id: 32 lowercase hex digits.
+pub const DECISION_ID_LEN: usize = 32;
+
+/// Mints the id of one Check's decision: 48 bits of Unix milliseconds then 80 bits from the
+/// thread's cryptographically secure generator, as 32 lowercase hex digits. It goes to Envoy in
+/// the answer's dynamic metadata, never to the client, and Envoy's access log brings it back:
+/// only it says which log row an access log entry completes (and refunds), so no value a
+/// client chose decides billing. Unguessable, and unique across replicas without coordination;
+/// the time in front says how recently it was minted and keeps the index in insertion order.
+pub fn mint_decision_id() -> String {
+    use rand::RngExt;
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+        & 0xffff_ffff_ffff;
+    let random = rand::rng().random::<u128>() >> 48;
+    format!("{ms:012x}{random:020x}")
+}
+
+/// When a decision id was minted, if `id` has the shape [`mint_decision_id`] gives.
+pub fn decision_id_minted_at(id: &str) -> Option<std::time::SystemTime> {
+    let well_formed = id.len() == DECISION_ID_LEN
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !well_formed {
+        return None;
+    }
+    let ms = u64::from_str_radix(&id[..12], 16).ok()?;
+    std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_millis(ms))
+}
+
 /// The outcome of a check.
 #[derive(Debug, Clone)]
 pub enum Decision {
@@ -291,6 +324,35 @@ pub fn rate_limit_headers(states: &[LimitState]) -> Vec<(&'static str, String)> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decision_ids_are_32_hex_digits_unique_and_say_when_they_were_minted() {
+        let before = std::time::SystemTime::now() - std::time::Duration::from_millis(1);
+        let ids: std::collections::HashSet<String> =
+            (0..1000).map(|_| mint_decision_id()).collect();
+        assert_eq!(ids.len(), 1000);
+        for id in &ids {
+            assert_eq!(id.len(), DECISION_ID_LEN);
+            let at = decision_id_minted_at(id).unwrap();
+            assert!(at >= before && at <= std::time::SystemTime::now(), "{id}");
+        }
+    }
+
+    #[test]
+    fn only_the_minted_shape_is_a_decision_id() {
+        for bad in [
+            "",
+            "rid-1",
+            "0123456789abcdef0123456789abcde",
+            "0123456789abcdef0123456789abcdef0",
+            "0123456789ABCDEF0123456789ABCDEF",
+            "0123456789abcdef0123456789abcdeg",
+            "é123456789abcdef0123456789abcde",
+        ] {
+            assert!(decision_id_minted_at(bad).is_none(), "{bad:?}");
+        }
+        assert!(decision_id_minted_at("0123456789abcdef0123456789abcdef").is_some());
+    }
 
     fn minute(remaining: u64, reset: u64) -> LimitState {
         LimitState {

@@ -333,6 +333,7 @@ mod tests {
             ts: DateTime::from_timestamp(1_773_144_020, 0).unwrap(),
             api: LogApi::Authz,
             request_id: Some(format!("rid-{i}")),
+            decision_id: None,
             key_id: None,
             method: Some("GET".into()),
             path: Some(path.into()),
@@ -525,8 +526,23 @@ mod tests {
     }
 }
 
-/// How long an outcome waits for its Check row to be written before it is counted unmatched.
+/// How long an outcome waits for its Check row to be written before it is counted unmatched,
+/// counted from when its decision id was minted (and never longer than this from when it
+/// arrived). A row is queued when its Check is decided, so an entry for a request that took
+/// longer than this finds its row at the first try or never: it is tried once.
 const UNMATCHED_GRACE: Duration = Duration::from_secs(10);
+
+/// Until when an outcome received `now` is tried again while its row is not found.
+fn retry_deadline(outcome: &crate::store::Outcome, now: std::time::Instant) -> std::time::Instant {
+    let left = crate::decision::decision_id_minted_at(&outcome.decision_id)
+        .and_then(|minted| {
+            (minted + UNMATCHED_GRACE)
+                .duration_since(std::time::SystemTime::now())
+                .ok()
+        })
+        .unwrap_or(Duration::ZERO);
+    now + left.min(UNMATCHED_GRACE)
+}
 
 /// The access log's end: outcomes (status, latency, bytes) waiting to complete their rows.
 #[derive(Clone)]
@@ -550,6 +566,12 @@ impl OutcomeLog {
         if tx.try_send(outcome).is_err() {
             self.metrics.access_log_dropped.inc();
         }
+    }
+
+    /// Counts an entry that names no row (it carries no decision id tollgate minted): it is
+    /// never queued, so it costs no statement.
+    pub fn unmatched(&self) {
+        self.metrics.access_log_unmatched.inc();
     }
 }
 
@@ -606,7 +628,10 @@ impl OutcomeWriter {
                         break;
                     }
                     let now = std::time::Instant::now();
-                    pending.extend(received.drain(..).map(|o| (o, now)));
+                    pending.extend(received.drain(..).map(|o| {
+                        let until = retry_deadline(&o, now);
+                        (o, until)
+                    }));
                     if pending.len() >= self.batch_size {
                         self.flush(&mut pending, false).await;
                     }
@@ -618,11 +643,13 @@ impl OutcomeWriter {
         while let Some(o) = rx.recv().await {
             pending.push((o, now));
         }
+        // The last flush keeps nothing, whatever the deadlines.
         self.flush(&mut pending, true).await;
     }
 
     /// Completes what it can. Outcomes whose row is not written yet wait for a later flush,
-    /// up to [`UNMATCHED_GRACE`] (or none, at the last flush); failed writes keep everything.
+    /// until their deadline (see [`retry_deadline`]; none at the last flush); failed writes keep
+    /// everything.
     async fn flush(
         &self,
         pending: &mut Vec<(crate::store::Outcome, std::time::Instant)>,
@@ -640,7 +667,7 @@ impl OutcomeWriter {
                     for ((o, at), found) in chunk.iter().zip(found) {
                         if found {
                             self.metrics.access_log_completed.inc();
-                        } else if !last && at.elapsed() < UNMATCHED_GRACE {
+                        } else if !last && std::time::Instant::now() < *at {
                             kept.push((o.clone(), *at));
                         } else {
                             self.metrics.access_log_unmatched.inc();

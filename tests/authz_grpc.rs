@@ -4,8 +4,9 @@ use std::time::{Duration, Instant};
 
 use chrono::Duration as Span;
 use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+use envoy_types::pb::envoy::data::accesslog::v3::HttpAccessLogEntry;
 use envoy_types::pb::envoy::service::auth::v3::{
-    AttributeContext, CheckRequest,
+    AttributeContext, CheckRequest, CheckResponse,
     attribute_context::{HttpRequest, Request as AttrRequest},
 };
 use envoy_types::pb::google::protobuf::value::Kind;
@@ -739,6 +740,7 @@ async fn a_5xx_answer_gives_the_quota_back_for_keys_that_ask(db: Db) {
             ts: now,
             api: LogApi::Authz,
             request_id: Some(rid.into()),
+            decision_id: Some(rid.into()),
             key_id: Some(key),
             method: None,
             path: None,
@@ -752,7 +754,7 @@ async fn a_5xx_answer_gives_the_quota_back_for_keys_that_ask(db: Db) {
     }
     tg.stores.log.write_batch(&rows).await.unwrap();
     let outcome = |rid: &str, status: u16| Outcome {
-        request_id: rid.into(),
+        decision_id: rid.into(),
         status,
         duration_ms: Some(3),
         bytes_received: 10,
@@ -785,6 +787,209 @@ async fn a_5xx_answer_gives_the_quota_back_for_keys_that_ask(db: Db) {
     let (_, again) = tg.stores.log.complete(&[outcome("a", 503)]).await.unwrap();
     assert_eq!(again, 0);
     tg.stop().await;
+}
+
+/// The decision id tollgate put in a Check answer's dynamic metadata.
+fn decision_id_of(resp: &CheckResponse) -> String {
+    let meta = resp.dynamic_metadata.as_ref().expect("dynamic metadata");
+    match meta.fields.get("decision_id").and_then(|v| v.kind.as_ref()) {
+        Some(Kind::StringValue(s)) => s.clone(),
+        other => panic!("decision_id: {other:?}"),
+    }
+}
+
+/// An access log entry as Envoy's gRPC access logger sends it: the client's request id, the
+/// status, and, when given, a decision id in the ext_authz filter's dynamic metadata.
+fn access_log_entry(
+    request_id: &str,
+    decision_id: Option<&str>,
+    status: u32,
+) -> HttpAccessLogEntry {
+    use envoy_types::pb::envoy::config::core::v3::Metadata;
+    use envoy_types::pb::envoy::data::accesslog::v3::{
+        AccessLogCommon, HttpRequestProperties, HttpResponseProperties,
+    };
+    use envoy_types::pb::google::protobuf::{Struct, UInt32Value, Value};
+    let metadata = decision_id.map(|id| Metadata {
+        filter_metadata: [(
+            "envoy.filters.http.ext_authz".to_string(),
+            Struct {
+                fields: [(
+                    "decision_id".to_string(),
+                    Value {
+                        kind: Some(Kind::StringValue(id.into())),
+                    },
+                )]
+                .into(),
+            },
+        )]
+        .into(),
+        ..Default::default()
+    });
+    HttpAccessLogEntry {
+        common_properties: Some(AccessLogCommon {
+            metadata,
+            ..Default::default()
+        }),
+        request: Some(HttpRequestProperties {
+            request_id: request_id.into(),
+            ..Default::default()
+        }),
+        response: Some(HttpResponseProperties {
+            response_code: Some(UInt32Value { value: status }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Streams `entries` to tollgate's access log service in one message.
+async fn send_access_log(tg: &Tollgate, entries: Vec<HttpAccessLogEntry>) {
+    use envoy_types::pb::envoy::service::accesslog::v3::{
+        StreamAccessLogsMessage,
+        access_log_service_client::AccessLogServiceClient,
+        stream_access_logs_message::{HttpAccessLogEntries, LogEntries},
+    };
+    let message = StreamAccessLogsMessage {
+        log_entries: Some(LogEntries::HttpLogs(HttpAccessLogEntries {
+            log_entry: entries,
+        })),
+        ..Default::default()
+    };
+    let mut c = AccessLogServiceClient::connect(format!("http://{}", tg.grpc))
+        .await
+        .expect("connects");
+    c.stream_access_logs(futures_util::stream::iter([message]))
+        .await
+        .unwrap();
+}
+
+/// Waits until `sql` counts `want`, for up to 10 s.
+async fn wait_for(tg: &Tollgate, sql: &str, want: i64) {
+    let started = Instant::now();
+    loop {
+        let got = tg.scalar(sql).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{got}, want {want}: {sql}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A client with `refund_5xx` sends ten allowed requests under one `x-request-id`, then access
+/// log entries saying that request id failed, as a forger reaching the access log port would:
+/// no row is completed and nothing is refunded. Neither is a made-up decision id.
+async fn access_log_entries_with_a_clients_request_id_refund_nothing(db: Db) {
+    let tg = Tollgate::on(db).await;
+    let refunding = Limits {
+        daily: Some(100),
+        refund_5xx: true,
+        ..Limits::default()
+    };
+    let (key, id) = tg.create_key("forger", refunding).await;
+    let mut c = tg.client().await;
+    for _ in 0..10 {
+        let request = check_request(&[("x-api-key", &key), ("x-request-id", "forged")]);
+        ok(&c.check(request).await.unwrap().into_inner());
+    }
+    wait_for(
+        &tg,
+        "SELECT count(*) FROM api_requests_log WHERE request_id = 'forged'",
+        10,
+    )
+    .await;
+    // One fast 500 first, then the ten slow 200s.
+    let mut forged = vec![access_log_entry("forged", None, 500)];
+    forged.extend((0..10).map(|_| access_log_entry("forged", None, 200)));
+    // The request id in the metadata field, and a well-formed id tollgate never minted.
+    forged.push(access_log_entry("forged", Some("forged"), 500));
+    forged.push(access_log_entry(
+        "forged",
+        Some("0000000000010123456789abcdef0123"),
+        500,
+    ));
+    send_access_log(&tg, forged).await;
+    let metrics = tg.metrics.clone();
+    let started = Instant::now();
+    while metrics.access_log_unmatched.get() + metrics.access_log_completed.get() < 13 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "entries not counted"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(metrics.access_log_completed.get(), 0);
+    assert_eq!(metrics.quota_refunds.get(), 0);
+    assert_eq!(tg.stores.quotas.usage(id, t0()).await.unwrap().daily, 10);
+    assert_eq!(
+        tg.scalar(
+            "SELECT count(*) FROM api_requests_log WHERE response_status IS NOT NULL OR refunded"
+        )
+        .await,
+        0
+    );
+    tg.stop().await;
+    assert_eq!(metrics.access_log_unmatched.get(), 13);
+}
+
+/// The real flow: each Check answer carries its own minted id; an access log entry with that
+/// id completes that one row, and a 5xx refunds it, once: the same entry again does nothing.
+async fn the_minted_decision_id_completes_and_refunds_its_row_once(db: Db) {
+    let tg = Tollgate::on(db).await;
+    let refunding = Limits {
+        daily: Some(100),
+        refund_5xx: true,
+        ..Limits::default()
+    };
+    let (key, id) = tg.create_key("refunds", refunding).await;
+    let mut c = tg.client().await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let request = check_request(&[("x-api-key", &key), ("x-request-id", "shared")]);
+        let resp = c.check(request).await.unwrap().into_inner();
+        ok(&resp);
+        ids.push(decision_id_of(&resp));
+    }
+    assert!(
+        ids[0] != ids[1] && ids[1] != ids[2] && ids[0] != ids[2],
+        "{ids:?}"
+    );
+    // A denied answer carries one too, so its row can be completed.
+    let denied_id = decision_id_of(&c.check(check_request(&[])).await.unwrap().into_inner());
+    assert!(!ids.contains(&denied_id));
+    wait_for(&tg, "SELECT count(*) FROM api_requests_log", 4).await;
+    send_access_log(&tg, vec![access_log_entry("shared", Some(&ids[1]), 503)]).await;
+    wait_for(
+        &tg,
+        "SELECT count(*) FROM api_requests_log WHERE refunded",
+        1,
+    )
+    .await;
+    let refunded_id = format!(
+        "SELECT count(*) FROM api_requests_log WHERE refunded AND response_status = 503 \
+         AND decision_id = '{}'",
+        ids[1]
+    );
+    assert_eq!(tg.scalar(&refunded_id).await, 1);
+    assert_eq!(tg.stores.quotas.usage(id, t0()).await.unwrap().daily, 2);
+    // Again: the row is completed already, so nothing more comes back.
+    send_access_log(&tg, vec![access_log_entry("shared", Some(&ids[1]), 503)]).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(tg.stores.quotas.usage(id, t0()).await.unwrap().daily, 2);
+    assert_eq!(
+        tg.scalar("SELECT count(*) FROM api_requests_log WHERE response_status IS NOT NULL")
+            .await,
+        1
+    );
+    let metrics = tg.metrics.clone();
+    tg.stop().await;
+    assert_eq!(metrics.quota_refunds.get(), 1);
+    assert_eq!(metrics.access_log_completed.get(), 1);
+    assert_eq!(metrics.access_log_unmatched.get(), 1);
 }
 
 /// Quota requests for several keys at once, as many tasks: the store may run them together (the
@@ -860,6 +1065,8 @@ async fn concurrent_quota_requests_on_many_keys_are_each_answered_exactly(db: Db
 }
 
 every_database!(
+    access_log_entries_with_a_clients_request_id_refund_nothing,
+    the_minted_decision_id_completes_and_refunds_its_row_once,
     concurrent_quota_requests_on_many_keys_are_each_answered_exactly,
     a_5xx_answer_gives_the_quota_back_for_keys_that_ask,
     usage_command_reports_days_and_top_keys_from_the_log,

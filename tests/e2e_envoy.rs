@@ -399,3 +399,38 @@ async fn a_key_that_asks_gets_its_quota_back_when_the_upstream_fails() {
     assert_eq!(get_path(&envoy, "/v1/things", &key).await.status, 429);
     tg.stop().await;
 }
+
+/// Two requests under one client-chosen `x-request-id`, a 200 and an upstream 503, for a key with
+/// `refund_5xx`: Envoy's access log brings back each Check's own minted id, so exactly the 503's
+/// row is refunded and the 200's row is completed with its 200.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_failed_request_is_refunded_when_two_share_a_request_id() {
+    let tg = Tollgate::start().await;
+    let envoy = Envoy::start("ext_authz.yaml", tg.grpc).await;
+    let refunding = Limits {
+        daily: Some(10),
+        refund_5xx: true,
+        ..Limits::default()
+    };
+    let (key, id) = tg.create_key("refunds", refunding).await;
+    let shared = [("x-api-key", key.as_str()), ("x-request-id", "same")];
+    assert_eq!(get_at(&envoy, "/v1/things", &shared).await.status, 200);
+    assert_eq!(get_at(&envoy, "/v1/broken", &shared).await.status, 503);
+    let completed = "SELECT count(*) FROM api_requests_log WHERE response_status IS NOT NULL";
+    let started = std::time::Instant::now();
+    while tg.scalar(completed).await != 2 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(15),
+            "rows not completed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let refunded = "SELECT count(*) FROM api_requests_log \
+         WHERE refunded AND response_status = 503 AND path = '/v1/broken'";
+    assert_eq!(tg.scalar(refunded).await, 1);
+    let kept = "SELECT count(*) FROM api_requests_log \
+         WHERE NOT refunded AND response_status = 200 AND path = '/v1/things'";
+    assert_eq!(tg.scalar(kept).await, 1);
+    assert_eq!(tg.stores.quotas.usage(id, t0()).await.unwrap().daily, 1);
+    tg.stop().await;
+}

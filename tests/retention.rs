@@ -16,6 +16,7 @@ fn row(ts: DateTime<Utc>, id: &str) -> LogRow {
         ts,
         api: LogApi::Authz,
         request_id: Some(id.into()),
+        decision_id: None,
         key_id: Some(1),
         method: Some("GET".into()),
         path: Some("/".into()),

@@ -307,6 +307,8 @@ fn log_row(ts: DateTime<Utc>, key_id: i64, request_id: &str, cost: u64) -> LogRo
         ts,
         api: LogApi::Authz,
         request_id: Some(request_id.into()),
+        // The same text as the request id, so each outcome below names one row.
+        decision_id: Some(request_id.into()),
         key_id: Some(key_id),
         method: Some("GET".into()),
         path: Some("/v1/things".into()),
@@ -319,9 +321,9 @@ fn log_row(ts: DateTime<Utc>, key_id: i64, request_id: &str, cost: u64) -> LogRo
     }
 }
 
-fn outcome(request_id: &str, status: u16) -> Outcome {
+fn outcome(decision_id: &str, status: u16) -> Outcome {
     Outcome {
-        request_id: request_id.into(),
+        decision_id: decision_id.into(),
         status,
         duration_ms: Some(3),
         bytes_received: 10,
@@ -377,6 +379,32 @@ async fn complete_fills_in_outcomes_and_refunds_once(db: Db) {
     let (found, refunded) = stores.log.complete(&[outcome("a-500", 500)]).await.unwrap();
     assert_eq!((found, refunded), (vec![false], 0));
     assert_eq!(stores.quotas.usage(a, t0()).await.unwrap(), usage(2, 2, 2));
+    // Rows sharing a client's request id are completed by their own decision ids, one each;
+    // the same outcome twice in one batch completes and refunds its row once.
+    let shared = |decision: &str| LogRow {
+        request_id: Some("same".into()),
+        decision_id: Some(decision.into()),
+        ..log_row(t0(), a, "", 1)
+    };
+    stores
+        .log
+        .write_batch(&[shared("s-1"), shared("s-2"), shared("s-3")])
+        .await
+        .unwrap();
+    let (found, refunded) = stores
+        .log
+        .complete(&[
+            outcome("s-2", 500),
+            outcome("s-2", 500),
+            outcome("same", 500),
+        ])
+        .await
+        .unwrap();
+    assert_eq!((found, refunded), (vec![true, false, false], 1));
+    assert_eq!(stores.quotas.usage(a, t0()).await.unwrap(), usage(1, 1, 1));
+    let completed = "SELECT count(*) FROM api_requests_log \
+         WHERE request_id = 'same' AND response_status IS NOT NULL";
+    assert_eq!(db.scalar(completed).await, 1);
     stores.close().await;
 }
 

@@ -1,6 +1,10 @@
 //! `envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs`: Envoy's gRPC access logger
 //! streams one entry per finished request; tollgate turns each into an [`Outcome`] (status,
-//! duration, bytes) that completes the request-log row of the Check with the same request id.
+//! duration, bytes) that completes the request-log row of the Check whose decision id the entry
+//! carries in its dynamic metadata (`common_properties.metadata.filter_metadata`, namespace
+//! `envoy.filters.http.ext_authz`, field `decision_id`). The entry's request id is the client's
+//! own and decides nothing. An entry without a decision id completes nothing: it is counted as
+//! unmatched at once and never queued, so a ratelimit-only deployment keeps none of them.
 //!
 //! The stream is long-lived; it ends when Envoy closes it or when tollgate starts shutting down,
 //! so it never holds the shutdown up.
@@ -13,6 +17,10 @@ use envoy_types::pb::envoy::service::accesslog::v3::{
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 
+use envoy_types::pb::google::protobuf::value::Kind;
+
+use crate::decision::decision_id_minted_at;
+use crate::grpc::authz::{DECISION_ID_METADATA, EXT_AUTHZ_NAMESPACE};
 use crate::reqlog::OutcomeLog;
 use crate::store::Outcome;
 
@@ -28,32 +36,38 @@ impl AccessLogGrpc {
     }
 }
 
-/// The outcome in one entry, if it names a request and a response.
+/// The outcome in one entry, if it carries a decision id tollgate minted and a response.
 pub fn outcome(entry: &HttpAccessLogEntry) -> Option<Outcome> {
-    let request = entry.request.as_ref()?;
+    let common = entry.common_properties.as_ref()?;
+    let decision_id = match common
+        .metadata
+        .as_ref()?
+        .filter_metadata
+        .get(EXT_AUTHZ_NAMESPACE)?
+        .fields
+        .get(DECISION_ID_METADATA)?
+        .kind
+        .as_ref()?
+    {
+        Kind::StringValue(id) if decision_id_minted_at(id).is_some() => id.clone(),
+        _ => return None,
+    };
+    let request = entry.request.as_ref();
     let response = entry.response.as_ref()?;
-    if request.request_id.is_empty() {
-        return None;
-    }
     let status = response.response_code.as_ref()?.value;
-    let duration_ms = entry
-        .common_properties
-        .as_ref()
-        .and_then(|c| c.time_to_last_downstream_tx_byte.as_ref())
-        .map(|d| {
-            (d.seconds.max(0) as u64)
-                .saturating_mul(1000)
-                .saturating_add(d.nanos.max(0) as u64 / 1_000_000)
-        });
+    let duration_ms = common.time_to_last_downstream_tx_byte.as_ref().map(|d| {
+        (d.seconds.max(0) as u64)
+            .saturating_mul(1000)
+            .saturating_add(d.nanos.max(0) as u64 / 1_000_000)
+    });
     Some(Outcome {
-        // Cleaned as the Check row's request id was, so the two still match.
-        request_id: crate::reqlog::clean(&request.request_id),
+        decision_id,
         status: status.min(u32::from(u16::MAX)) as u16,
         duration_ms,
         // Sums of what a client sent: they saturate rather than overflow.
-        bytes_received: request
-            .request_headers_bytes
-            .saturating_add(request.request_body_bytes),
+        bytes_received: request.map_or(0, |r| {
+            r.request_headers_bytes.saturating_add(r.request_body_bytes)
+        }),
         bytes_sent: response
             .response_headers_bytes
             .saturating_add(response.response_body_bytes),
@@ -75,8 +89,9 @@ impl AccessLogService for AccessLogGrpc {
             let Some(message) = message else { break };
             if let Some(LogEntries::HttpLogs(http)) = message.log_entries {
                 for entry in &http.log_entry {
-                    if let Some(o) = outcome(entry) {
-                        self.outcomes.record(o);
+                    match outcome(entry) {
+                        Some(o) => self.outcomes.record(o),
+                        None => self.outcomes.unmatched(),
                     }
                 }
             }
@@ -88,14 +103,47 @@ impl AccessLogService for AccessLogGrpc {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use envoy_types::pb::envoy::config::core::v3::Metadata;
     use envoy_types::pb::envoy::data::accesslog::v3::{
         AccessLogCommon, HttpRequestProperties, HttpResponseProperties,
     };
+    use envoy_types::pb::google::protobuf::{Struct, UInt32Value, Value};
+
+    /// Common properties whose ext_authz metadata has `decision_id` set to `id`.
+    fn minted(id: &str) -> AccessLogCommon {
+        let fields = [(
+            DECISION_ID_METADATA.to_string(),
+            Value {
+                kind: Some(Kind::StringValue(id.into())),
+            },
+        )];
+        AccessLogCommon {
+            metadata: Some(Metadata {
+                filter_metadata: [(
+                    EXT_AUTHZ_NAMESPACE.to_string(),
+                    Struct {
+                        fields: fields.into(),
+                    },
+                )]
+                .into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn answered(status: u32) -> Option<HttpResponseProperties> {
+        Some(HttpResponseProperties {
+            response_code: Some(UInt32Value { value: status }),
+            ..Default::default()
+        })
+    }
 
     /// Sizes and durations a client made up, at their largest, give the largest outcome instead
     /// of an overflow.
     #[test]
     fn absurd_sizes_and_durations_saturate() {
+        let id = crate::decision::mint_decision_id();
         let entry = HttpAccessLogEntry {
             common_properties: Some(AccessLogCommon {
                 time_to_last_downstream_tx_byte: Some(
@@ -104,7 +152,7 @@ mod tests {
                         nanos: i32::MAX,
                     },
                 ),
-                ..Default::default()
+                ..minted(&id)
             }),
             request: Some(HttpRequestProperties {
                 request_id: "r".into(),
@@ -113,39 +161,54 @@ mod tests {
                 ..Default::default()
             }),
             response: Some(HttpResponseProperties {
-                response_code: Some(envoy_types::pb::google::protobuf::UInt32Value {
-                    value: u32::MAX,
-                }),
                 response_headers_bytes: u64::MAX,
                 response_body_bytes: 1,
-                ..Default::default()
+                ..answered(u32::MAX).unwrap()
             }),
             ..Default::default()
         };
         let o = outcome(&entry).unwrap();
+        assert_eq!(o.decision_id, id);
         assert_eq!(o.bytes_received, u64::MAX);
         assert_eq!(o.bytes_sent, u64::MAX);
         assert_eq!(o.duration_ms, Some(u64::MAX));
         assert_eq!(o.status, u16::MAX);
     }
 
-    /// The request id is cleaned as the Check row's was, so the outcome still finds the row.
+    /// Only the id tollgate minted names a row: the client's request id, or anything in the
+    /// metadata field that is not a minted id, names none.
     #[test]
-    fn the_request_id_is_cleaned_as_the_rows_is() {
-        let raw = format!("bad\0id{}", "x".repeat(5000));
-        let entry = HttpAccessLogEntry {
+    fn only_a_minted_decision_id_makes_an_outcome() {
+        let by_request_id = HttpAccessLogEntry {
             request: Some(HttpRequestProperties {
-                request_id: raw.clone(),
+                request_id: "rid-1".into(),
                 ..Default::default()
             }),
-            response: Some(HttpResponseProperties {
-                response_code: Some(envoy_types::pb::google::protobuf::UInt32Value { value: 200 }),
+            response: answered(500),
+            ..Default::default()
+        };
+        assert_eq!(outcome(&by_request_id), None);
+        for bad in ["rid-1", "", &"f".repeat(5000), "bad\0id"] {
+            let entry = HttpAccessLogEntry {
+                common_properties: Some(minted(bad)),
+                response: answered(500),
                 ..Default::default()
-            }),
+            };
+            assert_eq!(outcome(&entry), None, "{bad:?}");
+        }
+        let id = crate::decision::mint_decision_id();
+        let entry = HttpAccessLogEntry {
+            common_properties: Some(minted(&id)),
+            response: answered(503),
             ..Default::default()
         };
         let o = outcome(&entry).unwrap();
-        assert_eq!(o.request_id, crate::reqlog::clean(&raw));
-        assert!(o.request_id.starts_with("bad\u{FFFD}id") && o.request_id.len() <= 2048);
+        assert_eq!((o.decision_id.as_str(), o.status), (id.as_str(), 503));
+        // No response, no outcome.
+        let entry = HttpAccessLogEntry {
+            common_properties: Some(minted(&id)),
+            ..Default::default()
+        };
+        assert_eq!(outcome(&entry), None);
     }
 }

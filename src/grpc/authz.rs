@@ -30,6 +30,13 @@ const INTERNAL: i32 = 13;
 const UNAVAILABLE: i32 = 14;
 const UNAUTHENTICATED: i32 = 16;
 
+/// The namespace Envoy's ext_authz filter files tollgate's dynamic metadata under; its access
+/// log carries it in `common_properties.metadata.filter_metadata`.
+pub const EXT_AUTHZ_NAMESPACE: &str = "envoy.filters.http.ext_authz";
+
+/// The dynamic metadata field with the id tollgate minted for the decision.
+pub const DECISION_ID_METADATA: &str = "decision_id";
+
 /// The ext_authz `context_extensions` entry (set per route in Envoy) with a request's cost.
 pub const COST_EXTENSION: &str = "cost";
 
@@ -130,16 +137,16 @@ impl Authorization for AuthzGrpc {
                 .and_then(|a| a.context_extensions.get(COST_EXTENSION))
                 .map(String::as_str),
         };
-        let decision = self.service.check(&input).await;
+        let (decision, decision_id) = self.service.check(&input).await;
         Ok(Response::new(match decision {
-            Decision::Allow(allowed) => self.ok_response(&allowed),
-            Decision::Deny(denial) => denied_response(&denial),
+            Decision::Allow(allowed) => self.ok_response(&allowed, decision_id),
+            Decision::Deny(denial) => denied_response(&denial, decision_id),
         }))
     }
 }
 
 impl AuthzGrpc {
-    fn ok_response(&self, allowed: &Allowed) -> CheckResponse {
+    fn ok_response(&self, allowed: &Allowed, decision_id: String) -> CheckResponse {
         let ok = OkHttpResponse {
             headers: vec![header(&self.key_id_header, allowed.key.id.to_string())],
             headers_to_remove: if self.hide_credentials {
@@ -163,6 +170,7 @@ impl AuthzGrpc {
                     "key_name".to_string(),
                     string_value(allowed.key.name.clone()),
                 ),
+                (DECISION_ID_METADATA.to_string(), string_value(decision_id)),
             ]),
         };
         CheckResponse {
@@ -176,7 +184,7 @@ impl AuthzGrpc {
     }
 }
 
-fn denied_response(denial: &Denial) -> CheckResponse {
+fn denied_response(denial: &Denial, decision_id: String) -> CheckResponse {
     let code = match denial.reason {
         DenyReason::MissingKey | DenyReason::InvalidKey => UNAUTHENTICATED,
         DenyReason::KeyRevoked | DenyReason::KeyExpired => PERMISSION_DENIED,
@@ -201,7 +209,10 @@ fn denied_response(denial: &Denial) -> CheckResponse {
             message: denial.reason.code().to_string(),
             ..Default::default()
         }),
-        dynamic_metadata: None,
+        // Envoy keeps a denied answer's metadata too, so its access log completes the row.
+        dynamic_metadata: Some(Struct {
+            fields: HashMap::from([(DECISION_ID_METADATA.to_string(), string_value(decision_id))]),
+        }),
         http_response: Some(check_response::HttpResponse::DeniedResponse(denied)),
     }
 }

@@ -313,6 +313,7 @@ impl RateLimitService {
                 ts: now,
                 api: LogApi::RateLimit,
                 request_id: None,
+                decision_id: None,
                 key_id: Some(key_id),
                 method: None,
                 path: None,

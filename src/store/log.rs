@@ -15,7 +15,11 @@ pub struct LogRow {
     pub ts: DateTime<Utc>,
     /// Which API decided.
     pub api: LogApi,
+    /// The client's `x-request-id` (or Envoy's), for correlation only: a client chooses it.
     pub request_id: Option<String>,
+    /// The id tollgate minted for this decision (Check rows); the access log completes the row
+    /// by it alone.
+    pub decision_id: Option<String>,
     pub key_id: Option<i64>,
     pub method: Option<String>,
     pub path: Option<String>,
@@ -47,7 +51,8 @@ impl LogApi {
 /// What became of a request after tollgate's decision, from Envoy's access log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
-    pub request_id: String,
+    /// The id tollgate minted for the Check, as Envoy's access log carried it back.
+    pub decision_id: String,
     /// The status the client got.
     pub status: u16,
     /// From the first byte received to the last byte sent, as Envoy measured it.
@@ -140,11 +145,12 @@ pub trait RequestLogStore: Send + Sync + 'static {
     /// Writes all rows, or none (one transaction / one statement per batch).
     async fn write_batch(&self, rows: &[LogRow]) -> Result<(), StoreError>;
 
-    /// Fills in the outcome of the Check rows with these request ids (rows already completed
-    /// are left alone). An allowed row of a key with `refund_5xx` whose answer was a 5xx gets
-    /// its cost given back to the counters of the day and month it was counted in, and is
-    /// marked `refunded`, in the same transaction. Returns, per outcome, whether a row was
-    /// found, and how many rows were refunded.
+    /// Fills in the outcome of the Check row with each outcome's decision id; a row already
+    /// completed is left alone, so each row is completed, and refunded, at most once. An allowed
+    /// row of a key with `refund_5xx` whose answer was a 5xx gets its cost given back to the
+    /// counters of the day and month it was counted in, and is marked `refunded`, in the same
+    /// transaction. Returns, per outcome, whether it completed a row (of several outcomes with
+    /// one id, only the first can), and how many rows were refunded.
     async fn complete(&self, outcomes: &[Outcome]) -> Result<(Vec<bool>, u64), StoreError>;
 
     /// Keeps the log in shape: (PostgreSQL) creates the monthly partitions from `now`'s month

@@ -157,7 +157,7 @@ impl RequestLogStore for PgStore {
     }
 
     async fn complete(&self, outcomes: &[Outcome]) -> Result<(Vec<bool>, u64), StoreError> {
-        let ids: Vec<&str> = outcomes.iter().map(|o| o.request_id.as_str()).collect();
+        let ids: Vec<&str> = outcomes.iter().map(|o| o.decision_id.as_str()).collect();
         let status: Vec<i16> = outcomes
             .iter()
             .map(|o| o.status.min(i16::MAX as u16) as i16)
@@ -172,8 +172,9 @@ impl RequestLogStore for PgStore {
             .collect();
         let tx: Vec<i64> = outcomes.iter().map(|o| count_i64(o.bytes_sent)).collect();
         // One statement per batch: complete the rows, then give the cost of refunded ones back
-        // to the counters of the day and month it was spent in. RETURNING says which request
-        // ids found their row, and whether it was refunded.
+        // to the counters of the day and month it was spent in. RETURNING says which decision
+        // ids found their row, and whether it was refunded. A row joined to several outcomes
+        // is still updated once.
         let done: Vec<(String, bool)> = sqlx::query_as(
             "WITH done AS ( \
                UPDATE api_requests_log l SET response_status = o.status, duration_ms = o.ms, \
@@ -181,10 +182,10 @@ impl RequestLogStore for PgStore {
                  refunded = (o.status >= 500 AND l.decision = 'allow' AND l.cost > 0 AND \
                    COALESCE((SELECT k.refund_5xx FROM api_keys k WHERE k.id = l.api_key_id), false)) \
                FROM UNNEST($1::text[], $2::smallint[], $3::bigint[], $4::bigint[], $5::bigint[]) \
-                 AS o(request_id, status, ms, rx, tx) \
-               WHERE l.request_id = o.request_id AND l.api = 'authz' \
+                 AS o(decision_id, status, ms, rx, tx) \
+               WHERE l.decision_id = o.decision_id AND l.api = 'authz' \
                  AND l.response_status IS NULL \
-               RETURNING l.request_id, l.api_key_id, l.ts, l.cost, l.refunded \
+               RETURNING l.decision_id, l.api_key_id, l.ts, l.cost, l.refunded \
              ), back AS ( \
                SELECT d.api_key_id, sum(d.cost)::bigint AS total, \
                  COALESCE(sum(d.cost) FILTER \
@@ -202,7 +203,7 @@ impl RequestLogStore for PgStore {
                FROM back b WHERE u.api_key_id = b.api_key_id \
                RETURNING 1 \
              ) \
-             SELECT request_id, refunded FROM done",
+             SELECT decision_id, refunded FROM done",
         )
         .bind(ids)
         .bind(status)
@@ -212,11 +213,13 @@ impl RequestLogStore for PgStore {
         .fetch_all(&self.pool)
         .await?;
         let refunded = done.iter().filter(|(_, r)| *r).count() as u64;
-        let found: std::collections::HashSet<String> = done.into_iter().map(|(id, _)| id).collect();
+        let mut found: std::collections::HashSet<String> =
+            done.into_iter().map(|(id, _)| id).collect();
+        // `remove`: of several outcomes with one id, only the first completed the row.
         Ok((
             outcomes
                 .iter()
-                .map(|o| found.contains(&o.request_id))
+                .map(|o| found.remove(&o.decision_id))
                 .collect(),
             refunded,
         ))
@@ -258,6 +261,7 @@ impl RequestLogStore for PgStore {
         // One statement per batch: the rows travel as arrays and UNNEST turns them back into rows.
         let mut ts = Vec::with_capacity(rows.len());
         let mut request_id = Vec::with_capacity(rows.len());
+        let mut decision_id = Vec::with_capacity(rows.len());
         let mut key_id = Vec::with_capacity(rows.len());
         let mut method = Vec::with_capacity(rows.len());
         let mut path = Vec::with_capacity(rows.len());
@@ -271,6 +275,7 @@ impl RequestLogStore for PgStore {
         for r in rows {
             ts.push(r.ts);
             request_id.push(r.request_id.clone());
+            decision_id.push(r.decision_id.clone());
             key_id.push(r.key_id);
             method.push(r.method.clone());
             path.push(r.path.clone());
@@ -284,10 +289,10 @@ impl RequestLogStore for PgStore {
         }
         sqlx::query(
             "INSERT INTO api_requests_log (ts, request_id, api_key_id, method, path, host, \
-               client_addr, decision, reason, status, api, cost) \
+               client_addr, decision, reason, status, api, cost, decision_id) \
              SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::bigint[], $4::text[], \
                $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::smallint[], \
-               $11::text[], $12::bigint[])",
+               $11::text[], $12::bigint[], $13::text[])",
         )
         .bind(ts)
         .bind(request_id)
@@ -301,6 +306,7 @@ impl RequestLogStore for PgStore {
         .bind(status)
         .bind(api)
         .bind(cost)
+        .bind(decision_id)
         .execute(&self.pool)
         .await?;
         Ok(())

@@ -15,7 +15,7 @@ use crate::store::{
     LogRow, Maintenance, Outcome, RequestLogStore, StoreError, UsageQuery, UsageSummary,
 };
 
-/// Rows per INSERT statement of the request log (12 parameters each; SQLite allows 32,766).
+/// Rows per INSERT statement of the request log (13 parameters each; SQLite allows 32,766).
 const LOG_ROWS_PER_STATEMENT: usize = 500;
 
 /// Deletes up to 5,000 log rows older than `?1`, through the index on `ts` (migration 0006), so
@@ -58,10 +58,10 @@ impl RequestLogStore for SqliteStore {
                    bytes_received = ?4, bytes_sent = ?5, \
                    refunded = (?2 >= 500 AND decision = 'allow' AND cost > 0 AND \
                      COALESCE((SELECT refund_5xx FROM api_keys WHERE id = api_key_id), 0) = 1) \
-                 WHERE request_id = ?1 AND api = 'authz' AND response_status IS NULL \
+                 WHERE decision_id = ?1 AND api = 'authz' AND response_status IS NULL \
                  RETURNING api_key_id, ts, cost, refunded",
             )
-            .bind(&o.request_id)
+            .bind(&o.decision_id)
             .bind(i64::from(o.status))
             .bind(o.duration_ms.map(count_i64))
             .bind(count_i64(o.bytes_received))
@@ -128,7 +128,7 @@ impl RequestLogStore for SqliteStore {
         for chunk in rows.chunks(LOG_ROWS_PER_STATEMENT) {
             let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
                 "INSERT INTO api_requests_log (ts, request_id, api_key_id, method, path, host, \
-                   client_addr, decision, reason, status, api, cost) ",
+                   client_addr, decision, reason, status, api, cost, decision_id) ",
             );
             insert.push_values(chunk, |mut b, row| {
                 b.push_bind(ts_text(row.ts))
@@ -142,7 +142,8 @@ impl RequestLogStore for SqliteStore {
                     .push_bind(row.reason)
                     .push_bind(row.status as i64)
                     .push_bind(row.api.as_str())
-                    .push_bind(count_i64(row.cost));
+                    .push_bind(count_i64(row.cost))
+                    .push_bind(row.decision_id.clone());
             });
             // Only the full-size statement is kept prepared: the odd sizes of the last chunk would
             // push the quota statements out of the connection's statement cache.

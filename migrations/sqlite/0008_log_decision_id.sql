@@ -1,0 +1,6 @@
+-- The id tollgate mints for each Check and hands to Envoy in the answer's dynamic metadata.
+-- Envoy's access log carries it back, and it alone says which row an entry completes (and
+-- refunds): request_id is the client's own x-request-id, kept for correlation only.
+ALTER TABLE api_requests_log ADD COLUMN decision_id TEXT;
+CREATE UNIQUE INDEX api_requests_log_decision_id ON api_requests_log (decision_id)
+    WHERE decision_id IS NOT NULL;
