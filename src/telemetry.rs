@@ -93,7 +93,7 @@ impl Histogram {
 pub struct Metrics {
     /// Index 0: allowed; 1..: [`DenyReason::ALL`] in order.
     decisions: [Counter; 1 + DenyReason::ALL.len()],
-    cache: [Counter; 3],
+    cache: [Counter; 4],
     pub backend_errors_database: Counter,
     pub backend_errors_limiter: Counter,
     /// Requests allowed because a backend was down and its failure mode is `open`.
@@ -268,7 +268,7 @@ impl Metrics {
         );
         out.push_str("# HELP tollgate_key_cache_lookups_total Key lookups by cache outcome.\n");
         out.push_str("# TYPE tollgate_key_cache_lookups_total counter\n");
-        for (i, name) in ["hit", "miss", "stale"].iter().enumerate() {
+        for (i, name) in ["hit", "miss", "stale", "shared"].iter().enumerate() {
             let _ = writeln!(
                 out,
                 "tollgate_key_cache_lookups_total{{outcome=\"{name}\"}} {}",
@@ -358,6 +358,7 @@ mod tests {
         m.record_decision(&Decision::Deny(Denial::new(DenyReason::DailyQuotaExceeded)));
         m.record_decision(&Decision::Deny(Denial::new(DenyReason::DailyQuotaExceeded)));
         m.record_cache(CacheOutcome::Miss);
+        m.record_cache(CacheOutcome::Shared);
         let text = m.render(
             3,
             CacheStats {
@@ -370,6 +371,7 @@ mod tests {
         ), "{text}");
         assert!(text.contains("tollgate_key_cache_lookups_total{outcome=\"miss\"} 1\n"));
         assert!(text.contains("tollgate_request_log_queue_depth 3\n"));
+        assert!(text.contains("tollgate_key_cache_lookups_total{outcome=\"shared\"} 1\n"));
         assert!(text.contains("tollgate_key_cache_entries 5\n"));
         assert!(text.contains("tollgate_key_cache_evictions_total 7\n"));
         assert_eq!(m.decisions("daily_quota_exceeded"), 2);

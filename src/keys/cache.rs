@@ -9,15 +9,19 @@
 //! Nothing a caller sends grows it without bound (DESIGN rule 9): found keys and unknown hashes
 //! live in separate [`BoundedMap`]s of `max_keys` and `max_unknown` entries, so a flood of random
 //! keys evicts only other unknown hashes, never a key in use. The same holds for keys looked up
-//! by id.
+//! by id. Concurrent misses of one key share one store query (a *flight*), so an unknown key
+//! costs at most one lookup however many checks ask for it at once.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, WeakShared};
 use tokio_util::sync::CancellationToken;
 
-use super::bounded::BoundedMap;
+use super::bounded::{BoundedMap, ShardKey};
 use super::{ApiKey, KeyHash};
 use crate::config::CacheConfig;
 use crate::store::{KeyChange, KeyStore, StoreError};
@@ -25,12 +29,16 @@ use crate::store::{KeyChange, KeyStore, StoreError};
 /// Invalidations remembered for lookups in flight.
 const MAX_RECENT: usize = 4096;
 
+/// Most store lookups shared at once, per map; past that, a miss queries alone.
+const MAX_FLIGHTS: usize = 4096;
+
 /// A key store with a cache in front.
 pub struct KeyCache {
     inner: Arc<Inner>,
 }
 
-/// The cache's state, shared with the task that applies the change feed.
+/// What the cache's store lookups share with it: they insert their answers themselves, since
+/// the check that started one may be gone before it lands.
 struct Inner {
     store: Arc<dyn KeyStore>,
     /// Keys found, by hash; each fresh for `key_ttl`.
@@ -41,6 +49,8 @@ struct Inner {
     /// change empties both (changes are rare, and the change feed names hashes, not ids).
     by_id: BoundedMap<i64, Arc<ApiKey>>,
     unknown_ids: BoundedMap<i64, ()>,
+    flights: Arc<Flights<KeyHash>>,
+    id_flights: Arc<Flights<i64>>,
     /// Bumped by every invalidation: a lookup that started before one does not cache its answer,
     /// which may predate the change.
     generation: AtomicU64,
@@ -61,6 +71,8 @@ pub enum CacheOutcome {
     Miss,
     /// The store failed and a stale entry answered.
     Stale,
+    /// Another check's store lookup of the same key, in flight, answered.
+    Shared,
 }
 
 /// What the cache holds and has evicted; for metrics.
@@ -83,6 +95,8 @@ impl KeyCache {
                 unknown: BoundedMap::new(config.max_unknown, negative_ttl, true),
                 by_id: BoundedMap::new(config.max_keys, key_ttl, false),
                 unknown_ids: BoundedMap::new(config.max_unknown, negative_ttl, true),
+                flights: Default::default(),
+                id_flights: Default::default(),
                 generation: Default::default(),
                 cleared_at: Default::default(),
                 recent: Default::default(),
@@ -91,8 +105,8 @@ impl KeyCache {
         }
     }
 
-    /// The key with this hash, from the cache when fresh, else from the store. A stale entry
-    /// answers when the store fails.
+    /// The key with this hash, from the cache when fresh, else from the store (one query for
+    /// all the concurrent lookups of this hash). A stale entry answers when the store fails.
     pub async fn lookup(
         &self,
         hash: &KeyHash,
@@ -108,17 +122,17 @@ impl KeyCache {
                 None
             }
         };
-        match self.inner.fetch_hash(*hash).await {
-            Ok(found) => Ok((found, CacheOutcome::Miss)),
-            Err(e) => match stale {
-                Some(key) => Ok((Some(key), CacheOutcome::Stale)),
-                None => Err(e),
-            },
-        }
+        let hash = *hash;
+        let landed = self
+            .inner
+            .flights
+            .join(hash, || self.inner.clone().fetch_hash(hash).boxed())
+            .await;
+        answer(&landed, stale)
     }
 
-    /// The key with this id, cached like [`KeyCache::lookup`]; a stale entry answers when the
-    /// store fails.
+    /// The key with this id, cached and shared like [`KeyCache::lookup`]; a stale entry answers
+    /// when the store fails.
     pub async fn lookup_id(&self, id: i64) -> Result<Option<Arc<ApiKey>>, StoreError> {
         let now = Instant::now();
         let stale = match self.inner.by_id.get(&id, now) {
@@ -131,10 +145,12 @@ impl KeyCache {
                 None
             }
         };
-        match self.inner.fetch_id(id).await {
-            Ok(found) => Ok(found),
-            Err(e) => stale.map(Some).ok_or(e),
-        }
+        let landed = self
+            .inner
+            .id_flights
+            .join(id, || self.inner.clone().fetch_id(id).boxed())
+            .await;
+        answer(&landed, stale).map(|(key, _)| key)
     }
 
     /// Drops the entries of these hashes, found or not.
@@ -182,9 +198,28 @@ impl KeyCache {
     }
 }
 
+/// A flight's answer for one of the lookups that waited on it, with the stale entry that
+/// answers if the store failed.
+fn answer(
+    landed: &Landed,
+    stale: Option<Arc<ApiKey>>,
+) -> Result<(Option<Arc<ApiKey>>, CacheOutcome), StoreError> {
+    // The first lookup to take the answer counts the query; the others shared it.
+    let outcome = if landed.claimed.swap(true, Ordering::Relaxed) {
+        CacheOutcome::Shared
+    } else {
+        CacheOutcome::Miss
+    };
+    match (&landed.answer, stale) {
+        (Ok(found), _) => Ok((found.clone(), outcome)),
+        (Err(_), Some(key)) => Ok((Some(key), CacheOutcome::Stale)),
+        (Err(e), None) => Err(e.clone()),
+    }
+}
+
 impl Inner {
     /// Asks the store for a hash, and caches the answer unless the key changed meanwhile.
-    async fn fetch_hash(&self, hash: KeyHash) -> Result<Option<Arc<ApiKey>>, StoreError> {
+    async fn fetch_hash(self: Arc<Self>, hash: KeyHash) -> Landed {
         // Read before the query: a change after this point keeps the answer out of the cache.
         let generation = self.generation.load(Ordering::Acquire);
         let answer = self.store.find_by_hash(&hash).await;
@@ -205,11 +240,11 @@ impl Inner {
                 }
             }
         }
-        answer
+        Landed::new(answer)
     }
 
     /// Asks the store for an id, and caches the answer unless any key changed meanwhile.
-    async fn fetch_id(&self, id: i64) -> Result<Option<Arc<ApiKey>>, StoreError> {
+    async fn fetch_id(self: Arc<Self>, id: i64) -> Landed {
         let generation = self.generation.load(Ordering::Acquire);
         let answer = self.store.get(id).await;
         let answer = answer.map(|found| found.map(Arc::new));
@@ -229,7 +264,7 @@ impl Inner {
                 }
             }
         }
-        answer
+        Landed::new(answer)
     }
 
     /// Whether `hash` (or everything) was invalidated after `generation` was read.
@@ -249,7 +284,8 @@ impl Inner {
         recent.iter().any(|(g, h)| *g > generation && h == hash)
     }
 
-    /// Drops the entries of these hashes, found or not.
+    /// Drops the entries of these hashes, found or not, and their lookups in flight (a lookup
+    /// that starts from now on must not share an answer read before the change).
     ///
     /// The order matters: the generation is bumped and the hashes recorded before any entry
     /// goes. A lookup that inserts before the removal is removed with it; one that inserts after
@@ -268,6 +304,7 @@ impl Inner {
         for hash in hashes {
             self.found.remove(hash);
             self.unknown.remove(hash);
+            self.flights.forget(hash);
         }
     }
 
@@ -283,14 +320,117 @@ impl Inner {
                 self.cleared_at.store(generation, Ordering::Release);
                 self.found.clear();
                 self.unknown.clear();
+                self.flights.clear();
             }
         }
         // After the generation moved, as for hashes: a lookup by id that raced this change
         // either inserted before the clear or sees the new generation.
         self.by_id.clear();
         self.unknown_ids.clear();
+        self.id_flights.clear();
         if all {
             self.primed.send_replace(true);
+        }
+    }
+}
+
+/// A store lookup's answer, shared by every lookup that waited on it.
+struct Landed {
+    answer: Result<Option<Arc<ApiKey>>, StoreError>,
+    /// Whether a lookup took the answer yet.
+    claimed: AtomicBool,
+}
+
+impl Landed {
+    fn new(answer: Result<Option<Arc<ApiKey>>, StoreError>) -> Self {
+        Self {
+            answer,
+            claimed: AtomicBool::new(false),
+        }
+    }
+}
+
+type Flight = BoxFuture<'static, Arc<Landed>>;
+
+/// Store lookups in flight, by key, so that concurrent misses of one key share one query. A
+/// flight lives as long as a lookup waits on it: when every check waiting has given up, the
+/// query is dropped with it, and nothing is spent for nobody.
+struct Flights<K> {
+    /// Each flight with its number, so that a finished one removes itself and not a successor.
+    map: Mutex<HashMap<K, (u64, WeakShared<Flight>)>>,
+    next: AtomicU64,
+}
+
+impl<K> Default for Flights<K> {
+    fn default() -> Self {
+        Self {
+            map: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(0),
+        }
+    }
+}
+
+impl<K: ShardKey + Send + Sync + 'static> Flights<K> {
+    /// Waits for the flight of `key`, starting it with `query` if there is none.
+    async fn join(
+        self: &Arc<Self>,
+        key: K,
+        query: impl FnOnce() -> BoxFuture<'static, Landed>,
+    ) -> Arc<Landed> {
+        let flight = {
+            let mut map = self.map.lock().expect("flights lock");
+            match map.get(&key).and_then(|(_, weak)| weak.upgrade()) {
+                Some(flight) => flight,
+                None => {
+                    let number = self.next.fetch_add(1, Ordering::Relaxed);
+                    let landing = Landing {
+                        flights: self.clone(),
+                        key,
+                        number,
+                    };
+                    let query = query();
+                    let flight = async move {
+                        // Dropped when the answer is in, or when nobody waits any more.
+                        let _landing = landing;
+                        Arc::new(query.await)
+                    }
+                    .boxed()
+                    .shared();
+                    if map.len() < MAX_FLIGHTS || map.contains_key(&key) {
+                        let weak = flight.downgrade().expect("a new flight is not finished");
+                        map.insert(key, (number, weak));
+                    }
+                    flight
+                }
+            }
+        };
+        flight.await
+    }
+
+    /// Makes the next lookup of `key` start a flight of its own.
+    fn forget(&self, key: &K) {
+        self.map.lock().expect("flights lock").remove(key);
+    }
+
+    fn clear(&self) {
+        self.map.lock().expect("flights lock").clear();
+    }
+}
+
+/// Removes its flight from the map when dropped, unless a newer flight took its place.
+struct Landing<K: ShardKey> {
+    flights: Arc<Flights<K>>,
+    key: K,
+    number: u64,
+}
+
+impl<K: ShardKey> Drop for Landing<K> {
+    fn drop(&mut self) {
+        // Never panic in a drop; a poisoned map only keeps a dead entry until it is replaced.
+        if let Ok(mut map) = self.flights.map.lock()
+            && map.get(&self.key).is_some_and(|(n, _)| *n == self.number)
+        {
+            map.remove(&self.key);
         }
     }
 }
@@ -307,17 +447,34 @@ mod tests {
     use crate::keys::Limits;
     use crate::store::{KeyRecord, LimitsPatch};
 
-    /// A SQLite store that counts the lookups it answers.
+    /// A SQLite store that counts the lookups it answers, and can be told to fail them or to
+    /// hold them until released.
     struct Counting {
         inner: crate::store::sqlite::SqliteStore,
         finds: AtomicUsize,
         gets: AtomicUsize,
+        fail: std::sync::atomic::AtomicBool,
+        /// When set, each lookup waits for a permit (or for the semaphore's closing).
+        gate: Option<tokio::sync::Semaphore>,
+    }
+
+    impl Counting {
+        async fn lookup_gate(&self) -> Result<(), StoreError> {
+            if let Some(gate) = &self.gate {
+                let _ = gate.acquire().await;
+            }
+            if self.fail.load(SeqCst) {
+                return Err(StoreError::closed());
+            }
+            Ok(())
+        }
     }
 
     #[async_trait]
     impl KeyStore for Counting {
         async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<ApiKey>, StoreError> {
             self.finds.fetch_add(1, SeqCst);
+            self.lookup_gate().await?;
             self.inner.find_by_hash(hash).await
         }
         async fn watch_changes(
@@ -333,6 +490,7 @@ mod tests {
         }
         async fn get(&self, id: i64) -> Result<Option<ApiKey>, StoreError> {
             self.gets.fetch_add(1, SeqCst);
+            self.lookup_gate().await?;
             self.inner.get(id).await
         }
         async fn list(&self) -> Result<Vec<ApiKey>, StoreError> {
@@ -354,12 +512,14 @@ mod tests {
         }
     }
 
-    async fn counting() -> (Arc<Counting>, tempfile::TempDir) {
+    async fn counting(gated: bool) -> (Arc<Counting>, tempfile::TempDir) {
         let (dir, inner) = crate::store::sqlite::tests::migrated_store().await;
         let store = Counting {
             inner,
             finds: AtomicUsize::new(0),
             gets: AtomicUsize::new(0),
+            fail: Default::default(),
+            gate: gated.then(|| tokio::sync::Semaphore::new(0)),
         };
         (Arc::new(store), dir)
     }
@@ -425,7 +585,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn after_120_000_unknown_keys_a_repeated_unknown_key_is_answered_from_the_cache() {
-        let (store, _dir) = counting().await;
+        let (store, _dir) = counting(false).await;
         // The default capacities: 120,000 is more unknown keys than they hold.
         let cache = Arc::new(KeyCache::new(store.clone(), &CacheConfig::default()));
         // 120,000 distinct unknown keys, a few at a time (SQLite's read pool has 4 connections).
@@ -459,6 +619,42 @@ mod tests {
         );
     }
 
+    /// Runs `lookups` while the gated store holds every lookup for 50 ms, so they overlap; then
+    /// closes the gate again.
+    async fn overlapping<T>(store: &Counting, lookups: impl std::future::Future<Output = T>) -> T {
+        let gate = store.gate.as_ref().unwrap();
+        let release = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            gate.add_permits(1000);
+        };
+        let (answers, ()) = tokio::join!(lookups, release);
+        gate.forget_permits(1000);
+        answers
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_lookups_of_one_key_share_one_query() {
+        let (store, _dir) = counting(true).await;
+        let cache = KeyCache::new(store.clone(), &CacheConfig::default());
+        let (known, id) = create_key(&store).await;
+        for (hash, want) in [(unknown_hash(), None), (known, Some(id))] {
+            let before = store.finds.load(SeqCst);
+            let lookups = futures_util::future::join_all((0..100).map(|_| cache.lookup(&hash)));
+            for a in overlapping(&store, lookups).await {
+                assert_eq!(a.unwrap().0.map(|k| k.id), want);
+            }
+            assert_eq!(store.finds.load(SeqCst) - before, 1, "key {want:?}");
+        }
+        for (id, want) in [(id + 1000, None), (id, Some(id))] {
+            let before = store.gets.load(SeqCst);
+            let lookups = futures_util::future::join_all((0..100).map(|_| cache.lookup_id(id)));
+            for a in overlapping(&store, lookups).await {
+                assert_eq!(a.unwrap().map(|k| k.id), want);
+            }
+            assert_eq!(store.gets.load(SeqCst) - before, 1, "id {id}");
+        }
+    }
+
     fn small(max_keys: usize, max_unknown: usize) -> CacheConfig {
         CacheConfig {
             max_keys,
@@ -469,7 +665,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn entries_never_exceed_the_capacities() {
-        let (store, _dir) = counting().await;
+        let (store, _dir) = counting(false).await;
         let cache = KeyCache::new(store.clone(), &small(20, 50));
         let mut known = Vec::new();
         for _ in 0..40 {
@@ -492,7 +688,7 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_flood_of_unknown_keys_does_not_evict_known_ones() {
-        let (store, _dir) = counting().await;
+        let (store, _dir) = counting(false).await;
         let cache = KeyCache::new(store.clone(), &small(100, 50));
         let mut known = Vec::new();
         for _ in 0..10 {
@@ -510,5 +706,70 @@ mod tests {
             assert_eq!(outcome, CacheOutcome::Hit);
         }
         assert_eq!(store.finds.load(SeqCst), before);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_lookup_is_shared_but_not_cached() {
+        let (store, _dir) = counting(true).await;
+        let cache = KeyCache::new(store.clone(), &CacheConfig::default());
+        store.fail.store(true, SeqCst);
+        let hash = unknown_hash();
+        let lookups = futures_util::future::join_all((0..100).map(|_| cache.lookup(&hash)));
+        for a in overlapping(&store, lookups).await {
+            assert!(a.unwrap_err().is_transient());
+        }
+        assert_eq!(store.finds.load(SeqCst), 1);
+        store.fail.store(false, SeqCst);
+        store.gate.as_ref().unwrap().add_permits(1000);
+        assert_eq!(
+            cache.lookup(&hash).await.unwrap(),
+            (None, CacheOutcome::Miss)
+        );
+        assert_eq!(store.finds.load(SeqCst), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lookup_after_an_invalidation_does_not_share_one_from_before() {
+        let (store, _dir) = counting(true).await;
+        let cache = Arc::new(KeyCache::new(store.clone(), &CacheConfig::default()));
+        let hash = unknown_hash();
+        let lookup = |cache: &Arc<KeyCache>| {
+            let cache = cache.clone();
+            tokio::spawn(async move { cache.lookup(&hash).await.unwrap() })
+        };
+        let before = lookup(&cache);
+        while store.finds.load(SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        cache.invalidate(&[hash]);
+        let after = lookup(&cache);
+        while store.finds.load(SeqCst) == 1 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        store.gate.as_ref().unwrap().add_permits(1000);
+        assert_eq!(before.await.unwrap(), (None, CacheOutcome::Miss));
+        assert_eq!(after.await.unwrap(), (None, CacheOutcome::Miss));
+        // The answer read after the change is cached; the one from before was not.
+        assert_eq!(
+            cache.lookup(&hash).await.unwrap(),
+            (None, CacheOutcome::Hit)
+        );
+        assert_eq!(store.finds.load(SeqCst), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lookup_nobody_waits_for_is_dropped() {
+        let (store, _dir) = counting(true).await;
+        let cache = KeyCache::new(store.clone(), &CacheConfig::default());
+        let hash = unknown_hash();
+        let gave_up = tokio::time::timeout(Duration::from_millis(20), cache.lookup(&hash)).await;
+        assert!(gave_up.is_err());
+        assert!(cache.inner.flights.map.lock().unwrap().is_empty());
+        store.gate.as_ref().unwrap().add_permits(1000);
+        assert_eq!(
+            cache.lookup(&hash).await.unwrap(),
+            (None, CacheOutcome::Miss)
+        );
+        assert_eq!(store.finds.load(SeqCst), 2);
     }
 }
