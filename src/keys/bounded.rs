@@ -16,7 +16,7 @@ use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
 
-/// The most shards a map is split into.
+/// The most shards a map is split into (a power of two).
 const MAX_SHARDS: usize = 16;
 /// The fewest entries a shard holds, so that a small map stays one LRU rather than many tiny ones.
 const MIN_SHARD: usize = 64;
@@ -46,6 +46,9 @@ impl ShardKey for i64 {
 /// A map of at most `capacity` entries, each fresh for `ttl` after it was inserted.
 pub(crate) struct BoundedMap<K, V> {
     shards: Box<[RwLock<Shard<K, V>>]>,
+    /// The number of shards less one: a key's shard is `spread() & mask` (a power of two
+    /// spares the hit a division).
+    mask: u64,
     ttl: Duration,
     /// Whether expired entries are dropped as the hand passes them even when there is room. An
     /// unknown key's expired entry is worth nothing; a found key's still answers while the
@@ -77,7 +80,7 @@ impl<K: ShardKey, V: Clone> BoundedMap<K, V> {
     /// An empty map that will hold at most `capacity` (at least 1) entries.
     pub(crate) fn new(capacity: usize, ttl: Duration, drop_expired: bool) -> Self {
         let capacity = capacity.max(1);
-        let n = (capacity / MIN_SHARD).clamp(1, MAX_SHARDS);
+        let n = 1 << (capacity / MIN_SHARD).clamp(1, MAX_SHARDS).ilog2();
         let shards = (0..n)
             .map(|i| {
                 RwLock::new(Shard {
@@ -91,6 +94,7 @@ impl<K: ShardKey, V: Clone> BoundedMap<K, V> {
             .collect();
         Self {
             shards,
+            mask: n as u64 - 1,
             ttl,
             drop_expired,
             evictions: AtomicU64::new(0),
@@ -98,7 +102,7 @@ impl<K: ShardKey, V: Clone> BoundedMap<K, V> {
     }
 
     fn shard(&self, key: &K) -> &RwLock<Shard<K, V>> {
-        &self.shards[(key.spread() % self.shards.len() as u64) as usize]
+        &self.shards[(key.spread() & self.mask) as usize]
     }
 
     /// The value of `key`, and whether it is still fresh at `now`. Marks it as used.
