@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use tollgate::config::{DatabaseConfig, SecretUrl};
+use tollgate::config::{CacheConfig, DatabaseConfig, Dur, SecretUrl};
 use tollgate::decision::{Denial, DenyReason, LimitKind, LimitState, rate_limit_headers};
 use tollgate::keys::{self, Limits, cache::KeyCache};
 use tollgate::limiter::memory::MemoryLimiter;
@@ -58,8 +58,11 @@ fn key_cache(c: &mut Criterion) {
         let stores = tollgate::store::open(&config, true).await.expect("sqlite");
         let cache = KeyCache::new(
             stores.keys.clone(),
-            Duration::from_secs(3600),
-            Duration::from_secs(3600),
+            &CacheConfig {
+                key_ttl: Dur(Duration::from_secs(3600)),
+                negative_ttl: Dur(Duration::from_secs(3600)),
+                ..Default::default()
+            },
         );
         let now = chrono::Utc::now();
         let mut hashes = Vec::new();

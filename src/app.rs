@@ -128,11 +128,7 @@ impl App {
             metrics.clone(),
             stops.outcomes.clone(),
         );
-        let cache = Arc::new(KeyCache::new(
-            stores.keys.clone(),
-            config.cache.key_ttl.0,
-            config.cache.negative_ttl.0,
-        ));
+        let cache = Arc::new(KeyCache::new(stores.keys.clone(), &config.cache));
         let limiter = limiter::open(&config.redis, config.limits.max_counters, metrics.clone())?;
         let quotas = Arc::new(QuotaCounter::new(stores.quotas.clone(), &config.quota));
         let failures = crate::failure::FailurePolicies::new(

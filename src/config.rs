@@ -387,6 +387,12 @@ pub struct CacheConfig {
     pub negative_ttl: Dur,
     /// How often the database is asked which keys changed (revoked, limits set, created).
     pub poll_interval: Dur,
+    /// Most verified keys kept in memory (and as many again looked up by id); past that, the
+    /// least recently used go.
+    pub max_keys: usize,
+    /// Most unknown keys remembered as unknown (and as many again by id), apart from
+    /// `max_keys`: a flood of random keys pushes out only other unknown keys.
+    pub max_unknown: usize,
 }
 
 impl Default for CacheConfig {
@@ -395,6 +401,8 @@ impl Default for CacheConfig {
             key_ttl: Dur(Duration::from_secs(60)),
             negative_ttl: Dur(Duration::from_secs(5)),
             poll_interval: Dur(Duration::from_millis(250)),
+            max_keys: 100_000,
+            max_unknown: 100_000,
         }
     }
 }
@@ -412,6 +420,14 @@ impl CacheConfig {
                 "cache.poll_interval",
                 "must be at most 1s, or key changes would take longer than 1s to apply",
             ));
+        }
+        for (field, value) in [
+            ("cache.max_keys", self.max_keys),
+            ("cache.max_unknown", self.max_unknown),
+        ] {
+            if value == 0 {
+                return Err(InvalidSetting::new(field, "must be at least 1"));
+            }
         }
         Ok(())
     }
@@ -854,6 +870,16 @@ mod tests {
             ),
             "cache.poll_interval"
         );
+        for (yaml, field) in [
+            ("cache:\n  max_keys: 0\n", "cache.max_keys"),
+            ("cache:\n  max_unknown: 0\n", "cache.max_unknown"),
+        ] {
+            let e = load_yaml(yaml, &[]).unwrap_err();
+            assert_eq!(
+                (e.field.as_str(), e.message.as_str()),
+                (field, "must be at least 1")
+            );
+        }
         assert_eq!(
             field(
                 RequestLogConfig {

@@ -99,6 +99,6 @@ async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(state.log.depth(), state.cache.len()),
+        state.metrics.render(state.log.depth(), state.cache.stats()),
     )
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use crate::config::{LogConfig, LogFormat};
 use crate::decision::{Decision, DenyReason};
-use crate::keys::cache::CacheOutcome;
+use crate::keys::cache::{CacheOutcome, CacheStats};
 
 /// Sets up `tracing` to standard error, as text or JSON.
 pub fn init_logging(config: &LogConfig) {
@@ -145,7 +145,7 @@ impl Histogram {
 pub struct Metrics {
     /// Index 0: allowed; 1..: [`DenyReason::ALL`] in order.
     decisions: [Counter; 1 + DenyReason::ALL.len()],
-    cache: [Counter; 3],
+    cache: [Counter; 4],
     pub backend_errors_database: Counter,
     pub backend_errors_limiter: Counter,
     /// Requests allowed because a backend was down and its failure mode is `open`.
@@ -218,7 +218,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition.
-    pub fn render(&self, reqlog_depth: usize, cached_keys: usize) -> String {
+    pub fn render(&self, reqlog_depth: usize, cache: CacheStats) -> String {
         let mut out = String::with_capacity(2048);
         out.push_str("# HELP tollgate_decisions_total Check decisions by outcome and reason.\n");
         out.push_str("# TYPE tollgate_decisions_total counter\n");
@@ -326,7 +326,7 @@ impl Metrics {
         );
         out.push_str("# HELP tollgate_key_cache_lookups_total Key lookups by cache outcome.\n");
         out.push_str("# TYPE tollgate_key_cache_lookups_total counter\n");
-        for (i, name) in ["hit", "miss", "stale"].iter().enumerate() {
+        for (i, name) in ["hit", "miss", "stale", "shared"].iter().enumerate() {
             let _ = writeln!(
                 out,
                 "tollgate_key_cache_lookups_total{{outcome=\"{name}\"}} {}",
@@ -338,7 +338,13 @@ impl Metrics {
             "# HELP tollgate_key_cache_entries Keys cached in memory."
         );
         let _ = writeln!(out, "# TYPE tollgate_key_cache_entries gauge");
-        let _ = writeln!(out, "tollgate_key_cache_entries {cached_keys}");
+        let _ = writeln!(out, "tollgate_key_cache_entries {}", cache.entries);
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_key_cache_evictions_total Cached keys dropped to make room for others.\n\
+             # TYPE tollgate_key_cache_evictions_total counter\ntollgate_key_cache_evictions_total {}",
+            cache.evictions
+        );
         let _ = writeln!(
             out,
             "# HELP tollgate_limiter_counters Rate-limit window counters held in this process (0 with Redis).\n\
@@ -462,17 +468,26 @@ mod tests {
         m.record_decision(&Decision::Deny(Denial::new(DenyReason::DailyQuotaExceeded)));
         m.record_decision(&Decision::Deny(Denial::new(DenyReason::DailyQuotaExceeded)));
         m.record_cache(CacheOutcome::Miss);
-        let text = m.render(3, 5);
+        m.record_cache(CacheOutcome::Shared);
+        let text = m.render(
+            3,
+            CacheStats {
+                entries: 5,
+                evictions: 7,
+            },
+        );
         assert!(text.contains(
             "tollgate_decisions_total{api=\"authz\",outcome=\"deny\",reason=\"daily_quota_exceeded\"} 2\n"
         ), "{text}");
         assert!(text.contains("tollgate_key_cache_lookups_total{outcome=\"miss\"} 1\n"));
         assert!(text.contains("tollgate_request_log_queue_depth 3\n"));
+        assert!(text.contains("tollgate_key_cache_lookups_total{outcome=\"shared\"} 1\n"));
         assert!(text.contains("tollgate_key_cache_entries 5\n"));
+        assert!(text.contains("tollgate_key_cache_evictions_total 7\n"));
         m.limiter_counters.add(3);
         m.limiter_counters.sub(1);
         m.limiter_counters_evicted.inc();
-        let text = m.render(0, 0);
+        let text = m.render(0, CacheStats::default());
         assert!(text.contains("\ntollgate_limiter_counters 2\n"), "{text}");
         assert!(
             text.contains("\ntollgate_limiter_counters_evicted_total 1\n"),
@@ -489,7 +504,7 @@ mod tests {
         m.check_duration
             .observe(std::time::Duration::from_micros(300));
         m.check_duration.observe(std::time::Duration::from_secs(5));
-        let text = m.render(0, 0);
+        let text = m.render(0, CacheStats::default());
         let line = |l: &str| assert!(text.contains(l), "missing {l:?} in\n{text}");
         line("tollgate_request_duration_seconds_bucket{api=\"authz\",le=\"0.00005\"} 1\n");
         line("tollgate_request_duration_seconds_bucket{api=\"authz\",le=\"0.00025\"} 1\n");

@@ -1064,9 +1064,46 @@ async fn concurrent_quota_requests_on_many_keys_are_each_answered_exactly(db: Db
     tg.stop().await;
 }
 
+/// The value of one sample line (`name{labels}`) in a `/metrics` text.
+fn sample(metrics: &str, series: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+}
+
+/// Past `cache.max_unknown` unknown keys, the oldest are forgotten and the newest still
+/// remembered: a repeated unknown key costs one lookup, however many came before it.
+async fn past_the_cache_capacity_a_repeated_unknown_key_costs_one_lookup(db: Db) {
+    let tg = Tollgate::on_with(db, |c| c.cache.max_unknown = 100).await;
+    let (key, _) = tg.create_key("k", limits(None, None, None)).await;
+    let mut c = tg.client().await;
+    ok(&c.check(key_header(&key)).await.unwrap().into_inner());
+    for _ in 0..120 {
+        let stranger = tollgate::keys::generate().plaintext;
+        let d = denied(&c.check(key_header(&stranger)).await.unwrap().into_inner());
+        assert_eq!(d.body["error"], "invalid_key");
+    }
+    let miss = "tollgate_key_cache_lookups_total{outcome=\"miss\"}";
+    let before = sample(&tg.metrics_text().await, miss);
+    let one_more = tollgate::keys::generate().plaintext;
+    for _ in 0..200 {
+        let d = denied(&c.check(key_header(&one_more)).await.unwrap().into_inner());
+        assert_eq!(d.body["error"], "invalid_key");
+    }
+    let metrics = tg.metrics_text().await;
+    assert_eq!(sample(&metrics, miss) - before, 1, "{metrics}");
+    ok(&c.check(key_header(&key)).await.unwrap().into_inner());
+    let metrics = tg.metrics_text().await;
+    assert_eq!(sample(&metrics, "tollgate_key_cache_entries"), 101);
+    assert!(sample(&metrics, "tollgate_key_cache_evictions_total") >= 21);
+    tg.stop().await;
+}
+
 every_database!(
     access_log_entries_with_a_clients_request_id_refund_nothing,
     the_minted_decision_id_completes_and_refunds_its_row_once,
+    past_the_cache_capacity_a_repeated_unknown_key_costs_one_lookup,
     concurrent_quota_requests_on_many_keys_are_each_answered_exactly,
     a_5xx_answer_gives_the_quota_back_for_keys_that_ask,
     usage_command_reports_days_and_top_keys_from_the_log,

@@ -364,3 +364,67 @@ async fn database_outage_fail_closed_then_recovery() {
 async fn database_outage_fail_open_then_recovery() {
     outage(FailureMode::Open).await;
 }
+
+/// Key lookups that hang (here: a lock on `api_keys`, held while unknown keys flood in) take
+/// only their share of the pool: the quota statements of a cached key still get connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unknown_keys_does_not_starve_quota_statements() {
+    use sqlx::Connection;
+    let tg = Tollgate::on_with(Db::Postgres, |c| {
+        c.database.max_connections = 4;
+        c.database.timeout = tollgate::config::Dur(Duration::from_millis(500));
+        c.request_log.enabled = false;
+    })
+    .await;
+    let (known, id) = tg
+        .create_key(
+            "known",
+            Limits {
+                daily: Some(1_000_000),
+                ..Default::default()
+            },
+        )
+        .await;
+    let mut client = tg.client().await;
+    let code =
+        |resp: envoy_types::pb::envoy::service::auth::v3::CheckResponse| resp.status.unwrap().code;
+    assert_eq!(
+        code(client.check(key_header(&known)).await.unwrap().into_inner()),
+        0
+    );
+
+    // Every lookup of a key now waits for the lock, until the statement timeout.
+    let mut lock = sqlx::PgConnection::connect(&tg.db_url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut lock).await.unwrap();
+    sqlx::query("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut flood = Vec::new();
+    for _ in 0..32 {
+        let (mut client, stop) = (tg.client().await, stop.clone());
+        flood.push(tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let unknown = tollgate::keys::generate().plaintext;
+                let _ = client.check(key_header(&unknown)).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    for i in 0..20 {
+        let started = Instant::now();
+        let resp = client.check(key_header(&known)).await.unwrap().into_inner();
+        let took = started.elapsed();
+        assert_eq!(code(resp), 0, "check {i} of the known key, after {took:?}");
+        assert!(took < Duration::from_millis(400), "check {i} took {took:?}");
+    }
+    stop.cancel();
+    for f in flood {
+        f.await.unwrap();
+    }
+    sqlx::query("ROLLBACK").execute(&mut lock).await.unwrap();
+    assert_eq!(tg.stores.quotas.usage(id, t0()).await.unwrap().daily, 21);
+    tg.stop().await;
+}

@@ -4,6 +4,7 @@
 //! and a short visible prefix (`tg_` plus 8 characters) are ever stored (DESIGN rule 8); the key
 //! itself is printed once, by `tollgate keys create`.
 
+mod bounded;
 pub mod cache;
 
 use chrono::{DateTime, Utc};

@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use sqlx::Postgres;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgListener;
+use tokio::sync::SemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::PgStore;
@@ -17,6 +20,28 @@ use crate::store::{KeyChange, KeyStore, LimitsPatch, StoreError};
 const KEY_CHANNEL: &str = "tollgate_key_changes";
 
 impl PgStore {
+    /// A connection for a key lookup, within the lookups' share of the pool. The wait for a
+    /// turn and the wait for a connection together last at most `database.timeout`.
+    async fn lookup_connection(
+        &self,
+    ) -> Result<(SemaphorePermit<'_>, PoolConnection<Postgres>), StoreError> {
+        let wait = async {
+            let turn = self
+                .lookups
+                .acquire()
+                .await
+                .map_err(|_| StoreError::closed())?;
+            Ok((turn, self.pool.acquire().await?))
+        };
+        tokio::time::timeout(self.timeout, wait)
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Unavailable(std::sync::Arc::new(
+                    sqlx::Error::PoolTimedOut,
+                )))
+            })
+    }
+
     /// Listens for key changes until the connection drops or `stop` is cancelled. Returns
     /// `Ok(())` when stopped, `Err` when the connection was lost.
     async fn listen(
@@ -51,13 +76,14 @@ impl PgStore {
 #[async_trait]
 impl KeyStore for PgStore {
     async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<ApiKey>, StoreError> {
+        let (_turn, mut conn) = self.lookup_connection().await?;
         let row: Option<KeyRow> = sqlx::query_as(concat!(
             "SELECT ",
             key_columns!(),
             " FROM api_keys WHERE key_hash = $1"
         ))
         .bind(keys::hash_hex(hash))
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *conn)
         .await?;
         key_of(row)
     }
@@ -107,13 +133,14 @@ impl KeyStore for PgStore {
     }
 
     async fn get(&self, id: i64) -> Result<Option<ApiKey>, StoreError> {
+        let (_turn, mut conn) = self.lookup_connection().await?;
         let row: Option<KeyRow> = sqlx::query_as(concat!(
             "SELECT ",
             key_columns!(),
             " FROM api_keys WHERE id = $1"
         ))
         .bind(id)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *conn)
         .await?;
         key_of(row)
     }

@@ -11,12 +11,13 @@ mod log;
 pub(crate) mod quota;
 
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 
 use super::consume::PendingConsume;
 use super::{Database, StoreError};
@@ -33,6 +34,10 @@ pub struct PgSettings {
 pub struct PgStore {
     pool: PgPool,
     consumes: mpsc::Sender<PendingConsume>,
+    /// Connections key lookups may hold at once (see [`PgStore::open`]).
+    lookups: Arc<Semaphore>,
+    /// `database.timeout`: the longest a lookup waits for its turn and its connection.
+    timeout: Duration,
 }
 
 impl PgStore {
@@ -48,11 +53,22 @@ impl PgStore {
             .acquire_timeout(settings.timeout)
             .connect_with(options)
             .await?;
-        // Half the pool at most for quota statements: the request log and key lookups need
-        // connections too.
+        // The pool is shared. Half of it at most for quota statements, and a quarter at most for
+        // key lookups: those are cache misses, which a flood of unknown keys turns into as many
+        // lookups as it has keys, and without a bound they would hold every connection while
+        // quota statements time out waiting for one. The rest is for the change listener, the
+        // request log and its maintenance.
         let in_flight = (settings.max_connections as usize / 2).max(1);
         let consumes = quota::start_writer(pool.clone(), in_flight);
-        Ok(Self { pool, consumes })
+        let lookups = Arc::new(Semaphore::new(
+            (settings.max_connections as usize / 4).max(1),
+        ));
+        Ok(Self {
+            pool,
+            consumes,
+            lookups,
+            timeout: settings.timeout,
+        })
     }
 
     /// Applies migrations; several replicas may do so at once (sqlx holds an advisory lock).
