@@ -864,22 +864,6 @@ async fn send_access_log(tg: &Tollgate, entries: Vec<HttpAccessLogEntry>) {
         .unwrap();
 }
 
-/// Waits until `sql` counts `want`, for up to 10 s.
-async fn wait_for(tg: &Tollgate, sql: &str, want: i64) {
-    let started = Instant::now();
-    loop {
-        let got = tg.scalar(sql).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "{got}, want {want}: {sql}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A client with `refund_5xx` sends ten allowed requests under one `x-request-id`, then access
 /// log entries saying that request id failed, as a forger reaching the access log port would:
 /// no row is completed and nothing is refunded. Neither is a made-up decision id.
@@ -896,8 +880,7 @@ async fn access_log_entries_with_a_clients_request_id_refund_nothing(db: Db) {
         let request = check_request(&[("x-api-key", &key), ("x-request-id", "forged")]);
         ok(&c.check(request).await.unwrap().into_inner());
     }
-    wait_for(
-        &tg,
+    tg.wait_for_count(
         "SELECT count(*) FROM api_requests_log WHERE request_id = 'forged'",
         10,
     )
@@ -961,14 +944,11 @@ async fn the_minted_decision_id_completes_and_refunds_its_row_once(db: Db) {
     // A denied answer carries one too, so its row can be completed.
     let denied_id = decision_id_of(&c.check(check_request(&[])).await.unwrap().into_inner());
     assert!(!ids.contains(&denied_id));
-    wait_for(&tg, "SELECT count(*) FROM api_requests_log", 4).await;
+    tg.wait_for_count("SELECT count(*) FROM api_requests_log", 4)
+        .await;
     send_access_log(&tg, vec![access_log_entry("shared", Some(&ids[1]), 503)]).await;
-    wait_for(
-        &tg,
-        "SELECT count(*) FROM api_requests_log WHERE refunded",
-        1,
-    )
-    .await;
+    tg.wait_for_count("SELECT count(*) FROM api_requests_log WHERE refunded", 1)
+        .await;
     let refunded_id = format!(
         "SELECT count(*) FROM api_requests_log WHERE refunded AND response_status = 503 \
          AND decision_id = '{}'",

@@ -33,23 +33,6 @@ async fn check_with_id(tg: &Tollgate, request_id: &str, path: &str) {
     assert_eq!(d.body["error"], "missing_key");
 }
 
-/// Waits, while tollgate runs, until `sql` counts `want` rows; fails after 10 s saying how many
-/// it found.
-async fn wait_for_rows(tg: &Tollgate, sql: &str, want: i64) {
-    let started = Instant::now();
-    loop {
-        let got = tg.scalar(sql).await;
-        if got == want {
-            return;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "{got} of {want} rows within 10 s: {sql}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A NUL in `x-request-id` (PostgreSQL text cannot hold one) is cleaned before the row is queued,
 /// so the row and every row behind it are written while tollgate runs. An access log entry with
 /// only that request id completes nothing: the request id is the client's, and names no row.
@@ -59,8 +42,7 @@ async fn a_nul_in_a_request_id_is_cleaned_and_holds_up_no_row(db: Db) {
     for i in 0..100 {
         check_with_id(&tg, &format!("rid-{i}"), "/v1/things").await;
     }
-    wait_for_rows(
-        &tg,
+    tg.wait_for_count(
         "SELECT count(*) FROM api_requests_log WHERE request_id LIKE 'rid-%'",
         100,
     )
@@ -164,8 +146,7 @@ async fn a_row_the_database_rejects_is_dropped_and_counted_and_the_rest_are_writ
     for i in 50..100 {
         check_with_id(&tg, &format!("rid-{i}"), "/v1/things").await;
     }
-    wait_for_rows(
-        &tg,
+    tg.wait_for_count(
         "SELECT count(*) FROM api_requests_log WHERE request_id LIKE 'rid-%'",
         100,
     )

@@ -160,6 +160,23 @@ impl Tollgate {
         scalar(&self.db_url, sql).await
     }
 
+    /// Waits, while tollgate runs, until `sql` counts `want`; fails after 10 s saying what it
+    /// counted.
+    pub async fn wait_for_count(&self, sql: &str, want: i64) {
+        let started = std::time::Instant::now();
+        loop {
+            let got = self.scalar(sql).await;
+            if got == want {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "{got}, want {want} within 10 s: {sql}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// What `/metrics` says now.
     pub async fn metrics_text(&self) -> String {
         metrics_text(&format!("http://{}", self.http)).await
