@@ -147,6 +147,7 @@ impl App {
                 clock: clock.clone(),
                 metrics: metrics.clone(),
                 failures: failures.clone(),
+                database_timeout: config.database.timeout.0,
             },
         ));
         let ratelimit = Arc::new(RateLimitService::new(

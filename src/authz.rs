@@ -4,8 +4,10 @@
 //! Envoy's types never appear here; `grpc/authz.rs` translates.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use tokio::time::Instant;
 
 use crate::clock::{self, Clock};
 use crate::config::{AuthzConfig, LimitsConfig};
@@ -16,7 +18,7 @@ use crate::failure::{FailurePolicies, Verdict};
 use crate::keys::{self, ApiKey, KeyStatus, cache::KeyCache};
 use crate::limiter::{Algorithm, Rate, WindowLimiter};
 use crate::reqlog::RequestLog;
-use crate::store::{LogApi, LogRow, Quota, QuotaOutcome, QuotaStore, Spend};
+use crate::store::{LogApi, LogRow, Quota, QuotaOutcome, QuotaStore, Spend, StoreError};
 use crate::telemetry::Metrics;
 
 /// Per-minute window length.
@@ -49,6 +51,9 @@ pub struct AuthzDeps {
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
     pub failures: FailurePolicies,
+    /// `database.timeout`: how long one check waits for the database in all (its key lookup
+    /// and its quota together), counted from its arrival.
+    pub database_timeout: Duration,
 }
 
 /// Decides Check requests.
@@ -106,10 +111,22 @@ impl AuthzService {
     /// Decides one request, counts it, and queues its log row. Returns the decision and the id
     /// minted for it (see [`mint_decision_id`]), which the row carries: Envoy hands it back in
     /// its access log, and only it completes the row.
+    ///
+    /// Dropped before it answers (Envoy gave up on the Check: its timeout, a disconnect), the
+    /// check charges nothing: what it spent is given back and its row says `cancelled`.
     pub async fn check(&self, input: &CheckInput<'_>) -> (Decision, String) {
         use tracing::Instrument;
         let started = std::time::Instant::now();
         let now = self.deps.clock.now();
+        let deadline = Instant::from_std(started) + self.deps.database_timeout;
+        let mut progress = Progress {
+            deps: &self.deps,
+            input,
+            now,
+            key_id: None,
+            window: None,
+            answered: false,
+        };
         // One span per check (debug level, so free unless asked for), with what was decided.
         // The key itself is never recorded, only its id once known.
         let span = tracing::debug_span!(
@@ -118,7 +135,12 @@ impl AuthzService {
             decision = tracing::field::Empty,
             reason = tracing::field::Empty,
         );
-        let decision = self.decide(input, now).instrument(span.clone()).await;
+        let decision = self
+            .decide(input, now, deadline, &mut progress)
+            .instrument(span.clone())
+            .await;
+        // From here on nothing waits: the answer is the caller's.
+        progress.answered = true;
         if !span.is_disabled() {
             let key_id = match &decision {
                 Decision::Allow(a) => Some(a.key.id),
@@ -145,28 +167,28 @@ impl AuthzService {
             Decision::Deny(d) => d.key_id,
         };
         let decision_id = mint_decision_id();
-        self.deps.log.record(LogRow {
-            ts: now,
-            api: LogApi::Authz,
-            request_id: input.request_id.map(str::to_owned),
-            decision_id: Some(decision_id.clone()),
-            key_id,
-            method: input.method.map(str::to_owned),
-            path: input.path.map(str::to_owned),
-            host: input.host.map(str::to_owned),
-            client_addr: input.client_addr.map(str::to_owned),
-            allowed: matches!(decision, Decision::Allow(_)),
-            reason: decision.reason_code(),
-            status: decision.status(),
-            cost: match &decision {
-                Decision::Allow(a) => a.cost,
-                Decision::Deny(_) => 0,
-            },
-        });
+        let mut row = log_row(input, now, key_id);
+        row.decision_id = Some(decision_id.clone());
+        row.allowed = matches!(decision, Decision::Allow(_));
+        row.reason = decision.reason_code();
+        row.status = decision.status();
+        row.cost = match &decision {
+            Decision::Allow(a) => a.cost,
+            Decision::Deny(_) => 0,
+        };
+        self.deps.log.record(row);
         (decision, decision_id)
     }
 
-    async fn decide(&self, input: &CheckInput<'_>, now: DateTime<Utc>) -> Decision {
+    /// Decides; every database wait ends by `deadline`. `progress` learns what was spent as it
+    /// is spent, so a check dropped halfway can give it back.
+    async fn decide(
+        &self,
+        input: &CheckInput<'_>,
+        now: DateTime<Utc>,
+        deadline: Instant,
+        progress: &mut Progress<'_>,
+    ) -> Decision {
         // 1. A key, of the right shape.
         let Some((presented, header)) = input.credential else {
             return deny(DenyReason::MissingKey, None);
@@ -186,7 +208,11 @@ impl AuthzService {
         };
 
         // 2. A known key, active and unexpired.
-        let key = match self.deps.keys.lookup(&keys::hash(presented)).await {
+        let hash = keys::hash(presented);
+        let looked_up = tokio::time::timeout_at(deadline, self.deps.keys.lookup(&hash))
+            .await
+            .unwrap_or(Err(StoreError::TimedOut));
+        let key = match looked_up {
             Ok((found, outcome)) => {
                 self.deps.metrics.record_cache(outcome);
                 match found {
@@ -203,6 +229,7 @@ impl AuthzService {
                 return unavailable(None);
             }
         };
+        progress.key_id = Some(key.id);
         if key.status == KeyStatus::Revoked {
             return deny(DenyReason::KeyRevoked, Some(key.id));
         }
@@ -218,11 +245,9 @@ impl AuthzService {
             .then(|| key.limits.per_minute.or(self.default_per_minute))
             .flatten()
             .map(|limit| Rate::new(limit, MINUTE, self.algorithm));
-        let window_key = window_key(&key);
-        // Whether the window counted this request (so a later refusal must give it back).
-        let mut counted = None;
         if let Some(rate) = per_minute {
             let limit = rate.limit;
+            let window_key = window_key(&key);
             let step = std::time::Instant::now();
             let hit = self.deps.limiter.hit(&window_key, rate, cost, now).await;
             self.deps.metrics.limiter_duration.observe(step.elapsed());
@@ -244,7 +269,8 @@ impl AuthzService {
                         });
                     }
                     limits.push(state);
-                    counted = Some(rate);
+                    // Counted: a later refusal, or the check being dropped, gives it back.
+                    progress.window = Some((window_key, rate, cost));
                 }
                 Err(e) => match self.deps.failures.limiter.on_error("per-minute window", &e) {
                     // Not limited per minute while the limiter is away.
@@ -263,11 +289,13 @@ impl AuthzService {
             monthly: key.limits.monthly,
         };
         let step = std::time::Instant::now();
-        let outcome = self
+        let spend = self
             .deps
             .quotas
-            .consume(Spend::new(key.id, cost, now), quota)
-            .await;
+            .consume(Spend::new(key.id, cost, now), quota);
+        let outcome = tokio::time::timeout_at(deadline, spend)
+            .await
+            .unwrap_or(Err(StoreError::TimedOut));
         self.deps.metrics.database_duration.observe(step.elapsed());
         let refused = match outcome {
             Ok(QuotaOutcome::Admitted { daily, monthly }) => {
@@ -309,12 +337,75 @@ impl AuthzService {
         };
         // The request was refused after its per-minute hit was counted: give the hit back,
         // so a refused request costs nothing.
-        if let Some(rate) = counted
+        if let Some((window_key, rate, cost)) = progress.window.take()
             && let Err(e) = self.deps.limiter.refund(&window_key, rate, cost, now).await
         {
             tracing::warn!(error = %e, key_id = key.id, "rate limit refund failed");
         }
         refused
+    }
+}
+
+/// What a check has done so far, so that one dropped before its answer (Envoy gave up on it)
+/// is not charged: its per-minute hit is given back and its row says `cancelled`. Quota spent
+/// for it goes back by itself (the store's [`Charge`](crate::store::consume)), whatever moment
+/// it was dropped at.
+struct Progress<'a> {
+    deps: &'a AuthzDeps,
+    input: &'a CheckInput<'a>,
+    now: DateTime<Utc>,
+    key_id: Option<i64>,
+    /// The per-minute hit counted for it: counter key, rate, cost.
+    window: Option<(String, Rate, u64)>,
+    /// The check has its answer: nothing to undo.
+    answered: bool,
+}
+
+impl Drop for Progress<'_> {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        self.deps.metrics.checks_cancelled.inc();
+        let mut row = log_row(self.input, self.now, self.key_id);
+        row.reason = CANCELLED;
+        row.status = CANCELLED_STATUS;
+        self.deps.log.record(row);
+        if let Some((window_key, rate, cost)) = self.window.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let limiter = self.deps.limiter.clone();
+            let (now, key_id) = (self.now, self.key_id);
+            runtime.spawn(async move {
+                if let Err(e) = limiter.refund(&window_key, rate, cost, now).await {
+                    tracing::warn!(error = %e, key_id, "rate limit refund of a cancelled check failed");
+                }
+            });
+        }
+    }
+}
+
+/// The reason a cancelled check's row gives, and the status it records: 499, as proxies log a
+/// request whose client closed it before the answer.
+pub const CANCELLED: &str = "cancelled";
+const CANCELLED_STATUS: u16 = 499;
+
+/// A log row for `input` with the request's own fields filled in, denied with no reason yet.
+fn log_row(input: &CheckInput<'_>, now: DateTime<Utc>, key_id: Option<i64>) -> LogRow {
+    LogRow {
+        ts: now,
+        api: LogApi::Authz,
+        request_id: input.request_id.map(str::to_owned),
+        decision_id: None,
+        key_id,
+        method: input.method.map(str::to_owned),
+        path: input.path.map(str::to_owned),
+        host: input.host.map(str::to_owned),
+        client_addr: input.client_addr.map(str::to_owned),
+        allowed: false,
+        reason: "",
+        status: 0,
+        cost: 0,
     }
 }
 

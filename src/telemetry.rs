@@ -185,6 +185,9 @@ pub struct Metrics {
     pub reqlog_write_errors: Counter,
     /// Request log rows dropped because the database rejected them.
     pub reqlog_rejected: Counter,
+    /// Checks whose caller stopped waiting (Envoy's timeout, a disconnect) before the answer:
+    /// not charged, logged as `cancelled`.
+    pub checks_cancelled: Counter,
 }
 
 impl Metrics {
@@ -406,6 +409,11 @@ impl Metrics {
                 "tollgate_request_log_rejected_total",
                 "Request log rows dropped because the database rejected them.",
                 self.reqlog_rejected.get(),
+            ),
+            (
+                "tollgate_checks_cancelled_total",
+                "Checks whose caller stopped waiting before the answer (not charged).",
+                self.checks_cancelled.get(),
             ),
         ] {
             let _ = writeln!(

@@ -1080,7 +1080,137 @@ async fn past_the_cache_capacity_a_repeated_unknown_key_costs_one_lookup(db: Db)
     tg.stop().await;
 }
 
+/// Envoy gives up on a Check at its timeout (the `grpc-timeout` it sends) and when its client
+/// goes away (it resets the stream); either way tollgate drops the check. With the usage row
+/// locked for 1.5 s, 20 checks given up at 50 ms (10 each way), then 5 that wait: only what was
+/// answered is charged, whichever way quota is counted (`limits`: a daily quota is spent
+/// exactly, a key without quotas in blocks), and usage matches the allowed rows.
+async fn checks_given_up_on_are_not_charged(db: Db, limits: Limits) {
+    let tg = Tollgate::on_with(db, |c| {
+        c.database.timeout = tollgate::config::Dur(Duration::from_secs(5));
+    })
+    .await;
+    let (key, id) = tg.create_key("impatient", limits).await;
+    let c = tg.client().await;
+    let lock = tg.db.lock_quota_writes().await;
+    let locked = Instant::now();
+    let mut given_up = Vec::new();
+    for i in 0..20 {
+        let (mut c, key) = (c.clone(), key.clone());
+        given_up.push(tokio::spawn(async move {
+            let mut req = tonic::Request::new(key_header(&key));
+            if i % 2 == 0 {
+                // Envoy's timeout, as the header tells the server.
+                req.set_timeout(Duration::from_millis(50));
+                c.check(req).await.map(|_| ())
+            } else {
+                // A caller that goes away: the stream is reset.
+                match tokio::time::timeout(Duration::from_millis(50), c.check(req)).await {
+                    Ok(answer) => answer.map(|_| ()),
+                    Err(_) => Err(tonic::Status::cancelled("gave up")),
+                }
+            }
+        }));
+    }
+    for t in given_up {
+        assert!(
+            t.await.unwrap().is_err(),
+            "a check answered while the row was locked"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1500).saturating_sub(locked.elapsed())).await;
+    lock.release().await;
+    for _ in 0..5 {
+        ok(&c
+            .clone()
+            .check(key_header(&key))
+            .await
+            .unwrap()
+            .into_inner());
+    }
+    let metrics = tg.metrics.clone();
+    let db = tg.stop().await;
+    let allowed = db
+        .scalar(&format!(
+            "SELECT CAST(COALESCE(SUM(cost), 0) AS BIGINT) FROM api_requests_log \
+             WHERE api_key_id = {id} AND decision = 'allow'"
+        ))
+        .await;
+    let usage = db
+        .scalar(&format!(
+            "SELECT total_requests FROM api_usage WHERE api_key_id = {id}"
+        ))
+        .await;
+    assert_eq!(allowed, 5, "the checks that waited");
+    assert_eq!(usage, allowed, "usage counts only the checks answered");
+    let daily = db
+        .scalar(&format!(
+            "SELECT daily_requests FROM api_usage WHERE api_key_id = {id}"
+        ))
+        .await;
+    assert_eq!(daily, 5);
+    assert_eq!(
+        db.scalar(&format!(
+            "SELECT count(*) FROM api_requests_log WHERE api_key_id = {id} \
+             AND reason = 'cancelled' AND decision = 'deny' AND status = 499"
+        ))
+        .await,
+        20,
+        "each check given up on has its row"
+    );
+    assert_eq!(metrics.checks_cancelled.get(), 20);
+}
+
+async fn checks_given_up_on_spend_no_exact_quota(db: Db) {
+    checks_given_up_on_are_not_charged(db, limits(None, Some(1000), None)).await;
+}
+
+async fn checks_given_up_on_leak_no_reserved_block(db: Db) {
+    // No quota: counted in blocks reserved from the database.
+    checks_given_up_on_are_not_charged(db, Limits::default()).await;
+}
+
+/// A per-minute hit counted for a check that is then given up on is given back too.
+async fn a_check_given_up_on_gives_its_per_minute_hit_back(db: Db) {
+    let tg = Tollgate::on_with(db, |c| {
+        c.database.timeout = tollgate::config::Dur(Duration::from_secs(5));
+    })
+    .await;
+    let (key, _) = tg
+        .create_key("minute", limits(Some(3), Some(1000), None))
+        .await;
+    let c = tg.client().await;
+    let lock = tg.db.lock_quota_writes().await;
+    for _ in 0..3 {
+        let mut req = tonic::Request::new(key_header(&key));
+        req.set_timeout(Duration::from_millis(50));
+        assert!(c.clone().check(req).await.is_err());
+    }
+    lock.release().await;
+    // The three hits went back: the minute still has room for three.
+    for _ in 0..3 {
+        ok(&c
+            .clone()
+            .check(key_header(&key))
+            .await
+            .unwrap()
+            .into_inner());
+    }
+    let d = denied(
+        &c.clone()
+            .check(key_header(&key))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(d.body["error"], "rate_limited");
+    tg.stop().await;
+}
+
 every_database!(
+    checks_given_up_on_spend_no_exact_quota,
+    checks_given_up_on_leak_no_reserved_block,
+    a_check_given_up_on_gives_its_per_minute_hit_back,
     access_log_entries_with_a_clients_request_id_refund_nothing,
     the_minted_decision_id_completes_and_refunds_its_row_once,
     past_the_cache_capacity_a_repeated_unknown_key_costs_one_lookup,

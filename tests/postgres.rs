@@ -428,3 +428,165 @@ async fn a_flood_of_unknown_keys_does_not_starve_quota_statements() {
     assert_eq!(tg.stores.quotas.usage(id, t0()).await.unwrap().daily, 21);
     tg.stop().await;
 }
+
+/// Processes of a private server stopped with SIGSTOP, as a frozen host or a partition looks to
+/// its clients: sockets stay open and nothing answers. They go on when this is dropped.
+struct Frozen(Vec<String>);
+
+impl Frozen {
+    fn pids(pids: Vec<String>) -> Frozen {
+        signal("-STOP", &pids);
+        Frozen(pids)
+    }
+
+    /// The whole server: the postmaster and every process it started.
+    fn server(pg: &PrivatePostgres) -> Frozen {
+        let pid_file = std::fs::read_to_string(pg.data.join("postmaster.pid")).unwrap();
+        let postmaster = pid_file.lines().next().unwrap().trim().to_string();
+        let children = Command::new("pgrep")
+            .args(["-P", &postmaster])
+            .output()
+            .unwrap();
+        let mut pids = vec![postmaster];
+        pids.extend(
+            String::from_utf8_lossy(&children.stdout)
+                .split_whitespace()
+                .map(str::to_string),
+        );
+        Frozen::pids(pids)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        signal("-CONT", &self.0);
+    }
+}
+
+fn signal(sig: &str, pids: &[String]) {
+    let status = Command::new("kill").arg(sig).args(pids).status().unwrap();
+    assert!(status.success(), "kill {sig} {pids:?}");
+}
+
+/// 64 concurrent checks of a cached key while the database is frozen, with `failure_mode:
+/// open` and `database.timeout: 500ms`: each is answered 500 ms after it arrived, not after
+/// waiting its turn behind the others' timeouts. Once the server goes on, nothing they queued
+/// is counted: usage is what the log's allowed rows spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checks_on_a_frozen_database_each_end_at_their_own_deadline() {
+    let _one_at_a_time = OUTAGE.lock().await;
+    let pg = PrivatePostgres::start();
+    let tg = Tollgate::on_with(Db::Sqlite, |c| {
+        c.database.url = SecretUrl(pg.url());
+        c.database.failure_mode = FailureMode::Open;
+        c.database.timeout = tollgate::config::Dur(Duration::from_millis(500));
+    })
+    .await;
+    let (key, id) = tg
+        .create_key(
+            "frozen",
+            Limits {
+                daily: Some(1000),
+                ..Default::default()
+            },
+        )
+        .await;
+    let c = tg.client().await;
+    let warm = c
+        .clone()
+        .check(key_header(&key))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(warm.status.unwrap().code, 0);
+
+    let frozen = Frozen::server(&pg);
+    let started = Instant::now();
+    let checks: Vec<_> = (0..64)
+        .map(|_| {
+            let (mut c, key) = (c.clone(), key.clone());
+            tokio::spawn(async move { c.check(key_header(&key)).await })
+        })
+        .collect();
+    for t in checks {
+        let answer = t.await.unwrap().expect("answered").into_inner();
+        assert_eq!(
+            answer.status.unwrap().code,
+            0,
+            "failure_mode open lets it in"
+        );
+    }
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "64 checks took {took:?}; each should end 500 ms after it arrived"
+    );
+    assert!(tg.metrics.fail_open_database.get() >= 64);
+    drop(frozen);
+
+    let url = pg.url();
+    tg.stop().await;
+    let allowed = scalar(
+        &url,
+        &format!(
+            "SELECT CAST(COALESCE(SUM(cost), 0) AS BIGINT) FROM api_requests_log \
+             WHERE api_key_id = {id} AND decision = 'allow'"
+        ),
+    )
+    .await;
+    let usage = scalar(
+        &url,
+        &format!("SELECT total_requests FROM api_usage WHERE api_key_id = {id}"),
+    )
+    .await;
+    assert_eq!(allowed, 1, "only the first check was counted");
+    assert_eq!(usage, allowed);
+}
+
+/// The key change listener's server stops answering (its backend frozen: the connection stays
+/// open, notifications stop): the listener notices within seconds, connects again and drops
+/// what it cached, so a key revoked meanwhile is refused long before `cache.key_ttl`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_whose_server_stops_answering_is_replaced_within_seconds() {
+    let _one_at_a_time = OUTAGE.lock().await;
+    let pg = PrivatePostgres::start();
+    let tg = Tollgate::on_with(Db::Sqlite, |c| {
+        c.database.url = SecretUrl(pg.url());
+        c.cache.key_ttl = tollgate::config::Dur(Duration::from_secs(120));
+    })
+    .await;
+    let (key, id) = tg.create_key("listened", Limits::default()).await;
+    assert_eq!(check_code(&tg, &key).await.0, 0);
+    let listener = format!(
+        "SELECT CAST(COALESCE(max(pid), 0) AS BIGINT) FROM pg_stat_activity \
+         WHERE application_name = 'tollgate' AND (query LIKE 'LISTEN%' OR query = '{}')",
+        tollgate::store::LISTEN_PING_SQL.replace('\'', "''")
+    );
+    let asked = Instant::now();
+    let pid = loop {
+        match scalar(&pg.url(), &listener).await {
+            0 if asked.elapsed() < Duration::from_secs(5) => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            0 => panic!("no listener connection in pg_stat_activity"),
+            pid => break pid,
+        }
+    };
+    let frozen = Frozen::pids(vec![pid.to_string()]);
+    assert!(tg.stores.keys.revoke(id, chrono::Utc::now()).await.unwrap());
+    let revoked = Instant::now();
+    loop {
+        let (code, _) = check_code(&tg, &key).await;
+        if code != 0 {
+            assert_eq!(code, 7, "refused as revoked");
+            break;
+        }
+        assert!(
+            revoked.elapsed() < Duration::from_secs(10),
+            "a revoked key still let in after 10 s (cache.key_ttl is 120 s)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(frozen);
+    tg.stop().await;
+}

@@ -547,7 +547,10 @@ mod tests {
     async fn cache() -> (KeyCache, tempfile::TempDir) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}", dir.path().join("c.db").display());
-        let store = crate::store::sqlite::SqliteStore::open(&url).await.unwrap();
+        let store =
+            crate::store::sqlite::SqliteStore::open(&url, std::time::Duration::from_secs(2))
+                .await
+                .unwrap();
         store.migrate().await.unwrap();
         (KeyCache::new(Arc::new(store), &CacheConfig::default()), dir)
     }

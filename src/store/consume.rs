@@ -2,12 +2,28 @@
 //! writer: each request waits here with a channel for its answer, and the writer runs the
 //! requests waiting at one moment as one batch (one statement on PostgreSQL, one transaction on
 //! SQLite), answering each as if it had run alone.
+//!
+//! A request whose caller stops waiting (its deadline passed, or Envoy cancelled the Check) is
+//! never charged: the writer skips it if it has not run yet, and units it spent are carried to
+//! the caller in a [`Charge`], which gives them back unless the caller takes them. Whichever
+//! side drops the answer (the writer, because nobody listens any more, or the caller's dropped
+//! channel, with the answer in it), the charge goes back, so there is no moment at which spent
+//! units can be lost.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot};
 
 use super::StoreError;
 use super::quota::{Quota, QuotaOutcome, Spend, count_i64, refusal};
+
+/// Most give-backs waiting for their statement; past it, units of unanswered requests stay
+/// spent (and say so in the log), rather than memory growing while the database is away.
+const MAX_GIVE_BACKS: usize = 4096;
 
 /// A quota request queued for a store's writer, which may run it together with others.
 #[derive(Debug)]
@@ -16,11 +32,19 @@ pub(crate) struct PendingConsume {
     pub quota: Quota,
     pub cost: i64,
     pub now: DateTime<Utc>,
-    pub reply: oneshot::Sender<Result<QuotaOutcome, StoreError>>,
+    pub reply: oneshot::Sender<Result<Answered, StoreError>>,
+}
+
+/// A writer's answer to one request: the outcome, and for an admission, the units spent.
+#[derive(Debug)]
+pub(crate) struct Answered {
+    pub outcome: QuotaOutcome,
+    /// What an admission spent; given back unless the caller takes it.
+    charge: Option<Charge>,
 }
 
 /// Where a [`PendingConsume`]'s answer arrives.
-pub(crate) type ConsumeAnswer = oneshot::Receiver<Result<QuotaOutcome, StoreError>>;
+pub(crate) type ConsumeAnswer = oneshot::Receiver<Result<Answered, StoreError>>;
 
 impl PendingConsume {
     /// A request, and where its answer will arrive.
@@ -37,7 +61,9 @@ impl PendingConsume {
     }
 
     /// Queues a request on `queue` and waits for the writer's answer. A writer that is gone
-    /// (the store is closed) reads as an unavailable database.
+    /// (the store is closed) reads as an unavailable database. Dropped before the answer comes
+    /// (a timeout, a cancelled Check), the request is skipped or, if it was already spent,
+    /// given back.
     pub(crate) async fn queue(
         queue: &mpsc::Sender<PendingConsume>,
         spend: Spend,
@@ -48,7 +74,122 @@ impl PendingConsume {
             .send(pending)
             .await
             .map_err(|_| StoreError::closed())?;
-        answer.await.map_err(|_| StoreError::closed())?
+        let answered = answer.await.map_err(|_| StoreError::closed())??;
+        // From here to the caller's answer there is no await: the units are the caller's.
+        if let Some(charge) = answered.charge {
+            charge.keep();
+        }
+        Ok(answered.outcome)
+    }
+
+    /// Whether the caller stopped waiting: a writer skips such a request instead of running it.
+    pub(crate) fn is_abandoned(&self) -> bool {
+        self.reply.is_closed()
+    }
+
+    /// The spend this request asks for.
+    fn spend(&self) -> Spend {
+        Spend::new(self.key_id, self.cost.max(0) as u64, self.now)
+    }
+}
+
+/// Units a writer spent for one request, on their way to its caller. Dropped without
+/// [`keep`](Charge::keep) (nobody took the answer), they are given back.
+#[derive(Debug)]
+pub(crate) struct Charge {
+    spent: Option<Spend>,
+    to: GiveBacks,
+}
+
+impl Charge {
+    /// The caller took the answer: the units stay spent.
+    pub(crate) fn keep(mut self) {
+        self.spent = None;
+    }
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        if let Some(spent) = self.spent.take() {
+            self.to.send(spent);
+        }
+    }
+}
+
+/// Gives back units spent for requests that were not answered: a bounded queue, and a task that
+/// runs the backend's give-back statement for each, in order.
+#[derive(Debug, Clone)]
+pub(crate) struct GiveBacks {
+    queue: mpsc::Sender<Spend>,
+    /// Queued and not yet run.
+    pending: Arc<AtomicUsize>,
+}
+
+impl GiveBacks {
+    /// Starts the task that runs `give_back` for every spend queued; it ends when every handle
+    /// is gone. A give-back the database refuses for now is tried twice more.
+    pub(crate) fn start<F, Fut>(give_back: F) -> Self
+    where
+        F: Fn(Spend) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<(), StoreError>> + Send,
+    {
+        let (queue, mut spends) = mpsc::channel::<Spend>(MAX_GIVE_BACKS);
+        let pending = Arc::new(AtomicUsize::new(0));
+        let left = pending.clone();
+        tokio::spawn(async move {
+            while let Some(spent) = spends.recv().await {
+                let mut backoff = Duration::from_millis(100);
+                for attempt in 1..=3 {
+                    match give_back(spent).await {
+                        Ok(()) => break,
+                        Err(e) if e.is_transient() && attempt < 3 => {
+                            tokio::time::sleep(backoff).await;
+                            backoff *= 2;
+                        }
+                        Err(e) => {
+                            tracing::error!(
+                                error = %e.kind(),
+                                key_id = spent.key_id,
+                                units = spent.units,
+                                "could not give back quota spent for an unanswered check"
+                            );
+                            break;
+                        }
+                    }
+                }
+                left.fetch_sub(1, Ordering::AcqRel);
+            }
+        });
+        GiveBacks { queue, pending }
+    }
+
+    fn send(&self, spent: Spend) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        if self.queue.try_send(spent).is_err() {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            tracing::error!(
+                key_id = spent.key_id,
+                units = spent.units,
+                "too many quota give-backs waiting; units of an unanswered check stay spent"
+            );
+        }
+    }
+
+    /// Waits, at most `within`, until every give-back queued so far has run: before the
+    /// store closes.
+    pub(crate) async fn drain(&self, within: Duration) {
+        let until = tokio::time::Instant::now() + within;
+        while self.pending.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    /// The charge for what `p` spent, when it spent anything.
+    fn charge(&self, p: &PendingConsume) -> Option<Charge> {
+        (p.cost > 0).then(|| Charge {
+            spent: Some(p.spend()),
+            to: self.clone(),
+        })
     }
 }
 
@@ -65,7 +206,7 @@ pub(crate) struct BatchRow {
 /// Answers every request of `batch` from the rows its statement returned, and sends each answer.
 /// A request without a row (its key has no usage row: the key is gone), or with a refusal its
 /// counters do not explain, gets an error: both mean the database is not as tollgate left it.
-pub(crate) fn answer_batch(batch: Vec<PendingConsume>, rows: &[BatchRow]) {
+pub(crate) fn answer_batch(batch: Vec<PendingConsume>, rows: &[BatchRow], give_backs: &GiveBacks) {
     let mut answers: Vec<Option<QuotaOutcome>> = vec![None; batch.len()];
     for row in rows {
         let Some(p) = usize::try_from(row.i).ok().and_then(|i| batch.get(i)) else {
@@ -79,14 +220,25 @@ pub(crate) fn answer_batch(batch: Vec<PendingConsume>, rows: &[BatchRow]) {
         };
     }
     for (p, answer) in batch.into_iter().zip(answers) {
-        let outcome = answer.ok_or_else(|| StoreError::Corrupt {
-            table: "api_usage",
-            detail: format!(
-                "quota update for key {} neither admitted nor refused (no usage row?)",
-                p.key_id
-            ),
-        });
-        p.reply.send(outcome).ok();
+        let answered = match answer {
+            Some(outcome @ QuotaOutcome::Admitted { .. }) => Ok(Answered {
+                outcome,
+                charge: give_backs.charge(&p),
+            }),
+            Some(outcome) => Ok(Answered {
+                outcome,
+                charge: None,
+            }),
+            None => Err(StoreError::Corrupt {
+                table: "api_usage",
+                detail: format!(
+                    "quota update for key {} neither admitted nor refused (no usage row?)",
+                    p.key_id
+                ),
+            }),
+        };
+        // Nobody listening: the answer, and with it the charge, is dropped and given back.
+        p.reply.send(answered).ok();
     }
 }
 
@@ -99,10 +251,33 @@ pub(crate) fn fail_batch(batch: Vec<PendingConsume>, e: &StoreError) {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Mutex;
+
     use super::*;
+
+    /// Give-backs that only remember what they were given.
+    fn recorded() -> (GiveBacks, Arc<Mutex<Vec<Spend>>>) {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = seen.clone();
+        let give_backs = GiveBacks::start(move |s| {
+            sink.lock().unwrap().push(s);
+            async { Ok(()) }
+        });
+        (give_backs, seen)
+    }
+
+    fn row(i: i64, admitted: bool, daily: i64, monthly: i64) -> BatchRow {
+        BatchRow {
+            i,
+            admitted,
+            daily,
+            monthly,
+        }
+    }
 
     #[tokio::test]
     async fn every_request_gets_the_answer_its_row_gives() {
+        let (give_backs, given) = recorded();
         let now = Utc::now();
         let capped = Quota {
             daily: Some(5),
@@ -115,12 +290,6 @@ mod tests {
             batch.push(p);
             answers.push(a);
         }
-        let row = |i, admitted, daily, monthly| BatchRow {
-            i,
-            admitted,
-            daily,
-            monthly,
-        };
         answer_batch(
             batch,
             &[
@@ -130,10 +299,16 @@ mod tests {
                 // Row 3 missing; a row for no request is ignored.
                 row(9, true, 1, 1),
             ],
+            &give_backs,
         );
         let mut got = Vec::new();
         for a in answers {
-            got.push(a.await.unwrap());
+            got.push(a.await.unwrap().map(|a| {
+                if let Some(c) = a.charge {
+                    c.keep();
+                }
+                a.outcome
+            }));
         }
         assert_eq!(
             got[0].clone().unwrap(),
@@ -155,5 +330,51 @@ mod tests {
             "{:?}",
             got[3]
         );
+        give_backs.drain(Duration::from_secs(1)).await;
+        assert!(given.lock().unwrap().is_empty(), "an answer taken is kept");
+    }
+
+    #[tokio::test]
+    async fn an_admission_nobody_takes_is_given_back_whenever_the_caller_left() {
+        let (give_backs, given) = recorded();
+        let now = Utc::now();
+        let quota = Quota::default();
+        // The caller left before the writer answered.
+        let (before, answer) = PendingConsume::new(Spend::new(1, 3, now), quota);
+        drop(answer);
+        assert!(before.is_abandoned());
+        // The caller left after the answer was sent, before reading it.
+        let (after, answer) = PendingConsume::new(Spend::new(2, 5, now), quota);
+        // A refusal spends nothing, so there is nothing to give back.
+        let (refused, refused_answer) = PendingConsume::new(Spend::new(3, 7, now), quota);
+        assert!(!after.is_abandoned());
+        answer_batch(
+            vec![before, after, refused],
+            &[row(0, true, 3, 3), row(1, true, 5, 5), row(2, false, 0, 0)],
+            &give_backs,
+        );
+        drop(answer);
+        drop(refused_answer);
+        give_backs.drain(Duration::from_secs(1)).await;
+        let mut given = given.lock().unwrap().clone();
+        given.sort_by_key(|s| s.key_id);
+        assert_eq!(given, vec![Spend::new(1, 3, now), Spend::new(2, 5, now)]);
+    }
+
+    #[tokio::test]
+    async fn a_queued_request_dropped_while_waiting_is_given_back() {
+        let (give_backs, given) = recorded();
+        let (queue, mut writer) = mpsc::channel(4);
+        let now = Utc::now();
+        let waiting = tokio::spawn(async move {
+            PendingConsume::queue(&queue, Spend::new(7, 2, now), Quota::default()).await
+        });
+        let p = writer.recv().await.unwrap();
+        // The caller gives up (Envoy cancelled the Check) while the statement runs.
+        waiting.abort();
+        let _ = waiting.await;
+        answer_batch(vec![p], &[row(0, true, 2, 2)], &give_backs);
+        give_backs.drain(Duration::from_secs(1)).await;
+        assert_eq!(*given.lock().unwrap(), vec![Spend::new(7, 2, now)]);
     }
 }

@@ -29,6 +29,7 @@ pub use log::{
     DayUsage, KeyUsage, LogApi, LogRow, Maintenance, Outcome, RequestLogStore, UsageQuery,
     UsageSummary,
 };
+pub use postgres::LISTEN_PING_SQL;
 pub use quota::{Quota, QuotaOutcome, QuotaStore, Spend, Usage};
 
 use crate::config::DatabaseConfig;
@@ -47,13 +48,16 @@ pub enum StoreError {
     UnsupportedUrl(String),
     #[error("corrupt row in {table}: {detail}")]
     Corrupt { table: &'static str, detail: String },
+    /// A check's wait for the database outlasted `database.timeout`, counted from its arrival.
+    #[error("database did not answer within database.timeout")]
+    TimedOut,
 }
 
 impl StoreError {
     /// Whether retrying later may succeed (the server is away or busy), as opposed to a bug, a
     /// bad schema or data the database refuses, which retrying cannot fix.
     pub fn is_transient(&self) -> bool {
-        matches!(self, StoreError::Unavailable(_))
+        matches!(self, StoreError::Unavailable(_) | StoreError::TimedOut)
     }
 
     /// What went wrong, in words that quote no value the statement carried (a database's own
@@ -66,6 +70,7 @@ impl StoreError {
             StoreError::Migrate(_) => "migration failed".into(),
             StoreError::UnsupportedUrl(_) => "unsupported database URL".into(),
             StoreError::Corrupt { table, .. } => format!("corrupt row in {table}"),
+            StoreError::TimedOut => "timed out".into(),
         }
     }
 
@@ -179,7 +184,7 @@ impl Stores {
 pub async fn open(config: &DatabaseConfig, migrate: bool) -> Result<Stores, StoreError> {
     let url = config.url.expose();
     let db: Arc<dyn Database> = if url.starts_with("sqlite:") {
-        let db = sqlite::SqliteStore::open(url).await?;
+        let db = sqlite::SqliteStore::open(url, config.timeout.0).await?;
         if migrate {
             db.migrate().await?;
         }

@@ -19,6 +19,17 @@ use crate::store::{KeyChange, KeyStore, LimitsPatch, StoreError};
 /// The channel the `api_keys` trigger notifies.
 const KEY_CHANNEL: &str = "tollgate_key_changes";
 
+/// After this long without a notification the listener asks its server a question, and a
+/// server that does not answer within [`LISTEN_PING_TIMEOUT`] counts as lost: a peer that died
+/// without closing the connection (a frozen server, a dropped route) is noticed within a few
+/// seconds, not at `cache.key_ttl`.
+const LISTEN_PING_AFTER: Duration = Duration::from_secs(2);
+const LISTEN_PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The listener's question: it names itself, so `pg_stat_activity` tells an operator which
+/// backend is tollgate's listener.
+pub const LISTEN_PING_SQL: &str = "SELECT 'tollgate key change listener' AS ping";
+
 impl PgStore {
     /// A connection for a key lookup, within the lookups' share of the pool. The wait for a
     /// turn and the wait for a connection together last at most `database.timeout`.
@@ -42,8 +53,8 @@ impl PgStore {
             })
     }
 
-    /// Listens for key changes until the connection drops or `stop` is cancelled. Returns
-    /// `Ok(())` when stopped, `Err` when the connection was lost.
+    /// Listens for key changes until the connection drops, its server stops answering, or
+    /// `stop` is cancelled. Returns `Ok(())` when stopped, `Err` when the connection was lost.
     async fn listen(
         &self,
         on_change: &(dyn Fn(KeyChange) + Send + Sync),
@@ -54,9 +65,25 @@ impl PgStore {
         // Anything cached before this moment may have changed unheard.
         on_change(KeyChange::All);
         loop {
+            // `try_recv` loses nothing when the ping's branch wins: a notification that arrives
+            // during the ping is buffered and returned by the next `try_recv`.
             let next = tokio::select! {
                 _ = stop.cancelled() => return Ok(()),
                 n = listener.try_recv() => n?,
+                _ = tokio::time::sleep(LISTEN_PING_AFTER) => {
+                    let ping = sqlx::query(LISTEN_PING_SQL).execute(&mut listener);
+                    match tokio::time::timeout(LISTEN_PING_TIMEOUT, ping).await {
+                        Ok(Ok(_)) => continue,
+                        Ok(Err(e)) => return Err(e.into()),
+                        Err(_) => {
+                            return Err(StoreError::Unavailable(std::sync::Arc::new(
+                                sqlx::Error::Protocol(
+                                    "key change listener's server stopped answering".into(),
+                                ),
+                            )));
+                        }
+                    }
+                }
             };
             match next {
                 Some(n) => match keys::parse_hash_hex(n.payload()) {

@@ -7,6 +7,7 @@
 //! - `log.rs`: the request log, partitioned by UTC month.
 
 mod keys;
+pub use keys::LISTEN_PING_SQL;
 mod log;
 pub(crate) mod quota;
 
@@ -19,7 +20,7 @@ use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use tokio::sync::{Semaphore, mpsc};
 
-use super::consume::PendingConsume;
+use super::consume::{GiveBacks, PendingConsume};
 use super::{Database, StoreError};
 
 /// Settings of the connection pool.
@@ -34,6 +35,8 @@ pub struct PgSettings {
 pub struct PgStore {
     pool: PgPool,
     consumes: mpsc::Sender<PendingConsume>,
+    /// Gives back what the writer spent for checks that were not answered.
+    give_backs: GiveBacks,
     /// Connections key lookups may hold at once (see [`PgStore::open`]).
     lookups: Arc<Semaphore>,
     /// `database.timeout`: the longest a lookup waits for its turn and its connection.
@@ -59,13 +62,14 @@ impl PgStore {
         // quota statements time out waiting for one. The rest is for the change listener, the
         // request log and its maintenance.
         let in_flight = (settings.max_connections as usize / 2).max(1);
-        let consumes = quota::start_writer(pool.clone(), in_flight);
+        let (consumes, give_backs) = quota::start_writer(pool.clone(), in_flight);
         let lookups = Arc::new(Semaphore::new(
             (settings.max_connections as usize / 4).max(1),
         ));
         Ok(Self {
             pool,
             consumes,
+            give_backs,
             lookups,
             timeout: settings.timeout,
         })
@@ -83,6 +87,8 @@ impl PgStore {
 #[async_trait]
 impl Database for PgStore {
     async fn close(&self) {
+        // Units spent for checks nobody was answering go back before the pool closes.
+        self.give_backs.drain(self.timeout).await;
         self.pool.close().await;
     }
 }

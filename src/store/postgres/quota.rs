@@ -19,7 +19,7 @@ use sqlx::postgres::PgPool;
 use tokio::sync::{Semaphore, mpsc};
 
 use super::{PgStore, day_and_month};
-use crate::store::consume::{BatchRow, PendingConsume, answer_batch, fail_batch};
+use crate::store::consume::{BatchRow, GiveBacks, PendingConsume, answer_batch, fail_batch};
 use crate::store::keys::opt_i64;
 use crate::store::quota::{count_i64, daily_now, monthly_now};
 use crate::store::{Quota, QuotaOutcome, QuotaStore, Spend, StoreError, Usage};
@@ -84,16 +84,32 @@ pub const SPEND_ONE_SQL: &str = concat!(
 );
 
 /// Starts the writer that takes queued quota requests and runs them, up to `in_flight`
-/// statements at a time; returns its queue. The writer ends when every sender is gone.
-pub(super) fn start_writer(pool: PgPool, in_flight: usize) -> mpsc::Sender<PendingConsume> {
+/// statements at a time; returns its queue, and where it gives back what it spent for requests
+/// nobody waits for any more. The writer ends when every sender is gone.
+pub(super) fn start_writer(
+    pool: PgPool,
+    in_flight: usize,
+) -> (mpsc::Sender<PendingConsume>, GiveBacks) {
     let (consumes, queue) = mpsc::channel(16 * MAX_CONSUME_BATCH);
-    tokio::spawn(dispatch(pool, queue, in_flight));
-    consumes
+    let give_backs = {
+        let pool = pool.clone();
+        GiveBacks::start(move |spent| {
+            let pool = pool.clone();
+            async move { give_back(&pool, spent).await }
+        })
+    };
+    tokio::spawn(dispatch(pool, queue, in_flight, give_backs.clone()));
+    (consumes, give_backs)
 }
 
 /// Each statement holds requests for different keys (a key's second request waits for the next
 /// one); while every permit is taken, requests gather into bigger statements.
-async fn dispatch(pool: PgPool, mut queue: mpsc::Receiver<PendingConsume>, in_flight: usize) {
+async fn dispatch(
+    pool: PgPool,
+    mut queue: mpsc::Receiver<PendingConsume>,
+    in_flight: usize,
+    give_backs: GiveBacks,
+) {
     let permits = Arc::new(Semaphore::new(in_flight));
     let mut pending: Vec<PendingConsume> = Vec::new();
     loop {
@@ -113,6 +129,10 @@ async fn dispatch(pool: PgPool, mut queue: mpsc::Receiver<PendingConsume>, in_fl
         let mut keys = HashSet::new();
         let mut rest = Vec::new();
         for p in pending.drain(..) {
+            if p.is_abandoned() {
+                // Its check gave up waiting (a deadline, a cancel): it is not run at all.
+                continue;
+            }
             if batch.len() < MAX_CONSUME_BATCH && keys.insert(p.key_id) {
                 batch.push(p);
             } else {
@@ -120,9 +140,13 @@ async fn dispatch(pool: PgPool, mut queue: mpsc::Receiver<PendingConsume>, in_fl
             }
         }
         pending = rest;
+        if batch.is_empty() {
+            continue;
+        }
         let pool = pool.clone();
+        let give_backs = give_backs.clone();
         tokio::spawn(async move {
-            consume_batch(&pool, batch).await;
+            consume_batch(&pool, batch, &give_backs).await;
             drop(permit);
         });
     }
@@ -132,11 +156,11 @@ async fn dispatch(pool: PgPool, mut queue: mpsc::Receiver<PendingConsume>, in_fl
 /// request. When the server refused the statement, nothing was changed: each request then runs
 /// alone, so one that fails says why and the others are not refused with it. Returns how many
 /// ran alone.
-async fn consume_batch(pool: &PgPool, batch: Vec<PendingConsume>) -> usize {
+async fn consume_batch(pool: &PgPool, batch: Vec<PendingConsume>, give_backs: &GiveBacks) -> usize {
     if let [one] = batch.as_slice() {
         match spend_one(pool, one).await {
             Ok(Some(row)) => {
-                answer_batch(batch, &[row]);
+                answer_batch(batch, &[row], give_backs);
                 return 0;
             }
             Ok(None) => {}
@@ -148,16 +172,19 @@ async fn consume_batch(pool: &PgPool, batch: Vec<PendingConsume>) -> usize {
     }
     match run(pool, &batch).await {
         Ok(rows) => {
-            answer_batch(batch, &rows);
+            answer_batch(batch, &rows, give_backs);
             0
         }
         Err(sqlx::Error::Database(e)) if batch.len() > 1 => {
             tracing::debug!(error = %e, size = batch.len(), "quota batch failed; one at a time");
             let alone = batch.len();
             for p in batch {
+                if p.is_abandoned() {
+                    continue;
+                }
                 let one = vec![p];
                 match run(pool, &one).await {
-                    Ok(rows) => answer_batch(one, &rows),
+                    Ok(rows) => answer_batch(one, &rows, give_backs),
                     Err(e) => fail_batch(one, &e.into()),
                 }
             }
@@ -221,6 +248,27 @@ async fn run(pool: &PgPool, batch: &[PendingConsume]) -> Result<Vec<BatchRow>, s
         .await
 }
 
+/// Takes `spent` back off its key's counters (see [`QuotaStore::give_back`]).
+async fn give_back(pool: &PgPool, spent: Spend) -> Result<(), StoreError> {
+    let (day, month) = day_and_month(spent.at);
+    sqlx::query(
+        "UPDATE api_usage SET \
+           daily_requests = CASE WHEN day = $2 THEN greatest(daily_requests - $4, 0) \
+             ELSE daily_requests END, \
+           monthly_requests = CASE WHEN month = $3 THEN greatest(monthly_requests - $4, 0) \
+             ELSE monthly_requests END, \
+           total_requests = greatest(total_requests - $4, 0), updated_at = now() \
+         WHERE api_key_id = $1",
+    )
+    .bind(spent.key_id)
+    .bind(day)
+    .bind(month)
+    .bind(count_i64(spent.units))
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
 #[async_trait]
 impl QuotaStore for PgStore {
     /// Queues the request for the writer, which runs the requests waiting at one moment for
@@ -230,23 +278,7 @@ impl QuotaStore for PgStore {
     }
 
     async fn give_back(&self, spent: Spend) -> Result<(), StoreError> {
-        let (day, month) = day_and_month(spent.at);
-        sqlx::query(
-            "UPDATE api_usage SET \
-               daily_requests = CASE WHEN day = $2 THEN greatest(daily_requests - $4, 0) \
-                 ELSE daily_requests END, \
-               monthly_requests = CASE WHEN month = $3 THEN greatest(monthly_requests - $4, 0) \
-                 ELSE monthly_requests END, \
-               total_requests = greatest(total_requests - $4, 0), updated_at = now() \
-             WHERE api_key_id = $1",
-        )
-        .bind(spent.key_id)
-        .bind(day)
-        .bind(month)
-        .bind(count_i64(spent.units))
-        .execute(&self.pool)
-        .await?;
-        Ok(())
+        give_back(&self.pool, spent).await
     }
 
     async fn usage(&self, key_id: i64, now: DateTime<Utc>) -> Result<Usage, StoreError> {

@@ -24,7 +24,7 @@ use sqlx::sqlite::{
 };
 use tokio::sync::mpsc;
 
-use super::consume::PendingConsume;
+use super::consume::{GiveBacks, PendingConsume};
 use super::{Database, StoreError};
 
 #[derive(Debug, Clone)]
@@ -32,22 +32,28 @@ pub struct SqliteStore {
     read: SqlitePool,
     write: SqlitePool,
     consumes: mpsc::Sender<PendingConsume>,
+    /// Gives back what the writer spent for checks that were not answered.
+    give_backs: GiveBacks,
+    /// `database.timeout`.
+    timeout: Duration,
 }
 
 impl SqliteStore {
-    /// Opens (creating when missing) the database file named by a `sqlite://PATH` URL.
-    pub async fn open(url: &str) -> Result<Self, StoreError> {
+    /// Opens (creating when missing) the database file named by a `sqlite://PATH` URL. A
+    /// statement waits at most `timeout` for a connection, and as long again for a lock another
+    /// process holds.
+    pub async fn open(url: &str, timeout: Duration) -> Result<Self, StoreError> {
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
             // WAL + NORMAL: a commit survives a process crash; only an OS crash can lose the
             // last transactions. The quota counters are not worth an fsync per request here.
             .synchronous(SqliteSynchronous::Normal)
-            .busy_timeout(Duration::from_secs(5))
+            .busy_timeout(timeout)
             .foreign_keys(true);
         let write = SqlitePoolOptions::new()
             .max_connections(1)
-            .acquire_timeout(Duration::from_secs(10))
+            .acquire_timeout(timeout)
             // No ping before each use: a file is not a server that goes away, and the ping is a
             // round trip to sqlx's SQLite thread, as slow as a quota statement.
             .test_before_acquire(false)
@@ -56,15 +62,17 @@ impl SqliteStore {
             .await?;
         let read = SqlitePoolOptions::new()
             .max_connections(4)
-            .acquire_timeout(Duration::from_secs(5))
+            .acquire_timeout(timeout)
             .test_before_acquire(false)
             .connect_with(options.read_only(false))
             .await?;
-        let consumes = quota::start_writer(write.clone());
+        let (consumes, give_backs) = quota::start_writer(write.clone());
         Ok(Self {
             read,
             write,
             consumes,
+            give_backs,
+            timeout,
         })
     }
 
@@ -79,6 +87,8 @@ impl SqliteStore {
 #[async_trait]
 impl Database for SqliteStore {
     async fn close(&self) {
+        // Units spent for checks nobody was answering go back before the pools close.
+        self.give_backs.drain(self.timeout).await;
         self.read.close().await;
         self.write.close().await;
     }
@@ -96,9 +106,12 @@ pub(crate) mod tests {
     /// A migrated store in a temporary directory (kept while the directory lives).
     pub(crate) async fn migrated_store() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(&format!("sqlite://{}/t.db", dir.path().display()))
-            .await
-            .unwrap();
+        let store = SqliteStore::open(
+            &format!("sqlite://{}/t.db", dir.path().display()),
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap();
         store.migrate().await.unwrap();
         (dir, store)
     }

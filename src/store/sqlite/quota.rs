@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 
 use super::{SqliteStore, ts_text};
 use crate::clock::{day_label, month_label};
-use crate::store::consume::{BatchRow, PendingConsume, answer_batch, fail_batch};
+use crate::store::consume::{BatchRow, GiveBacks, PendingConsume, answer_batch, fail_batch};
 use crate::store::keys::opt_i64;
 use crate::store::quota::{count_i64, daily_now, monthly_now};
 use crate::store::{Quota, QuotaOutcome, QuotaStore, Spend, StoreError, Usage};
@@ -78,12 +78,19 @@ pub(super) const GIVE_BACK_SQL: &str = "UPDATE api_usage SET \
        total_requests = max(total_requests - ?4, 0) \
      WHERE api_key_id = ?1";
 
-/// Starts the quota writer on the write pool; returns its queue. The writer ends when every
-/// sender is gone.
-pub(super) fn start_writer(write: SqlitePool) -> mpsc::Sender<PendingConsume> {
+/// Starts the quota writer on the write pool; returns its queue, and where it gives back what it
+/// spent for requests nobody waits for any more. The writer ends when every sender is gone.
+pub(super) fn start_writer(write: SqlitePool) -> (mpsc::Sender<PendingConsume>, GiveBacks) {
     let (consumes, queue) = mpsc::channel(16 * MAX_CONSUME_BATCH);
-    tokio::spawn(writer(write, queue));
-    consumes
+    let give_backs = {
+        let write = write.clone();
+        GiveBacks::start(move |spent| {
+            let write = write.clone();
+            async move { give_back(&write, spent).await }
+        })
+    };
+    tokio::spawn(writer(write, queue, give_backs.clone()));
+    (consumes, give_backs)
 }
 
 /// Runs queued quota requests until every [`SqliteStore`] handle is gone.
@@ -92,9 +99,18 @@ pub(super) fn start_writer(write: SqlitePool) -> mpsc::Sender<PendingConsume> {
 /// the request log and key changes still get it often. sqlx pings a connection on every return to
 /// its pool, a round trip to the SQLite thread as slow as the batch itself; holding it across
 /// batches pays that once per hold instead of once per batch.
-async fn writer(write: SqlitePool, mut queue: mpsc::Receiver<PendingConsume>) {
+async fn writer(
+    write: SqlitePool,
+    mut queue: mpsc::Receiver<PendingConsume>,
+    give_backs: GiveBacks,
+) {
     let mut batch = Vec::with_capacity(MAX_CONSUME_BATCH);
     while queue.recv_many(&mut batch, MAX_CONSUME_BATCH).await > 0 {
+        // Requests whose checks gave up waiting (a deadline, a cancel) are not run at all.
+        batch.retain(|p| !p.is_abandoned());
+        if batch.is_empty() {
+            continue;
+        }
         let mut conn = match write.acquire().await {
             Ok(conn) => conn,
             Err(e) => {
@@ -104,7 +120,8 @@ async fn writer(write: SqlitePool, mut queue: mpsc::Receiver<PendingConsume>) {
         };
         let held = tokio::time::Instant::now();
         loop {
-            if !consume_batch(&mut conn, std::mem::take(&mut batch)).await {
+            batch.retain(|p| !p.is_abandoned());
+            if !consume_batch(&mut conn, std::mem::take(&mut batch), &give_backs).await {
                 // sqlx 0.9 leaves a cached multi-statement query that failed part-way in a
                 // state whose next use panics its worker thread: this connection goes.
                 conn.close_on_drop();
@@ -179,19 +196,29 @@ async fn run(
 /// Answers every request of `batch`; `false` when the batch failed, and the connection must not
 /// run it again. Nothing of a failed batch was committed: each request then runs alone (not
 /// prepared), so one that fails says why and the others are not refused with it.
-async fn consume_batch(conn: &mut SqliteConnection, batch: Vec<PendingConsume>) -> bool {
+async fn consume_batch(
+    conn: &mut SqliteConnection,
+    batch: Vec<PendingConsume>,
+    give_backs: &GiveBacks,
+) -> bool {
+    if batch.is_empty() {
+        return true;
+    }
     match run(conn, &batch, true).await {
         Ok(rows) => {
-            answer_batch(batch, &rows);
+            answer_batch(batch, &rows, give_backs);
             true
         }
         Err(e) => {
             tracing::debug!(error = %e, size = batch.len(), "quota batch failed; one at a time");
             sqlx::query("ROLLBACK").execute(&mut *conn).await.ok();
             for p in batch {
+                if p.is_abandoned() {
+                    continue;
+                }
                 let one = vec![p];
                 match run(conn, &one, false).await {
-                    Ok(rows) => answer_batch(one, &rows),
+                    Ok(rows) => answer_batch(one, &rows, give_backs),
                     Err(e) => {
                         sqlx::query("ROLLBACK").execute(&mut *conn).await.ok();
                         fail_batch(one, &e.into());
@@ -203,6 +230,18 @@ async fn consume_batch(conn: &mut SqliteConnection, batch: Vec<PendingConsume>) 
     }
 }
 
+/// Takes `spent` back off its key's counters (see [`QuotaStore::give_back`]).
+async fn give_back(write: &SqlitePool, spent: Spend) -> Result<(), StoreError> {
+    sqlx::query(GIVE_BACK_SQL)
+        .bind(spent.key_id)
+        .bind(day_label(spent.at))
+        .bind(month_label(spent.at))
+        .bind(count_i64(spent.units))
+        .execute(write)
+        .await?;
+    Ok(())
+}
+
 #[async_trait]
 impl QuotaStore for SqliteStore {
     /// Queues the request for the writer task, which runs every request waiting at the time in
@@ -212,14 +251,7 @@ impl QuotaStore for SqliteStore {
     }
 
     async fn give_back(&self, spent: Spend) -> Result<(), StoreError> {
-        sqlx::query(GIVE_BACK_SQL)
-            .bind(spent.key_id)
-            .bind(day_label(spent.at))
-            .bind(month_label(spent.at))
-            .bind(count_i64(spent.units))
-            .execute(&self.write)
-            .await?;
-        Ok(())
+        give_back(&self.write, spent).await
     }
 
     async fn usage(&self, key_id: i64, now: DateTime<Utc>) -> Result<Usage, StoreError> {
@@ -287,10 +319,10 @@ mod tests {
             answers.push(answer);
         }
         let mut conn = store.write.acquire().await.unwrap();
-        assert!(consume_batch(&mut conn, batch).await);
+        assert!(consume_batch(&mut conn, batch, &store.give_backs).await);
         let mut outcomes = Vec::new();
         for answer in answers {
-            outcomes.push(answer.await.unwrap().unwrap());
+            outcomes.push(answer.await.unwrap().unwrap().outcome);
         }
         use QuotaOutcome::*;
         assert_eq!(
