@@ -16,7 +16,9 @@
 //! the file, the field and what is wrong. What that suite asserts about statistics names
 //! (`detailed_metric`, `value_to_metric`, `Stats.Key`) has nothing to compare with: tollgate keeps
 //! no per-descriptor statistics (README, "Where tollgate differs, on purpose"). The fixtures say
-//! so where it applies, and the README counts those cases apart.
+//! so where it applies, and the README counts those cases apart. A lookup marked `# ours` is not
+//! one of upstream's: it shows what one of its assertions means here (a shared counter), or a
+//! neighbouring case (an override in an unknown domain, with entries).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
