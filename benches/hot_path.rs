@@ -149,6 +149,7 @@ fn rules(c: &mut Criterion) {
         texts
             .iter()
             .map(|(p, t)| (Path::new(p.as_str()), t.as_str())),
+        false,
     )
     .expect("rules");
     let mut g = c.benchmark_group("rules");

@@ -102,7 +102,7 @@ impl App {
     pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<App> {
         // Rules first: a bad file stops the start before anything is opened.
         let rules = match &config.ratelimit.rules {
-            Some(path) => Rules::load(path)?,
+            Some(path) => Rules::load(path, config.ratelimit.merge_domains)?,
             None => Rules::default(),
         };
         let grpc = TcpListener::bind(config.grpc_addr)
@@ -290,6 +290,7 @@ impl App {
         if let Some(path) = self.config.ratelimit.rules.clone() {
             tasks.spawn(crate::ratelimit::reload::watch(
                 path,
+                self.config.ratelimit.merge_domains,
                 self.config.ratelimit.watch_interval.0,
                 self.ratelimit.clone(),
                 self.metrics.clone(),

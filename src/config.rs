@@ -240,6 +240,9 @@ pub struct RateLimitConfig {
     pub algorithm: crate::limiter::Algorithm,
     /// How often the rules are checked for changes (SIGHUP reloads at once).
     pub watch_interval: Dur,
+    /// Let several rules files define one domain, their top-level descriptors merged
+    /// (envoyproxy/ratelimit's `MERGE_DOMAIN_CONFIG`). Off: a domain defined twice is an error.
+    pub merge_domains: bool,
 }
 
 impl Default for RateLimitConfig {
@@ -249,6 +252,7 @@ impl Default for RateLimitConfig {
             shadow_mode: false,
             algorithm: crate::limiter::Algorithm::FixedWindow,
             watch_interval: Dur(Duration::from_secs(1)),
+            merge_domains: false,
         }
     }
 }
@@ -747,6 +751,18 @@ mod tests {
         assert_eq!(c.cache.key_ttl.0, Duration::from_secs(120));
         assert_eq!(c.database.url.expose(), "sqlite:///tmp/t.db");
         assert_eq!(c.database.failure_mode, FailureMode::Open);
+    }
+
+    #[test]
+    fn merge_domains_from_file_or_env() {
+        assert!(!Config::default().ratelimit.merge_domains);
+        let c = load_yaml("ratelimit:\n  merge_domains: true\n", &[]).unwrap();
+        assert!(c.ratelimit.merge_domains);
+        let c = load_yaml("", &[("TOLLGATE_RATELIMIT_MERGE_DOMAINS", "true")]).unwrap();
+        assert!(c.ratelimit.merge_domains);
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        let e = load_yaml("", &[("TOLLGATE_RATELIMIT_MERGE_DOMAINS", "sometimes")]).unwrap_err();
+        assert!(e.to_string().contains("merge_domains"), "{e}");
     }
 
     #[test]

@@ -62,7 +62,8 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
                 eprintln!("tollgate: warning: {w}");
             }
             if let Some(path) = &config.ratelimit.rules {
-                let rules = tollgate::ratelimit::rules::Rules::load(path)?;
+                let rules =
+                    tollgate::ratelimit::rules::Rules::load(path, config.ratelimit.merge_domains)?;
                 println!(
                     "Rate limit rules are valid: {} domain(s).",
                     rules.domains().count()

@@ -388,6 +388,79 @@ async fn rules_reload_on_change_and_a_bad_file_keeps_the_old_rules() {
     tg.stop().await;
 }
 
+/// With `ratelimit.merge_domains`, a reload merges the files again: a change to one file, or a new
+/// file for the domain, is in force with the others' descriptors still there; a change that
+/// defines a descriptor twice is refused and the merged rules stay as they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merged_domains_reload_and_a_duplicate_keeps_the_old_rules() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = dir.path().join("rules");
+    std::fs::create_dir(&rules).unwrap();
+    let part = |value: &str, per_minute: u32| {
+        format!(
+            "domain: api\ndescriptors:\n  - key: path\n    value: {value}\n    rate_limit: {{unit: minute, requests_per_unit: {per_minute}}}\n"
+        )
+    };
+    std::fs::write(rules.join("a.yaml"), part("/v1/search", 3)).unwrap();
+    std::fs::write(rules.join("b.yaml"), part("/v1/orders", 5)).unwrap();
+    let path = rules.clone();
+    let tg = Tollgate::start_with(move |c| {
+        c.ratelimit.rules = Some(path);
+        c.ratelimit.merge_domains = true;
+        c.ratelimit.watch_interval = tollgate::config::Dur(Duration::from_millis(100));
+    })
+    .await;
+    let mut c = tg.ratelimit_client().await;
+    let mut limit_of = async |entries: &[(&str, &str)]| {
+        ask(&mut c, request("api", vec![descriptor(entries)]))
+            .await
+            .statuses[0]
+            .current_limit
+            .as_ref()
+            .map(|l| l.requests_per_unit)
+    };
+    assert_eq!(limit_of(&[("path", "/v1/search")]).await, Some(3));
+    assert_eq!(limit_of(&[("path", "/v1/orders")]).await, Some(5));
+
+    // One file changes, another appears.
+    std::fs::write(rules.join("b.yaml"), part("/v1/orders", 7)).unwrap();
+    std::fs::write(
+        rules.join("c.yaml"),
+        "domain: api\ndescriptors:\n  - key: user\n    rate_limit: {unit: minute, requests_per_unit: 2}\n",
+    )
+    .unwrap();
+    let started = Instant::now();
+    while limit_of(&[("user", "ann")]).await != Some(2)
+        || limit_of(&[("path", "/v1/orders")]).await != Some(7)
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "merged rules not reloaded"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(limit_of(&[("path", "/v1/search")]).await, Some(3));
+
+    // b.yaml now defines a.yaml's descriptor too: refused, the merged rules stay.
+    std::fs::write(rules.join("b.yaml"), part("/v1/search", 9)).unwrap();
+    let started = Instant::now();
+    while !tg
+        .metrics_text()
+        .await
+        .contains("\ntollgate_rules_last_reload_failed 1\n")
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the duplicate was not noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(limit_of(&[("path", "/v1/search")]).await, Some(3));
+    assert_eq!(limit_of(&[("path", "/v1/orders")]).await, Some(7));
+    assert_eq!(limit_of(&[("user", "ann")]).await, Some(2));
+    tg.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reloads_at_once_and_no_request_is_dropped_meanwhile() {
     let dir = tempfile::tempdir().unwrap();

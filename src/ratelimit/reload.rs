@@ -16,8 +16,10 @@ use crate::telemetry::Metrics;
 /// SIGHUP. A change is loaded once the files have stayed the same for a whole interval, so a
 /// file caught half-written is not loaded. A file that does not load leaves the rules in force
 /// as they were: the error is logged and counted, and the next change is tried again.
+/// `merge_domains` is `ratelimit.merge_domains`: each reload merges the files as the start did.
 pub async fn watch(
     path: PathBuf,
+    merge_domains: bool,
     interval: std::time::Duration,
     service: Arc<RateLimitService>,
     metrics: Arc<Metrics>,
@@ -60,7 +62,7 @@ pub async fn watch(
         }
         pending = None;
         seen = now;
-        match Rules::load(&path) {
+        match Rules::load(&path, merge_domains) {
             Ok(rules) => {
                 service.replace_rules(rules);
                 metrics.rules_reloads_ok.inc();

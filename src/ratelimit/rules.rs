@@ -6,7 +6,11 @@
 //! specific entry wins: the exact key and value, then a wildcard value in file order, then the
 //! bare key. The descriptor matches only if every entry finds a node and the last node has a
 //! `rate_limit` (so nesting depth equals the number of entries). Files that envoyproxy/ratelimit
-//! accepts are accepted unchanged; anything malformed is refused with the file and the path.
+//! accepts are accepted unchanged (README, "Where tollgate differs, on purpose", names the few
+//! mistakes it refuses that envoyproxy/ratelimit lets through); anything malformed is refused with
+//! the file and the path. A domain lives in one file, unless domains are merged
+//! (`ratelimit.merge_domains`, envoyproxy/ratelimit's `MERGE_DOMAIN_CONFIG`): then each file's
+//! top-level descriptors join the domain's, and a descriptor defined twice is still an error.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -202,6 +206,11 @@ struct DescriptorDoc {
     value_to_metric: bool,
     #[serde(default)]
     share_threshold: bool,
+    /// Free-form data for the descriptor. envoyproxy/ratelimit returns it only in dynamic
+    /// metadata, behind its `RESPONSE_DYNAMIC_METADATA` setting, which tollgate does not offer:
+    /// accepted (it must be a mapping) and otherwise unused.
+    #[serde(default, rename = "metadata")]
+    _metadata: Option<serde_yaml::Mapping>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -225,13 +234,16 @@ struct RateLimitDoc {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ReplaceDoc {
-    name: String,
+    /// Optional here so that a missing name is reported as empty, as envoyproxy/ratelimit does.
+    #[serde(default)]
+    name: Option<String>,
 }
 
 impl Rules {
     /// Loads a rules file, or every `.yaml`/`.yml` file under a directory (recursively, skipping
-    /// hidden entries such as the `..data` links of a Kubernetes ConfigMap mount).
-    pub fn load(path: &Path) -> Result<Rules, RulesError> {
+    /// hidden entries such as the `..data` links of a Kubernetes ConfigMap mount), in file name
+    /// order. `merge_domains`: a domain may be defined in several files (see [`Rules::from_texts`]).
+    pub fn load(path: &Path, merge_domains: bool) -> Result<Rules, RulesError> {
         let files = rule_files(path).map_err(|e| RulesError {
             file: path.to_path_buf(),
             path: "(file)".into(),
@@ -246,15 +258,23 @@ impl Rules {
             })?;
             texts.push((f, text));
         }
-        Self::from_texts(texts.iter().map(|(f, t)| (f.as_path(), t.as_str())))
+        Self::from_texts(
+            texts.iter().map(|(f, t)| (f.as_path(), t.as_str())),
+            merge_domains,
+        )
     }
 
-    /// Compiles rules from (file name, YAML text) pairs; a domain may appear in one file only.
+    /// Compiles rules from (file name, YAML text) pairs, in order. Without `merge_domains` a
+    /// domain may appear in one file only. With it, a file naming a domain already loaded adds its
+    /// top-level descriptors to that domain's; one whose key and value are already there is an
+    /// error in the later file, as in envoyproxy/ratelimit (so a descriptor's subtree always comes
+    /// from one file).
     pub fn from_texts<'a>(
         files: impl IntoIterator<Item = (&'a Path, &'a str)>,
+        merge_domains: bool,
     ) -> Result<Rules, RulesError> {
         let mut rules = Rules::default();
-        let mut seen: HashMap<String, PathBuf> = HashMap::new();
+        let mut seen: HashMap<String, Vec<PathBuf>> = HashMap::new();
         for (file, text) in files {
             let fail = |path: String, message: String| RulesError {
                 file: file.to_path_buf(),
@@ -279,20 +299,49 @@ impl Rules {
             if doc.domain.is_empty() {
                 return Err(fail("domain".into(), "must not be empty".into()));
             }
-            if let Some(other) = seen.insert(doc.domain.clone(), file.to_path_buf()) {
+            let earlier = seen.entry(doc.domain.clone()).or_default();
+            let merged_from = (!earlier.is_empty()).then(|| {
+                earlier
+                    .iter()
+                    .map(|f| f.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            });
+            if let Some(others) = &merged_from
+                && !merge_domains
+            {
                 return Err(fail(
                     "domain".into(),
-                    format!("{:?} is also defined in {}", doc.domain, other.display()),
+                    format!(
+                        "{:?} is also defined in {others} (set ratelimit.merge_domains to merge \
+                         a domain from several files)",
+                        doc.domain
+                    ),
                 ));
             }
-            let level = compile_level(&doc.descriptors, "descriptors", &doc.domain, &fail)?;
-            rules.domains.insert(doc.domain, level);
+            earlier.push(file.to_path_buf());
+            let level = rules.domains.entry(doc.domain.clone()).or_default();
+            compile_level(
+                level,
+                &doc.descriptors,
+                "descriptors",
+                &doc.domain,
+                merged_from
+                    .as_deref()
+                    .map(|others| (doc.domain.as_str(), others)),
+                &fail,
+            )?;
         }
         Ok(rules)
     }
 
     pub fn domains(&self) -> impl Iterator<Item = &str> {
         self.domains.keys().map(String::as_str)
+    }
+
+    /// Whether any rules file defines `domain` (with or without descriptors).
+    pub fn has_domain(&self, domain: &str) -> bool {
+        self.domains.contains_key(domain)
     }
 
     /// The rule for one request descriptor in `domain`, if any.
@@ -375,19 +424,24 @@ pub(crate) fn rule_files(path: &Path) -> std::io::Result<Vec<PathBuf>> {
     Ok(out)
 }
 
+/// Compiles `docs` into `level`. `merged_from`: this level is a merged domain's top level, which
+/// already holds the descriptors of these (domain, files); a duplicate names them.
 fn compile_level(
+    level: &mut Level,
     docs: &[DescriptorDoc],
     path: &str,
     id: &str,
+    merged_from: Option<(&str, &str)>,
     fail: &dyn Fn(String, String) -> RulesError,
-) -> Result<Level, RulesError> {
-    let mut level = Level::default();
+) -> Result<(), RulesError> {
     for (i, d) in docs.iter().enumerate() {
         let here = format!("{path}[{i}]");
         if d.key.is_empty() {
             return Err(fail(format!("{here}.key"), "must not be empty".into()));
         }
-        let node_id = match &d.value {
+        // An empty value is no value, as in envoyproxy/ratelimit.
+        let value = d.value.as_deref().filter(|v| !v.is_empty());
+        let node_id = match value {
             Some(v) => format!("{id}.{}_{v}", d.key),
             None => format!("{id}.{}", d.key),
         };
@@ -404,33 +458,37 @@ fn compile_level(
                 )
             })
             .transpose()?;
-        let is_wildcard = d.value.as_deref().is_some_and(|v| v.contains('*'));
+        let is_wildcard = value.is_some_and(|v| v.contains('*'));
         if d.share_threshold && !is_wildcard {
             return Err(fail(
                 format!("{here}.share_threshold"),
                 "only applies to a value with a * wildcard".into(),
             ));
         }
+        let mut children = Level::default();
+        compile_level(
+            &mut children,
+            &d.descriptors,
+            &format!("{here}.descriptors"),
+            &node_id,
+            None,
+            fail,
+        )?;
         let node = Node {
             rule,
             share_threshold: d.share_threshold,
-            children: compile_level(
-                &d.descriptors,
-                &format!("{here}.descriptors"),
-                &node_id,
-                fail,
-            )?,
+            children,
         };
         // detailed_metric and value_to_metric shape metric names only; accepted for
         // compatibility.
         let _ = (d.detailed_metric, d.value_to_metric);
-        let duplicate = match &d.value {
+        let duplicate = match value {
             None => level.any.insert(d.key.clone(), node).is_some(),
             Some(v) if is_wildcard => {
                 let dup = level
                     .wildcard
                     .iter()
-                    .any(|(k, p, _)| *k == d.key && p.text == *v);
+                    .any(|(k, p, _)| *k == d.key && p.text == v);
                 level.wildcard.push((d.key.clone(), Pattern::new(v), node));
                 dup
             }
@@ -438,24 +496,27 @@ fn compile_level(
                 .exact
                 .entry(d.key.clone())
                 .or_default()
-                .insert(v.clone(), node)
+                .insert(v.to_string(), node)
                 .is_some(),
         };
         if duplicate {
+            let what = format!(
+                "duplicate descriptor: key {:?}{}",
+                d.key,
+                value.map(|v| format!(" value {v:?}")).unwrap_or_default()
+            );
             return Err(fail(
                 here,
-                format!(
-                    "duplicate descriptor: key {:?}{} appears twice at this level",
-                    d.key,
-                    d.value
-                        .as_ref()
-                        .map(|v| format!(" value {v:?}"))
-                        .unwrap_or_default()
-                ),
+                match merged_from {
+                    Some((domain, files)) => format!(
+                        "{what} is already defined for domain {domain:?} (merged from {files})"
+                    ),
+                    None => format!("{what} appears twice at this level"),
+                },
             ));
         }
     }
-    Ok(level)
+    Ok(())
 }
 
 fn compile_rule(
@@ -466,11 +527,12 @@ fn compile_rule(
     fail: &dyn Fn(String, String) -> RulesError,
 ) -> Result<Arc<Rule>, RulesError> {
     let limit = match (r.unlimited, r.unit, r.requests_per_unit) {
-        (true, None, None) => RuleLimit::Unlimited,
-        (true, _, _) => {
+        // envoyproxy/ratelimit ignores requests_per_unit on an unlimited rule, but not a unit.
+        (true, None, _) => RuleLimit::Unlimited,
+        (true, Some(_), _) => {
             return Err(fail(
-                path.into(),
-                "unlimited: true takes no unit or requests_per_unit".into(),
+                format!("{path}.unit"),
+                "should not be set when unlimited is true".into(),
             ));
         }
         (false, Some(unit), Some(requests_per_unit)) => RuleLimit::PerUnit {
@@ -485,21 +547,27 @@ fn compile_rule(
             ));
         }
     };
-    for (i, rep) in r.replaces.iter().enumerate() {
-        if rep.name.is_empty() {
-            return Err(fail(
-                format!("{path}.replaces[{i}].name"),
-                "must not be empty".into(),
-            ));
-        }
-    }
     if r.name.as_deref() == Some("") {
         return Err(fail(format!("{path}.name"), "must not be empty".into()));
+    }
+    let mut replaces = Vec::with_capacity(r.replaces.len());
+    for (i, rep) in r.replaces.iter().enumerate() {
+        let here = format!("{path}.replaces[{i}].name");
+        match rep.name.as_deref() {
+            None | Some("") => return Err(fail(here, "must not be empty".into())),
+            Some(name) if r.name.as_deref() == Some(name) => {
+                return Err(fail(
+                    here,
+                    format!("{name:?} is this rule's own name: a rule cannot replace itself"),
+                ));
+            }
+            Some(name) => replaces.push(name.to_string()),
+        }
     }
     Ok(Arc::new(Rule {
         limit,
         name: r.name.clone(),
-        replaces: r.replaces.iter().map(|x| x.name.clone()).collect(),
+        replaces,
         shadow_mode,
         algorithm: r.algorithm,
         id: id.to_string(),
@@ -511,11 +579,11 @@ mod tests {
     use super::*;
 
     fn rules(yaml: &str) -> Rules {
-        Rules::from_texts([(Path::new("test.yaml"), yaml)]).unwrap()
+        Rules::from_texts([(Path::new("test.yaml"), yaml)], false).unwrap()
     }
 
     fn err(yaml: &str) -> RulesError {
-        Rules::from_texts([(Path::new("bad.yaml"), yaml)]).unwrap_err()
+        Rules::from_texts([(Path::new("bad.yaml"), yaml)], false).unwrap_err()
     }
 
     fn limit_of(r: &Rules, domain: &str, entries: &[(&str, &str)]) -> Option<RuleLimit> {
@@ -696,7 +764,7 @@ descriptors:
         let e = err(
             "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unlimited: true, unit: second}\n",
         );
-        assert_eq!(e.path, "descriptors[0].rate_limit");
+        assert_eq!(e.path, "descriptors[0].rate_limit.unit");
         let e = err("domain: d\ndescriptors:\n  - key: a\n    ratelimit: {unit: second}\n");
         assert_eq!(e.path, "descriptors[0].ratelimit");
         assert!(e.message.contains("unknown field"), "{e}");
@@ -719,13 +787,94 @@ descriptors:
 
     #[test]
     fn a_domain_lives_in_one_file() {
-        let e = Rules::from_texts([
-            (Path::new("a.yaml"), "domain: d\n"),
-            (Path::new("b.yaml"), "domain: d\n"),
-        ])
+        let e = Rules::from_texts(
+            [
+                (Path::new("a.yaml"), "domain: d\n"),
+                (Path::new("b.yaml"), "domain: d\n"),
+            ],
+            false,
+        )
         .unwrap_err();
         assert_eq!(e.file, Path::new("b.yaml"));
         assert!(e.message.contains("a.yaml"), "{e}");
+    }
+
+    #[test]
+    fn a_rule_cannot_replace_itself_and_replaces_need_names() {
+        let e = err(
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit:\n      name: me\n      replaces: [{name: other}, {name: me}]\n      unit: second\n      requests_per_unit: 1\n",
+        );
+        assert_eq!(e.path, "descriptors[0].rate_limit.replaces[1].name");
+        assert!(e.message.contains("itself"), "{e}");
+        for empty in ["{name: ''}", "{name: }", "{}"] {
+            let e = err(&format!(
+                "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {{replaces: [{empty}], unit: second, requests_per_unit: 1}}\n"
+            ));
+            assert_eq!(
+                e.path, "descriptors[0].rate_limit.replaces[0].name",
+                "{empty}"
+            );
+            assert!(e.message.contains("empty"), "{e}");
+        }
+    }
+
+    #[test]
+    fn metadata_is_accepted_as_a_mapping() {
+        let r = rules(
+            "domain: d\ndescriptors:\n  - key: a\n    metadata: {name: svc, nested: {list: [1, x]}}\n    rate_limit: {unit: second, requests_per_unit: 3}\n",
+        );
+        assert_eq!(limit_of(&r, "d", &[("a", "1")]), per(3, Unit::Second));
+        let e = err("domain: d\ndescriptors:\n  - key: a\n    metadata: just text\n");
+        assert_eq!(e.path, "descriptors[0].metadata");
+    }
+
+    #[test]
+    fn unlimited_ignores_requests_per_unit_and_an_empty_value_is_no_value() {
+        let r = rules(
+            "domain: d\ndescriptors:\n  - key: a\n    rate_limit: {unlimited: true, requests_per_unit: 5}\n  - key: b\n    value: ''\n    rate_limit: {unit: second, requests_per_unit: 2}\n",
+        );
+        assert_eq!(limit_of(&r, "d", &[("a", "x")]), Some(RuleLimit::Unlimited));
+        assert_eq!(limit_of(&r, "d", &[("b", "x")]), per(2, Unit::Second));
+        assert_eq!(r.find("d", &[("b", "x")]).unwrap().rule.id, "d.b");
+    }
+
+    #[test]
+    fn merged_domains_join_top_level_descriptors_and_refuse_duplicates() {
+        let one = "domain: d\ndescriptors:\n  - key: a\n    value: '1'\n    rate_limit: {unit: minute, requests_per_unit: 10}\n  - key: w\n    value: x*\n    rate_limit: {unit: minute, requests_per_unit: 1}\n";
+        let two = "domain: d\ndescriptors:\n  - key: b\n    value: '2'\n    rate_limit: {unit: minute, requests_per_unit: 20}\n  - key: w\n    value: xy*\n    rate_limit: {unit: minute, requests_per_unit: 2}\n";
+        let r = Rules::from_texts(
+            [(Path::new("1.yaml"), one), (Path::new("2.yaml"), two)],
+            true,
+        )
+        .unwrap();
+        assert_eq!(limit_of(&r, "d", &[("a", "1")]), per(10, Unit::Minute));
+        assert_eq!(limit_of(&r, "d", &[("b", "2")]), per(20, Unit::Minute));
+        // Wildcards keep file order across files: the first file's pattern is tried first.
+        assert_eq!(limit_of(&r, "d", &[("w", "xyz")]), per(1, Unit::Minute));
+        let e = Rules::from_texts(
+            [(Path::new("1.yaml"), one), (Path::new("2.yaml"), one)],
+            true,
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.file.as_path(), e.path.as_str()),
+            (Path::new("2.yaml"), "descriptors[0]")
+        );
+        assert!(
+            e.message.contains("1.yaml") && e.message.contains("duplicate"),
+            "{e}"
+        );
+        // Without merging, the second file is refused and told about the setting.
+        let e = Rules::from_texts(
+            [(Path::new("1.yaml"), one), (Path::new("2.yaml"), two)],
+            false,
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.file.as_path(), e.path.as_str()),
+            (Path::new("2.yaml"), "domain")
+        );
+        assert!(e.message.contains("merge_domains"), "{e}");
     }
 
     #[test]
@@ -737,11 +886,11 @@ descriptors:
         std::fs::create_dir(dir.path().join("..data")).unwrap();
         std::fs::write(dir.path().join("..data/one.yaml"), "domain: one\n").unwrap();
         std::fs::write(dir.path().join("notes.txt"), "not yaml").unwrap();
-        let r = Rules::load(dir.path()).unwrap();
+        let r = Rules::load(dir.path(), false).unwrap();
         let mut domains: Vec<_> = r.domains().collect();
         domains.sort();
         assert_eq!(domains, ["one", "two"]);
-        let e = Rules::load(&dir.path().join("missing.yaml")).unwrap_err();
+        let e = Rules::load(&dir.path().join("missing.yaml"), false).unwrap_err();
         assert!(e.message.contains("cannot read"), "{e}");
     }
 
@@ -757,7 +906,7 @@ descriptors:
         std::os::unix::fs::symlink("..", dir.path().join("rules/b")).unwrap();
         let path = dir.path().join("rules");
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || tx.send(Rules::load(&path)).ok());
+        std::thread::spawn(move || tx.send(Rules::load(&path, false)).ok());
         let loaded = rx
             .recv_timeout(std::time::Duration::from_secs(10))
             .expect("loading ends")

@@ -347,8 +347,11 @@ impl RateLimitService {
         domain: &str,
         d: &Descriptor<'_>,
     ) -> Result<Plan, Unavailable> {
-        // Envoy's override wins, counted per domain and descriptor (as envoyproxy/ratelimit).
-        if let Some((requests_per_unit, unit)) = d.limit_override {
+        // Envoy's override wins, counted per domain and descriptor, in a domain the rules define:
+        // envoyproxy/ratelimit looks the domain up first, and an unknown one has no limits.
+        if let Some((requests_per_unit, unit)) = d.limit_override
+            && rules.has_domain(domain)
+        {
             let mut counter_key = String::from("override:");
             push_entries(&mut counter_key, domain, &d.entries);
             counter_key.push_str(&format!("|{requests_per_unit}/{}", unit.name()));
