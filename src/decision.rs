@@ -233,7 +233,15 @@ pub fn mint_decision_id() -> String {
         .unwrap_or(0)
         & 0xffff_ffff_ffff;
     let random = rand::rng().random::<u128>() >> 48;
-    format!("{ms:012x}{random:020x}")
+    // 48 bits of time, then 80 random bits: 128 bits, written as hex by hand (a third of what
+    // `format!` costs, on every Check).
+    let bits = (u128::from(ms) << 80) | random;
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(DECISION_ID_LEN);
+    for i in (0..DECISION_ID_LEN).rev() {
+        id.push(HEX[((bits >> (4 * i)) & 0xf) as usize] as char);
+    }
+    id
 }
 
 /// When a decision id was minted, if `id` has the shape [`mint_decision_id`] gives.

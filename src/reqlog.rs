@@ -101,8 +101,17 @@ pub fn clean(s: &str) -> String {
     out
 }
 
+/// Whether `s` is too long or holds a control character. Read byte by byte: a C0 control or
+/// DEL is one byte, a C1 control (U+0080..U+009F) is 0xC2 followed by 0x80..0x9F, and no other
+/// character's encoding contains those sequences.
 fn needs_cleaning(s: &str) -> bool {
-    s.len() > MAX_FIELD || s.chars().any(char::is_control)
+    let b = s.as_bytes();
+    b.len() > MAX_FIELD
+        || b.iter().enumerate().any(|(i, &c)| {
+            c < 0x20
+                || c == 0x7f
+                || (c == 0xc2 && b.get(i + 1).is_some_and(|n| (0x80..0xa0).contains(n)))
+        })
 }
 
 /// Creates the queue and its writer. The writer runs until `drain` is cancelled, then writes
@@ -468,6 +477,16 @@ mod tests {
         assert_eq!(log.writes.load(Relaxed), 5);
         assert_eq!(metrics.reqlog_failed.get(), 10);
         assert_eq!(metrics.reqlog_rejected.get(), 0);
+    }
+
+    #[test]
+    fn what_needs_cleaning_is_what_char_is_control_says() {
+        for c in (0..0x3000).filter_map(char::from_u32) {
+            let s = format!("a{c}b");
+            assert_eq!(needs_cleaning(&s), c.is_control(), "{:?}", c);
+        }
+        assert!(!needs_cleaning(&"x".repeat(MAX_FIELD)));
+        assert!(needs_cleaning(&"x".repeat(MAX_FIELD + 1)));
     }
 
     #[test]
