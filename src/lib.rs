@@ -25,6 +25,7 @@
 //! - [`cli`]: the command line and the `tollgate keys` and `tollgate usage` commands.
 //! - `bench_hooks`: internals the benchmark times alone; not an API.
 
+pub mod admin;
 pub mod app;
 pub(crate) mod authz;
 #[doc(hidden)]
