@@ -14,3 +14,12 @@ tonic::include_proto!("tollgate.admin.v1");
 /// (`google.api.http`) and comments.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/admin_descriptor.bin"));
+
+/// The admin proto's descriptors, decoded once.
+pub fn descriptor_pool() -> &'static prost_reflect::DescriptorPool {
+    static POOL: std::sync::OnceLock<prost_reflect::DescriptorPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        prost_reflect::DescriptorPool::decode(FILE_DESCRIPTOR_SET)
+            .expect("the descriptors build.rs wrote decode")
+    })
+}

@@ -184,13 +184,20 @@ impl KeyAdmin {
             }
             n => n,
         };
-        if let Some(prefix) = &listing.name_prefix
-            && prefix.chars().count() > MAX_NAME_CHARS
-        {
-            return Err(AdminError::invalid(
-                "name_prefix",
-                format!("longer than {MAX_NAME_CHARS} characters"),
-            ));
+        if let Some(prefix) = &listing.name_prefix {
+            if prefix.chars().count() > MAX_NAME_CHARS {
+                return Err(AdminError::invalid(
+                    "name_prefix",
+                    format!("longer than {MAX_NAME_CHARS} characters"),
+                ));
+            }
+            // No name holds one, and PostgreSQL refuses NUL in text.
+            if prefix.chars().any(char::is_control) {
+                return Err(AdminError::invalid(
+                    "name_prefix",
+                    "must not hold control characters",
+                ));
+            }
         }
         // One more than the page, to know whether another page follows.
         let mut keys = self
