@@ -1,6 +1,6 @@
 //! Builds tollgate from its configuration and runs it until shutdown.
 //!
-//! [`App::build`] does everything that can fail at start (bind both ports, open the database,
+//! [`App::build`] does everything that can fail at start (bind the ports, open the database,
 //! apply migrations) so a bad address or database stops the process before it serves anything.
 //! [`App::run`] serves until its shutdown future resolves, then stops in order: gRPC health and
 //! `/readyz` report not serving → stop accepting → finish in-flight checks → stop background
@@ -26,6 +26,8 @@ use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::server::HealthReporter;
 
+use crate::admin::auth::AdminAuth;
+use crate::admin::service::KeyAdmin;
 use crate::authz::AuthzService;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
@@ -48,8 +50,11 @@ pub struct App {
     /// Bound at build, served by run.
     grpc: Option<TcpListener>,
     http: Option<TcpListener>,
+    /// The admin API's port, when `admin_addr` is set.
+    admin: Option<TcpListener>,
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
+    admin_addr: Option<SocketAddr>,
     stores: Stores,
     cache: Arc<KeyCache>,
     authz: Arc<AuthzService>,
@@ -111,6 +116,14 @@ impl App {
         let http = TcpListener::bind(config.http_addr)
             .await
             .with_context(|| format!("cannot listen on http_addr {}", config.http_addr))?;
+        let admin = match config.admin_addr {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on admin_addr {addr}"))?,
+            ),
+            None => None,
+        };
         let stores = store::open(&config.database, true)
             .await
             .with_context(|| format!("cannot open database {}", config.database.url))?;
@@ -167,8 +180,10 @@ impl App {
             config,
             grpc_addr: grpc.local_addr()?,
             http_addr: http.local_addr()?,
+            admin_addr: admin.as_ref().map(TcpListener::local_addr).transpose()?,
             grpc: Some(grpc),
             http: Some(http),
+            admin,
             stores,
             cache,
             authz,
@@ -194,6 +209,11 @@ impl App {
         self.http_addr
     }
 
+    /// The bound admin API address, if `admin_addr` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
     pub fn metrics(&self) -> Arc<Metrics> {
         self.metrics.clone()
     }
@@ -211,7 +231,14 @@ impl App {
         let shutting_down = Arc::new(AtomicBool::new(false));
         let mut grpc_server = tokio::spawn(self.grpc_server(health_service));
         let mut http_server = tokio::spawn(self.http_server(shutting_down.clone()));
-        tracing::info!(%grpc_addr, %http_addr, database = %self.config.database.url, "tollgate serving");
+        let mut admin_server = self.admin_server().map(tokio::spawn);
+        tracing::info!(%grpc_addr, %http_addr, admin_addr = ?self.admin_addr, database = %self.config.database.url, "tollgate serving");
+        let admin_stopped = async {
+            match admin_server.as_mut() {
+                Some(server) => server.await,
+                None => std::future::pending().await,
+            }
+        };
 
         let failure = tokio::select! {
             _ = shutdown => {
@@ -220,6 +247,7 @@ impl App {
             }
             r = &mut grpc_server => Some(format!("gRPC server stopped: {r:?}")),
             r = &mut http_server => Some(format!("HTTP server stopped: {r:?}")),
+            r = admin_stopped => Some(format!("admin API server stopped: {r:?}")),
         };
 
         // 1. Tell Envoy and the orchestrator we are going, and keep answering while they notice.
@@ -239,6 +267,11 @@ impl App {
         }
         if !finished(&mut http_server, deadline).await {
             http_server.abort();
+        }
+        if let Some(mut admin_server) = admin_server
+            && !finished(&mut admin_server, deadline).await
+        {
+            admin_server.abort();
         }
         // 3. Background tasks.
         self.stops.background.cancel();
@@ -362,6 +395,35 @@ impl App {
         axum::serve(self.http.take().expect("an App runs once"), router(state))
             .with_graceful_shutdown(self.stops.serving.clone().cancelled_owned())
             .into_future()
+    }
+}
+
+impl App {
+    /// The admin port (gRPC and REST), when `admin_addr` is set, until [`Stops::serving`].
+    fn admin_server(&mut self) -> Option<impl Future<Output = std::io::Result<()>> + use<>> {
+        let listener = self.admin.take()?;
+        let auth = AdminAuth::new(&self.config.admin);
+        if auth.is_open() {
+            tracing::warn!(
+                admin_addr = ?self.admin_addr,
+                "admin API without credentials (admin.token_sha256 is empty): every local \
+                 process can manage keys"
+            );
+        }
+        let router = crate::admin::router(
+            KeyAdmin::new(&self.stores, self.config.limits.default_per_minute),
+            auth,
+            self.clock.clone(),
+            self.metrics.clone(),
+        );
+        Some(
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(self.stops.serving.clone().cancelled_owned())
+            .into_future(),
+        )
     }
 }
 

@@ -9,9 +9,10 @@ use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use serde_json::json;
 
+use crate::admin::service::{KeyAdmin, KeyListing, NewKeySpec};
 use crate::config::Config;
-use crate::keys::{self, ApiKey, Limits};
-use crate::store::{KeyRecord, LimitsPatch, Stores, Usage, UsageQuery};
+use crate::keys::{ApiKey, Limits};
+use crate::store::{KeyUpdate, LimitsPatch, Stores, Usage, UsageQuery};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -250,6 +251,7 @@ fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
 }
 
 /// Runs a `tollgate keys …` command against the configured database; returns what to print.
+/// Every command goes through [`KeyAdmin`], as the admin API does.
 pub async fn run_keys(
     command: KeysCommand,
     config: &Config,
@@ -257,6 +259,7 @@ pub async fn run_keys(
     now: DateTime<Utc>,
 ) -> anyhow::Result<String> {
     let default_pm = config.limits.default_per_minute;
+    let admin = KeyAdmin::new(stores, default_pm);
     Ok(match command {
         KeysCommand::Create {
             name,
@@ -264,22 +267,20 @@ pub async fn run_keys(
             expires_at,
             json,
         } => {
-            anyhow::ensure!(!name.trim().is_empty(), "--name must not be empty");
-            let limits = limits.patch().apply(Limits::default());
-            let new = keys::generate();
-            let key = stores
-                .keys
-                .create(&KeyRecord {
-                    key: &new,
-                    name: name.trim(),
-                    limits,
-                    expires_at,
-                    created_at: now,
-                })
+            let created = admin
+                .create(
+                    NewKeySpec {
+                        name,
+                        limits: limits.patch().apply(Limits::default()),
+                        expires_at,
+                    },
+                    now,
+                )
                 .await?;
+            let key = &created.key;
             if json {
-                let mut v = key_json(&key, default_pm);
-                v["key"] = new.plaintext.clone().into();
+                let mut v = key_json(key, default_pm);
+                v["key"] = created.secret.clone().into();
                 format!("{v}\n")
             } else {
                 format!(
@@ -287,13 +288,25 @@ pub async fn run_keys(
                      This is the only time the key is shown: store it now.\n{limits}",
                     id = key.id,
                     name = key.name,
-                    plain = new.plaintext,
-                    limits = limits_text(&key, default_pm),
+                    plain = created.secret,
+                    limits = limits_text(key, default_pm),
                 )
             }
         }
         KeysCommand::List { json } => {
-            let all = stores.keys.list().await?;
+            let mut all = Vec::new();
+            let mut listing = KeyListing {
+                page_size: crate::admin::service::MAX_PAGE_SIZE,
+                ..Default::default()
+            };
+            loop {
+                let page = admin.list(&listing, now).await?;
+                all.extend(page.keys);
+                match page.next_after_id {
+                    Some(after) => listing.after_id = after,
+                    None => break,
+                }
+            }
             if json {
                 let v: Vec<_> = all.iter().map(|k| key_json(k, default_pm)).collect();
                 format!("{}\n", serde_json::Value::from(v))
@@ -302,8 +315,8 @@ pub async fn run_keys(
             }
         }
         KeysCommand::Show { id, json } => {
-            let key = stores.keys.get(id).await?.ok_or_else(|| no_key(id))?;
-            let usage = stores.quotas.usage(id, now).await?;
+            let key = admin.get(id).await?;
+            let usage = admin.usage(id, 1, now).await?.counters;
             if json {
                 let mut v = key_json(&key, default_pm);
                 v["usage"] = json!({
@@ -317,30 +330,28 @@ pub async fn run_keys(
             }
         }
         KeysCommand::Revoke { id } => {
-            anyhow::ensure!(stores.keys.revoke(id, now).await?, no_key(id));
+            admin.revoke(id, now).await?;
             format!("Revoked API key {id}.\n")
         }
         KeysCommand::SetLimits { id, limits } => {
             let patch = limits.patch();
             anyhow::ensure!(
-                patch.per_minute.is_some()
-                    || patch.daily.is_some()
-                    || patch.monthly.is_some()
-                    || patch.refund_5xx.is_some(),
+                patch != LimitsPatch::default(),
                 "nothing to change: give --per-minute, --daily, --monthly and/or --refund-5xx"
             );
-            let key = stores
-                .keys
-                .set_limits(id, patch, now)
-                .await?
-                .ok_or_else(|| no_key(id))?;
+            let key = admin
+                .update(
+                    id,
+                    KeyUpdate {
+                        limits: patch,
+                        ..Default::default()
+                    },
+                    now,
+                )
+                .await?;
             format!("Updated API key {id}.\n{}", limits_text(&key, default_pm))
         }
     })
-}
-
-fn no_key(id: i64) -> anyhow::Error {
-    anyhow::anyhow!("no API key with id {id}")
 }
 
 fn key_json(key: &ApiKey, default_pm: Option<u64>) -> serde_json::Value {

@@ -29,6 +29,11 @@ pub struct Config {
     pub grpc_addr: SocketAddr,
     /// Where `/healthz`, `/readyz` and `/metrics` are served.
     pub http_addr: SocketAddr,
+    /// Where the admin API (gRPC and REST/JSON) is served; `null`: nowhere. Never the port Envoy
+    /// calls.
+    pub admin_addr: Option<SocketAddr>,
+    /// Who may call the admin API.
+    pub admin: AdminConfig,
     /// How the gRPC port treats its connections.
     pub grpc: GrpcConfig,
     /// Keys, usage quotas and the request log.
@@ -57,6 +62,8 @@ impl Default for Config {
         Self {
             grpc_addr: "127.0.0.1:8081".parse().expect("literal"),
             http_addr: "127.0.0.1:9090".parse().expect("literal"),
+            admin_addr: None,
+            admin: AdminConfig::default(),
             grpc: GrpcConfig::default(),
             database: DatabaseConfig::default(),
             redis: RedisConfig::default(),
@@ -71,6 +78,59 @@ impl Default for Config {
             shutdown_timeout: Dur(Duration::from_secs(10)),
             warnings: Vec::new(),
         }
+    }
+}
+
+/// The admin API's credentials.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// SHA-256 (hex) of each bearer token that may call the admin API; several, so a token can
+    /// be replaced without a moment when neither works. The tokens themselves are never
+    /// configured. Empty: on a loopback `admin_addr`, anyone who can reach it may call; elsewhere
+    /// a configuration error.
+    pub token_sha256: Vec<String>,
+}
+
+impl AdminConfig {
+    /// The configured token hashes, as bytes (call after [`AdminConfig::validate`]).
+    pub fn token_hashes(&self) -> Vec<[u8; 32]> {
+        self.token_sha256
+            .iter()
+            .filter_map(|h| crate::keys::parse_hash_hex(&h.to_ascii_lowercase()))
+            .collect()
+    }
+
+    pub fn validate(&self, admin_addr: Option<SocketAddr>) -> Result<(), InvalidSetting> {
+        for (i, h) in self.token_sha256.iter().enumerate() {
+            if crate::keys::parse_hash_hex(&h.to_ascii_lowercase()).is_none() {
+                return Err(InvalidSetting::new(
+                    format!("admin.token_sha256[{i}]"),
+                    "not a SHA-256 in hex (64 hex digits): configure the token's hash, e.g. \
+                     from `printf %s \"$TOKEN\" | sha256sum`, never the token",
+                ));
+            }
+        }
+        if let Some(addr) = admin_addr
+            && !addr.ip().is_loopback()
+            && self.token_sha256.is_empty()
+        {
+            return Err(InvalidSetting::new(
+                "admin.token_sha256",
+                format!(
+                    "empty while admin_addr {addr} is not on loopback: anyone who reaches it \
+                     could manage every key; configure at least one token's SHA-256 \
+                     (TOLLGATE_ADMIN_TOKEN_SHA256)"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the admin API at `admin_addr` takes calls without credentials (loopback, no
+    /// token configured).
+    pub fn is_open(&self) -> bool {
+        self.token_sha256.is_empty()
     }
 }
 
@@ -607,6 +667,7 @@ impl Config {
     /// is the error, named after the file (or variable) it came from.
     fn validate(&self, source_name: &str) -> Result<(), ConfigError> {
         let each = || -> Result<(), InvalidSetting> {
+            self.admin.validate(self.admin_addr)?;
             self.grpc.validate()?;
             self.database.validate()?;
             self.redis.validate()?;
@@ -953,6 +1014,39 @@ mod tests {
         let e = load_yaml("", &[("TOLLGATE_REQUEST_LOG_BATCH_SIZE", "many")]).unwrap_err();
         assert_eq!(e.field, "request_log.batch_size");
         assert!(e.source_name.contains("TOLLGATE_"), "{e}");
+    }
+
+    #[test]
+    fn admin_settings() {
+        let c = Config::load(None, []).unwrap();
+        assert_eq!(c.admin_addr, None);
+        let token = "0".repeat(64);
+        let other = "AB".repeat(32);
+        let c = load_yaml(
+            "",
+            &[
+                ("TOLLGATE_ADMIN_ADDR", "0.0.0.0:9443"),
+                ("TOLLGATE_ADMIN_TOKEN_SHA256", &format!("{token}, {other}")),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.admin_addr, Some("0.0.0.0:9443".parse().unwrap()));
+        assert_eq!(c.admin.token_sha256, vec![token.clone(), other.clone()]);
+        assert_eq!(c.admin.token_hashes(), vec![[0; 32], [0xab; 32]]);
+        // Loopback without tokens is allowed (the embedded start), anywhere else it is not.
+        let c = load_yaml("admin_addr: 127.0.0.1:9443\n", &[]).unwrap();
+        assert!(c.admin.is_open());
+        load_yaml("admin_addr: \"[::1]:9443\"\n", &[]).unwrap();
+        let e = load_yaml("admin_addr: 0.0.0.0:9443\n", &[]).unwrap_err();
+        assert_eq!(e.field, "admin.token_sha256");
+        assert!(e.message.contains("0.0.0.0:9443"), "{e}");
+        let e = load_yaml("", &[("TOLLGATE_ADMIN_ADDR", "10.1.2.3:9443")]).unwrap_err();
+        assert_eq!(e.field, "admin.token_sha256");
+        let e = load_yaml("admin:\n  token_sha256: [s3cr3t-token]\n", &[]).unwrap_err();
+        assert_eq!(e.field, "admin.token_sha256[0]");
+        assert!(!e.to_string().contains("s3cr3t"), "{e}");
+        let e = load_yaml("admin_addr: somewhere\n", &[]).unwrap_err();
+        assert_eq!(e.field, "admin_addr");
     }
 
     #[test]

@@ -5,6 +5,8 @@
 //! A Check reads top to bottom: [`grpc`] turns Envoy's protobuf into domain types, [`authz`]
 //! decides (key → per-minute window → quota), [`decision`] says how the client sees it.
 //!
+//! - [`admin`]: the admin API (gRPC and REST/JSON from one proto, on `admin_addr`) and
+//!   [`admin::service::KeyAdmin`], the key operations it and `tollgate keys` share.
 //! - [`app`]: composes everything from the configuration, serves, shuts down in order.
 //! - [`config`]: the YAML file and `TOLLGATE_*` overrides, validated at start.
 //! - [`setting`]: the types settings are written in (durations, secret URLs, failure modes).
@@ -25,6 +27,7 @@
 //! - [`cli`]: the command line and the `tollgate keys` and `tollgate usage` commands.
 //! - `bench_hooks`: internals the benchmark times alone; not an API.
 
+pub mod admin;
 pub mod app;
 pub(crate) mod authz;
 #[doc(hidden)]

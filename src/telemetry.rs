@@ -188,6 +188,42 @@ pub struct Metrics {
     /// Checks whose caller stopped waiting (Envoy's timeout, a disconnect) before the answer:
     /// not charged, logged as `cancelled`.
     pub checks_cancelled: Counter,
+    /// Admin API calls by operation, transport and answer.
+    pub admin: AdminCalls,
+}
+
+/// Admin API calls counted by (operation, transport, code). Every label comes from a fixed set
+/// (the proto's RPC names or `unknown`, `grpc`/`rest`, gRPC code names), so the series are
+/// bounded; the admin API is not a hot path, so one lock is enough.
+#[derive(Debug, Default)]
+pub struct AdminCalls(std::sync::Mutex<std::collections::BTreeMap<AdminCallLabels, u64>>);
+
+/// (operation, transport, code).
+pub type AdminCallLabels = (&'static str, &'static str, &'static str);
+
+impl AdminCalls {
+    pub fn inc(&self, labels: AdminCallLabels) {
+        let mut calls = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *calls.entry(labels).or_default() += 1;
+    }
+
+    /// Calls counted with these labels.
+    pub fn get(&self, labels: AdminCallLabels) -> u64 {
+        let calls = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        calls.get(&labels).copied().unwrap_or_default()
+    }
+
+    fn render(&self, out: &mut String) {
+        out.push_str("# HELP tollgate_admin_requests_total Admin API calls by operation, transport and answer.\n");
+        out.push_str("# TYPE tollgate_admin_requests_total counter\n");
+        let calls = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        for ((method, transport, code), n) in calls.iter() {
+            let _ = writeln!(
+                out,
+                "tollgate_admin_requests_total{{method=\"{method}\",transport=\"{transport}\",code=\"{code}\"}} {n}"
+            );
+        }
+    }
 }
 
 impl Metrics {
@@ -421,6 +457,7 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
             );
         }
+        self.admin.render(&mut out);
         let _ = writeln!(
             out,
             "# HELP tollgate_request_log_queue_depth Rows waiting to be written.\n\

@@ -594,10 +594,13 @@ async fn route_cost_is_spent_whole_or_not_at_all(db: Db) {
     // The per-minute window holds 5 + 5 + 0 + 2: the refused 5 were given back.
     tg.stores
         .keys
-        .set_limits(
+        .update(
             id,
-            tollgate::store::LimitsPatch {
-                daily: Some(None),
+            &tollgate::store::KeyUpdate {
+                limits: tollgate::store::LimitsPatch {
+                    daily: Some(None),
+                    ..Default::default()
+                },
                 ..Default::default()
             },
             t0(),

@@ -1,5 +1,7 @@
-//! The gRPC edge: Envoy's protobuf in, domain calls, protobuf out. Nothing here decides anything.
+//! The gRPC edge: Envoy's protobuf (and the admin API's) in, domain calls, protobuf out.
+//! Nothing here decides anything.
 
 pub mod accesslog;
+pub mod admin;
 pub mod authz;
 pub mod ratelimit;

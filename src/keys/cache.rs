@@ -445,7 +445,7 @@ mod tests {
     use chrono::{DateTime, Utc};
 
     use crate::keys::Limits;
-    use crate::store::{KeyRecord, LimitsPatch};
+    use crate::store::{KeyQuery, KeyRecord, KeyUpdate};
 
     /// A SQLite store that counts the lookups it answers, and can be told to fail them or to
     /// hold them until released.
@@ -493,19 +493,19 @@ mod tests {
             self.lookup_gate().await?;
             self.inner.get(id).await
         }
-        async fn list(&self) -> Result<Vec<ApiKey>, StoreError> {
-            self.inner.list().await
+        async fn list(&self, query: &KeyQuery) -> Result<Vec<ApiKey>, StoreError> {
+            self.inner.list(query).await
         }
         async fn revoke(&self, id: i64, now: DateTime<Utc>) -> Result<bool, StoreError> {
             self.inner.revoke(id, now).await
         }
-        async fn set_limits(
+        async fn update(
             &self,
             id: i64,
-            patch: LimitsPatch,
+            update: &KeyUpdate,
             now: DateTime<Utc>,
         ) -> Result<Option<ApiKey>, StoreError> {
-            self.inner.set_limits(id, patch, now).await
+            self.inner.update(id, update, now).await
         }
         async fn ping(&self) -> Result<(), StoreError> {
             self.inner.ping().await

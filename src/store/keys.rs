@@ -20,7 +20,7 @@ pub enum KeyChange {
 }
 
 /// A change to some of a key's limits. `Some(None)` makes that limit unlimited.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LimitsPatch {
     pub per_minute: Option<Option<u64>>,
     pub daily: Option<Option<u64>>,
@@ -37,6 +37,59 @@ impl LimitsPatch {
             refund_5xx: self.refund_5xx.unwrap_or(limits.refund_5xx),
         }
     }
+}
+
+/// A change to a key, applied in one statement: each `Some` replaced, everything else kept.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyUpdate {
+    pub name: Option<String>,
+    pub limits: LimitsPatch,
+    /// `Some(None)`: the key never expires.
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+}
+
+impl KeyUpdate {
+    /// Whether it changes nothing.
+    pub fn is_empty(&self) -> bool {
+        let l = &self.limits;
+        self.name.is_none()
+            && self.expires_at.is_none()
+            && l.per_minute.is_none()
+            && l.daily.is_none()
+            && l.monthly.is_none()
+            && l.refund_5xx.is_none()
+    }
+}
+
+/// Which keys have a status, as a client sees it at a moment: revoked, else expired (past
+/// `expires_at`), else active.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusFilter {
+    Active,
+    Revoked,
+    Expired,
+}
+
+impl StatusFilter {
+    /// The text both dialects' list statements compare with.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            StatusFilter::Active => "active",
+            StatusFilter::Revoked => "revoked",
+            StatusFilter::Expired => "expired",
+        }
+    }
+}
+
+/// One page of [`KeyStore::list`]: keys with an id above `after_id`, oldest first, at most
+/// `limit` of them, of a status at `now` and/or whose name starts with `name_prefix`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyQuery {
+    pub after_id: i64,
+    pub limit: u32,
+    pub status: Option<StatusFilter>,
+    pub name_prefix: Option<String>,
+    pub now: DateTime<Utc>,
 }
 
 /// A key to store: the hash and visible prefix of its secret, and what it is created with.
@@ -71,17 +124,19 @@ pub trait KeyStore: Send + Sync + 'static {
 
     async fn get(&self, id: i64) -> Result<Option<ApiKey>, StoreError>;
 
-    /// All keys, oldest first.
-    async fn list(&self) -> Result<Vec<ApiKey>, StoreError>;
+    /// The page of keys `query` names, oldest (lowest id) first.
+    async fn list(&self, query: &KeyQuery) -> Result<Vec<ApiKey>, StoreError>;
 
     /// Marks a key revoked. `false` if there is no such key.
     async fn revoke(&self, id: i64, now: DateTime<Utc>) -> Result<bool, StoreError>;
 
-    /// Changes some limits; returns the updated key, or `None` if there is no such key.
-    async fn set_limits(
+    /// Changes what `update` names, in one statement (all of it or nothing, and concurrent
+    /// updates of other fields are kept); returns the updated key, or `None` if there is no
+    /// such key.
+    async fn update(
         &self,
         id: i64,
-        patch: LimitsPatch,
+        update: &KeyUpdate,
         now: DateTime<Utc>,
     ) -> Result<Option<ApiKey>, StoreError>;
 

@@ -24,7 +24,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-pub use keys::{KeyChange, KeyRecord, KeyStore, LimitsPatch};
+pub use keys::{KeyChange, KeyQuery, KeyRecord, KeyStore, KeyUpdate, LimitsPatch, StatusFilter};
 pub use log::{
     DayUsage, KeyUsage, LogApi, LogRow, Maintenance, Outcome, RequestLogStore, UsageQuery,
     UsageSummary,

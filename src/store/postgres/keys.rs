@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use super::PgStore;
 use crate::keys::{self, ApiKey, KeyHash};
 use crate::store::keys::{KeyRecord, KeyRow, key_columns, key_of, opt_i64};
-use crate::store::{KeyChange, KeyStore, LimitsPatch, StoreError};
+use crate::store::{KeyChange, KeyQuery, KeyStore, KeyUpdate, StoreError};
 
 /// The channel the `api_keys` trigger notifies.
 const KEY_CHANNEL: &str = "tollgate_key_changes";
@@ -172,12 +172,25 @@ impl KeyStore for PgStore {
         key_of(row)
     }
 
-    async fn list(&self) -> Result<Vec<ApiKey>, StoreError> {
+    async fn list(&self, query: &KeyQuery) -> Result<Vec<ApiKey>, StoreError> {
+        // `starts_with` compares characters, so no character of the prefix is a pattern.
         let rows: Vec<KeyRow> = sqlx::query_as(concat!(
             "SELECT ",
             key_columns!(),
-            " FROM api_keys ORDER BY id"
+            " FROM api_keys WHERE id > $1 \
+               AND ($2::text IS NULL OR starts_with(name, $2::text)) \
+               AND ($3::text IS NULL \
+                 OR ($3::text = 'revoked' AND status = 'revoked') \
+                 OR ($3::text = 'active' AND status = 'active' \
+                     AND (expires_at IS NULL OR expires_at > $4)) \
+                 OR ($3::text = 'expired' AND status = 'active' AND expires_at <= $4)) \
+             ORDER BY id LIMIT $5"
         ))
+        .bind(query.after_id)
+        .bind(query.name_prefix.as_deref())
+        .bind(query.status.map(|s| s.as_str()))
+        .bind(query.now)
+        .bind(i64::from(query.limit))
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(ApiKey::try_from).collect()
@@ -193,20 +206,23 @@ impl KeyStore for PgStore {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn set_limits(
+    async fn update(
         &self,
         id: i64,
-        patch: LimitsPatch,
+        update: &KeyUpdate,
         now: DateTime<Utc>,
     ) -> Result<Option<ApiKey>, StoreError> {
-        // Each limit is either replaced ($n given, flag true) or kept, in one statement, so
-        // two concurrent set-limits never undo each other's other fields.
+        // Each field is either replaced ($n given, flag true) or kept, in one statement, so
+        // two concurrent updates never undo each other's other fields.
+        let patch = update.limits;
         let row: Option<KeyRow> = sqlx::query_as(concat!(
             "UPDATE api_keys SET \
                per_minute = CASE WHEN $2 THEN $3 ELSE per_minute END, \
                daily_limit = CASE WHEN $4 THEN $5 ELSE daily_limit END, \
                monthly_limit = CASE WHEN $6 THEN $7 ELSE monthly_limit END, \
                refund_5xx = COALESCE($9, refund_5xx), \
+               name = COALESCE($10, name), \
+               expires_at = CASE WHEN $11 THEN $12 ELSE expires_at END, \
                updated_at = $8 \
              WHERE id = $1 RETURNING ",
             key_columns!()
@@ -220,6 +236,9 @@ impl KeyStore for PgStore {
         .bind(opt_i64(patch.monthly.flatten()))
         .bind(now)
         .bind(patch.refund_5xx)
+        .bind(update.name.as_deref())
+        .bind(update.expires_at.is_some())
+        .bind(update.expires_at.flatten())
         .fetch_optional(&self.pool)
         .await?;
         key_of(row)

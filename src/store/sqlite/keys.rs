@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::{SqliteStore, ts_text};
 use crate::keys::{self, ApiKey, KeyHash};
 use crate::store::keys::{KeyRecord, KeyRow, key_columns, key_of, opt_i64};
-use crate::store::{KeyChange, KeyStore, LimitsPatch, StoreError};
+use crate::store::{KeyChange, KeyQuery, KeyStore, KeyUpdate, StoreError};
 
 /// The next `change_seq`: one past every change so far. SQLite has one writer at a time, so
 /// `change_seq` grows in commit order and a cursor over it misses nothing.
@@ -133,12 +133,26 @@ impl KeyStore for SqliteStore {
         key_of(row)
     }
 
-    async fn list(&self) -> Result<Vec<ApiKey>, StoreError> {
+    async fn list(&self, query: &KeyQuery) -> Result<Vec<ApiKey>, StoreError> {
+        // Times are RFC 3339 UTC text with milliseconds, so text order is time order; a name
+        // prefix is compared by characters, so no character in it is a pattern.
         let rows: Vec<KeyRow> = sqlx::query_as(concat!(
             "SELECT ",
             key_columns!(),
-            " FROM api_keys ORDER BY id"
+            " FROM api_keys WHERE id > ?1 \
+               AND (?2 IS NULL OR substr(name, 1, length(?2)) = ?2) \
+               AND (?3 IS NULL \
+                 OR (?3 = 'revoked' AND status = 'revoked') \
+                 OR (?3 = 'active' AND status = 'active' \
+                     AND (expires_at IS NULL OR expires_at > ?4)) \
+                 OR (?3 = 'expired' AND status = 'active' AND expires_at <= ?4)) \
+             ORDER BY id LIMIT ?5"
         ))
+        .bind(query.after_id)
+        .bind(query.name_prefix.as_deref())
+        .bind(query.status.map(|s| s.as_str()))
+        .bind(ts_text(query.now))
+        .bind(i64::from(query.limit))
         .fetch_all(&self.read)
         .await?;
         rows.into_iter().map(ApiKey::try_from).collect()
@@ -157,20 +171,23 @@ impl KeyStore for SqliteStore {
         Ok(done.rows_affected() == 1)
     }
 
-    async fn set_limits(
+    async fn update(
         &self,
         id: i64,
-        patch: LimitsPatch,
+        update: &KeyUpdate,
         now: DateTime<Utc>,
     ) -> Result<Option<ApiKey>, StoreError> {
-        // Each limit is either replaced (flag true) or kept, in one statement on the single
-        // writer, so two concurrent set-limits never undo each other's other fields.
+        // Each field is either replaced (flag true) or kept, in one statement on the single
+        // writer, so two concurrent updates never undo each other's other fields.
+        let patch = update.limits;
         let row: Option<KeyRow> = sqlx::query_as(concat!(
             "UPDATE api_keys SET \
                per_minute = CASE WHEN ?2 THEN ?3 ELSE per_minute END, \
                daily_limit = CASE WHEN ?4 THEN ?5 ELSE daily_limit END, \
                monthly_limit = CASE WHEN ?6 THEN ?7 ELSE monthly_limit END, \
                refund_5xx = COALESCE(?9, refund_5xx), \
+               name = COALESCE(?10, name), \
+               expires_at = CASE WHEN ?11 THEN ?12 ELSE expires_at END, \
                updated_at = ?8, change_seq = ",
             next_change_seq!(),
             " WHERE id = ?1 RETURNING ",
@@ -185,6 +202,9 @@ impl KeyStore for SqliteStore {
         .bind(opt_i64(patch.monthly.flatten()))
         .bind(ts_text(now))
         .bind(patch.refund_5xx)
+        .bind(update.name.as_deref())
+        .bind(update.expires_at.is_some())
+        .bind(update.expires_at.flatten().map(ts_text))
         .fetch_optional(&self.write)
         .await?;
         key_of(row)

@@ -4,6 +4,7 @@
 //! dead code in it.
 //!
 //! # Layout
+//! - [`admin`]: the admin API's REST and gRPC clients, and the test token.
 //! - [`db`]: a database of the test's own (SQLite or PostgreSQL): reading it, locking it, opening
 //!   tollgate's stores on it; and [`every_database!`], which runs a test body on each.
 //! - [`server`]: [`server::Tollgate`], an in-process tollgate on ephemeral ports, with its
@@ -16,6 +17,7 @@
 //!   private Redis to stop.
 //! - [`net`]: free ports, the HTTP client, `/metrics`.
 
+pub mod admin;
 pub mod check;
 pub mod cli;
 pub mod db;

@@ -42,6 +42,8 @@ pub fn limits(per_minute: Option<u64>, daily: Option<u64>, monthly: Option<u64>)
 pub struct Tollgate {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    /// The admin API's address, when the configuration serves it.
+    pub admin: Option<SocketAddr>,
     pub db_url: String,
     pub db: TestDb,
     pub clock: ManualClock,
@@ -84,6 +86,7 @@ impl Tollgate {
             .await
             .expect("tollgate builds");
         let (grpc, http, metrics) = (app.grpc_addr(), app.http_addr(), app.metrics());
+        let admin = app.admin_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let handle = tokio::spawn(app.run(async {
             let _ = stopped.await;
@@ -92,6 +95,7 @@ impl Tollgate {
         Tollgate {
             grpc,
             http,
+            admin,
             db_url,
             db,
             clock,

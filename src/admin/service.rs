@@ -1,0 +1,466 @@
+//! [`KeyAdmin`]: the one code path of every key operation, whether `tollgate keys …` or the admin
+//! API asks: what is valid (names, limits, pages), the store call that does it in one statement,
+//! and errors that say which field was wrong. Neither caller validates anything itself.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Days, NaiveDate, Utc};
+
+use crate::keys::{self, ApiKey, KeyStatus, Limits};
+use crate::store::{
+    DayUsage, KeyQuery, KeyRecord, KeyStore, KeyUpdate, QuotaStore, RequestLogStore, StatusFilter,
+    StoreError, Stores, Usage, UsageQuery,
+};
+
+/// The longest key name, in characters.
+pub const MAX_NAME_CHARS: usize = 200;
+/// Keys per page when the caller names no page size, and the most it may name.
+pub const DEFAULT_PAGE_SIZE: u32 = 100;
+pub const MAX_PAGE_SIZE: u32 = 1000;
+/// Days of the request log a usage report covers unless told otherwise, and the most.
+pub const DEFAULT_USAGE_DAYS: u32 = 30;
+pub const MAX_USAGE_DAYS: u32 = 366;
+
+/// What went wrong with a key operation.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("no API key with id {0}")]
+    NotFound(i64),
+    /// A value the caller sent (`field` in the API's snake_case names) is not acceptable.
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl AdminError {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+        AdminError::Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Whether retrying later may succeed (the database is away).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, AdminError::Store(e) if e.is_transient())
+    }
+}
+
+/// A key to create.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NewKeySpec {
+    pub name: String,
+    pub limits: Limits,
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// A key just created, with its secret: the only time the secret exists outside the caller.
+pub struct CreatedKey {
+    pub key: ApiKey,
+    pub secret: String,
+}
+
+impl std::fmt::Debug for CreatedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CreatedKey")
+            .field("key", &self.key)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which keys to list: a page of them after a cursor, maybe of one status or name prefix.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyListing {
+    /// 0: [`DEFAULT_PAGE_SIZE`].
+    pub page_size: u32,
+    /// The last id of the previous page (0: from the start).
+    pub after_id: i64,
+    pub status: Option<StatusFilter>,
+    pub name_prefix: Option<String>,
+}
+
+/// One page of keys, and the cursor of the next one (`None` on the last page).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyPage {
+    pub keys: Vec<ApiKey>,
+    pub next_after_id: Option<i64>,
+}
+
+/// A key's usage: its counters now, and its requests per UTC day from the request log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageReport {
+    pub counters: Usage,
+    pub days: Vec<DayUsage>,
+}
+
+/// A key's status as a client sees it at `now`: revoked, else expired, else active.
+pub fn status_at(key: &ApiKey, now: DateTime<Utc>) -> StatusFilter {
+    match key.status {
+        KeyStatus::Revoked => StatusFilter::Revoked,
+        KeyStatus::Active if key.is_expired(now) => StatusFilter::Expired,
+        KeyStatus::Active => StatusFilter::Active,
+    }
+}
+
+/// The key operations, on one database.
+#[derive(Clone)]
+pub struct KeyAdmin {
+    keys: Arc<dyn KeyStore>,
+    quotas: Arc<dyn QuotaStore>,
+    log: Arc<dyn RequestLogStore>,
+    default_per_minute: Option<u64>,
+}
+
+impl std::fmt::Debug for KeyAdmin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyAdmin").finish_non_exhaustive()
+    }
+}
+
+impl KeyAdmin {
+    /// `default_per_minute` is `limits.default_per_minute`: what a key without a per-minute limit
+    /// of its own gets.
+    pub fn new(stores: &Stores, default_per_minute: Option<u64>) -> Self {
+        KeyAdmin {
+            keys: stores.keys.clone(),
+            quotas: stores.quotas.clone(),
+            log: stores.log.clone(),
+            default_per_minute,
+        }
+    }
+
+    /// The per-minute limit in force for `key` (`None`: unlimited).
+    pub fn effective_per_minute(&self, key: &ApiKey) -> Option<u64> {
+        key.limits.per_minute.or(self.default_per_minute)
+    }
+
+    pub fn default_per_minute(&self) -> Option<u64> {
+        self.default_per_minute
+    }
+
+    /// Creates a key with a new secret.
+    pub async fn create(
+        &self,
+        spec: NewKeySpec,
+        now: DateTime<Utc>,
+    ) -> Result<CreatedKey, AdminError> {
+        let name = valid_name(&spec.name)?;
+        valid_limits(&spec.limits)?;
+        let new = keys::generate();
+        let key = self
+            .keys
+            .create(&KeyRecord {
+                key: &new,
+                name: &name,
+                limits: spec.limits,
+                expires_at: spec.expires_at,
+                created_at: now,
+            })
+            .await?;
+        Ok(CreatedKey {
+            key,
+            secret: new.plaintext,
+        })
+    }
+
+    pub async fn get(&self, id: i64) -> Result<ApiKey, AdminError> {
+        self.keys.get(id).await?.ok_or(AdminError::NotFound(id))
+    }
+
+    /// A page of keys, oldest first.
+    pub async fn list(
+        &self,
+        listing: &KeyListing,
+        now: DateTime<Utc>,
+    ) -> Result<KeyPage, AdminError> {
+        let page_size = match listing.page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n > MAX_PAGE_SIZE => {
+                return Err(AdminError::invalid(
+                    "page_size",
+                    format!("{n} is more than {MAX_PAGE_SIZE}"),
+                ));
+            }
+            n => n,
+        };
+        if let Some(prefix) = &listing.name_prefix {
+            if prefix.chars().count() > MAX_NAME_CHARS {
+                return Err(AdminError::invalid(
+                    "name_prefix",
+                    format!("longer than {MAX_NAME_CHARS} characters"),
+                ));
+            }
+            // No name holds one, and PostgreSQL refuses NUL in text.
+            if prefix.chars().any(char::is_control) {
+                return Err(AdminError::invalid(
+                    "name_prefix",
+                    "must not hold control characters",
+                ));
+            }
+        }
+        // One more than the page, to know whether another page follows.
+        let mut keys = self
+            .keys
+            .list(&KeyQuery {
+                after_id: listing.after_id.max(0),
+                limit: page_size + 1,
+                status: listing.status,
+                name_prefix: listing.name_prefix.clone(),
+                now,
+            })
+            .await?;
+        let next_after_id = if keys.len() > page_size as usize {
+            keys.truncate(page_size as usize);
+            keys.last().map(|k| k.id)
+        } else {
+            None
+        };
+        Ok(KeyPage {
+            keys,
+            next_after_id,
+        })
+    }
+
+    /// Changes what `update` names, all of it or nothing.
+    pub async fn update(
+        &self,
+        id: i64,
+        mut update: KeyUpdate,
+        now: DateTime<Utc>,
+    ) -> Result<ApiKey, AdminError> {
+        if update.is_empty() {
+            return Err(AdminError::invalid(
+                "update_mask",
+                "nothing to change: name a new name, limits or expiry",
+            ));
+        }
+        if let Some(name) = &update.name {
+            update.name = Some(valid_name(name)?);
+        }
+        let l = update.limits;
+        for (field, v) in [
+            ("limits.per_minute", l.per_minute),
+            ("limits.daily", l.daily),
+            ("limits.monthly", l.monthly),
+        ] {
+            valid_limit(field, v.flatten())?;
+        }
+        self.keys
+            .update(id, &update, now)
+            .await?
+            .ok_or(AdminError::NotFound(id))
+    }
+
+    /// Revokes a key (a revoked key stays revoked); returns it as it is now.
+    pub async fn revoke(&self, id: i64, now: DateTime<Utc>) -> Result<ApiKey, AdminError> {
+        if !self.keys.revoke(id, now).await? {
+            return Err(AdminError::NotFound(id));
+        }
+        self.get(id).await
+    }
+
+    /// A key's counters at `now`, and its requests of the last `days` UTC days (today
+    /// included; 0: [`DEFAULT_USAGE_DAYS`]) from the request log.
+    pub async fn usage(
+        &self,
+        id: i64,
+        days: u32,
+        now: DateTime<Utc>,
+    ) -> Result<UsageReport, AdminError> {
+        let days = match days {
+            0 => DEFAULT_USAGE_DAYS,
+            n if n > MAX_USAGE_DAYS => {
+                return Err(AdminError::invalid(
+                    "days",
+                    format!("{n} is more than {MAX_USAGE_DAYS}"),
+                ));
+            }
+            n => n,
+        };
+        // Known key first: an unknown id is NOT_FOUND, not an empty report.
+        self.get(id).await?;
+        let today = now.date_naive();
+        let midnight = |d: NaiveDate| d.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
+        let first = today
+            .checked_sub_days(Days::new(u64::from(days) - 1))
+            .unwrap_or(NaiveDate::MIN);
+        let end = today.checked_add_days(Days::new(1)).unwrap_or(today);
+        let counters = self.quotas.usage(id, now).await?;
+        let summary = self
+            .log
+            .summarize(&UsageQuery {
+                from: midnight(first),
+                to: midnight(end),
+                key_id: Some(id),
+                top: 0,
+            })
+            .await?;
+        Ok(UsageReport {
+            counters,
+            days: summary.days,
+        })
+    }
+}
+
+/// A name as stored: trimmed, 1 to [`MAX_NAME_CHARS`] characters, no control characters.
+fn valid_name(name: &str) -> Result<String, AdminError> {
+    let name = name.trim();
+    if name.is_empty() {
+        return Err(AdminError::invalid("name", "must not be empty"));
+    }
+    if name.chars().count() > MAX_NAME_CHARS {
+        return Err(AdminError::invalid(
+            "name",
+            format!("longer than {MAX_NAME_CHARS} characters"),
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(AdminError::invalid(
+            "name",
+            "must not hold control characters (line breaks, tabs, …)",
+        ));
+    }
+    Ok(name.to_string())
+}
+
+fn valid_limits(limits: &Limits) -> Result<(), AdminError> {
+    valid_limit("limits.per_minute", limits.per_minute)?;
+    valid_limit("limits.daily", limits.daily)?;
+    valid_limit("limits.monthly", limits.monthly)
+}
+
+/// A limit is a count of at least 1 that the databases can hold (as `tollgate keys` parses
+/// them); unlimited is `None`.
+fn valid_limit(field: &str, v: Option<u64>) -> Result<(), AdminError> {
+    match v {
+        Some(0) => Err(AdminError::invalid(
+            field,
+            "0 is not a limit: use a count of at least 1, or none for unlimited (to block a \
+             key, revoke it)",
+        )),
+        Some(n) if n > i64::MAX as u64 => Err(AdminError::invalid(
+            field,
+            format!("{n} is too large (at most {})", i64::MAX),
+        )),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_trimmed_bounded_and_printable() {
+        assert_eq!(valid_name("  portal ").unwrap(), "portal");
+        for bad in [
+            "",
+            "   ",
+            "a\nb",
+            "tab\there",
+            &"x".repeat(MAX_NAME_CHARS + 1),
+        ] {
+            let e = valid_name(bad).unwrap_err();
+            assert!(
+                matches!(&e, AdminError::Invalid { field, .. } if field == "name"),
+                "{e}"
+            );
+        }
+        assert!(valid_name(&"é".repeat(MAX_NAME_CHARS)).is_ok());
+    }
+
+    #[test]
+    fn limits_are_counts_the_database_holds() {
+        assert!(valid_limit("limits.daily", None).is_ok());
+        assert!(valid_limit("limits.daily", Some(1)).is_ok());
+        assert!(valid_limit("limits.daily", Some(i64::MAX as u64)).is_ok());
+        let e = valid_limit("limits.daily", Some(0)).unwrap_err();
+        assert!(
+            e.to_string().starts_with("limits.daily: 0 is not a limit"),
+            "{e}"
+        );
+        assert!(valid_limit("limits.daily", Some(i64::MAX as u64 + 1)).is_err());
+    }
+
+    #[tokio::test]
+    async fn one_path_for_every_operation() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::DatabaseConfig {
+            url: crate::config::SecretUrl(format!("sqlite://{}/a.db", dir.path().display())),
+            ..Default::default()
+        };
+        let stores = crate::store::open(&config, true).await.unwrap();
+        let admin = KeyAdmin::new(&stores, Some(60));
+        let now: DateTime<Utc> = "2026-03-10T12:00:00Z".parse().unwrap();
+        let mut ids = Vec::new();
+        for name in ["alpha-1", "alpha-2", "beta"] {
+            let created = admin
+                .create(
+                    NewKeySpec {
+                        name: name.into(),
+                        ..Default::default()
+                    },
+                    now,
+                )
+                .await
+                .unwrap();
+            assert!(keys::is_well_formed(&created.secret));
+            assert!(!format!("{created:?}").contains(&created.secret));
+            ids.push(created.key.id);
+        }
+        let page = admin
+            .list(
+                &KeyListing {
+                    page_size: 1,
+                    name_prefix: Some("alpha".into()),
+                    ..Default::default()
+                },
+                now,
+            )
+            .await
+            .unwrap();
+        assert_eq!(page.keys[0].id, ids[0]);
+        assert_eq!(page.next_after_id, Some(ids[0]));
+        let page = admin
+            .list(
+                &KeyListing {
+                    page_size: 1,
+                    after_id: ids[0],
+                    name_prefix: Some("alpha".into()),
+                    ..Default::default()
+                },
+                now,
+            )
+            .await
+            .unwrap();
+        assert_eq!((page.keys[0].id, page.next_after_id), (ids[1], None));
+        // A failed update changes nothing.
+        let before = admin.get(ids[2]).await.unwrap();
+        let bad = KeyUpdate {
+            name: Some("renamed".into()),
+            limits: crate::store::LimitsPatch {
+                daily: Some(Some(0)),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        assert!(admin.update(ids[2], bad, now).await.is_err());
+        assert_eq!(admin.get(ids[2]).await.unwrap(), before);
+        assert!(matches!(
+            admin.update(999, KeyUpdate::default(), now).await,
+            Err(AdminError::Invalid { .. })
+        ));
+        let revoked = admin.revoke(ids[2], now).await.unwrap();
+        assert_eq!(status_at(&revoked, now), StatusFilter::Revoked);
+        assert!(matches!(
+            admin.revoke(999, now).await,
+            Err(AdminError::NotFound(999))
+        ));
+        assert!(matches!(
+            admin.usage(999, 0, now).await,
+            Err(AdminError::NotFound(999))
+        ));
+        stores.close().await;
+    }
+}

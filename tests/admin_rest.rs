@@ -1,0 +1,538 @@
+//! The admin API's REST side, through a real tollgate on SQLite and on PostgreSQL: every
+//! operation and every error, as a portal would meet them, and what Check makes of the keys.
+
+use std::time::{Duration, Instant};
+
+use harness::admin::{Rest, TOKEN, with_admin};
+use harness::check::key_header;
+use harness::db::Db;
+use harness::every_database;
+use harness::server::{Tollgate, t0};
+use serde_json::{Value, json};
+
+async fn start(db: Db) -> (Tollgate, Rest) {
+    let tg = Tollgate::on_with(db, |c| with_admin(c, &[TOKEN])).await;
+    let rest = Rest::new(tg.admin.expect("admin port"), Some(TOKEN));
+    (tg, rest)
+}
+
+/// Creates a key; returns (secret, id, the whole answer).
+async fn create(rest: &Rest, body: Value) -> (String, String, Value) {
+    let a = rest.call("POST", "/v1/keys", Some(body)).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.content_type, "application/json");
+    let secret = a.body["secret"].as_str().unwrap().to_string();
+    let id = a.body["key"]["id"].as_str().unwrap().to_string();
+    (secret, id, a.body)
+}
+
+/// The Check answer's gRPC code for this key (0 allowed, 7 denied 403, 16 denied 401, …).
+async fn check_code(tg: &Tollgate, key: &str) -> i32 {
+    let mut c = tg.client().await;
+    c.check(key_header(key))
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap()
+        .code
+}
+
+/// Waits up to a second for Check's answer for `key` to be `want`.
+async fn check_becomes(tg: &Tollgate, key: &str, want: i32) {
+    let started = Instant::now();
+    loop {
+        let got = check_code(tg, key).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "Check still answers {got}, not {want}, after 1s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn assert_problem(a: &harness::admin::Answer, status: u16, error: &str) {
+    assert_eq!(a.status, status, "{}", a.text);
+    assert_eq!(a.content_type, "application/problem+json", "{}", a.text);
+    assert_eq!(a.body["status"], status, "{}", a.text);
+    assert_eq!(a.body["error"], error, "{}", a.text);
+    assert_eq!(a.body["type"], format!("urn:tollgate:error:{error}"));
+    assert!(a.body["detail"].as_str().is_some_and(|d| !d.is_empty()));
+    assert_eq!(a.body["detail"], a.body["message"]);
+}
+
+async fn rest_create_get_and_use_a_key(db: Db) {
+    let (tg, rest) = start(db).await;
+    let (secret, id, created) = create(
+        &rest,
+        json!({
+            "name": "  portal customer 42 ",
+            "limits": {"perMinute": "5", "daily": 1000, "refund5xx": true},
+        }),
+    )
+    .await;
+    assert!(tollgate::keys::is_well_formed(&secret), "{secret}");
+    let key = &created["key"];
+    assert_eq!(key["name"], "portal customer 42");
+    assert_eq!(key["status"], "KEY_STATUS_ACTIVE");
+    assert_eq!(key["prefix"], &secret[..11]);
+    // proto3 JSON: 64-bit integers as strings, every limit present or absent (unlimited).
+    assert_eq!(
+        key["limits"],
+        json!({"perMinute": "5", "daily": "1000", "refund5xx": true})
+    );
+    assert_eq!(key["effectivePerMinute"], "5");
+    assert!(key.get("expiresAt").is_none());
+    // Only the hash is stored.
+    let stored = format!(
+        "SELECT count(*) FROM api_keys WHERE key_hash = '{}' AND prefix = '{}'",
+        harness::admin::sha256_hex(&secret),
+        &secret[..11]
+    );
+    assert_eq!(tg.scalar(&stored).await, 1);
+    // Get: the key, never its secret again.
+    let got = rest.call("GET", &format!("/v1/keys/{id}"), None).await;
+    assert_eq!(got.status, 200);
+    assert_eq!(&got.body, key);
+    assert!(!got.text.contains(&secret));
+    // The key works through Check at once.
+    assert_eq!(check_code(&tg, &secret).await, 0);
+    // A key that expires.
+    let (_, _, expiring) = create(
+        &rest,
+        json!({"name": "trial", "expiresAt": "2027-01-01T00:00:00Z"}),
+    )
+    .await;
+    assert_eq!(expiring["key"]["expiresAt"], "2027-01-01T00:00:00Z");
+    assert_eq!(expiring["key"]["limits"], json!({"refund5xx": false}));
+    assert!(expiring["key"].get("effectivePerMinute").is_none());
+    tg.stop().await;
+}
+
+async fn rest_list_pages_and_filters(db: Db) {
+    let (tg, rest) = start(db).await;
+    let mut ids = Vec::new();
+    for name in ["acme-1", "acme-2", "acme-3", "beta-1", "acme_4", "ACME-5"] {
+        ids.push(create(&rest, json!({"name": name})).await.1);
+    }
+    let (_, expired, _) = create(
+        &rest,
+        json!({"name": "acme-old", "expiresAt": "2020-01-01T00:00:00Z"}),
+    )
+    .await;
+    let revoked = &ids[1];
+    let r = rest
+        .call(
+            "POST",
+            &format!("/v1/keys/{revoked}:revoke"),
+            Some(json!({})),
+        )
+        .await;
+    assert_eq!(r.body["status"], "KEY_STATUS_REVOKED");
+
+    // Pages of two, by name prefix (case-sensitive; `_` is no pattern), tokens to the end.
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let a = rest
+            .call(
+                "GET",
+                &format!("/v1/keys?namePrefix=acme-&pageSize=2&pageToken={token}"),
+                None,
+            )
+            .await;
+        assert_eq!(a.status, 200, "{}", a.text);
+        pages += 1;
+        let keys = a.body["keys"].as_array().unwrap();
+        assert!(keys.len() <= 2);
+        seen.extend(keys.iter().map(|k| k["name"].as_str().unwrap().to_string()));
+        token = a.body["nextPageToken"].as_str().unwrap().to_string();
+        if token.is_empty() {
+            break;
+        }
+        assert!(pages < 10, "pagination does not end");
+    }
+    assert_eq!(seen, ["acme-1", "acme-2", "acme-3", "acme-old"]);
+    assert_eq!(pages, 2);
+    // By status, as Check sees it now.
+    let names = |a: &harness::admin::Answer| -> Vec<String> {
+        a.body["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let a = rest
+        .call("GET", "/v1/keys?status=KEY_STATUS_REVOKED", None)
+        .await;
+    assert_eq!(names(&a), vec![revoked.to_string()]);
+    let a = rest
+        .call("GET", "/v1/keys?status=KEY_STATUS_EXPIRED", None)
+        .await;
+    assert_eq!(names(&a), vec![expired]);
+    let a = rest
+        .call(
+            "GET",
+            "/v1/keys?status=KEY_STATUS_ACTIVE&page_size=100",
+            None,
+        )
+        .await;
+    assert_eq!(a.body["keys"].as_array().unwrap().len(), 5);
+    assert_eq!(a.body["nextPageToken"], "");
+    let a = rest.call("GET", "/v1/keys", None).await;
+    assert_eq!(a.body["keys"].as_array().unwrap().len(), 7);
+
+    // Bounded and checked.
+    for (query, says) in [
+        ("pageSize=1001", "page_size"),
+        ("pageSize=-1", "page_size"),
+        ("pageSize=lots", "pageSize"),
+        ("pageToken=p1.1.0000000000000000", "page_token"),
+        ("status=KEY_STATUS_GONE", "status"),
+        ("colour=red", "unknown query parameter"),
+        ("pageSize=1&pageSize=2", "twice"),
+        (&format!("namePrefix={}", "x".repeat(201)), "name_prefix"),
+        ("namePrefix=%00", "name_prefix"),
+    ] {
+        let a = rest.call("GET", &format!("/v1/keys?{query}"), None).await;
+        assert_problem(&a, 400, "invalid_argument");
+        assert!(
+            a.body["detail"].as_str().unwrap().contains(says),
+            "{query}: {}",
+            a.text
+        );
+    }
+    // A token is only good with the filters it came with.
+    let a = rest.call("GET", "/v1/keys?pageSize=1", None).await;
+    let token = a.body["nextPageToken"].as_str().unwrap().to_string();
+    let a = rest
+        .call(
+            "GET",
+            &format!("/v1/keys?pageSize=1&namePrefix=beta&pageToken={token}"),
+            None,
+        )
+        .await;
+    assert_problem(&a, 400, "invalid_argument");
+    tg.stop().await;
+}
+
+async fn rest_update_is_all_or_nothing_and_reaches_check(db: Db) {
+    let (tg, rest) = start(db).await;
+    let (secret, id, _) = create(
+        &rest,
+        json!({"name": "metered", "limits": {"daily": "1", "monthly": "100"}}),
+    )
+    .await;
+    let path = format!("/v1/keys/{id}");
+    assert_eq!(check_code(&tg, &secret).await, 0);
+    assert_eq!(
+        check_code(&tg, &secret).await,
+        8,
+        "the daily limit of 1 holds"
+    );
+    // Without a mask: what is present changes.
+    let a = rest
+        .call("PATCH", &path, Some(json!({"limits": {"daily": "3"}})))
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(
+        a.body["limits"],
+        json!({"daily": "3", "monthly": "100", "refund5xx": false})
+    );
+    check_becomes(&tg, &secret, 0).await;
+    // With a mask: a named limit left out becomes unlimited; the name changes too.
+    let a = rest
+        .call(
+            "PATCH",
+            &path,
+            Some(json!({
+                "name": "metered-gold",
+                "expiresAt": "2030-01-01T00:00:00Z",
+                "updateMask": "name,limits.daily,limits.monthly,expiresAt",
+            })),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.body["name"], "metered-gold");
+    assert_eq!(a.body["limits"], json!({"refund5xx": false}));
+    assert_eq!(a.body["expiresAt"], "2030-01-01T00:00:00Z");
+    // An expiry in the past reaches Check: 403.
+    let a = rest
+        .call(
+            "PATCH",
+            &path,
+            Some(json!({"expiresAt": "2026-03-01T00:00:00Z"})),
+        )
+        .await;
+    assert_eq!(a.body["status"], "KEY_STATUS_EXPIRED", "{}", a.text);
+    check_becomes(&tg, &secret, 7).await;
+    let a = rest
+        .call("PATCH", &path, Some(json!({"updateMask": "expiresAt"})))
+        .await;
+    assert!(a.body.get("expiresAt").is_none(), "{}", a.text);
+    assert_eq!(a.body["status"], "KEY_STATUS_ACTIVE");
+    check_becomes(&tg, &secret, 0).await;
+
+    // A refused update changes nothing.
+    let before = rest.call("GET", &path, None).await.body;
+    for (body, says) in [
+        (
+            json!({"name": "renamed", "limits": {"daily": "0"}}),
+            "limits.daily: 0 is not a limit",
+        ),
+        (
+            json!({"name": "renamed", "limits": {"monthly": "-5"}}),
+            "limits.monthly",
+        ),
+        (
+            json!({"name": "renamed", "limits": {"perMinute": "9223372036854775808"}}),
+            "too large",
+        ),
+        (json!({"name": "  "}), "name: must not be empty"),
+        (json!({"name": "a\nb"}), "control characters"),
+        (json!({"name": "x".repeat(201)}), "longer than 200"),
+        (
+            json!({"name": "renamed", "updateMask": "prefix"}),
+            "update_mask",
+        ),
+        (
+            json!({"updateMask": "name"}),
+            "name: named in update_mask but absent",
+        ),
+        (json!({}), "nothing to change"),
+        (
+            json!({"name": "renamed", "colour": "red"}),
+            "unrecognized field name 'colour'",
+        ),
+        (json!({"id": "1", "name": "renamed"}), "comes from the path"),
+        (
+            json!({"name": "renamed", "expiresAt": "tomorrow"}),
+            "rfc3339",
+        ),
+    ] {
+        let a = rest.call("PATCH", &path, Some(body.clone())).await;
+        assert_problem(&a, 400, "invalid_argument");
+        assert!(
+            a.body["detail"].as_str().unwrap().contains(says),
+            "{body}: {}",
+            a.text
+        );
+    }
+    assert_eq!(rest.call("GET", &path, None).await.body, before);
+    tg.stop().await;
+}
+
+async fn rest_revoke_reaches_check_within_a_second(db: Db) {
+    let (tg, rest) = start(db).await;
+    let (secret, id, _) = create(&rest, json!({"name": "to revoke"})).await;
+    assert_eq!(check_code(&tg, &secret).await, 0);
+    let a = rest
+        .call("POST", &format!("/v1/keys/{id}:revoke"), None)
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.body["status"], "KEY_STATUS_REVOKED");
+    assert!(!a.text.contains(&secret));
+    check_becomes(&tg, &secret, 7).await;
+    // Again: still revoked, still 200.
+    let a = rest
+        .call("POST", &format!("/v1/keys/{id}:revoke"), Some(json!({})))
+        .await;
+    assert_eq!(a.body["status"], "KEY_STATUS_REVOKED");
+    tg.stop().await;
+}
+
+async fn rest_usage_from_counters_and_the_log(db: Db) {
+    let (tg, rest) = start(db).await;
+    let (secret, id, _) = create(&rest, json!({"name": "busy", "limits": {"daily": "3"}})).await;
+    for _ in 0..5 {
+        check_code(&tg, &secret).await;
+    }
+    tg.wait_for_count(
+        &format!("SELECT count(*) FROM api_requests_log WHERE api_key_id = {id}"),
+        5,
+    )
+    .await;
+    let a = rest
+        .call("GET", &format!("/v1/keys/{id}/usage"), None)
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(
+        a.body,
+        json!({
+            "keyId": id,
+            "today": "3",
+            "thisMonth": "3",
+            "total": "3",
+            "days": [{"day": t0().format("%Y-%m-%d").to_string(), "allowed": "3", "denied": "2"}],
+        })
+    );
+    // A new day: today starts from zero, the log keeps yesterday.
+    tg.clock.advance(chrono::Duration::days(1));
+    let a = rest
+        .call("GET", &format!("/v1/keys/{id}/usage?days=2"), None)
+        .await;
+    assert_eq!(a.body["today"], "0");
+    assert_eq!(a.body["thisMonth"], "3");
+    assert_eq!(a.body["days"].as_array().unwrap().len(), 1);
+    let a = rest
+        .call("GET", &format!("/v1/keys/{id}/usage?days=1"), None)
+        .await;
+    assert_eq!(a.body["days"], json!([]));
+    for q in ["days=367", "days=-1", "days=x"] {
+        let a = rest
+            .call("GET", &format!("/v1/keys/{id}/usage?{q}"), None)
+            .await;
+        assert_problem(&a, 400, "invalid_argument");
+    }
+    tg.stop().await;
+}
+
+async fn rest_errors_are_problems(db: Db) {
+    let (tg, rest) = start(db).await;
+    let (_, id, _) = create(&rest, json!({"name": "exists"})).await;
+    // No such key, whatever the operation.
+    for (method, path, body) in [
+        ("GET", "/v1/keys/987654".to_string(), None),
+        (
+            "PATCH",
+            "/v1/keys/987654".into(),
+            Some(json!({"name": "x"})),
+        ),
+        ("POST", "/v1/keys/987654:revoke".into(), None),
+        ("GET", "/v1/keys/987654/usage".into(), None),
+    ] {
+        let a = rest.call(method, &path, body).await;
+        assert_problem(&a, 404, "not_found");
+        assert!(a.text.contains("987654"), "{}", a.text);
+    }
+    // Not a route, not a method of it, not an id.
+    assert_problem(
+        &rest.call("GET", "/v1/nothing", None).await,
+        404,
+        "not_found",
+    );
+    assert_problem(&rest.call("GET", "/", None).await, 404, "not_found");
+    assert_problem(
+        &rest.call("DELETE", &format!("/v1/keys/{id}"), None).await,
+        405,
+        "method_not_allowed",
+    );
+    assert_problem(
+        &rest.call("PUT", "/v1/keys", None).await,
+        405,
+        "method_not_allowed",
+    );
+    let a = rest.call("GET", "/v1/keys/abc", None).await;
+    assert_problem(&a, 400, "invalid_argument");
+    let a = rest
+        .call("GET", "/v1/keys/99999999999999999999", None)
+        .await;
+    assert_problem(&a, 400, "invalid_argument");
+    // Bodies: JSON of the request's shape, bounded.
+    let big = format!("{{\"name\": \"{}\"}}", "x".repeat(70 * 1024));
+    let a = rest
+        .send(
+            "POST",
+            "/v1/keys",
+            Some("application/json"),
+            Some(big.into_bytes()),
+        )
+        .await;
+    assert_problem(&a, 413, "payload_too_large");
+    let a = rest
+        .send(
+            "POST",
+            "/v1/keys",
+            Some("text/plain"),
+            Some(b"name=x".to_vec()),
+        )
+        .await;
+    assert_problem(&a, 415, "unsupported_media_type");
+    for (body, says) in [
+        (
+            "{\"name\": \"x\", \"secret\": \"tg_mine\"}",
+            "unrecognized field name 'secret'",
+        ),
+        ("{\"name\": ", "CreateKeyRequest"),
+        ("[1, 2]", "CreateKeyRequest"),
+        ("{\"name\": \"x\"} {}", "trailing"),
+        ("{\"name\": 5}", "CreateKeyRequest"),
+        (
+            "{\"name\": \"x\", \"limits\": {\"daily\": 0}}",
+            "0 is not a limit",
+        ),
+        ("{\"name\": \"x\", \"limits\": {\"hourly\": 5}}", "hourly"),
+        ("{\"name\": \"\"}", "name: must not be empty"),
+        ("{}", "name: must not be empty"),
+    ] {
+        let a = rest
+            .send(
+                "POST",
+                "/v1/keys",
+                Some("application/json"),
+                Some(body.into()),
+            )
+            .await;
+        assert_problem(&a, 400, "invalid_argument");
+        assert!(
+            a.body["detail"].as_str().unwrap().contains(says),
+            "{body}: {}",
+            a.text
+        );
+    }
+    let a = rest
+        .call("POST", "/v1/keys?name=x", Some(json!({"name": "y"})))
+        .await;
+    assert_problem(&a, 400, "invalid_argument");
+    // Nothing was created by any of that.
+    assert_eq!(tg.scalar("SELECT count(*) FROM api_keys").await, 1);
+    // Every call counted.
+    let metrics = tg.metrics_text().await;
+    for series in [
+        r#"tollgate_admin_requests_total{method="CreateKey",transport="rest",code="ok"} 1"#,
+        r#"tollgate_admin_requests_total{method="GetKey",transport="rest",code="not_found"} 1"#,
+        r#"tollgate_admin_requests_total{method="unknown",transport="rest",code="method_not_allowed"} 2"#,
+    ] {
+        assert!(metrics.contains(series), "{series} in\n{metrics}");
+    }
+    tg.stop().await;
+}
+
+async fn rest_serves_its_openapi_document(db: Db) {
+    let (tg, rest) = start(db).await;
+    let a = rest.call("GET", "/v1/openapi.json", None).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(a.content_type, "application/json");
+    assert_eq!(a.body["openapi"], "3.0.3");
+    for (path, method) in [
+        ("/v1/keys", "post"),
+        ("/v1/keys", "get"),
+        ("/v1/keys/{id}", "get"),
+        ("/v1/keys/{id}", "patch"),
+        ("/v1/keys/{id}:revoke", "post"),
+        ("/v1/keys/{id}/usage", "get"),
+    ] {
+        assert!(a.body["paths"][path][method].is_object(), "{method} {path}");
+    }
+    assert_problem(
+        &rest.call("POST", "/v1/openapi.json", None).await,
+        405,
+        "method_not_allowed",
+    );
+    tg.stop().await;
+}
+
+every_database!(
+    rest_create_get_and_use_a_key,
+    rest_list_pages_and_filters,
+    rest_update_is_all_or_nothing_and_reaches_check,
+    rest_revoke_reaches_check_within_a_second,
+    rest_usage_from_counters_and_the_log,
+    rest_errors_are_problems,
+    rest_serves_its_openapi_document,
+);
