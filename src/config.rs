@@ -15,7 +15,8 @@ use serde_yaml::Value;
 
 use crate::limiter::Algorithm;
 pub use crate::limiter::RedisConfig;
-pub use crate::setting::{Dur, FailureMode, InvalidSetting, SecretUrl, redact_url};
+pub use crate::setting::{Dur, FailureMode, InvalidSetting, SecretUrl, error_chain, redact_url};
+pub use crate::tls::GrpcTlsConfig;
 
 /// Environment variable prefix.
 pub const ENV_PREFIX: &str = "TOLLGATE_";
@@ -31,6 +32,8 @@ pub struct Config {
     pub http_addr: SocketAddr,
     /// How the gRPC port treats its connections.
     pub grpc: GrpcConfig,
+    /// TLS (and mTLS) on the gRPC port; unset, it is plaintext.
+    pub grpc_tls: GrpcTlsConfig,
     /// Keys, usage quotas and the request log.
     pub database: DatabaseConfig,
     /// Per-minute windows; without a URL they are counted in this process.
@@ -58,6 +61,7 @@ impl Default for Config {
             grpc_addr: "127.0.0.1:8081".parse().expect("literal"),
             http_addr: "127.0.0.1:9090".parse().expect("literal"),
             grpc: GrpcConfig::default(),
+            grpc_tls: GrpcTlsConfig::default(),
             database: DatabaseConfig::default(),
             redis: RedisConfig::default(),
             authz: AuthzConfig::default(),
@@ -604,6 +608,7 @@ impl Config {
     fn validate(&self, source_name: &str) -> Result<(), ConfigError> {
         let each = || -> Result<(), InvalidSetting> {
             self.grpc.validate()?;
+            self.grpc_tls.validate()?;
             self.database.validate()?;
             self.redis.validate()?;
             self.authz.validate()?;

@@ -30,10 +30,11 @@ async fn main() -> ExitCode {
     match run(cli.command, config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tollgate: {e:#}");
-            // Bad rules are bad configuration.
+            eprintln!("tollgate: {}", tollgate::config::error_chain(e.as_ref()));
+            // Bad rules and certificate files are bad configuration.
             if e.downcast_ref::<tollgate::ratelimit::rules::RulesError>()
                 .is_some()
+                || e.downcast_ref::<tollgate::tls::TlsError>().is_some()
             {
                 ExitCode::from(EXIT_CONFIG)
             } else {
@@ -60,6 +61,15 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::CheckConfig => {
             for w in &config.warnings {
                 eprintln!("tollgate: warning: {w}");
+            }
+            if config.grpc_tls.enabled() {
+                let cert = tollgate::tls::GrpcTls::load(&config.grpc_tls)?.info();
+                println!(
+                    "gRPC TLS certificate is valid: serial {}, subject {}, expires {}.",
+                    cert.serial,
+                    cert.subject,
+                    cert.not_after_rfc3339()
+                );
             }
             if let Some(path) = &config.ratelimit.rules {
                 let rules = tollgate::ratelimit::rules::Rules::load(path)?;

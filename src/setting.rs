@@ -95,6 +95,23 @@ fn is_secret_param(name: &str) -> bool {
     ["pass", "secret", "token"].iter().any(|s| name.contains(s))
 }
 
+/// An error and its causes on one line, each said once: `a: b: c`. A cause whose text is on the
+/// line already is left out: error types that print their source in their own message (sqlx's,
+/// the store's) would otherwise say it two or three times.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
+}
+
 /// What a check does when a backend cannot answer (DESIGN rule 7).
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]

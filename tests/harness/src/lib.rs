@@ -15,6 +15,7 @@
 //! - [`redis`]: the shared Redis node and cluster, key prefixes, the keys on each node, and a
 //!   private Redis to stop.
 //! - [`net`]: free ports, the HTTP client, `/metrics`.
+//! - [`tls`]: certificates made in the test (a CA, server and client pairs), and TLS clients.
 
 pub mod check;
 pub mod cli;
@@ -24,3 +25,4 @@ pub mod net;
 pub mod redis;
 pub mod replica;
 pub mod server;
+pub mod tls;
