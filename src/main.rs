@@ -54,7 +54,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             App::build(config).await?.run(shutdown_signal()).await
         }
         Command::Migrate => {
-            store::open(&config.database, true).await?.close().await;
+            open_database(&config).await?.close().await;
             println!("Migrations applied to {}.", config.database.url);
             Ok(())
         }
@@ -82,18 +82,26 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Usage(args) => {
-            let stores = store::open(&config.database, true).await?;
+            let stores = open_database(&config).await?;
             let out = run_usage(args, &stores, chrono::Utc::now()).await;
             stores.close().await;
             print!("{}", out?);
             Ok(())
         }
         Command::Keys { command } => {
-            let stores = store::open(&config.database, true).await?;
+            let stores = open_database(&config).await?;
             let out = run_keys(command, &config, &stores, chrono::Utc::now()).await;
             stores.close().await;
             print!("{}", out?);
             Ok(())
         }
     }
+}
+
+/// The database the commands use, migrated; an error names it (without its secrets).
+async fn open_database(config: &Config) -> anyhow::Result<store::Stores> {
+    use anyhow::Context;
+    store::open(&config.database, true)
+        .await
+        .with_context(|| format!("cannot open database {}", config.database.url))
 }
