@@ -16,7 +16,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_client::RateLimitServiceClient;
 use harness::check::{allowed, key_header};
 use harness::cli::tollgate_command;
-use harness::net::{http_client, metrics_text};
+use harness::net::{http_client, http_text, metrics_text};
 use harness::replica::Replica;
 use harness::server::Tollgate;
 use harness::tls::{ENVOY_SPIFFE_ID, Pair, TestCa, serial_of, served_certificate, tls_channel};
@@ -255,14 +255,7 @@ async fn wait_for_serial(
 }
 
 async fn readyz(replica: &Replica) -> String {
-    http_client()
-        .get(format!("{}/readyz", replica.http))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
+    http_text(&replica.http, "/readyz").await
 }
 
 /// Waits (at most 10 s) until `/metrics` counts `n` failed renewals.
