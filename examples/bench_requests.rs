@@ -110,6 +110,9 @@ enum Command {
         /// Requests in flight at once.
         #[arg(long, default_value_t = 16)]
         concurrency: usize,
+        /// Speak TLS to tollgate, trusting this PEM CA for its certificate (named `tollgate`).
+        #[arg(long, value_name = "FILE")]
+        tls_ca: Option<PathBuf>,
         files: Vec<PathBuf>,
     },
     /// Writes pgbench scripts that run tollgate's PostgreSQL quota statement, as tollgate binds it
@@ -193,8 +196,9 @@ async fn main() -> anyhow::Result<()> {
             addr,
             api,
             concurrency,
+            tls_ca,
             files,
-        } => verify(&addr, api, concurrency, &files).await,
+        } => verify(&addr, api, concurrency, tls_ca.as_deref(), &files).await,
         Command::PgbenchScript {
             hot_id,
             min_id,
@@ -350,7 +354,13 @@ async fn create_keys(
     Ok(())
 }
 
-async fn verify(addr: &str, api: Api, concurrency: usize, args: &[PathBuf]) -> anyhow::Result<()> {
+async fn verify(
+    addr: &str,
+    api: Api,
+    concurrency: usize,
+    tls_ca: Option<&std::path::Path>,
+    args: &[PathBuf],
+) -> anyhow::Result<()> {
     let mut files = Vec::with_capacity(args.len());
     for arg in args {
         if arg.is_dir() {
@@ -368,7 +378,19 @@ async fn verify(addr: &str, api: Api, concurrency: usize, args: &[PathBuf]) -> a
     if files.is_empty() {
         bail!("no body files given");
     }
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+    let mut endpoint = tonic::transport::Endpoint::from_shared(match tls_ca {
+        None => format!("http://{addr}"),
+        Some(_) => format!("https://{addr}"),
+    })?;
+    if let Some(ca) = tls_ca {
+        let pem = std::fs::read(ca).with_context(|| format!("cannot read {}", ca.display()))?;
+        endpoint = endpoint.tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(pem))
+                .domain_name("tollgate"),
+        )?;
+    }
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(2))
         .timeout(Duration::from_secs(5))
         .connect()

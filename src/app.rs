@@ -43,6 +43,7 @@ use crate::reqlog::{self, OutcomeLog, RequestLog};
 use crate::store::batched::QuotaCounter;
 use crate::store::{self, Stores};
 use crate::telemetry::Metrics;
+use crate::tls::GrpcTls;
 
 /// A built, not yet running, tollgate.
 pub struct App {
@@ -60,6 +61,8 @@ pub struct App {
     authz: Arc<AuthzService>,
     ratelimit: Arc<RateLimitService>,
     limiter: Arc<dyn WindowLimiter>,
+    /// TLS on the gRPC port, when configured.
+    tls: Option<Arc<GrpcTls>>,
     log: RequestLog,
     outcomes: OutcomeLog,
     /// How quota is spent; blocks reserved and not spent are given back on flush.
@@ -105,10 +108,14 @@ impl App {
 
     /// Like [`App::build`], with the clock every time-dependent rule reads (tests set it).
     pub async fn build_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<App> {
-        // Rules first: a bad file stops the start before anything is opened.
+        // Rules and certificates first: a bad file stops the start before anything is opened.
         let rules = match &config.ratelimit.rules {
             Some(path) => Rules::load(path, config.ratelimit.merge_domains)?,
             None => Rules::default(),
+        };
+        let tls = match config.grpc_tls.enabled() {
+            true => Some(Arc::new(GrpcTls::load(&config.grpc_tls)?)),
+            false => None,
         };
         let grpc = TcpListener::bind(config.grpc_addr)
             .await
@@ -189,6 +196,7 @@ impl App {
             authz,
             ratelimit,
             limiter,
+            tls,
             log,
             outcomes,
             quotas,
@@ -232,7 +240,24 @@ impl App {
         let mut grpc_server = tokio::spawn(self.grpc_server(health_service));
         let mut http_server = tokio::spawn(self.http_server(shutting_down.clone()));
         let mut admin_server = self.admin_server().map(tokio::spawn);
-        tracing::info!(%grpc_addr, %http_addr, admin_addr = ?self.admin_addr, database = %self.config.database.url, "tollgate serving");
+        match &self.tls {
+            None => {
+                tracing::info!(%grpc_addr, %http_addr, admin_addr = ?self.admin_addr, database = %self.config.database.url, "tollgate serving")
+            }
+            Some(tls) => {
+                let cert = tls.info();
+                tracing::info!(
+                    %grpc_addr,
+                    %http_addr,
+                    admin_addr = ?self.admin_addr,
+                    database = %self.config.database.url,
+                    grpc_tls = if self.config.grpc_tls.client_ca_file.is_some() { "mtls" } else { "tls" },
+                    serial = %cert.serial,
+                    not_after = %cert.not_after_rfc3339(),
+                    "tollgate serving"
+                );
+            }
+        }
         let admin_stopped = async {
             match admin_server.as_mut() {
                 Some(server) => server.await,
@@ -320,6 +345,13 @@ impl App {
             stop.clone(),
         ));
         tasks.spawn(self.quotas.clone().run_flushes(stop.clone()));
+        if let Some(tls) = &self.tls {
+            tasks.spawn(crate::tls::reload::watch(
+                tls.clone(),
+                self.metrics.clone(),
+                stop.clone(),
+            ));
+        }
         if let Some(path) = self.config.ratelimit.rules.clone() {
             tasks.spawn(crate::ratelimit::reload::watch(
                 path,
@@ -334,11 +366,11 @@ impl App {
     }
 
     /// The gRPC port: health, Check, ShouldRateLimit and the access log, until
-    /// [`Stops::serving`].
+    /// [`Stops::serving`]; all of them behind TLS when `grpc_tls` is set.
     fn grpc_server<H: Health>(
         &mut self,
         health: HealthServer<H>,
-    ) -> impl Future<Output = Result<(), tonic::transport::Error>> + use<H> {
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> {
         let authz = AuthzGrpc::new(
             self.authz.clone(),
             self.config.authz.key_id_header.clone(),
@@ -357,7 +389,7 @@ impl App {
                 .max_connection_age(age.0)
                 .max_connection_age_grace(self.config.shutdown_timeout.0);
         }
-        server
+        let router = server
             .add_service(health)
             .add_service(AuthorizationServer::new(authz).max_decoding_message_size(max_message))
             .add_service(
@@ -370,11 +402,22 @@ impl App {
                     stop.clone(),
                 ))
                 .max_decoding_message_size(max_message),
-            )
-            .serve_with_incoming_shutdown(
+            );
+        match &self.tls {
+            None => Box::pin(router.serve_with_incoming_shutdown(
                 TcpIncoming::from(listener).with_nodelay(Some(true)),
                 stop.cancelled_owned(),
-            )
+            )),
+            Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
+                crate::tls::incoming::incoming(
+                    listener,
+                    tls.clone(),
+                    self.metrics.clone(),
+                    stop.clone(),
+                ),
+                stop.cancelled_owned(),
+            )),
+        }
     }
 
     /// The HTTP port: `/healthz`, `/readyz` and `/metrics`, until [`Stops::serving`].
@@ -390,6 +433,7 @@ impl App {
             limiter_failure: self.config.redis.failure_mode,
             cache: self.cache.clone(),
             log: self.log.clone(),
+            tls: self.tls.clone(),
             shutting_down,
         };
         axum::serve(self.http.take().expect("an App runs once"), router(state))

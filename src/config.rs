@@ -15,7 +15,8 @@ use serde_yaml::Value;
 
 use crate::limiter::Algorithm;
 pub use crate::limiter::RedisConfig;
-pub use crate::setting::{Dur, FailureMode, InvalidSetting, SecretUrl, redact_url};
+pub use crate::setting::{Dur, FailureMode, InvalidSetting, SecretUrl, error_chain, redact_url};
+pub use crate::tls::GrpcTlsConfig;
 
 /// Environment variable prefix.
 pub const ENV_PREFIX: &str = "TOLLGATE_";
@@ -36,6 +37,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// How the gRPC port treats its connections.
     pub grpc: GrpcConfig,
+    /// TLS (and mTLS) on the gRPC port; unset, it is plaintext.
+    pub grpc_tls: GrpcTlsConfig,
     /// Keys, usage quotas and the request log.
     pub database: DatabaseConfig,
     /// Per-minute windows; without a URL they are counted in this process.
@@ -65,6 +68,7 @@ impl Default for Config {
             admin_addr: None,
             admin: AdminConfig::default(),
             grpc: GrpcConfig::default(),
+            grpc_tls: GrpcTlsConfig::default(),
             database: DatabaseConfig::default(),
             redis: RedisConfig::default(),
             authz: AuthzConfig::default(),
@@ -669,6 +673,7 @@ impl Config {
         let each = || -> Result<(), InvalidSetting> {
             self.admin.validate(self.admin_addr)?;
             self.grpc.validate()?;
+            self.grpc_tls.validate()?;
             self.database.validate()?;
             self.redis.validate()?;
             self.authz.validate()?;

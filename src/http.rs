@@ -17,6 +17,7 @@ use crate::limiter::WindowLimiter;
 use crate::reqlog::RequestLog;
 use crate::store::KeyStore;
 use crate::telemetry::Metrics;
+use crate::tls::GrpcTls;
 
 /// What the HTTP handlers read.
 #[derive(Clone)]
@@ -28,6 +29,8 @@ pub struct HttpState {
     pub limiter_failure: FailureMode,
     pub cache: Arc<KeyCache>,
     pub log: RequestLog,
+    /// The gRPC port's TLS, whose served certificate `/readyz` names.
+    pub tls: Option<Arc<GrpcTls>>,
     pub shutting_down: Arc<AtomicBool>,
 }
 
@@ -85,12 +88,41 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
             }
         }
     }
+    if let Some(tls) = &state.tls {
+        body.push_str(&tls_line(tls));
+    }
     let status = if ready {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, body)
+}
+
+/// Which certificate the gRPC port serves, and whether its last renewal failed: serial, subject
+/// and expiry (nothing secret). Readiness does not depend on it: every replica renews from the
+/// same files, so failing readiness on a bad renewal would take them all out at once while the
+/// certificate they serve is still good.
+fn tls_line(tls: &GrpcTls) -> String {
+    let cert = tls.info();
+    let expired = if cert.not_after < chrono::Utc::now().timestamp() {
+        " (EXPIRED)"
+    } else {
+        ""
+    };
+    let mut line = format!(
+        "grpc tls: serving certificate serial {}, subject {}, expires {}{expired}",
+        cert.serial,
+        cert.subject,
+        cert.not_after_rfc3339()
+    );
+    if let Some(failure) = tls.last_failure() {
+        line.push_str(&format!(
+            "; the renewed files do not load, so this one stays: {failure}"
+        ));
+    }
+    line.push('\n');
+    line
 }
 
 async fn metrics(State(state): State<HttpState>) -> impl IntoResponse {

@@ -22,6 +22,7 @@
 //!   per backend per seam (SQLite, the embedded default, and PostgreSQL).
 //! - [`reqlog`]: the bounded queue and batch writer of the request log, and its maintenance.
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`tls`]: TLS and mTLS on the gRPC port, and certificates renewed while serving.
 //! - [`telemetry`]: logging setup and metrics.
 //! - [`clock`]: time, settable in tests.
 //! - [`cli`]: the command line and the `tollgate keys` and `tollgate usage` commands.
@@ -46,3 +47,4 @@ pub(crate) mod reqlog;
 pub(crate) mod setting;
 pub mod store;
 pub mod telemetry;
+pub mod tls;

@@ -30,10 +30,11 @@ async fn main() -> ExitCode {
     match run(cli.command, config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("tollgate: {e:#}");
-            // Bad rules are bad configuration.
+            eprintln!("tollgate: {}", tollgate::config::error_chain(e.as_ref()));
+            // Bad rules and certificate files are bad configuration.
             if e.downcast_ref::<tollgate::ratelimit::rules::RulesError>()
                 .is_some()
+                || e.downcast_ref::<tollgate::tls::TlsError>().is_some()
             {
                 ExitCode::from(EXIT_CONFIG)
             } else {
@@ -53,13 +54,22 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             App::build(config).await?.run(shutdown_signal()).await
         }
         Command::Migrate => {
-            store::open(&config.database, true).await?.close().await;
+            open_database(&config).await?.close().await;
             println!("Migrations applied to {}.", config.database.url);
             Ok(())
         }
         Command::CheckConfig => {
             for w in &config.warnings {
                 eprintln!("tollgate: warning: {w}");
+            }
+            if config.grpc_tls.enabled() {
+                let cert = tollgate::tls::GrpcTls::load(&config.grpc_tls)?.info();
+                println!(
+                    "gRPC TLS certificate is valid: serial {}, subject {}, expires {}.",
+                    cert.serial,
+                    cert.subject,
+                    cert.not_after_rfc3339()
+                );
             }
             if let Some(path) = &config.ratelimit.rules {
                 let rules =
@@ -73,18 +83,26 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Usage(args) => {
-            let stores = store::open(&config.database, true).await?;
+            let stores = open_database(&config).await?;
             let out = run_usage(args, &stores, chrono::Utc::now()).await;
             stores.close().await;
             print!("{}", out?);
             Ok(())
         }
         Command::Keys { command } => {
-            let stores = store::open(&config.database, true).await?;
+            let stores = open_database(&config).await?;
             let out = run_keys(command, &config, &stores, chrono::Utc::now()).await;
             stores.close().await;
             print!("{}", out?);
             Ok(())
         }
     }
+}
+
+/// The database the commands use, migrated; an error names it (without its secrets).
+async fn open_database(config: &Config) -> anyhow::Result<store::Stores> {
+    use anyhow::Context;
+    store::open(&config.database, true)
+        .await
+        .with_context(|| format!("cannot open database {}", config.database.url))
 }

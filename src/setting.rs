@@ -53,7 +53,8 @@ impl std::fmt::Display for SecretUrl {
 
 /// A URL as it may be shown: `scheme://user:secret@host/…?password=secret` →
 /// `scheme://user:***@host/…?password=***` (any query parameter whose name holds `pass`,
-/// `secret` or `token`).
+/// `secret` or `token`, and libpq's TLS parameters but `sslmode`: where the keys and
+/// certificates are is nobody's business in a log).
 pub fn redact_url(url: &str) -> String {
     let (base, query) = match url.split_once('?') {
         Some((base, query)) => (base, Some(query)),
@@ -89,10 +90,29 @@ fn redact_user_info(url: &str) -> String {
     }
 }
 
-/// Query parameters whose value is a credential (`password`, libpq's `sslpassword`, a token…).
+/// Query parameters whose value is a credential (`password`, libpq's `sslpassword`, a token…)
+/// or says where one is (`sslkey`, `sslcert`, `sslrootcert`, and sqlx's `ssl-key` spellings).
 fn is_secret_param(name: &str) -> bool {
-    let name = name.to_ascii_lowercase();
+    let name = name.to_ascii_lowercase().replace(['-', '_'], "");
     ["pass", "secret", "token"].iter().any(|s| name.contains(s))
+        || (name.starts_with("ssl") && name != "sslmode")
+}
+
+/// An error and its causes on one line, each said once: `a: b: c`. A cause whose text is on the
+/// line already is left out: error types that print their source in their own message (sqlx's,
+/// the store's) would otherwise say it two or three times.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut line = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+        cause = c.source();
+    }
+    line
 }
 
 /// What a check does when a backend cannot answer (DESIGN rule 7).
@@ -127,6 +147,29 @@ impl InvalidSetting {
 mod tests {
     use super::*;
 
+    /// An error that prints its source in its own message, as sqlx's and the store's do.
+    #[derive(Debug, thiserror::Error)]
+    #[error("database unavailable: {0}")]
+    struct Saying(#[source] std::io::Error);
+
+    #[test]
+    fn each_cause_is_said_once() {
+        let e = anyhow::Error::new(Saying(std::io::Error::other("invalid peer certificate")))
+            .context("cannot open database postgres://db/x");
+        assert_eq!(
+            format!("{e:#}"),
+            "cannot open database postgres://db/x: database unavailable: invalid peer \
+             certificate: invalid peer certificate",
+            "anyhow alone says it twice"
+        );
+        assert_eq!(
+            error_chain(e.as_ref()),
+            "cannot open database postgres://db/x: database unavailable: invalid peer certificate"
+        );
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(error_chain(e.as_ref()), "outer: inner");
+    }
+
     #[test]
     fn passwords_are_redacted() {
         assert_eq!(
@@ -147,6 +190,14 @@ mod tests {
         assert_eq!(
             redact_url("redis://h:6379/0?token=abc"),
             "redis://h:6379/0?token=***"
+        );
+        assert_eq!(
+            redact_url(
+                "postgres://u:pw@db/x?sslmode=verify-full&sslrootcert=/ca.crt&sslcert=/c.crt&\
+                 sslkey=/k.key&ssl-key=/k2.key&sslpassword=pp"
+            ),
+            "postgres://u:***@db/x?sslmode=verify-full&sslrootcert=***&sslcert=***&\
+             sslkey=***&ssl-key=***&sslpassword=***"
         );
         let s = SecretUrl("redis://:pw@h:6379".into());
         assert!(!format!("{s:?}").contains("pw"));

@@ -179,6 +179,14 @@ pub struct Metrics {
     pub access_log_dropped: Counter,
     /// Requests whose quota was given back because the upstream answered 5xx.
     pub quota_refunds: Counter,
+    /// gRPC TLS: handshakes refused or not finished in time, certificate renewals by result,
+    /// whether the last one failed (the pair before it still served), and the served
+    /// certificate's notAfter (Unix seconds; 0 without TLS).
+    pub grpc_tls_handshake_failures: Counter,
+    pub grpc_tls_reloads_ok: Counter,
+    pub grpc_tls_reloads_failed: Counter,
+    pub grpc_tls_last_reload_failed: std::sync::atomic::AtomicBool,
+    pub grpc_tls_not_after: std::sync::atomic::AtomicI64,
     pub reqlog_written: Counter,
     pub reqlog_dropped: Counter,
     pub reqlog_failed: Counter,
@@ -362,6 +370,32 @@ impl Metrics {
             "# HELP tollgate_rules_last_reload_failed Whether the last reload failed, leaving older rules in force.\n\
              # TYPE tollgate_rules_last_reload_failed gauge\ntollgate_rules_last_reload_failed {}",
             u8::from(self.rules_last_reload_failed.load(Relaxed))
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_grpc_tls_handshake_failures_total TLS handshakes on the gRPC port refused or not finished in time.\n\
+             # TYPE tollgate_grpc_tls_handshake_failures_total counter\ntollgate_grpc_tls_handshake_failures_total {}",
+            self.grpc_tls_handshake_failures.get()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_grpc_tls_reloads_total Renewed gRPC TLS certificates by result.\n\
+             # TYPE tollgate_grpc_tls_reloads_total counter\n\
+             tollgate_grpc_tls_reloads_total{{result=\"ok\"}} {}\ntollgate_grpc_tls_reloads_total{{result=\"error\"}} {}",
+            self.grpc_tls_reloads_ok.get(),
+            self.grpc_tls_reloads_failed.get()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_grpc_tls_last_reload_failed Whether the last renewal did not load, leaving the certificate before it served.\n\
+             # TYPE tollgate_grpc_tls_last_reload_failed gauge\ntollgate_grpc_tls_last_reload_failed {}",
+            u8::from(self.grpc_tls_last_reload_failed.load(Relaxed))
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_grpc_tls_certificate_not_after_seconds When the served gRPC certificate expires (Unix time; 0 without TLS).\n\
+             # TYPE tollgate_grpc_tls_certificate_not_after_seconds gauge\ntollgate_grpc_tls_certificate_not_after_seconds {}",
+            self.grpc_tls_not_after.load(Relaxed)
         );
         out.push_str("# HELP tollgate_key_cache_lookups_total Key lookups by cache outcome.\n");
         out.push_str("# TYPE tollgate_key_cache_lookups_total counter\n");

@@ -1,11 +1,124 @@
-//! End to end: HTTP clients → real Envoy (envoy/ext_authz.yaml) → tollgate → demo upstream.
-//! What is asserted is what an API client sees.
+//! End to end: HTTP clients → real Envoy → tollgate → demo upstream. What is asserted is what an
+//! API client sees. Every case runs twice: with Envoy reaching tollgate in plaintext
+//! (envoy/ext_authz.yaml, as a sidecar on loopback), and over mTLS (envoy/ext_authz_mtls.yaml:
+//! Envoy presents a client certificate with a SPIFFE ID and checks tollgate's; tollgate admits
+//! only that ID), as the tests `plaintext::CASE` and `mtls::CASE`.
+
+use std::net::SocketAddr;
 
 use chrono::Duration as Span;
 use harness::envoy::Envoy;
 use harness::net::{free_port, http_client};
 use harness::server::{Tollgate, limits, t0};
+use harness::tls::{ENVOY_SPIFFE_ID, TestCa};
+use tollgate::config::{Config, GrpcTlsConfig};
 use tollgate::keys::Limits;
+
+/// How Envoy reaches tollgate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hop {
+    Plaintext,
+    Mtls,
+}
+
+/// The certificates of an mTLS run, in a directory that lives as long as the test.
+struct Pki {
+    dir: tempfile::TempDir,
+    tollgate: GrpcTlsConfig,
+}
+
+impl Pki {
+    /// A CA; tollgate's pair from it; Envoy's client pair (its SPIFFE ID), laid out as
+    /// envoy/ext_authz_mtls.yaml expects.
+    fn new() -> Pki {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new("tollgate test CA");
+        let (cert, key) = ca.server(1).write(dir.path(), "tollgate");
+        let ca_file = ca.write(dir.path(), "ca.crt");
+        ca.client("envoy", &[ENVOY_SPIFFE_ID])
+            .write(dir.path(), "tls");
+        Pki {
+            tollgate: GrpcTlsConfig {
+                cert_file: Some(cert),
+                key_file: Some(key),
+                client_ca_file: Some(ca_file),
+                allowed_client_sans: vec![ENVOY_SPIFFE_ID.into()],
+            },
+            dir,
+        }
+    }
+}
+
+/// A tollgate configured by `tweak`, and Envoy in front of it reaching it over `hop`. The last
+/// value holds the certificates of an mTLS run: keep it until the end of the test.
+async fn start(hop: Hop, tweak: impl FnOnce(&mut Config)) -> (Tollgate, Envoy, Option<Pki>) {
+    let pki = (hop == Hop::Mtls).then(Pki::new);
+    let tls = pki.as_ref().map(|p| p.tollgate.clone());
+    let tg = Tollgate::start_with(|c| {
+        if let Some(tls) = tls {
+            c.grpc_tls = tls;
+        }
+        tweak(c)
+    })
+    .await;
+    let envoy = envoy(hop, tg.grpc, pki.as_ref()).await;
+    (tg, envoy, pki)
+}
+
+/// Envoy in front of a tollgate at `grpc`, over `hop` (with `pki`'s client files for mTLS).
+async fn envoy(hop: Hop, grpc: SocketAddr, pki: Option<&Pki>) -> Envoy {
+    match (hop, pki) {
+        (Hop::Plaintext, _) => Envoy::start("ext_authz.yaml", grpc).await,
+        (Hop::Mtls, Some(pki)) => {
+            let dir = format!("{}/", pki.dir.path().display());
+            Envoy::start_with(
+                "ext_authz_mtls.yaml",
+                grpc,
+                &[("/etc/envoy/tollgate-client/", &dir)],
+            )
+            .await
+        }
+        (Hop::Mtls, None) => panic!("mTLS needs certificates"),
+    }
+}
+
+/// Runs each `async fn CASE(hop: Hop)` over both hops, as `plaintext::CASE` and `mtls::CASE`.
+macro_rules! over_both_hops {
+    ($($case:ident),* $(,)?) => {
+        mod plaintext {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::Hop::Plaintext).await
+                }
+            )*
+        }
+        mod mtls {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::Hop::Mtls).await
+                }
+            )*
+        }
+    };
+}
+
+over_both_hops!(
+    allowed_request_reaches_upstream_with_key_id_and_rate_limit_headers,
+    bearer_key_passes_and_authorization_reaches_upstream_unless_hidden,
+    missing_and_unknown_keys_are_401_problems,
+    revoked_and_expired_keys_are_403_problems,
+    per_minute_limit_is_429_with_retry_after,
+    daily_quota_is_429_until_midnight_then_the_new_day_is_allowed,
+    monthly_quota_is_429_until_the_first,
+    two_hundred_concurrent_requests_on_a_daily_limit_of_50_let_exactly_50_through,
+    a_route_with_a_cost_spends_that_much,
+    tollgate_unreachable_is_503_not_an_open_door,
+    envoys_access_log_completes_each_row_with_the_answer,
+    a_key_that_asks_gets_its_quota_back_when_the_upstream_fails,
+    only_the_failed_request_is_refunded_when_two_share_a_request_id,
+);
 
 struct Reply {
     status: u16,
@@ -46,10 +159,8 @@ async fn get_at(envoy: &Envoy, path: &str, headers: &[(&str, &str)]) -> Reply {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn allowed_request_reaches_upstream_with_key_id_and_rate_limit_headers() {
-    let tg = Tollgate::start_with(|c| c.authz.hide_credentials = true).await;
-    let envoy = Envoy::start("ext_authz.yaml", tg.grpc).await;
+async fn allowed_request_reaches_upstream_with_key_id_and_rate_limit_headers(hop: Hop) {
+    let (tg, envoy, _pki) = start(hop, |c| c.authz.hide_credentials = true).await;
     let (key, id) = tg
         .create_key("shop", limits(Some(100), Some(5), None))
         .await;
@@ -91,10 +202,8 @@ async fn allowed_request_reaches_upstream_with_key_id_and_rate_limit_headers() {
     tg.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bearer_key_passes_and_authorization_reaches_upstream_unless_hidden() {
-    let tg = Tollgate::start().await;
-    let envoy = Envoy::start("ext_authz.yaml", tg.grpc).await;
+async fn bearer_key_passes_and_authorization_reaches_upstream_unless_hidden(hop: Hop) {
+    let (tg, envoy, _pki) = start(hop, |_| {}).await;
     let (key, _) = tg.create_key("b", Limits::default()).await;
     let bearer = format!("Bearer {key}");
     let r = get(&envoy, &[("authorization", &bearer)]).await;
@@ -105,10 +214,8 @@ async fn bearer_key_passes_and_authorization_reaches_upstream_unless_hidden() {
     tg.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn missing_and_unknown_keys_are_401_problems() {
-    let tg = Tollgate::start().await;
-    let envoy = Envoy::start("ext_authz.yaml", tg.grpc).await;
+async fn missing_and_unknown_keys_are_401_problems(hop: Hop) {
+    let (tg, envoy, _pki) = start(hop, |_| {}).await;
     let r = get(&envoy, &[]).await;
     assert_eq!(r.status, 401);
     assert_eq!(
@@ -132,10 +239,8 @@ async fn missing_and_unknown_keys_are_401_problems() {
     tg.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revoked_and_expired_keys_are_403_problems() {
-    let tg = Tollgate::start().await;
-    let envoy = Envoy::start("ext_authz.yaml", tg.grpc).await;
+async fn revoked_and_expired_keys_are_403_problems(hop: Hop) {
+    let (tg, envoy, _pki) = start(hop, |_| {}).await;
     let (revoked, id) = tg.create_key("r", Limits::default()).await;
     let (expiring, _) = tg
         .create_key_expiring("e", Limits::default(), Some(t0() + Span::hours(1)))
@@ -153,10 +258,8 @@ async fn revoked_and_expired_keys_are_403_problems() {
     tg.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn per_minute_limit_is_429_with_retry_after() {
-    let tg = Tollgate::start().await;
-    let envoy = Envoy::start("ext_authz.yaml", tg.grpc).await;
+async fn per_minute_limit_is_429_with_retry_after(hop: Hop) {
+    let (tg, envoy, _pki) = start(hop, |_| {}).await;
     let (key, id) = tg.create_key("pm", limits(Some(2), Some(10), None)).await;
     for _ in 0..2 {
         assert_eq!(get(&envoy, &[("x-api-key", &key)]).await.status, 200);
@@ -179,10 +282,8 @@ async fn per_minute_limit_is_429_with_retry_after() {
     tg.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn daily_quota_is_429_until_midnight_then_the_new_day_is_allowed() {
-    let tg = Tollgate::start().await;
-    let envoy = Envoy::start("ext_authz.yaml", tg.grpc).await;
+async fn daily_quota_is_429_until_midnight_then_the_new_day_is_allowed(hop: Hop) {
+    let (tg, envoy, _pki) = start(hop, |_| {}).await;
     let (key, _) = tg.create_key("d", limits(None, Some(3), None)).await;
     for _ in 0..3 {
         assert_eq!(get(&envoy, &[("x-api-key", &key)]).await.status, 200);
@@ -203,10 +304,8 @@ async fn daily_quota_is_429_until_midnight_then_the_new_day_is_allowed() {
     tg.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn monthly_quota_is_429_until_the_first() {
-    let tg = Tollgate::start().await;
-    let envoy = Envoy::start("ext_authz.yaml", tg.grpc).await;
+async fn monthly_quota_is_429_until_the_first(hop: Hop) {
+    let (tg, envoy, _pki) = start(hop, |_| {}).await;
     let (key, _) = tg.create_key("m", limits(None, None, Some(1))).await;
     assert_eq!(get(&envoy, &[("x-api-key", &key)]).await.status, 200);
     let r = get(&envoy, &[("x-api-key", &key)]).await;
@@ -220,10 +319,8 @@ async fn monthly_quota_is_429_until_the_first() {
     tg.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_hundred_concurrent_requests_on_a_daily_limit_of_50_let_exactly_50_through() {
-    let tg = Tollgate::start().await;
-    let envoy = Envoy::start("ext_authz.yaml", tg.grpc).await;
+async fn two_hundred_concurrent_requests_on_a_daily_limit_of_50_let_exactly_50_through(hop: Hop) {
+    let (tg, envoy, _pki) = start(hop, |_| {}).await;
     let (key, id) = tg.create_key("burst", limits(None, Some(50), None)).await;
     let client = http_client();
     let url = envoy.url("/v1/things");
@@ -256,10 +353,8 @@ async fn two_hundred_concurrent_requests_on_a_daily_limit_of_50_let_exactly_50_t
     assert_eq!(db.scalar(&logged).await, 50);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_route_with_a_cost_spends_that_much() {
-    let tg = Tollgate::start().await;
-    let envoy = Envoy::start("ext_authz.yaml", tg.grpc).await;
+async fn a_route_with_a_cost_spends_that_much(hop: Hop) {
+    let (tg, envoy, _pki) = start(hop, |_| {}).await;
     let (key, id) = tg.create_key("costly", limits(None, Some(25), None)).await;
     let client = http_client();
     let report = |key: &str| {
@@ -288,20 +383,18 @@ async fn a_route_with_a_cost_spends_that_much() {
     tg.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tollgate_unreachable_is_503_not_an_open_door() {
+async fn tollgate_unreachable_is_503_not_an_open_door(hop: Hop) {
     // A port nothing listens on.
     let nowhere: std::net::SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let envoy = Envoy::start("ext_authz.yaml", nowhere).await;
+    let pki = (hop == Hop::Mtls).then(Pki::new);
+    let envoy = envoy(hop, nowhere, pki.as_ref()).await;
     let r = get(&envoy, &[("x-api-key", "tg_whatever")]).await;
     assert_eq!(r.status, 503);
     assert!(r.header("x-echo-tollgate-key-id").is_none());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn envoys_access_log_completes_each_row_with_the_answer() {
-    let tg = Tollgate::start().await;
-    let envoy = Envoy::start("ext_authz.yaml", tg.grpc).await;
+async fn envoys_access_log_completes_each_row_with_the_answer(hop: Hop) {
+    let (tg, envoy, _pki) = start(hop, |_| {}).await;
     let (key, id) = tg.create_key("logged", Limits::default()).await;
     let client = http_client();
     let send = |path: &str, key: Option<&str>, rid: &str| {
@@ -367,10 +460,8 @@ async fn envoys_access_log_completes_each_row_with_the_answer() {
     tg.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_key_that_asks_gets_its_quota_back_when_the_upstream_fails() {
-    let tg = Tollgate::start().await;
-    let envoy = Envoy::start("ext_authz.yaml", tg.grpc).await;
+async fn a_key_that_asks_gets_its_quota_back_when_the_upstream_fails(hop: Hop) {
+    let (tg, envoy, _pki) = start(hop, |_| {}).await;
     let refunding = Limits {
         daily: Some(2),
         refund_5xx: true,
@@ -403,10 +494,8 @@ async fn a_key_that_asks_gets_its_quota_back_when_the_upstream_fails() {
 /// Two requests under one client-chosen `x-request-id`, a 200 and an upstream 503, for a key with
 /// `refund_5xx`: Envoy's access log brings back each Check's own minted id, so exactly the 503's
 /// row is refunded and the 200's row is completed with its 200.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn only_the_failed_request_is_refunded_when_two_share_a_request_id() {
-    let tg = Tollgate::start().await;
-    let envoy = Envoy::start("ext_authz.yaml", tg.grpc).await;
+async fn only_the_failed_request_is_refunded_when_two_share_a_request_id(hop: Hop) {
+    let (tg, envoy, _pki) = start(hop, |_| {}).await;
     let refunding = Limits {
         daily: Some(10),
         refund_5xx: true,
@@ -433,4 +522,39 @@ async fn only_the_failed_request_is_refunded_when_two_share_a_request_id() {
     assert_eq!(tg.scalar(kept).await, 1);
     assert_eq!(tg.stores.quotas.usage(id, t0()).await.unwrap().daily, 1);
     tg.stop().await;
+}
+
+/// envoy/ext_authz_mtls.yaml is envoy/ext_authz.yaml with TLS on the tollgate cluster, and
+/// nothing else: what the plaintext runs show holds for it too.
+#[test]
+fn the_mtls_config_is_the_plaintext_one_with_tls_to_tollgate() {
+    let read = |file: &str| -> serde_yaml::Value {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("envoy")
+            .join(file);
+        serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    };
+    let plaintext = read("ext_authz.yaml");
+    let mut mtls = read("ext_authz_mtls.yaml");
+    let clusters = mtls["static_resources"]["clusters"]
+        .as_sequence_mut()
+        .unwrap();
+    let tollgate = clusters
+        .iter_mut()
+        .find(|c| c["name"] == "tollgate")
+        .unwrap();
+    let socket = tollgate
+        .as_mapping_mut()
+        .unwrap()
+        .remove("transport_socket")
+        .expect("the tollgate cluster has a transport_socket");
+    let tls = &socket["typed_config"];
+    assert_eq!(
+        tls["@type"],
+        "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+    );
+    let common = &tls["common_tls_context"];
+    assert!(common["tls_certificates"][0]["certificate_chain"]["filename"].is_string());
+    assert!(common["validation_context"]["trusted_ca"]["filename"].is_string());
+    assert_eq!(mtls, plaintext);
 }

@@ -1,13 +1,12 @@
 //! PostgreSQL-specific guarantees: the indexes tollgate's lookups use, concurrent migration, and
 //! what happens when the server goes away and comes back (on a private server the test owns).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use harness::check::key_header;
 use harness::db::{Db, TestDb, scalar};
-use harness::net::free_port;
+use harness::pg::{Frozen, PrivatePostgres};
 use harness::server::{Tollgate, t0};
 use tollgate::config::{FailureMode, SecretUrl};
 use tollgate::keys::Limits;
@@ -132,133 +131,6 @@ async fn replicas_starting_together_migrate_once() {
             .await,
         files
     );
-}
-
-/// A PostgreSQL server of the test's own, in a temporary directory, on a free port.
-struct PrivatePostgres {
-    bin: PathBuf,
-    data: PathBuf,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-fn postgres_bin() -> PathBuf {
-    let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
-        .expect("PostgreSQL server binaries under /usr/lib/postgresql")
-        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
-        .filter(|p| p.join("pg_ctl").exists())
-        .collect();
-    versions.sort();
-    versions.pop().expect("a PostgreSQL version with pg_ctl")
-}
-
-/// Runs a PostgreSQL tool as the `postgres` user (the server refuses to run as root).
-fn as_postgres(bin: &Path, tool: &str, args: &[&str]) {
-    let tool = bin.join(tool);
-    let mut cmd = if is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(&tool);
-        c
-    } else {
-        Command::new(&tool)
-    };
-    let out = cmd.args(args).output().expect("postgres tool runs");
-    assert!(out.status.success(), "{tool:?} {args:?}: {out:?}");
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
-impl PrivatePostgres {
-    fn start() -> PrivatePostgres {
-        let dir = tempfile::tempdir().unwrap();
-        if is_root() {
-            Command::new("chown")
-                .args(["-R", "postgres:postgres"])
-                .arg(dir.path())
-                .status()
-                .unwrap();
-        }
-        let bin = postgres_bin();
-        let data = dir.path().join("data");
-        as_postgres(
-            &bin,
-            "initdb",
-            &[
-                "-D",
-                data.to_str().unwrap(),
-                "-A",
-                "trust",
-                "-U",
-                "postgres",
-                "--no-sync",
-            ],
-        );
-        let pg = PrivatePostgres {
-            bin,
-            data,
-            port: free_port(),
-            _dir: dir,
-        };
-        pg.up();
-        pg
-    }
-
-    fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
-    }
-
-    fn up(&self) {
-        let opts = format!(
-            "-p {} -c listen_addresses=127.0.0.1 -k {} -c fsync=off",
-            self.port,
-            self.data.display()
-        );
-        as_postgres(
-            &self.bin,
-            "pg_ctl",
-            &[
-                "-D",
-                self.data.to_str().unwrap(),
-                "-o",
-                &opts,
-                "-w",
-                "-l",
-                &format!("{}/log", self.data.display()),
-                "start",
-            ],
-        );
-    }
-
-    fn down(&self) {
-        as_postgres(
-            &self.bin,
-            "pg_ctl",
-            &[
-                "-D",
-                self.data.to_str().unwrap(),
-                "-m",
-                "immediate",
-                "-w",
-                "stop",
-            ],
-        );
-    }
-}
-
-impl Drop for PrivatePostgres {
-    fn drop(&mut self) {
-        let _ = Command::new("runuser")
-            .args(["-u", "postgres", "--"])
-            .arg(self.bin.join("pg_ctl"))
-            .args(["-D", self.data.to_str().unwrap(), "-m", "immediate", "stop"])
-            .output();
-    }
 }
 
 /// The outage tests count their checks in one counter: they take turns.
@@ -429,45 +301,6 @@ async fn a_flood_of_unknown_keys_does_not_starve_quota_statements() {
     tg.stop().await;
 }
 
-/// Processes of a private server stopped with SIGSTOP, as a frozen host or a partition looks to
-/// its clients: sockets stay open and nothing answers. They go on when this is dropped.
-struct Frozen(Vec<String>);
-
-impl Frozen {
-    fn pids(pids: Vec<String>) -> Frozen {
-        signal("-STOP", &pids);
-        Frozen(pids)
-    }
-
-    /// The whole server: the postmaster and every process it started.
-    fn server(pg: &PrivatePostgres) -> Frozen {
-        let pid_file = std::fs::read_to_string(pg.data.join("postmaster.pid")).unwrap();
-        let postmaster = pid_file.lines().next().unwrap().trim().to_string();
-        let children = Command::new("pgrep")
-            .args(["-P", &postmaster])
-            .output()
-            .unwrap();
-        let mut pids = vec![postmaster];
-        pids.extend(
-            String::from_utf8_lossy(&children.stdout)
-                .split_whitespace()
-                .map(str::to_string),
-        );
-        Frozen::pids(pids)
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        signal("-CONT", &self.0);
-    }
-}
-
-fn signal(sig: &str, pids: &[String]) {
-    let status = Command::new("kill").arg(sig).args(pids).status().unwrap();
-    assert!(status.success(), "kill {sig} {pids:?}");
-}
-
 /// 64 concurrent checks of a cached key while the database is frozen, with `failure_mode:
 /// open` and `database.timeout: 500ms`: each is answered 500 ms after it arrived, not after
 /// waiting its turn behind the others' timeouts. Once the server goes on, nothing they queued
@@ -500,7 +333,7 @@ async fn checks_on_a_frozen_database_each_end_at_their_own_deadline() {
         .into_inner();
     assert_eq!(warm.status.unwrap().code, 0);
 
-    let frozen = Frozen::server(&pg);
+    let frozen = pg.freeze();
     let started = Instant::now();
     let checks: Vec<_> = (0..64)
         .map(|_| {

@@ -68,6 +68,7 @@ impl Results {
     ) -> Option<&TollgateLoad> {
         self.tollgate.iter().rfind(|l| {
             l.next_to.is_none()
+                && !l.tls_part
                 && (l.backend, l.request, l.shape, l.batched) == (backend, request, shape, batched)
         })
     }
@@ -261,6 +262,7 @@ pub fn render(r: &Results, date: &str) -> String {
     page.push(String::new());
     grpc_table(r, &mut page);
     ceiling_tables(r, &mut page);
+    tls_table(r, &mut page);
     envoy_table(r, &mut page);
     peer_table(r, &mut page);
     memory_table(r, &mut page);
@@ -269,7 +271,11 @@ pub fn render(r: &Results, date: &str) -> String {
 }
 
 fn grpc_table(r: &Results, page: &mut Vec<String>) {
-    let rows: Vec<&TollgateLoad> = r.tollgate.iter().filter(|l| l.next_to.is_none()).collect();
+    let rows: Vec<&TollgateLoad> = r
+        .tollgate
+        .iter()
+        .filter(|l| l.next_to.is_none() && !l.tls_part)
+        .collect();
     if rows.is_empty() {
         return;
     }
@@ -301,6 +307,68 @@ fn grpc_table(r: &Results, page: &mut Vec<String>) {
             latency_cells(&l.run),
             l.peak_rss_kib / 1024
         ));
+    }
+    page.push(String::new());
+}
+
+/// tollgate's CPU per decision of a load, in µs.
+fn cpu_us_per_decision(r: &Results, l: &TollgateLoad) -> Option<f64> {
+    (l.decisions.decided > 0.0)
+        .then(|| l.cpu_ticks as f64 / r.run.clk_tck / l.decisions.decided * 1e6)
+}
+
+/// The TLS part: each plaintext load next to the TLS load that ran right after it, and what
+/// TLS cost per Check (CPU and median latency).
+fn tls_table(r: &Results, page: &mut Vec<String>) {
+    let loads: Vec<&TollgateLoad> = r.tollgate.iter().filter(|l| l.tls_part).collect();
+    let pairs: Vec<(&TollgateLoad, &TollgateLoad)> = loads
+        .windows(2)
+        .filter(|w| {
+            !w[0].tls
+                && w[1].tls
+                && (w[0].backend, w[0].request, w[0].shape)
+                    == (w[1].backend, w[1].request, w[1].shape)
+        })
+        .map(|w| (w[0], w[1]))
+        .collect();
+    if pairs.is_empty() {
+        return;
+    }
+    page.push(format!(
+        "**TLS on the gRPC port** (h2load, {} requests in flight, plaintext then TLS right after; TLS 1.3, ALPN h2)",
+        r.run.in_flight
+    ));
+    page.push(String::new());
+    page.push("| request | backend | keys | gRPC | req/s | p50 ms | p99 ms | p99.9 ms | CPU µs / Check | TLS costs per Check |".into());
+    page.push("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |".into());
+    for (plain, tls) in pairs {
+        let what = match plain.request {
+            Request::CheckWithQuotas => "Check, key with quotas",
+            Request::CheckWithoutQuotas => "Check, key without quotas",
+            Request::ShouldRateLimit => "ShouldRateLimit, 1 descriptor",
+        };
+        let cpu = |l| cpu_us_per_decision(r, l);
+        let p50 = |l: &TollgateLoad| l.run.percentiles_ms().map(|p| p[0]);
+        let cost = match (cpu(plain), cpu(tls), p50(plain), p50(tls)) {
+            (Some(a), Some(b), Some(pa), Some(pb)) => format!(
+                "{:+.1} µs CPU ({:+.0} %), {:+.3} ms p50, {:+.0} % req/s",
+                b - a,
+                (b / a - 1.0) * 100.0,
+                pb - pa,
+                (tls.run.rps / plain.run.rps - 1.0) * 100.0
+            ),
+            _ => "n/a".into(),
+        };
+        for (l, grpc, cost) in [(plain, "plaintext", String::new()), (tls, "TLS", cost)] {
+            page.push(format!(
+                "| {what} | {} | {} | {grpc} | {:.0} | {} | {} | {cost} |",
+                shown(l.backend),
+                keys(l.shape, r.run.in_flight, l.set_size),
+                l.run.rps,
+                latency_cells(&l.run),
+                cpu(l).map_or("n/a".into(), |c| format!("{c:.1}")),
+            ));
+        }
     }
     page.push(String::new());
 }
@@ -621,6 +689,8 @@ mod tests {
             shape,
             batched: false,
             next_to: None,
+            tls_part: false,
+            tls: false,
             set_size: 1000,
             run: h2load(rps),
             decisions: Decisions {
@@ -699,6 +769,65 @@ mod tests {
             target_row("t", Some(1.0), None),
             "| t | not measured | — | — |"
         );
+    }
+
+    #[test]
+    fn the_tls_table_pairs_each_plaintext_load_with_the_tls_load_after_it() {
+        let mut r = results(&[]);
+        let plain = TollgateLoad {
+            tls_part: true,
+            ..tollgate(
+                Backend::Embedded,
+                Request::CheckWithQuotas,
+                Shape::Hot,
+                10_000.0,
+            )
+        };
+        let tls = TollgateLoad {
+            tls: true,
+            cpu_ticks: 180,
+            ..tollgate(
+                Backend::Embedded,
+                Request::CheckWithQuotas,
+                Shape::Hot,
+                9_000.0,
+            )
+        };
+        let tls = TollgateLoad {
+            tls_part: true,
+            ..tls
+        };
+        // The gRPC part's own load is no part of it, and the TLS part's are not in its table.
+        let grpc_part = tollgate(Backend::Embedded, Request::CheckWithQuotas, Shape::Hot, 1.0);
+        r.tollgate = vec![grpc_part, plain, tls];
+        let mut page = Vec::new();
+        tls_table(&r, &mut page);
+        let rows: Vec<&String> = page.iter().filter(|l| l.starts_with("| Check")).collect();
+        assert_eq!(rows.len(), 2, "{page:#?}");
+        // 150 and 180 ticks at 100 Hz over 30,000 decisions: 50 and 60 µs.
+        assert!(
+            rows[0].contains("| plaintext | 10000 |") && rows[0].contains("| 50.0 |"),
+            "{}",
+            rows[0]
+        );
+        assert!(
+            rows[1].contains("| TLS | 9000 |")
+                && rows[1].contains("| 60.0 | +10.0 µs CPU (+20 %), +0.000 ms p50, -10 % req/s |"),
+            "{}",
+            rows[1]
+        );
+        assert_eq!(
+            r.rps(
+                Backend::Embedded,
+                Request::CheckWithQuotas,
+                Shape::Hot,
+                false
+            ),
+            Some(1.0)
+        );
+        let mut grpc = Vec::new();
+        grpc_table(&r, &mut grpc);
+        assert_eq!(grpc.iter().filter(|l| l.starts_with("| Check")).count(), 1);
     }
 
     #[test]

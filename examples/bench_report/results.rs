@@ -7,8 +7,9 @@
 //!                                 envoy_concurrency, clk_tck
 //! peers                           NAME ADDR, a line per --peer-rls, in their order
 //! grpc/NNN-LABEL/                 one h2load load on tollgate; NNN: the order they ran in
-//!   facts                         backend, api, keyset, shape, quota_mode, set_size,
-//!                                 and next_to, round for a load right before a peer's
+//!   facts                         backend, api, keyset, shape, quota_mode, set_size, tls
+//!                                 (on, off), and next_to, round for a load right before a
+//!                                 peer's, part (tls) for a load of the TLS comparison
 //!   h2load.I.out, h2load.I.log    each h2load process's summary and --log-file
 //!   metrics.before, metrics.after tollgate's /metrics around the load
 //!   stat.before, stat.after       tollgate's /proc/PID/stat around the load
@@ -338,6 +339,10 @@ pub struct TollgateLoad {
     /// The peer this load ran right before, and which of the alternating rounds it was; none
     /// for the gRPC part's loads.
     pub next_to: Option<(String, u32)>,
+    /// One of the TLS part's alternating loads (no row in the gRPC table); `tls`: tollgate
+    /// served gRPC over TLS (`grpc_tls`) and h2load spoke TLS to it.
+    pub tls_part: bool,
+    pub tls: bool,
     /// Keys (or descriptor values) in the set the spread shape picks from.
     pub set_size: usize,
     pub run: H2loadRun,
@@ -369,6 +374,8 @@ impl TollgateLoad {
             shape: Shape::parse(facts.text("shape")?)?,
             batched: facts.get("quota_mode") == Some("batched"),
             next_to,
+            tls_part: facts.get("part") == Some("tls"),
+            tls: facts.get("tls") == Some("on"),
             set_size: facts.number("set_size")?,
             run: H2loadRun::read(dir)?,
             decisions: Decisions::between(

@@ -51,6 +51,14 @@ pub enum StoreError {
     /// A check's wait for the database outlasted `database.timeout`, counted from its arrival.
     #[error("database did not answer within database.timeout")]
     TimedOut,
+    /// The TLS handshake with the database failed over its certificate: what that means for
+    /// the URL's `sslmode` and `sslrootcert`.
+    #[error("{hint}: {source}")]
+    Certificate {
+        hint: &'static str,
+        #[source]
+        source: Arc<sqlx::Error>,
+    },
 }
 
 impl StoreError {
@@ -71,6 +79,7 @@ impl StoreError {
             StoreError::UnsupportedUrl(_) => "unsupported database URL".into(),
             StoreError::Corrupt { table, .. } => format!("corrupt row in {table}"),
             StoreError::TimedOut => "timed out".into(),
+            StoreError::Certificate { hint, .. } => (*hint).into(),
         }
     }
 
@@ -101,6 +110,46 @@ impl From<sqlx::Error> for StoreError {
             StoreError::Query(Arc::new(e))
         }
     }
+}
+
+/// What a certificate problem in a TLS handshake with the database means, in the terms of the
+/// URL's parameters; `None` if `e` is not one.
+fn certificate_problem(e: &sqlx::Error) -> Option<&'static str> {
+    use rustls::CertificateError as C;
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cause {
+        // An I/O error's source is its inner error's source: look at the inner one itself.
+        let inner = c
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .map(|inner| inner as &(dyn std::error::Error + 'static));
+        let rustls = [Some(c), inner]
+            .into_iter()
+            .flatten()
+            .find_map(|c| c.downcast_ref::<rustls::Error>());
+        if let Some(rustls::Error::InvalidCertificate(problem)) = rustls {
+            return Some(match problem {
+                C::UnknownIssuer => {
+                    "the database server's certificate is not signed by a CA in sslrootcert \
+                     (without sslrootcert: by none of the system's roots)"
+                }
+                C::NotValidForName | C::NotValidForNameContext { .. } => {
+                    "the database server's certificate is not for the host in the URL \
+                     (sslmode=verify-full checks it; verify-ca does not)"
+                }
+                C::Expired | C::ExpiredContext { .. } => {
+                    "the database server's certificate has expired"
+                }
+                C::NotValidYet | C::NotValidYetContext { .. } => {
+                    "the database server's certificate is not valid yet"
+                }
+                C::Revoked => "the database server's certificate is revoked",
+                _ => "the database server's certificate does not verify",
+            });
+        }
+        cause = c.source();
+    }
+    None
 }
 
 /// The kind of a sqlx error, quoting nothing of what the statement carried.
@@ -194,7 +243,20 @@ pub async fn open(config: &DatabaseConfig, migrate: bool) -> Result<Stores, Stor
             max_connections: config.max_connections,
             timeout: config.timeout.0,
         };
-        let db = postgres::PgStore::open(url, settings).await?;
+        let db = postgres::PgStore::open(url, settings)
+            .await
+            .map_err(|e| match &e {
+                StoreError::Unavailable(cause) | StoreError::Query(cause) => {
+                    match certificate_problem(cause) {
+                        Some(hint) => StoreError::Certificate {
+                            hint,
+                            source: cause.clone(),
+                        },
+                        None => e,
+                    }
+                }
+                _ => e,
+            })?;
         if migrate {
             db.migrate().await?;
         }

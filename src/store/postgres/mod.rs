@@ -45,9 +45,12 @@ pub struct PgStore {
 
 impl PgStore {
     /// Connects to the database named by a `postgres://` URL.
+    /// libpq's TLS parameters work as libpq has them: `sslmode` (`disable`, `prefer`,
+    /// `require`, `verify-ca`, `verify-full`), `sslrootcert`, `sslcert` and `sslkey`. Without
+    /// `sslrootcert`, verify-ca and verify-full trust the system's roots.
     pub async fn open(url: &str, settings: PgSettings) -> Result<Self, StoreError> {
         let statement_timeout = format!("{}", settings.timeout.as_millis().max(1));
-        let options = PgConnectOptions::from_str(url)?
+        let options = PgConnectOptions::from_str(&known_parameters_only(url))?
             .application_name("tollgate")
             .options([("statement_timeout", statement_timeout.as_str())]);
         let pool = PgPoolOptions::new()
@@ -93,8 +96,86 @@ impl Database for PgStore {
     }
 }
 
+/// The parameters of a URL's query that sqlx reads (it reads the same names as libpq).
+const KNOWN_PARAMETERS: [&str; 18] = [
+    "sslmode",
+    "ssl-mode",
+    "sslrootcert",
+    "ssl-root-cert",
+    "ssl-ca",
+    "sslcert",
+    "ssl-cert",
+    "sslkey",
+    "ssl-key",
+    "statement-cache-capacity",
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "application_name",
+    "options",
+];
+
+/// `url` without the query parameters sqlx would not read: sqlx logs each of those with its
+/// value, and a libpq URL may well carry `sslpassword=…`. They are named (only named) in a
+/// warning here instead.
+fn known_parameters_only(url: &str) -> std::borrow::Cow<'_, str> {
+    let Some((base, query)) = url.split_once('?') else {
+        return url.into();
+    };
+    let (known, ignored): (Vec<&str>, Vec<&str>) = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .partition(|p| KNOWN_PARAMETERS.contains(&p.split('=').next().unwrap_or_default()));
+    if ignored.is_empty() {
+        return url.into();
+    }
+    let names: Vec<&str> = ignored
+        .iter()
+        .map(|p| p.split('=').next().unwrap_or_default())
+        .collect();
+    tracing::warn!(
+        parameters = %names.join(", "),
+        "database.url: ignoring connection parameters tollgate does not use"
+    );
+    if known.is_empty() {
+        base.to_string().into()
+    } else {
+        format!("{base}?{}", known.join("&")).into()
+    }
+}
+
 /// The UTC day and the first day of the UTC month `now` falls in: how `api_usage` names them.
 fn day_and_month(now: DateTime<Utc>) -> (NaiveDate, NaiveDate) {
     let day = now.date_naive();
     (day, day.with_day(1).expect("first of month"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parameters_sqlx_would_log_are_left_out() {
+        assert_eq!(
+            known_parameters_only(
+                "postgres://u@h/db?sslmode=verify-full&sslpassword=s3cret&sslrootcert=/ca.crt&connect_timeout=3"
+            ),
+            "postgres://u@h/db?sslmode=verify-full&sslrootcert=/ca.crt"
+        );
+        assert_eq!(
+            known_parameters_only("postgres://u@h/db?sslpassword=x"),
+            "postgres://u@h/db"
+        );
+        assert_eq!(
+            known_parameters_only("postgres://u@h/db?sslmode=require"),
+            "postgres://u@h/db?sslmode=require"
+        );
+        assert_eq!(
+            known_parameters_only("postgres://u@h/db"),
+            "postgres://u@h/db"
+        );
+    }
 }

@@ -49,12 +49,26 @@ impl Envoy {
     /// Starts `envoy/<file>` with its public listener, demo upstream, admin and tollgate
     /// addresses replaced; waits until it is ready.
     pub async fn start(file: &str, tollgate_grpc: SocketAddr) -> Envoy {
+        Self::start_with(file, tollgate_grpc, &[]).await
+    }
+
+    /// Like [`Envoy::start`], with each `(from, to)` of `replace` replaced in the config too
+    /// (where its certificate files are, say).
+    pub async fn start_with(
+        file: &str,
+        tollgate_grpc: SocketAddr,
+        replace: &[(&str, &str)],
+    ) -> Envoy {
         let dir = tempfile::tempdir().unwrap();
         let source = repository().join("envoy").join(file);
         let (port, upstream, admin_port) = (free_port(), free_port(), free_port());
         let access_log = dir.path().join("access.log");
-        let yaml = std::fs::read_to_string(&source)
-            .unwrap()
+        let mut yaml = std::fs::read_to_string(&source).unwrap();
+        for (from, to) in replace {
+            assert!(yaml.contains(from), "{file} has no {from:?}");
+            yaml = yaml.replace(from, to);
+        }
+        let yaml = yaml
             .replace("port_value: 10000", &format!("port_value: {port}"))
             .replace("port_value: 10001", &format!("port_value: {upstream}"))
             .replace("port_value: 9901", &format!("port_value: {admin_port}"))

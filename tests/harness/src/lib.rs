@@ -15,7 +15,9 @@
 //! - [`envoy`]: [`envoy::Envoy`], a real Envoy in front of a tollgate.
 //! - [`redis`]: the shared Redis node and cluster, key prefixes, the keys on each node, and a
 //!   private Redis to stop.
+//! - [`pg`]: [`pg::PrivatePostgres`], a PostgreSQL server of the test's own, plaintext or TLS only.
 //! - [`net`]: free ports, the HTTP client, `/metrics`.
+//! - [`tls`]: certificates made in the test (a CA, server and client pairs), and TLS clients.
 
 pub mod admin;
 pub mod check;
@@ -23,6 +25,8 @@ pub mod cli;
 pub mod db;
 pub mod envoy;
 pub mod net;
+pub mod pg;
 pub mod redis;
 pub mod replica;
 pub mod server;
+pub mod tls;

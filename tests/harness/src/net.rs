@@ -1,5 +1,5 @@
 //! The network around a test's servers: [`free_port`], the [`http_client`] every HTTP request
-//! goes through, and [`metrics_text`].
+//! goes through, [`metrics_text`] and [`http_text`].
 
 use std::time::Duration;
 
@@ -23,8 +23,13 @@ pub fn http_client() -> reqwest::Client {
 
 /// The `/metrics` text of the HTTP port at `base` (`http://host:port`).
 pub async fn metrics_text(base: &str) -> String {
+    http_text(base, "/metrics").await
+}
+
+/// The body of `GET base/path` (`http://host:port`, `/readyz`), whatever its status.
+pub async fn http_text(base: &str, path: &str) -> String {
     http_client()
-        .get(format!("{base}/metrics"))
+        .get(format!("{base}{path}"))
         .send()
         .await
         .unwrap()
