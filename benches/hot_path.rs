@@ -76,6 +76,8 @@ fn key_cache(c: &mut Criterion) {
                     limits: Limits::default(),
                     expires_at: None,
                     created_at: now,
+                    permissions: &[],
+                    metadata: &Default::default(),
                 })
                 .await
                 .expect("create");
@@ -204,6 +206,7 @@ fn decision(c: &mut Criterion) {
             ..states[0]
         }),
         key_id: Some(7),
+        permission: None,
     };
     g.bench_function("Denial::body/rate_limited", |b| {
         b.iter(|| black_box(&limited).body())

@@ -331,6 +331,8 @@ async fn create_keys(
                     limits,
                     expires_at: None,
                     created_at: now,
+                    permissions: &[],
+                    metadata: &Default::default(),
                 };
                 let stored = keys.create(&record).await?;
                 Ok((stored.id, key.plaintext))

@@ -375,7 +375,8 @@ impl App {
             self.authz.clone(),
             self.config.authz.key_id_header.clone(),
             self.config.authz.hide_credentials,
-        );
+        )
+        .with_metadata_headers(&self.config.authz.metadata_headers);
         let stop = self.stops.serving.clone();
         let listener = self.grpc.take().expect("an App runs once");
         let limits = &self.config.grpc;

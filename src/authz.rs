@@ -25,6 +25,8 @@ use crate::telemetry::Metrics;
 const MINUTE: u64 = 60;
 /// Values longer than this in a key header are refused without a look.
 const MAX_CREDENTIAL_LEN: usize = 512;
+/// Characters of a route's permission a refusal quotes.
+const MAX_PERMISSION_SHOWN: usize = 128;
 
 /// What a check needs to know about the HTTP request.
 #[derive(Debug, Clone, Copy, Default)]
@@ -38,6 +40,8 @@ pub struct CheckInput<'a> {
     pub client_addr: Option<&'a str>,
     /// What the request costs, as the route configured it (unset: 1).
     pub cost: Option<&'a str>,
+    /// The permission the route needs, as it configured it (unset: none).
+    pub permission: Option<&'a str>,
 }
 
 /// What Check works with besides its settings: the key cache, the backends, the request log,
@@ -132,6 +136,7 @@ impl AuthzService {
         let span = tracing::debug_span!(
             "check",
             key_id = tracing::field::Empty,
+            key_prefix = tracing::field::Empty,
             decision = tracing::field::Empty,
             reason = tracing::field::Empty,
         );
@@ -168,6 +173,17 @@ impl AuthzService {
         };
         let decision_id = mint_decision_id();
         let mut row = log_row(input, now, key_id);
+        // Which secret a known key came with (the old one or the new, while a rotation's grace
+        // runs): its visible prefix, never the secret.
+        row.key_prefix = key_id
+            .and(input.credential)
+            .and_then(|(presented, _)| presented.get(..keys::VISIBLE_PREFIX_LEN))
+            .map(str::to_owned);
+        if let Some(prefix) = &row.key_prefix
+            && !span.is_disabled()
+        {
+            span.record("key_prefix", prefix.as_str());
+        }
         row.decision_id = Some(decision_id.clone());
         row.allowed = matches!(decision, Decision::Allow(_));
         row.reason = decision.reason_code();
@@ -216,8 +232,9 @@ impl AuthzService {
             Ok((found, outcome)) => {
                 self.deps.metrics.record_cache(outcome);
                 match found {
-                    Some(key) => key,
-                    None => return deny(DenyReason::InvalidKey, None),
+                    // A rotated key's old secret, past its grace, is as unknown as any other.
+                    Some(key) if key.secret_works(now) => key,
+                    _ => return deny(DenyReason::InvalidKey, None),
                 }
             }
             Err(e) => {
@@ -235,6 +252,15 @@ impl AuthzService {
         }
         if key.is_expired(now) {
             return deny(DenyReason::KeyExpired, Some(key.id));
+        }
+        // The route's permission, if it needs one: checked before anything is spent.
+        if let Some(permission) = input.permission
+            && !key.may(permission)
+        {
+            return Decision::Deny(Denial {
+                permission: Some(permission.chars().take(MAX_PERMISSION_SHOWN).collect()),
+                ..deny_denial(DenyReason::PermissionDenied, Some(key.id))
+            });
         }
 
         // 3. The per-minute window. Checked before the quota, so a request it refuses
@@ -262,10 +288,9 @@ impl AuthzService {
                     };
                     if !w.allowed {
                         return Decision::Deny(Denial {
-                            reason: DenyReason::RateLimited,
                             retry_after: Some(w.reset_after),
                             limit: Some(state),
-                            key_id: Some(key.id),
+                            ..deny_denial(DenyReason::RateLimited, Some(key.id))
                         });
                     }
                     limits.push(state);
@@ -406,6 +431,7 @@ fn log_row(input: &CheckInput<'_>, now: DateTime<Utc>, key_id: Option<i64>) -> L
         reason: "",
         status: 0,
         cost: 0,
+        key_prefix: None,
     }
 }
 
@@ -436,25 +462,26 @@ fn quota_state(kind: LimitKind, limit: u64, used: u64, now: DateTime<Utc>) -> Li
 /// A refusal by a spent quota: retry when it resets.
 fn quota_denial(reason: DenyReason, state: LimitState, key_id: i64) -> Decision {
     Decision::Deny(Denial {
-        reason,
         retry_after: Some(state.reset_after),
         limit: Some(state),
-        key_id: Some(key_id),
+        ..deny_denial(reason, Some(key_id))
     })
 }
 
-fn deny(reason: DenyReason, key_id: Option<i64>) -> Decision {
-    Decision::Deny(Denial {
+fn deny_denial(reason: DenyReason, key_id: Option<i64>) -> Denial {
+    Denial {
         key_id,
         ..Denial::new(reason)
-    })
+    }
+}
+
+fn deny(reason: DenyReason, key_id: Option<i64>) -> Decision {
+    Decision::Deny(deny_denial(reason, key_id))
 }
 
 fn unavailable(key_id: Option<i64>) -> Decision {
     Decision::Deny(Denial {
-        reason: DenyReason::BackendUnavailable,
         retry_after: Some(1),
-        limit: None,
-        key_id,
+        ..deny_denial(DenyReason::BackendUnavailable, key_id)
     })
 }

@@ -3,6 +3,7 @@
 //! The binary parses [`Cli`] and calls into here or into [`crate::app`]; the output formats
 //! (text for people, `--json` for scripts) live here too.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use chrono::{DateTime, Utc};
@@ -170,6 +171,14 @@ pub enum KeysCommand {
         /// When the key stops working (RFC 3339, e.g. 2027-01-01T00:00:00Z).
         #[arg(long, value_name = "RFC3339", value_parser = parse_time)]
         expires_at: Option<DateTime<Utc>>,
+        /// The only permissions the key has (comma-separated, e.g. reports.read,billing.write);
+        /// unset: it may call every route.
+        #[arg(long, value_name = "A,B", value_parser = parse_permissions)]
+        permissions: Option<Permissions>,
+        /// Fields passed on to Envoy and, if configured, the upstream: a JSON object of strings,
+        /// e.g. '{"plan":"gold","tenant":"acme"}'.
+        #[arg(long, value_name = "JSON", value_parser = parse_metadata)]
+        metadata: Option<Metadata>,
         #[arg(long)]
         json: bool,
     },
@@ -192,6 +201,64 @@ pub enum KeysCommand {
         #[command(flatten)]
         limits: LimitArgs,
     },
+    /// Give a key a new secret (printed once); the old one keeps working for the grace period.
+    /// Same id, limits, usage counters and identity.
+    Rotate {
+        id: i64,
+        /// How long the old secret keeps working (e.g. 1h, 7d; 0s: it stops at once).
+        #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_grace)]
+        grace: std::time::Duration,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set the only permissions a key has (comma-separated); "" lets it call every route.
+    SetPermissions {
+        id: i64,
+        #[arg(value_name = "A,B", value_parser = parse_permissions)]
+        permissions: Permissions,
+    },
+    /// Replace a key's metadata (a JSON object of strings; '{}' removes it all).
+    SetMetadata {
+        id: i64,
+        #[arg(value_name = "JSON", value_parser = parse_metadata)]
+        metadata: Metadata,
+    },
+}
+
+/// Permissions given on the command line (checked by [`KeyAdmin`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Permissions(pub Vec<String>);
+
+/// Metadata given on the command line (checked by [`KeyAdmin`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metadata(pub BTreeMap<String, String>);
+
+/// `"a,b"` → `[a, b]`; `""` → none (every route).
+fn parse_permissions(s: &str) -> Result<Permissions, String> {
+    Ok(Permissions(
+        s.split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    ))
+}
+
+/// A JSON object whose values are all strings.
+fn parse_metadata(s: &str) -> Result<Metadata, String> {
+    if s.len() > 4 * crate::admin::service::MAX_METADATA_BYTES {
+        return Err("too long".into());
+    }
+    serde_json::from_str::<BTreeMap<String, String>>(s)
+        .map(Metadata)
+        .map_err(|e| {
+            format!("not a JSON object of string values such as {{\"plan\":\"gold\"}} ({e})")
+        })
+}
+
+fn parse_grace(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?} is not a duration such as 24h, 30m or 0s ({e})"))
 }
 
 /// Limit flags. A value is a positive count, or `unlimited`.
@@ -265,6 +332,8 @@ pub async fn run_keys(
             name,
             limits,
             expires_at,
+            permissions,
+            metadata,
             json,
         } => {
             let created = admin
@@ -273,6 +342,8 @@ pub async fn run_keys(
                         name,
                         limits: limits.patch().apply(Limits::default()),
                         expires_at,
+                        permissions: permissions.map(|p| p.0).unwrap_or_default(),
+                        metadata: metadata.map(|m| m.0).unwrap_or_default(),
                     },
                     now,
                 )
@@ -351,7 +422,74 @@ pub async fn run_keys(
                 .await?;
             format!("Updated API key {id}.\n{}", limits_text(&key, default_pm))
         }
+        KeysCommand::Rotate { id, grace, json } => {
+            let rotated = admin.rotate(id, grace, now).await?;
+            let expires = rfc3339(rotated.old_key_expires_at);
+            if json {
+                let v = json!({
+                    "id": rotated.key.id,
+                    "key": rotated.secret,
+                    "prefix": rotated.key.prefix,
+                    "old_key_expires_at": expires,
+                });
+                format!("{v}\n")
+            } else {
+                format!(
+                    "Rotated API key {id} ({name:?}).\n\n    {plain}\n\n\
+                     This is the only time the new key is shown: store it now.\n\
+                     The old key keeps working until {expires}.\n",
+                    name = rotated.key.name,
+                    plain = rotated.secret,
+                )
+            }
+        }
+        KeysCommand::SetPermissions { id, permissions } => {
+            let key = admin
+                .update(
+                    id,
+                    KeyUpdate {
+                        permissions: Some(permissions.0),
+                        ..Default::default()
+                    },
+                    now,
+                )
+                .await?;
+            format!("Updated API key {id}.\n{}\n", permissions_text(&key))
+        }
+        KeysCommand::SetMetadata { id, metadata } => {
+            let key = admin
+                .update(
+                    id,
+                    KeyUpdate {
+                        metadata: Some(metadata.0),
+                        ..Default::default()
+                    },
+                    now,
+                )
+                .await?;
+            format!("Updated API key {id}.\nMetadata: {}\n", metadata_text(&key))
+        }
     })
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+fn permissions_text(key: &ApiKey) -> String {
+    if key.permissions.is_empty() {
+        "Permissions: every route.".into()
+    } else {
+        format!("Permissions: {}.", key.permissions.join(", "))
+    }
+}
+
+fn metadata_text(key: &ApiKey) -> String {
+    if key.metadata.is_empty() {
+        "none".into()
+    } else {
+        serde_json::to_string(&key.metadata).expect("strings serialize")
+    }
 }
 
 fn key_json(key: &ApiKey, default_pm: Option<u64>) -> serde_json::Value {
@@ -366,6 +504,10 @@ fn key_json(key: &ApiKey, default_pm: Option<u64>) -> serde_json::Value {
         "daily": key.limits.daily,
         "monthly": key.limits.monthly,
         "refund_5xx": key.limits.refund_5xx,
+        "permissions": key.permissions,
+        "metadata": key.metadata,
+        "old_prefix": key.old_secret.as_ref().map(|o| o.prefix.clone()),
+        "old_key_expires_at": key.old_secret.as_ref().map(|o| rfc3339(o.expires_at)),
     })
 }
 
@@ -403,7 +545,8 @@ fn show_text(key: &ApiKey, usage: Usage, default_pm: Option<u64>) -> String {
         .unwrap_or_else(|| "never".into());
     format!(
         "id:          {}\nname:        {}\nprefix:      {}…\nstatus:      {}\nexpires:     {}\n\
-         per minute:  {}\ndaily:       {} of {}\nmonthly:     {} of {}\ntotal:       {}\n",
+         per minute:  {}\ndaily:       {} of {}\nmonthly:     {} of {}\ntotal:       {}\n\
+         permissions: {}\nmetadata:    {}\n{}",
         key.id,
         key.name,
         key.prefix,
@@ -415,6 +558,20 @@ fn show_text(key: &ApiKey, usage: Usage, default_pm: Option<u64>) -> String {
         usage.monthly,
         limit_text(key.limits.monthly),
         usage.total,
+        if key.permissions.is_empty() {
+            "every route".to_string()
+        } else {
+            key.permissions.join(", ")
+        },
+        metadata_text(key),
+        match &key.old_secret {
+            Some(o) => format!(
+                "old secret:  {}… works until {}\n",
+                o.prefix,
+                rfc3339(o.expires_at)
+            ),
+            None => String::new(),
+        },
     )
 }
 

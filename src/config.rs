@@ -208,6 +208,10 @@ pub struct AuthzConfig {
     /// Enforce keys' per-minute limits in Check. Switch off when Envoy's ratelimit filter
     /// enforces them instead.
     pub rate_limit: bool,
+    /// Key metadata fields sent upstream on allowed requests, each as an `x-tollgate-<field>`
+    /// header (replacing whatever the client sent under that name; removed when the key has no
+    /// such field).
+    pub metadata_headers: Vec<String>,
 }
 
 impl Default for AuthzConfig {
@@ -218,6 +222,7 @@ impl Default for AuthzConfig {
             hide_credentials: false,
             key_id_header: "x-tollgate-key-id".into(),
             rate_limit: true,
+            metadata_headers: Vec::new(),
         }
     }
 }
@@ -235,6 +240,17 @@ impl AuthzConfig {
                 return Err(InvalidSetting::new(
                     format!("authz.key_headers[{i}]"),
                     format!("{h:?} is not a lower-case HTTP header name"),
+                ));
+            }
+        }
+        for (i, field) in self.metadata_headers.iter().enumerate() {
+            if !crate::admin::service::is_metadata_name(field) {
+                return Err(InvalidSetting::new(
+                    format!("authz.metadata_headers[{i}]"),
+                    format!(
+                        "{field:?} is not a key metadata field name (1 to 32 of a-z, 0-9, '_', \
+                         '-', starting with a letter)"
+                    ),
                 ));
             }
         }

@@ -54,10 +54,12 @@ pub enum DenyReason {
     BackendUnavailable,
     /// The route's `cost` setting is not a count: the operator's mistake, not the client's.
     InvalidCost,
+    /// The route needs a permission the key does not have.
+    PermissionDenied,
 }
 
 impl DenyReason {
-    pub const ALL: [DenyReason; 9] = [
+    pub const ALL: [DenyReason; 10] = [
         DenyReason::MissingKey,
         DenyReason::InvalidKey,
         DenyReason::KeyRevoked,
@@ -67,6 +69,7 @@ impl DenyReason {
         DenyReason::MonthlyQuotaExceeded,
         DenyReason::BackendUnavailable,
         DenyReason::InvalidCost,
+        DenyReason::PermissionDenied,
     ];
 
     /// The stable machine code in the body's `error` field.
@@ -81,13 +84,14 @@ impl DenyReason {
             DenyReason::MonthlyQuotaExceeded => "monthly_quota_exceeded",
             DenyReason::BackendUnavailable => "backend_unavailable",
             DenyReason::InvalidCost => "invalid_cost",
+            DenyReason::PermissionDenied => "permission_denied",
         }
     }
 
     pub fn status(self) -> u16 {
         match self {
             DenyReason::MissingKey | DenyReason::InvalidKey => 401,
-            DenyReason::KeyRevoked | DenyReason::KeyExpired => 403,
+            DenyReason::KeyRevoked | DenyReason::KeyExpired | DenyReason::PermissionDenied => 403,
             DenyReason::RateLimited
             | DenyReason::DailyQuotaExceeded
             | DenyReason::MonthlyQuotaExceeded => 429,
@@ -117,6 +121,8 @@ pub struct Denial {
     pub limit: Option<LimitState>,
     /// The key, when it was identified.
     pub key_id: Option<i64>,
+    /// The permission the route needs and the key lacks, for `permission_denied`.
+    pub permission: Option<String>,
 }
 
 impl Denial {
@@ -126,6 +132,7 @@ impl Denial {
             retry_after: None,
             limit: None,
             key_id: None,
+            permission: None,
         }
     }
 
@@ -158,6 +165,10 @@ impl Denial {
                     "tollgate cannot reach its database or its rate-limit store to check this request.{retry}"
                 )
             }
+            DenyReason::PermissionDenied => format!(
+                "The API key does not have the permission {:?}, which this route needs.",
+                self.permission.as_deref().unwrap_or_default()
+            ),
             DenyReason::InvalidCost => format!(
                 "This route's cost setting is not a whole number from 0 to {MAX_COST}: \
                  fix the ext_authz context_extensions \"cost\" in Envoy's configuration."
@@ -178,6 +189,9 @@ impl Denial {
         });
         if let Some(s) = self.retry_after {
             body["retry_after"] = s.into();
+        }
+        if let Some(p) = &self.permission {
+            body["permission"] = p.as_str().into();
         }
         if let Some(l) = self.limit {
             body["limit"] = json!({
@@ -415,6 +429,7 @@ mod tests {
             retry_after: Some(23),
             limit: Some(minute(0, 23)),
             key_id: Some(9),
+            permission: None,
         };
         let body: serde_json::Value = serde_json::from_str(&d.body()).unwrap();
         assert_eq!(body["status"], 429);

@@ -352,6 +352,7 @@ mod tests {
             reason: "missing_key",
             status: 401,
             cost: 0,
+            key_prefix: None,
         }
     }
 

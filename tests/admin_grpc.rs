@@ -61,6 +61,7 @@ async fn grpc_every_operation(db: Db) {
                     seconds: 1_900_000_000,
                     nanos: 0,
                 }),
+                ..Default::default()
             },
             t(),
         ))

@@ -516,6 +516,7 @@ async fn rest_serves_its_openapi_document(db: Db) {
         ("/v1/keys/{id}", "patch"),
         ("/v1/keys/{id}:revoke", "post"),
         ("/v1/keys/{id}/usage", "get"),
+        ("/v1/keys/{id}:rotate", "post"),
     ] {
         assert!(a.body["paths"][path][method].is_object(), "{method} {path}");
     }
@@ -527,7 +528,116 @@ async fn rest_serves_its_openapi_document(db: Db) {
     tg.stop().await;
 }
 
+async fn rest_permissions_metadata_and_rotation(db: Db) {
+    let (tg, rest) = start(db).await;
+    let (old, id, created) = create(
+        &rest,
+        json!({
+            "name": "product",
+            "limits": {"daily": 1000},
+            "permissions": ["reports.read", "reports.read", "billing:write"],
+            "metadata": {"plan": "gold", "tenant": "acme"},
+        }),
+    )
+    .await;
+    let key = &created["key"];
+    assert_eq!(key["permissions"], json!(["billing:write", "reports.read"]));
+    assert_eq!(key["metadata"], json!({"plan": "gold", "tenant": "acme"}));
+    assert!(key.get("oldKeyExpiresAt").is_none(), "{key}");
+    // Metadata and permissions replaced through the mask; [] lets the key call every route.
+    let a = rest
+        .call(
+            "PATCH",
+            &format!("/v1/keys/{id}"),
+            Some(json!({
+                "metadata": {"plan": "silver"},
+                "permissions": [],
+                "updateMask": "metadata,permissions",
+            })),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.body["metadata"], json!({"plan": "silver"}));
+    assert!(
+        a.body.get("permissions").is_none_or(|p| p == &json!([])),
+        "{}",
+        a.text
+    );
+    // Refused with the field named: bad metadata, bad permission, a grace past 30 days.
+    for (method, path, body, says) in [
+        (
+            "POST",
+            "/v1/keys".to_string(),
+            json!({"name": "x", "metadata": {"key_id": "1"}}),
+            "metadata",
+        ),
+        (
+            "POST",
+            "/v1/keys".to_string(),
+            json!({"name": "x", "permissions": ["A B"]}),
+            "permissions",
+        ),
+        (
+            "POST",
+            format!("/v1/keys/{id}:rotate"),
+            json!({"grace": "2678400s"}),
+            "grace",
+        ),
+    ] {
+        let a = rest.call(method, &path, Some(body)).await;
+        assert_problem(&a, 400, "invalid_argument");
+        assert!(
+            a.body["detail"].as_str().unwrap().starts_with(says),
+            "{}",
+            a.text
+        );
+    }
+    assert_problem(
+        &rest
+            .call("POST", "/v1/keys/999999:rotate", Some(json!({})))
+            .await,
+        404,
+        "not_found",
+    );
+    // Rotated with a grace of an hour: same id and limits, a new secret; both work.
+    let a = rest
+        .call(
+            "POST",
+            &format!("/v1/keys/{id}:rotate"),
+            Some(json!({"grace": "3600s"})),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let new = a.body["secret"].as_str().unwrap().to_string();
+    assert!(tollgate::keys::is_well_formed(&new) && new != old);
+    assert_eq!(a.body["key"]["id"], id);
+    assert_eq!(a.body["key"]["limits"]["daily"], "1000");
+    assert_eq!(a.body["key"]["prefix"], &new[..11]);
+    assert_eq!(a.body["key"]["oldPrefix"], &old[..11]);
+    let until = (t0() + chrono::Duration::hours(1)).timestamp();
+    let said: chrono::DateTime<chrono::Utc> =
+        a.body["oldKeyExpiresAt"].as_str().unwrap().parse().unwrap();
+    assert_eq!(said.timestamp(), until, "{}", a.text);
+    check_becomes(&tg, &new, 0).await;
+    check_becomes(&tg, &old, 0).await;
+    // Rotated again with no grace: the secret just replaced stops at once, as does the first.
+    let a = rest
+        .call(
+            "POST",
+            &format!("/v1/keys/{id}:rotate"),
+            Some(json!({"grace": "0s"})),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let newest = a.body["secret"].as_str().unwrap().to_string();
+    check_becomes(&tg, &new, 16).await;
+    check_becomes(&tg, &old, 16).await;
+    check_becomes(&tg, &newest, 0).await;
+    tg.stop().await;
+}
+
 every_database!(
+    rest_permissions_metadata_and_rotation,
     rest_create_get_and_use_a_key,
     rest_list_pages_and_filters,
     rest_update_is_all_or_nothing_and_reaches_check,

@@ -753,6 +753,7 @@ async fn a_5xx_answer_gives_the_quota_back_for_keys_that_ask(db: Db) {
             reason: "ok",
             status: 200,
             cost,
+            key_prefix: None,
         });
     }
     tg.stores.log.write_batch(&rows).await.unwrap();

@@ -558,3 +558,110 @@ fn the_mtls_config_is_the_plaintext_one_with_tls_to_tollgate() {
     assert!(common["validation_context"]["trusted_ca"]["filename"].is_string());
     assert_eq!(mtls, plaintext);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_needing_a_permission_and_key_metadata_sent_upstream() {
+    let tg = Tollgate::start_with(|c| c.authz.metadata_headers = vec!["plan".into()]).await;
+    let envoy = Envoy::start("ext_authz.yaml", tg.grpc).await;
+    let create = |args: &[&str]| harness::cli::cli_create_key(tg.dir.path(), &tg.db_url, args);
+    let (reader, _) = create(&[
+        "--name",
+        "reader",
+        "--permissions",
+        "reports.read",
+        "--metadata",
+        r#"{"plan":"gold"}"#,
+    ]);
+    let (billing, _) = create(&["--name", "billing", "--permissions", "billing.read"]);
+    let (anything, _) = create(&["--name", "anything"]);
+    // /v1/billing needs billing.read (envoy/ext_authz.yaml).
+    let r = get_path(&envoy, "/v1/billing/invoices", &reader).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    let body = r.json();
+    assert_eq!(body["error"], "permission_denied");
+    assert_eq!(body["permission"], "billing.read");
+    assert_eq!(
+        get_path(&envoy, "/v1/billing/invoices", &billing)
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        get_path(&envoy, "/v1/billing/invoices", &anything)
+            .await
+            .status,
+        200
+    );
+    // Other routes need nothing; the upstream gets the key's plan, never the client's.
+    let r = get(
+        &envoy,
+        &[("x-api-key", &reader), ("x-tollgate-plan", "platinum")],
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("x-echo-tollgate-plan"), Some("gold"));
+    let r = get(
+        &envoy,
+        &[("x-api-key", &billing), ("x-tollgate-plan", "platinum")],
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.header("x-echo-tollgate-plan"),
+        None,
+        "a key without a plan sends none"
+    );
+    tg.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_keys_old_secret_works_through_envoy_until_its_grace_ends() {
+    let tg = Tollgate::start().await;
+    // The CLI reckons the grace by the wall clock.
+    tg.clock.set(chrono::Utc::now());
+    let envoy = Envoy::start("ext_authz.yaml", tg.grpc).await;
+    let (old, id) = harness::cli::cli_create_key(tg.dir.path(), &tg.db_url, &["--name", "rot"]);
+    assert_eq!(get_path(&envoy, "/v1/things", &old).await.status, 200);
+    let rotate = |grace: &str| {
+        let out = tg.cli(&[
+            "keys",
+            "rotate",
+            &id.to_string(),
+            "--grace",
+            grace,
+            "--json",
+        ]);
+        assert!(out.status.success(), "{out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["key"].as_str().unwrap().to_string()
+    };
+    let new = rotate("1h");
+    let r = get_path(&envoy, "/v1/things", &new).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.header("x-echo-tollgate-key-id"),
+        Some(id.to_string().as_str())
+    );
+    assert_eq!(get_path(&envoy, "/v1/things", &old).await.status, 200);
+    // A second rotation without grace: the secret it replaces stops within a second, and the
+    // first one with it.
+    let newest = rotate("0s");
+    // tollgate's clock is the test's: let it catch up with the wall clock the CLI used.
+    tg.clock.set(chrono::Utc::now());
+    let started = std::time::Instant::now();
+    while get_path(&envoy, "/v1/things", &new).await.status != 401 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "0s grace"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let r = get_path(&envoy, "/v1/things", &old).await;
+    assert_eq!(
+        (r.status, r.json()["error"].clone()),
+        (401, "invalid_key".into())
+    );
+    assert_eq!(get_path(&envoy, "/v1/things", &newest).await.status, 200);
+    tg.stop().await;
+}

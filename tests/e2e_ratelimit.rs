@@ -104,3 +104,26 @@ async fn a_query_string_or_a_longer_path_is_no_way_around_a_path_rule() {
     assert_eq!(tg.metrics.limiter_counters.get(), held + 1);
     tg.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keys_plan_from_its_metadata_picks_a_rate_limit_rule() {
+    let (tg, envoy) = start().await;
+    let create = |args: &[&str]| harness::cli::cli_create_key(tg.dir.path(), &tg.db_url, args);
+    let (free_a, _) = create(&["--name", "free-a", "--metadata", r#"{"plan":"free"}"#]);
+    let (free_b, _) = create(&["--name", "free-b", "--metadata", r#"{"plan":"free"}"#]);
+    let (gold, _) = create(&["--name", "gold", "--metadata", r#"{"plan":"gold"}"#]);
+    // The free plan's 3 per minute are shared by its keys (examples/ratelimit/rules.yaml).
+    for key in [&free_a, &free_b, &free_a] {
+        assert_eq!(get(&envoy, "/v1/things", key).await.status(), 200);
+    }
+    for key in [&free_b, &free_a] {
+        let r = get(&envoy, "/v1/things", key).await;
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["x-envoy-ratelimited"], "true");
+    }
+    // Another plan has no such rule.
+    for _ in 0..5 {
+        assert_eq!(get(&envoy, "/v1/things", &gold).await.status(), 200);
+    }
+    tg.stop().await;
+}

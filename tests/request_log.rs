@@ -192,6 +192,7 @@ async fn postgres_refuses_a_nul_in_text_for_good() {
         reason: "missing_key",
         status: 401,
         cost: 0,
+        key_prefix: None,
     };
     let e = stores
         .log

@@ -26,6 +26,7 @@ fn row(ts: DateTime<Utc>, id: &str) -> LogRow {
         reason: "ok",
         status: 200,
         cost: 1,
+        key_prefix: None,
     }
 }
 

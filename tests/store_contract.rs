@@ -20,6 +20,8 @@ async fn new_key(stores: &Stores, name: &str, limits: Limits) -> i64 {
             limits,
             expires_at: None,
             created_at: t0(),
+            permissions: &[],
+            metadata: &Default::default(),
         })
         .await
         .unwrap()
@@ -318,6 +320,7 @@ fn log_row(ts: DateTime<Utc>, key_id: i64, request_id: &str, cost: u64) -> LogRo
         reason: "ok",
         status: 200,
         cost,
+        key_prefix: None,
     }
 }
 

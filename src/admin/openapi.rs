@@ -152,6 +152,16 @@ fn object_schema(m: &MessageDescriptor, skip: &[u32], schemas: &mut Map<String, 
 }
 
 fn field_schema(f: &FieldDescriptor, schemas: &mut Map<String, Value>) -> Value {
+    if f.is_map() {
+        // A map is a JSON object of its values, keyed by the map's keys as strings.
+        if let Kind::Message(entry) = f.kind() {
+            let value = entry.map_entry_value_field();
+            return json!({
+                "type": "object",
+                "additionalProperties": kind_schema(&value.kind(), schemas),
+            });
+        }
+    }
     let one = kind_schema(&f.kind(), schemas);
     if f.is_list() {
         json!({"type": "array", "items": one})
@@ -184,6 +194,11 @@ fn kind_schema(kind: &Kind, schemas: &mut Map<String, Value>) -> Value {
         }
         Kind::Message(m) => match m.full_name() {
             "google.protobuf.Timestamp" => json!({"type": "string", "format": "date-time"}),
+            "google.protobuf.Duration" => json!({
+                "type": "string",
+                "pattern": "^[0-9]{1,12}(\\.[0-9]{1,9})?s$",
+                "description": "Seconds, with an s: \"3600s\", \"0.5s\".",
+            }),
             "google.protobuf.FieldMask" => json!({
                 "type": "string",
                 "description": "Comma-separated lowerCamelCase field paths.",
@@ -316,6 +331,7 @@ mod tests {
                     );
                     if let Kind::Message(inner) = f.kind()
                         && inner.package_name() == "tollgate.admin.v1"
+                        && !inner.is_map_entry()
                     {
                         messages.push(inner);
                     }

@@ -372,6 +372,7 @@ impl Rest {
             "ListKeys" => call!(list_keys),
             "UpdateKey" => call!(update_key),
             "RevokeKey" => call!(revoke_key),
+            "RotateKey" => call!(rotate_key),
             "GetKeyUsage" => call!(get_key_usage),
             _ => Err(tonic::Status::unimplemented("not served over REST")),
         }
@@ -379,12 +380,13 @@ impl Rest {
 }
 
 /// The admin service's RPCs, as metrics label them (a unit test keeps this the proto's list).
-pub const RPCS: [&str; 6] = [
+pub const RPCS: [&str; 7] = [
     "CreateKey",
     "GetKey",
     "ListKeys",
     "UpdateKey",
     "RevokeKey",
+    "RotateKey",
     "GetKeyUsage",
 ];
 

@@ -2,14 +2,16 @@
 //! API asks: what is valid (names, limits, pages), the store call that does it in one statement,
 //! and errors that say which field was wrong. Neither caller validates anything itself.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Days, NaiveDate, Utc};
 
 use crate::keys::{self, ApiKey, KeyStatus, Limits};
 use crate::store::{
-    DayUsage, KeyQuery, KeyRecord, KeyStore, KeyUpdate, QuotaStore, RequestLogStore, StatusFilter,
-    StoreError, Stores, Usage, UsageQuery,
+    DayUsage, KeyQuery, KeyRecord, KeyStore, KeyUpdate, QuotaStore, RequestLogStore, Rotation,
+    StatusFilter, StoreError, Stores, Usage, UsageQuery,
 };
 
 /// The longest key name, in characters.
@@ -20,6 +22,20 @@ pub const MAX_PAGE_SIZE: u32 = 1000;
 /// Days of the request log a usage report covers unless told otherwise, and the most.
 pub const DEFAULT_USAGE_DAYS: u32 = 30;
 pub const MAX_USAGE_DAYS: u32 = 366;
+/// How long a rotated key's old secret keeps working unless told otherwise, and the longest.
+pub const DEFAULT_GRACE: Duration = Duration::from_secs(24 * 3600);
+pub const MAX_GRACE: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Most permissions one key has; a permission name's most characters.
+pub const MAX_PERMISSIONS: usize = 32;
+pub const MAX_PERMISSION_CHARS: usize = 64;
+/// Most metadata fields one key carries, a field name's most characters, a value's most bytes,
+/// and the most bytes of all of it as JSON.
+pub const MAX_METADATA_FIELDS: usize = 16;
+pub const MAX_METADATA_NAME_CHARS: usize = 32;
+pub const MAX_METADATA_VALUE_BYTES: usize = 256;
+pub const MAX_METADATA_BYTES: usize = 2048;
+/// Dynamic metadata fields tollgate sets itself: no key's metadata may use these names.
+pub const RESERVED_METADATA: [&str; 4] = ["key_id", "key_name", "decision_id", "identity_id"];
 
 /// What went wrong with a key operation.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +69,25 @@ pub struct NewKeySpec {
     pub name: String,
     pub limits: Limits,
     pub expires_at: Option<DateTime<Utc>>,
+    /// Empty: every route.
+    pub permissions: Vec<String>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A key just rotated, with its new secret (shown this once) and when the old one stops.
+pub struct RotatedKey {
+    pub key: ApiKey,
+    pub secret: String,
+    pub old_key_expires_at: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for RotatedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RotatedKey")
+            .field("key", &self.key)
+            .field("old_key_expires_at", &self.old_key_expires_at)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A key just created, with its secret: the only time the secret exists outside the caller.
@@ -147,6 +182,8 @@ impl KeyAdmin {
     ) -> Result<CreatedKey, AdminError> {
         let name = valid_name(&spec.name)?;
         valid_limits(&spec.limits)?;
+        let permissions = valid_permissions(&spec.permissions)?;
+        valid_metadata(&spec.metadata)?;
         let new = keys::generate();
         let key = self
             .keys
@@ -156,6 +193,8 @@ impl KeyAdmin {
                 limits: spec.limits,
                 expires_at: spec.expires_at,
                 created_at: now,
+                permissions: &permissions,
+                metadata: &spec.metadata,
             })
             .await?;
         Ok(CreatedKey {
@@ -232,7 +271,7 @@ impl KeyAdmin {
         if update.is_empty() {
             return Err(AdminError::invalid(
                 "update_mask",
-                "nothing to change: name a new name, limits or expiry",
+                "nothing to change: name a new name, limits, expiry, permissions or metadata",
             ));
         }
         if let Some(name) = &update.name {
@@ -246,10 +285,61 @@ impl KeyAdmin {
         ] {
             valid_limit(field, v.flatten())?;
         }
+        if let Some(p) = &update.permissions {
+            update.permissions = Some(valid_permissions(p)?);
+        }
+        if let Some(m) = &update.metadata {
+            valid_metadata(m)?;
+        }
         self.keys
             .update(id, &update, now)
             .await?
             .ok_or(AdminError::NotFound(id))
+    }
+
+    /// Gives a key a new secret; the one it had keeps working for `grace` (zero: it stops at
+    /// once), and a secret retired by an earlier rotation stops at once. Limits, counters and
+    /// everything else stay. A revoked key is not rotated.
+    pub async fn rotate(
+        &self,
+        id: i64,
+        grace: Duration,
+        now: DateTime<Utc>,
+    ) -> Result<RotatedKey, AdminError> {
+        if grace > MAX_GRACE {
+            return Err(AdminError::invalid(
+                "grace",
+                format!("longer than {} days", MAX_GRACE.as_secs() / 86_400),
+            ));
+        }
+        if self.get(id).await?.status == KeyStatus::Revoked {
+            return Err(AdminError::invalid(
+                "id",
+                format!("API key {id} is revoked: create a new key instead"),
+            ));
+        }
+        // In whole seconds, as it is shown: the old secret stops at the second it is said to.
+        let until =
+            now + chrono::Duration::from_std(grace).expect("a grace of at most 30 days fits");
+        let old_key_expires_at = DateTime::from_timestamp(until.timestamp(), 0).unwrap_or(until);
+        let new = keys::generate();
+        let key = self
+            .keys
+            .rotate(
+                id,
+                &Rotation {
+                    key: &new,
+                    old_expires_at: old_key_expires_at,
+                    now,
+                },
+            )
+            .await?
+            .ok_or(AdminError::NotFound(id))?;
+        Ok(RotatedKey {
+            key,
+            secret: new.plaintext,
+            old_key_expires_at,
+        })
     }
 
     /// Revokes a key (a revoked key stays revoked); returns it as it is now.
@@ -324,6 +414,102 @@ fn valid_name(name: &str) -> Result<String, AdminError> {
     Ok(name.to_string())
 }
 
+/// A permission name: 1 to [`MAX_PERMISSION_CHARS`] of `a-z 0-9 . _ : -`, starting with a
+/// letter or digit (what a route's `context_extensions` names).
+pub fn is_permission_name(p: &str) -> bool {
+    p.len() <= MAX_PERMISSION_CHARS
+        && p.bytes()
+            .next()
+            .is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+        && p.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b':' | b'-')
+        })
+}
+
+/// Permissions as stored: each a valid name, at most [`MAX_PERMISSIONS`], sorted, no repeats.
+pub fn valid_permissions(permissions: &[String]) -> Result<Vec<String>, AdminError> {
+    if permissions.len() > MAX_PERMISSIONS {
+        return Err(AdminError::invalid(
+            "permissions",
+            format!("more than {MAX_PERMISSIONS} permissions"),
+        ));
+    }
+    let mut out = Vec::with_capacity(permissions.len());
+    for p in permissions {
+        let p = p.trim();
+        if !is_permission_name(p) {
+            let shown: String = p.chars().take(MAX_PERMISSION_CHARS).collect();
+            return Err(AdminError::invalid(
+                "permissions",
+                format!(
+                    "{shown:?} is not a permission name: 1 to {MAX_PERMISSION_CHARS} of a-z, 0-9, \
+                     '.', '_', ':', '-', starting with a letter or digit"
+                ),
+            ));
+        }
+        out.push(p.to_string());
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// A metadata field name: 1 to [`MAX_METADATA_NAME_CHARS`] of `a-z 0-9 _ -`, starting with a
+/// letter (it may become an `x-tollgate-<name>` header), and not one tollgate sets itself.
+pub fn is_metadata_name(name: &str) -> bool {
+    name.len() <= MAX_METADATA_NAME_CHARS
+        && name.bytes().next().is_some_and(|b| b.is_ascii_lowercase())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'))
+        && !RESERVED_METADATA.contains(&name)
+}
+
+/// Metadata a key may carry: at most [`MAX_METADATA_FIELDS`] fields with valid names, each value
+/// at most [`MAX_METADATA_VALUE_BYTES`] of printable text (it may become a header value), at most
+/// [`MAX_METADATA_BYTES`] as JSON.
+pub fn valid_metadata(metadata: &BTreeMap<String, String>) -> Result<(), AdminError> {
+    if metadata.len() > MAX_METADATA_FIELDS {
+        return Err(AdminError::invalid(
+            "metadata",
+            format!("more than {MAX_METADATA_FIELDS} fields"),
+        ));
+    }
+    for (name, value) in metadata {
+        if !is_metadata_name(name) {
+            let shown: String = name.chars().take(MAX_METADATA_NAME_CHARS).collect();
+            return Err(AdminError::invalid(
+                "metadata",
+                format!(
+                    "{shown:?} is not a field name: 1 to {MAX_METADATA_NAME_CHARS} of a-z, 0-9, \
+                     '_', '-', starting with a letter, and none of {}",
+                    RESERVED_METADATA.join(", ")
+                ),
+            ));
+        }
+        if value.len() > MAX_METADATA_VALUE_BYTES {
+            return Err(AdminError::invalid(
+                "metadata",
+                format!("{name}: longer than {MAX_METADATA_VALUE_BYTES} bytes"),
+            ));
+        }
+        if value.chars().any(char::is_control) {
+            return Err(AdminError::invalid(
+                "metadata",
+                format!("{name}: must not hold control characters"),
+            ));
+        }
+    }
+    let size = crate::store::keys::metadata_text(metadata).map_or(0, |t| t.len());
+    if size > MAX_METADATA_BYTES {
+        return Err(AdminError::invalid(
+            "metadata",
+            format!("{size} bytes as JSON, more than {MAX_METADATA_BYTES}"),
+        ));
+    }
+    Ok(())
+}
+
 fn valid_limits(limits: &Limits) -> Result<(), AdminError> {
     valid_limit("limits.per_minute", limits.per_minute)?;
     valid_limit("limits.daily", limits.daily)?;
@@ -381,6 +567,45 @@ mod tests {
             "{e}"
         );
         assert!(valid_limit("limits.daily", Some(i64::MAX as u64 + 1)).is_err());
+    }
+
+    #[test]
+    fn permissions_and_metadata_are_bounded_names_and_text() {
+        let p =
+            |v: &[&str]| valid_permissions(&v.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+        assert_eq!(
+            p(&["reports.read", " billing:write ", "reports.read"]).unwrap(),
+            vec!["billing:write", "reports.read"]
+        );
+        for bad in ["", "Reports", ".x", "a b", "a,b", &"x".repeat(65), "é"] {
+            assert!(p(&[bad]).is_err(), "{bad:?}");
+        }
+        let many: Vec<String> = (0..=MAX_PERMISSIONS).map(|i| format!("p{i}")).collect();
+        assert!(valid_permissions(&many).is_err());
+        let m = |pairs: &[(&str, &str)]| {
+            valid_metadata(
+                &pairs
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )
+        };
+        assert!(m(&[("plan", "gold"), ("tenant-id", "acme")]).is_ok());
+        for bad in [
+            ("Plan", "x"),
+            ("key_id", "7"),
+            ("identity_id", "7"),
+            ("1plan", "x"),
+            ("plan", "a\r\nx-evil: 1"),
+            ("plan", &"v".repeat(MAX_METADATA_VALUE_BYTES + 1)),
+        ] {
+            assert!(m(&[bad]).is_err(), "{bad:?}");
+        }
+        let fields: Vec<(String, String)> = (0..MAX_METADATA_FIELDS)
+            .map(|i| (format!("f{i}"), "v".repeat(200)))
+            .collect();
+        let e = valid_metadata(&fields.into_iter().collect()).unwrap_err();
+        assert!(e.to_string().contains("bytes as JSON"), "{e}");
     }
 
     #[tokio::test]

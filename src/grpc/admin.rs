@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status};
 use crate::admin::auth::Caller;
 use crate::admin::pb::{self, admin_service_server::AdminService};
 use crate::admin::service::{
-    AdminError, KeyAdmin, KeyListing, MAX_NAME_CHARS, NewKeySpec, status_at,
+    AdminError, DEFAULT_GRACE, KeyAdmin, KeyListing, MAX_NAME_CHARS, NewKeySpec, status_at,
 };
 use crate::clock::Clock;
 use crate::keys::{ApiKey, Limits};
@@ -151,6 +151,8 @@ impl AdminService for AdminGrpc {
                     name: r.name,
                     limits: limits_from(r.limits.unwrap_or_default())?,
                     expires_at: r.expires_at.map(time_from).transpose()?,
+                    permissions: r.permissions,
+                    metadata: r.metadata.into_iter().collect(),
                 };
                 let created = self
                     .admin
@@ -286,6 +288,43 @@ impl AdminService for AdminGrpc {
         .await
     }
 
+    async fn rotate_key(
+        &self,
+        request: Request<pb::RotateKeyRequest>,
+    ) -> Result<Response<pb::RotateKeyResponse>, Status> {
+        self.call(
+            "RotateKey",
+            request,
+            |r| Some(r.id),
+            |r| async move {
+                let grace = match r.grace {
+                    None => DEFAULT_GRACE,
+                    Some(d) => u64::try_from(d.seconds)
+                        .ok()
+                        .zip(u32::try_from(d.nanos).ok().filter(|n| *n < 1_000_000_000))
+                        .map(|(s, n)| std::time::Duration::new(s, n))
+                        .ok_or_else(|| {
+                            Status::invalid_argument("grace: must be a duration of at least 0")
+                        })?,
+                };
+                let rotated = self
+                    .admin
+                    .rotate(r.id, grace, self.now())
+                    .await
+                    .map_err(status_of)?;
+                Ok((
+                    pb::RotateKeyResponse {
+                        key: Some(self.key(&rotated.key)),
+                        secret: rotated.secret,
+                        old_key_expires_at: Some(timestamp(rotated.old_key_expires_at)),
+                    },
+                    None,
+                ))
+            },
+        )
+        .await
+    }
+
     async fn get_key_usage(
         &self,
         request: Request<pb::GetKeyUsageRequest>,
@@ -367,10 +406,26 @@ pub(crate) fn key_message(
             refund_5xx: Some(key.limits.refund_5xx),
         }),
         effective_per_minute: effective_per_minute.map(count),
-        expires_at: key.expires_at.map(|t| Timestamp {
-            seconds: t.timestamp(),
-            nanos: t.timestamp_subsec_nanos() as i32,
-        }),
+        expires_at: key.expires_at.map(timestamp),
+        permissions: key.permissions.clone(),
+        metadata: key
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        old_prefix: key
+            .old_secret
+            .as_ref()
+            .map(|o| o.prefix.clone())
+            .unwrap_or_default(),
+        old_key_expires_at: key.old_secret.as_ref().map(|o| timestamp(o.expires_at)),
+    }
+}
+
+fn timestamp(t: DateTime<Utc>) -> Timestamp {
+    Timestamp {
+        seconds: t.timestamp(),
+        nanos: t.timestamp_subsec_nanos() as i32,
     }
 }
 
@@ -411,6 +466,8 @@ fn update_from(r: pb::UpdateKeyRequest) -> Result<KeyUpdate, Status> {
     if mask.paths.is_empty() {
         update.name = r.name;
         update.expires_at = r.expires_at.map(time_from).transpose()?.map(Some);
+        update.permissions = (!r.permissions.is_empty()).then_some(r.permissions);
+        update.metadata = (!r.metadata.is_empty()).then(|| r.metadata.into_iter().collect());
         update.limits = LimitsPatch {
             per_minute: limit_from("limits.per_minute", limits.per_minute)?.map(Some),
             daily: limit_from("limits.daily", limits.daily)?.map(Some),
@@ -431,6 +488,15 @@ fn update_from(r: pb::UpdateKeyRequest) -> Result<KeyUpdate, Status> {
             "expires_at" => {
                 update.expires_at = Some(r.expires_at.map(time_from).transpose()?);
             }
+            "permissions" => update.permissions = Some(r.permissions.clone()),
+            "metadata" => {
+                update.metadata = Some(
+                    r.metadata
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                );
+            }
             _ => {}
         }
         if all || path == "limits.per_minute" {
@@ -450,8 +516,10 @@ fn update_from(r: pb::UpdateKeyRequest) -> Result<KeyUpdate, Status> {
 }
 
 /// The paths an update mask may name.
-const MASK_PATHS: [&str; 7] = [
+const MASK_PATHS: [&str; 9] = [
     "name",
+    "permissions",
+    "metadata",
     "expires_at",
     "limits",
     "limits.per_minute",

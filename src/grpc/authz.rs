@@ -40,11 +40,20 @@ pub const DECISION_ID_METADATA: &str = "decision_id";
 /// The ext_authz `context_extensions` entry (set per route in Envoy) with a request's cost.
 pub const COST_EXTENSION: &str = "cost";
 
+/// The ext_authz `context_extensions` entry (set per route in Envoy) naming the permission a
+/// route needs.
+pub const PERMISSION_EXTENSION: &str = "permission";
+
+/// What the upstream header of a key metadata field is called: `x-tollgate-<field>`.
+pub const METADATA_HEADER_PREFIX: &str = "x-tollgate-";
+
 /// The tonic service for ext_authz.
 pub struct AuthzGrpc {
     service: Arc<AuthzService>,
     key_id_header: String,
     hide_credentials: bool,
+    /// `authz.metadata_headers`: (field, header name) pairs.
+    metadata_headers: Vec<(String, String)>,
 }
 
 impl AuthzGrpc {
@@ -53,7 +62,17 @@ impl AuthzGrpc {
             service,
             key_id_header,
             hide_credentials,
+            metadata_headers: Vec::new(),
         }
+    }
+
+    /// Sends these key metadata fields upstream as `x-tollgate-<field>` headers.
+    pub fn with_metadata_headers(mut self, fields: &[String]) -> Self {
+        self.metadata_headers = fields
+            .iter()
+            .map(|f| (f.clone(), format!("{METADATA_HEADER_PREFIX}{f}")))
+            .collect();
+        self
     }
 }
 
@@ -136,6 +155,9 @@ impl Authorization for AuthzGrpc {
             cost: attributes
                 .and_then(|a| a.context_extensions.get(COST_EXTENSION))
                 .map(String::as_str),
+            permission: attributes
+                .and_then(|a| a.context_extensions.get(PERMISSION_EXTENSION))
+                .map(String::as_str),
         };
         let (decision, decision_id) = self.service.check(&input).await;
         Ok(Response::new(match decision {
@@ -147,32 +169,40 @@ impl Authorization for AuthzGrpc {
 
 impl AuthzGrpc {
     fn ok_response(&self, allowed: &Allowed, decision_id: String) -> CheckResponse {
+        let key = &allowed.key;
+        let mut headers = vec![header(&self.key_id_header, key.id.to_string())];
+        let mut headers_to_remove = if self.hide_credentials {
+            vec![allowed.credential_header.to_string()]
+        } else {
+            Vec::new()
+        };
+        // A configured field reaches the upstream only from the key: the client's own header of
+        // that name is replaced, or removed when the key has no such field.
+        for (field, name) in &self.metadata_headers {
+            match key.metadata.get(field) {
+                Some(value) => headers.push(header(name, value.clone())),
+                None => headers_to_remove.push(name.clone()),
+            }
+        }
         let ok = OkHttpResponse {
-            headers: vec![header(&self.key_id_header, allowed.key.id.to_string())],
-            headers_to_remove: if self.hide_credentials {
-                vec![allowed.credential_header.to_string()]
-            } else {
-                Vec::new()
-            },
+            headers,
+            headers_to_remove,
             response_headers_to_add: rate_limit_headers(&allowed.limits)
                 .into_iter()
                 .map(|(k, v)| header(k, v))
                 .collect(),
             ..Default::default()
         };
-        let metadata = Struct {
-            fields: HashMap::from([
-                (
-                    "key_id".to_string(),
-                    string_value(allowed.key.id.to_string()),
-                ),
-                (
-                    "key_name".to_string(),
-                    string_value(allowed.key.name.clone()),
-                ),
-                (DECISION_ID_METADATA.to_string(), string_value(decision_id)),
-            ]),
-        };
+        let mut fields = HashMap::with_capacity(3 + key.metadata.len());
+        // The key's own fields first, so tollgate's (which no key's may be named) are never
+        // replaced.
+        for (k, v) in &key.metadata {
+            fields.insert(k.clone(), string_value(v.clone()));
+        }
+        fields.insert("key_id".to_string(), string_value(key.id.to_string()));
+        fields.insert("key_name".to_string(), string_value(key.name.clone()));
+        fields.insert(DECISION_ID_METADATA.to_string(), string_value(decision_id));
+        let metadata = Struct { fields };
         CheckResponse {
             status: Some(Status {
                 code: OK,
@@ -187,7 +217,9 @@ impl AuthzGrpc {
 fn denied_response(denial: &Denial, decision_id: String) -> CheckResponse {
     let code = match denial.reason {
         DenyReason::MissingKey | DenyReason::InvalidKey => UNAUTHENTICATED,
-        DenyReason::KeyRevoked | DenyReason::KeyExpired => PERMISSION_DENIED,
+        DenyReason::KeyRevoked | DenyReason::KeyExpired | DenyReason::PermissionDenied => {
+            PERMISSION_DENIED
+        }
         DenyReason::BackendUnavailable => UNAVAILABLE,
         DenyReason::InvalidCost => INTERNAL,
         _ => RESOURCE_EXHAUSTED,

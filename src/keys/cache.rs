@@ -507,6 +507,13 @@ mod tests {
         ) -> Result<Option<ApiKey>, StoreError> {
             self.inner.update(id, update, now).await
         }
+        async fn rotate(
+            &self,
+            id: i64,
+            rotation: &crate::store::Rotation<'_>,
+        ) -> Result<Option<ApiKey>, StoreError> {
+            self.inner.rotate(id, rotation).await
+        }
         async fn ping(&self) -> Result<(), StoreError> {
             self.inner.ping().await
         }
@@ -533,6 +540,8 @@ mod tests {
                 limits: Limits::default(),
                 expires_at: None,
                 created_at: Utc::now(),
+                permissions: &[],
+                metadata: &Default::default(),
             })
             .await
             .unwrap();

@@ -127,6 +127,14 @@ pub struct Limits {
     pub refund_5xx: bool,
 }
 
+/// The secret a key had before its last rotation: it keeps working until `expires_at`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OldSecret {
+    /// Its visible prefix, for people (and the request log) to tell it from the new one.
+    pub prefix: String,
+    pub expires_at: DateTime<Utc>,
+}
+
 /// A stored key, as the request path needs it. Never holds the plaintext.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiKey {
@@ -136,11 +144,30 @@ pub struct ApiKey {
     pub status: KeyStatus,
     pub expires_at: Option<DateTime<Utc>>,
     pub limits: Limits,
+    /// The secret retired by the last rotation, while it may still be working.
+    pub old_secret: Option<OldSecret>,
+    /// This key was found by its old secret's hash (so the grace decides whether it works).
+    pub by_old_secret: bool,
+    /// The permissions the key has, sorted; empty: it may call every route.
+    pub permissions: Vec<String>,
+    /// Fields the key carries to Envoy's dynamic metadata and, if configured, upstream headers.
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 impl ApiKey {
     pub fn is_expired(&self, now: DateTime<Utc>) -> bool {
         self.expires_at.is_some_and(|at| at <= now)
+    }
+
+    /// Whether the secret this key was found by still works at `now`: the current one always,
+    /// the old one until its grace ends.
+    pub fn secret_works(&self, now: DateTime<Utc>) -> bool {
+        !self.by_old_secret || self.old_secret.as_ref().is_some_and(|o| o.expires_at > now)
+    }
+
+    /// Whether a route that needs `permission` may be called with this key.
+    pub fn may(&self, permission: &str) -> bool {
+        self.permissions.is_empty() || self.permissions.iter().any(|p| p == permission)
     }
 }
 
@@ -201,8 +228,42 @@ mod tests {
             status: KeyStatus::Active,
             expires_at: Some(at),
             limits: Limits::default(),
+            old_secret: None,
+            by_old_secret: false,
+            permissions: Vec::new(),
+            metadata: Default::default(),
         };
         assert!(!key.is_expired(at - chrono::Duration::seconds(1)));
         assert!(key.is_expired(at));
+    }
+
+    #[test]
+    fn an_old_secret_works_until_its_grace_ends_and_permissions_restrict() {
+        let at: DateTime<Utc> = "2026-05-01T00:00:00Z".parse().unwrap();
+        let mut key = ApiKey {
+            id: 1,
+            name: "k".into(),
+            prefix: "tg_abcdefgh".into(),
+            status: KeyStatus::Active,
+            expires_at: None,
+            limits: Limits::default(),
+            old_secret: Some(OldSecret {
+                prefix: "tg_zzzzzzzz".into(),
+                expires_at: at,
+            }),
+            by_old_secret: false,
+            permissions: Vec::new(),
+            metadata: Default::default(),
+        };
+        assert!(key.secret_works(at + chrono::Duration::days(9)));
+        key.by_old_secret = true;
+        assert!(key.secret_works(at - chrono::Duration::seconds(1)));
+        assert!(!key.secret_works(at));
+        key.old_secret = None;
+        assert!(!key.secret_works(at - chrono::Duration::days(1)));
+        assert!(key.may("reports.read"));
+        key.permissions = vec!["billing.write".into()];
+        assert!(key.may("billing.write"));
+        assert!(!key.may("reports.read"));
     }
 }

@@ -323,6 +323,7 @@ impl RateLimitService {
                 reason: if over_limit { "rate_limited" } else { "ok" },
                 status: if over_limit { 429 } else { 200 },
                 cost: 0,
+                key_prefix: None,
             });
         }
         Ok(RateLimitAnswer {

@@ -8,7 +8,9 @@ use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
 use super::StoreError;
-use crate::keys::{ApiKey, KeyHash, KeyStatus, Limits, NewKey};
+use std::collections::BTreeMap;
+
+use crate::keys::{ApiKey, KeyHash, KeyStatus, Limits, NewKey, OldSecret};
 
 /// What [`KeyStore::watch_changes`] reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +48,10 @@ pub struct KeyUpdate {
     pub limits: LimitsPatch,
     /// `Some(None)`: the key never expires.
     pub expires_at: Option<Option<DateTime<Utc>>>,
+    /// The new permissions (empty: every route).
+    pub permissions: Option<Vec<String>>,
+    /// The new metadata (empty: none).
+    pub metadata: Option<BTreeMap<String, String>>,
 }
 
 impl KeyUpdate {
@@ -58,6 +64,8 @@ impl KeyUpdate {
             && l.daily.is_none()
             && l.monthly.is_none()
             && l.refund_5xx.is_none()
+            && self.permissions.is_none()
+            && self.metadata.is_none()
     }
 }
 
@@ -100,6 +108,17 @@ pub struct KeyRecord<'a> {
     pub limits: Limits,
     pub expires_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
+    /// Empty: every route.
+    pub permissions: &'a [String],
+    pub metadata: &'a BTreeMap<String, String>,
+}
+
+/// A rotation: the key's new secret, and until when the one it replaces keeps working.
+#[derive(Debug, Clone, Copy)]
+pub struct Rotation<'a> {
+    pub key: &'a NewKey,
+    pub old_expires_at: DateTime<Utc>,
+    pub now: DateTime<Utc>,
 }
 
 /// Keys: lookups for the request path, and the admin operations behind `tollgate keys`.
@@ -140,6 +159,11 @@ pub trait KeyStore: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<Option<ApiKey>, StoreError>;
 
+    /// Gives the key a new secret in one statement; its current secret becomes its old one,
+    /// working until `rotation.old_expires_at` (an earlier old secret stops working at once).
+    /// Everything else (limits, counters) stays. `None` if there is no such key.
+    async fn rotate(&self, id: i64, rotation: &Rotation<'_>) -> Result<Option<ApiKey>, StoreError>;
+
     /// A cheap round trip, for `/readyz`.
     async fn ping(&self) -> Result<(), StoreError>;
 }
@@ -148,7 +172,8 @@ pub trait KeyStore: Send + Sync + 'static {
 /// select them by this list.
 macro_rules! key_columns {
     () => {
-        "id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit, refund_5xx"
+        "id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit, refund_5xx, \
+         old_prefix, old_key_expires_at, permissions, metadata"
     };
 }
 pub(crate) use key_columns;
@@ -166,6 +191,13 @@ pub(crate) struct KeyRow {
     daily_limit: Option<i64>,
     monthly_limit: Option<i64>,
     refund_5xx: bool,
+    old_prefix: Option<String>,
+    old_key_expires_at: Option<DateTime<Utc>>,
+    permissions: Option<String>,
+    metadata: Option<String>,
+    /// Only lookups by hash select it: whether the hash was the old secret's.
+    #[sqlx(default)]
+    by_old: bool,
 }
 
 impl TryFrom<KeyRow> for ApiKey {
@@ -173,6 +205,22 @@ impl TryFrom<KeyRow> for ApiKey {
 
     fn try_from(row: KeyRow) -> Result<Self, StoreError> {
         let limit = |v: Option<i64>| v.map(|v| v.max(0) as u64);
+        let corrupt = |what: &str, e: serde_json::Error| StoreError::Corrupt {
+            table: "api_keys",
+            detail: format!("{what} of key {}: {e}", row.id),
+        };
+        let permissions: Vec<String> = match &row.permissions {
+            Some(text) => serde_json::from_str(text).map_err(|e| corrupt("permissions", e))?,
+            None => Vec::new(),
+        };
+        let metadata: BTreeMap<String, String> = match &row.metadata {
+            Some(text) => serde_json::from_str(text).map_err(|e| corrupt("metadata", e))?,
+            None => BTreeMap::new(),
+        };
+        let old_secret = match (row.old_prefix, row.old_key_expires_at) {
+            (Some(prefix), Some(expires_at)) => Some(OldSecret { prefix, expires_at }),
+            _ => None,
+        };
         Ok(ApiKey {
             status: KeyStatus::parse(&row.status).ok_or_else(|| StoreError::Corrupt {
                 table: "api_keys",
@@ -188,6 +236,10 @@ impl TryFrom<KeyRow> for ApiKey {
                 monthly: limit(row.monthly_limit),
                 refund_5xx: row.refund_5xx,
             },
+            old_secret,
+            by_old_secret: row.by_old,
+            permissions,
+            metadata,
         })
     }
 }
@@ -195,6 +247,16 @@ impl TryFrom<KeyRow> for ApiKey {
 /// A key read by one of the `key_columns!` queries, if there was one.
 pub(crate) fn key_of(row: Option<KeyRow>) -> Result<Option<ApiKey>, StoreError> {
     row.map(ApiKey::try_from).transpose()
+}
+
+/// Permissions as both dialects store them: a JSON array, or NULL for every route.
+pub(crate) fn permissions_text(permissions: &[String]) -> Option<String> {
+    (!permissions.is_empty()).then(|| serde_json::Value::from(permissions.to_vec()).to_string())
+}
+
+/// Metadata as both dialects store it: a JSON object, or NULL for none.
+pub(crate) fn metadata_text(metadata: &BTreeMap<String, String>) -> Option<String> {
+    (!metadata.is_empty()).then(|| serde_json::to_string(metadata).expect("strings serialize"))
 }
 
 /// A limit as the databases store it: unlimited is NULL, and a count past `i64::MAX` is capped.

@@ -30,6 +30,9 @@ pub struct LogRow {
     pub status: u16,
     /// What an allowed request spent (0 when denied).
     pub cost: u64,
+    /// The visible prefix of the secret a known key came with (old or new, during a rotation's
+    /// grace).
+    pub key_prefix: Option<String>,
 }
 
 /// The API a request-log row comes from.

@@ -24,7 +24,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-pub use keys::{KeyChange, KeyQuery, KeyRecord, KeyStore, KeyUpdate, LimitsPatch, StatusFilter};
+pub use keys::{
+    KeyChange, KeyQuery, KeyRecord, KeyStore, KeyUpdate, LimitsPatch, Rotation, StatusFilter,
+};
 pub use log::{
     DayUsage, KeyUsage, LogApi, LogRow, Maintenance, Outcome, RequestLogStore, UsageQuery,
     UsageSummary,

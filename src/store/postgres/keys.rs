@@ -13,7 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::PgStore;
 use crate::keys::{self, ApiKey, KeyHash};
-use crate::store::keys::{KeyRecord, KeyRow, key_columns, key_of, opt_i64};
+use crate::store::keys::{
+    KeyRecord, KeyRow, Rotation, key_columns, key_of, metadata_text, opt_i64, permissions_text,
+};
 use crate::store::{KeyChange, KeyQuery, KeyStore, KeyUpdate, StoreError};
 
 /// The channel the `api_keys` trigger notifies.
@@ -107,7 +109,8 @@ impl KeyStore for PgStore {
         let row: Option<KeyRow> = sqlx::query_as(concat!(
             "SELECT ",
             key_columns!(),
-            " FROM api_keys WHERE key_hash = $1"
+            ", key_hash <> $1 AS by_old FROM api_keys \
+               WHERE key_hash = $1 OR old_key_hash = $1"
         ))
         .bind(keys::hash_hex(hash))
         .fetch_optional(&mut *conn)
@@ -141,8 +144,8 @@ impl KeyStore for PgStore {
         let (key, limits) = (record.key, record.limits);
         let row: KeyRow = sqlx::query_as(concat!(
             "INSERT INTO api_keys (name, prefix, key_hash, expires_at, per_minute, daily_limit, \
-               monthly_limit, created_at, updated_at, refund_5xx) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9) RETURNING ",
+               monthly_limit, created_at, updated_at, refund_5xx, permissions, metadata) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, $11) RETURNING ",
             key_columns!()
         ))
         .bind(record.name)
@@ -154,6 +157,8 @@ impl KeyStore for PgStore {
         .bind(opt_i64(limits.monthly))
         .bind(record.created_at)
         .bind(limits.refund_5xx)
+        .bind(permissions_text(record.permissions))
+        .bind(metadata_text(record.metadata))
         .fetch_one(&self.pool)
         .await?;
         row.try_into()
@@ -223,6 +228,8 @@ impl KeyStore for PgStore {
                refund_5xx = COALESCE($9, refund_5xx), \
                name = COALESCE($10, name), \
                expires_at = CASE WHEN $11 THEN $12 ELSE expires_at END, \
+               permissions = CASE WHEN $13 THEN $14 ELSE permissions END, \
+               metadata = CASE WHEN $15 THEN $16 ELSE metadata END, \
                updated_at = $8 \
              WHERE id = $1 RETURNING ",
             key_columns!()
@@ -239,6 +246,28 @@ impl KeyStore for PgStore {
         .bind(update.name.as_deref())
         .bind(update.expires_at.is_some())
         .bind(update.expires_at.flatten())
+        .bind(update.permissions.is_some())
+        .bind(update.permissions.as_deref().and_then(permissions_text))
+        .bind(update.metadata.is_some())
+        .bind(update.metadata.as_ref().and_then(metadata_text))
+        .fetch_optional(&self.pool)
+        .await?;
+        key_of(row)
+    }
+
+    async fn rotate(&self, id: i64, rotation: &Rotation<'_>) -> Result<Option<ApiKey>, StoreError> {
+        // The right-hand sides read the row as it was: the current secret becomes the old one.
+        let row: Option<KeyRow> = sqlx::query_as(concat!(
+            "UPDATE api_keys SET old_key_hash = key_hash, old_prefix = prefix, \
+               old_key_expires_at = $4, key_hash = $2, prefix = $3, updated_at = $5 \
+             WHERE id = $1 RETURNING ",
+            key_columns!()
+        ))
+        .bind(id)
+        .bind(keys::hash_hex(&rotation.key.hash))
+        .bind(&rotation.key.prefix)
+        .bind(rotation.old_expires_at)
+        .bind(rotation.now)
         .fetch_optional(&self.pool)
         .await?;
         key_of(row)

@@ -272,6 +272,7 @@ impl RequestLogStore for PgStore {
         let mut status = Vec::with_capacity(rows.len());
         let mut api = Vec::with_capacity(rows.len());
         let mut cost = Vec::with_capacity(rows.len());
+        let mut key_prefix = Vec::with_capacity(rows.len());
         for r in rows {
             ts.push(r.ts);
             request_id.push(r.request_id.clone());
@@ -286,13 +287,14 @@ impl RequestLogStore for PgStore {
             status.push(r.status as i16);
             api.push(r.api.as_str());
             cost.push(count_i64(r.cost));
+            key_prefix.push(r.key_prefix.clone());
         }
         sqlx::query(
             "INSERT INTO api_requests_log (ts, request_id, api_key_id, method, path, host, \
-               client_addr, decision, reason, status, api, cost, decision_id) \
+               client_addr, decision, reason, status, api, cost, decision_id, key_prefix) \
              SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::bigint[], $4::text[], \
                $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::smallint[], \
-               $11::text[], $12::bigint[], $13::text[])",
+               $11::text[], $12::bigint[], $13::text[], $14::text[])",
         )
         .bind(ts)
         .bind(request_id)
@@ -307,6 +309,7 @@ impl RequestLogStore for PgStore {
         .bind(api)
         .bind(cost)
         .bind(decision_id)
+        .bind(key_prefix)
         .execute(&self.pool)
         .await?;
         Ok(())

@@ -9,7 +9,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::{SqliteStore, ts_text};
 use crate::keys::{self, ApiKey, KeyHash};
-use crate::store::keys::{KeyRecord, KeyRow, key_columns, key_of, opt_i64};
+use crate::store::keys::{
+    KeyRecord, KeyRow, Rotation, key_columns, key_of, metadata_text, opt_i64, permissions_text,
+};
 use crate::store::{KeyChange, KeyQuery, KeyStore, KeyUpdate, StoreError};
 
 /// The next `change_seq`: one past every change so far. SQLite has one writer at a time, so
@@ -22,22 +24,27 @@ macro_rules! next_change_seq {
 
 impl SqliteStore {
     async fn changes_since(&self, cursor: i64) -> Result<(Vec<KeyHash>, i64), StoreError> {
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT key_hash, change_seq FROM api_keys WHERE change_seq > ?1 ORDER BY change_seq",
+        // Every hash a changed row has had a say in: its secret, the old one a rotation left
+        // working, and the one a second rotation retired.
+        let rows: Vec<(String, Option<String>, Option<String>, i64)> = sqlx::query_as(
+            "SELECT key_hash, old_key_hash, retired_key_hash, change_seq FROM api_keys \
+             WHERE change_seq > ?1 ORDER BY change_seq",
         )
         .bind(cursor)
         .fetch_all(&self.read)
         .await?;
         let mut next = cursor;
         let mut hashes = Vec::with_capacity(rows.len());
-        for (hex, seq) in rows {
+        for (hex, old, retired, seq) in rows {
             next = next.max(seq);
-            hashes.push(
-                keys::parse_hash_hex(&hex).ok_or_else(|| StoreError::Corrupt {
-                    table: "api_keys",
-                    detail: format!("key_hash {hex:?}"),
-                })?,
-            );
+            for hex in std::iter::once(hex).chain(old).chain(retired) {
+                hashes.push(
+                    keys::parse_hash_hex(&hex).ok_or_else(|| StoreError::Corrupt {
+                        table: "api_keys",
+                        detail: format!("key_hash {hex:?}"),
+                    })?,
+                );
+            }
         }
         Ok((hashes, next))
     }
@@ -57,7 +64,8 @@ impl KeyStore for SqliteStore {
         let row: Option<KeyRow> = sqlx::query_as(concat!(
             "SELECT ",
             key_columns!(),
-            " FROM api_keys WHERE key_hash = ?1"
+            ", key_hash <> ?1 AS by_old FROM api_keys \
+               WHERE key_hash = ?1 OR old_key_hash = ?1"
         ))
         .bind(keys::hash_hex(hash))
         .fetch_optional(&self.read)
@@ -101,10 +109,11 @@ impl KeyStore for SqliteStore {
         let (key, limits) = (record.key, record.limits);
         let row: KeyRow = sqlx::query_as(concat!(
             "INSERT INTO api_keys (name, prefix, key_hash, status, expires_at, per_minute, \
-               daily_limit, monthly_limit, created_at, updated_at, change_seq, refund_5xx) \
+               daily_limit, monthly_limit, created_at, updated_at, change_seq, refund_5xx, \
+               permissions, metadata) \
              VALUES (?1, ?2, ?3, 'active', ?4, ?5, ?6, ?7, ?8, ?8, ",
             next_change_seq!(),
-            ", ?9) RETURNING ",
+            ", ?9, ?10, ?11) RETURNING ",
             key_columns!()
         ))
         .bind(record.name)
@@ -116,6 +125,8 @@ impl KeyStore for SqliteStore {
         .bind(opt_i64(limits.monthly))
         .bind(ts_text(record.created_at))
         .bind(limits.refund_5xx)
+        .bind(permissions_text(record.permissions))
+        .bind(metadata_text(record.metadata))
         .fetch_one(&self.write)
         .await?;
         row.try_into()
@@ -188,6 +199,8 @@ impl KeyStore for SqliteStore {
                refund_5xx = COALESCE(?9, refund_5xx), \
                name = COALESCE(?10, name), \
                expires_at = CASE WHEN ?11 THEN ?12 ELSE expires_at END, \
+               permissions = CASE WHEN ?13 THEN ?14 ELSE permissions END, \
+               metadata = CASE WHEN ?15 THEN ?16 ELSE metadata END, \
                updated_at = ?8, change_seq = ",
             next_change_seq!(),
             " WHERE id = ?1 RETURNING ",
@@ -205,6 +218,31 @@ impl KeyStore for SqliteStore {
         .bind(update.name.as_deref())
         .bind(update.expires_at.is_some())
         .bind(update.expires_at.flatten().map(ts_text))
+        .bind(update.permissions.is_some())
+        .bind(update.permissions.as_deref().and_then(permissions_text))
+        .bind(update.metadata.is_some())
+        .bind(update.metadata.as_ref().and_then(metadata_text))
+        .fetch_optional(&self.write)
+        .await?;
+        key_of(row)
+    }
+
+    async fn rotate(&self, id: i64, rotation: &Rotation<'_>) -> Result<Option<ApiKey>, StoreError> {
+        // The right-hand sides read the row as it was: the current secret becomes the old one,
+        // and an earlier old one is kept as retired, so the change poll reports it too.
+        let row: Option<KeyRow> = sqlx::query_as(concat!(
+            "UPDATE api_keys SET retired_key_hash = old_key_hash, old_key_hash = key_hash, \
+               old_prefix = prefix, old_key_expires_at = ?4, key_hash = ?2, prefix = ?3, \
+               updated_at = ?5, change_seq = ",
+            next_change_seq!(),
+            " WHERE id = ?1 RETURNING ",
+            key_columns!()
+        ))
+        .bind(id)
+        .bind(keys::hash_hex(&rotation.key.hash))
+        .bind(&rotation.key.prefix)
+        .bind(ts_text(rotation.old_expires_at))
+        .bind(ts_text(rotation.now))
         .fetch_optional(&self.write)
         .await?;
         key_of(row)

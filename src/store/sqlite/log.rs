@@ -15,7 +15,7 @@ use crate::store::{
     LogRow, Maintenance, Outcome, RequestLogStore, StoreError, UsageQuery, UsageSummary,
 };
 
-/// Rows per INSERT statement of the request log (13 parameters each; SQLite allows 32,766).
+/// Rows per INSERT statement of the request log (14 parameters each; SQLite allows 32,766).
 const LOG_ROWS_PER_STATEMENT: usize = 500;
 
 /// Deletes up to 5,000 log rows older than `?1`, through the index on `ts` (migration 0006), so
@@ -128,7 +128,7 @@ impl RequestLogStore for SqliteStore {
         for chunk in rows.chunks(LOG_ROWS_PER_STATEMENT) {
             let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
                 "INSERT INTO api_requests_log (ts, request_id, api_key_id, method, path, host, \
-                   client_addr, decision, reason, status, api, cost, decision_id) ",
+                   client_addr, decision, reason, status, api, cost, decision_id, key_prefix) ",
             );
             insert.push_values(chunk, |mut b, row| {
                 b.push_bind(ts_text(row.ts))
@@ -143,7 +143,8 @@ impl RequestLogStore for SqliteStore {
                     .push_bind(row.status as i64)
                     .push_bind(row.api.as_str())
                     .push_bind(count_i64(row.cost))
-                    .push_bind(row.decision_id.clone());
+                    .push_bind(row.decision_id.clone())
+                    .push_bind(row.key_prefix.clone());
             });
             // Only the full-size statement is kept prepared: the odd sizes of the last chunk would
             // push the quota statements out of the connection's statement cache.

@@ -292,6 +292,8 @@ mod tests {
                 limits: Default::default(),
                 expires_at: None,
                 created_at: now,
+                permissions: &[],
+                metadata: &Default::default(),
             };
             ids.push(store.create(&record).await.unwrap().id);
         }

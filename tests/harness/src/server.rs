@@ -128,6 +128,8 @@ impl Tollgate {
                 limits,
                 expires_at,
                 created_at: self.clock_now(),
+                permissions: &[],
+                metadata: &Default::default(),
             })
             .await
             .unwrap();
