@@ -1,6 +1,7 @@
 //! Keys on PostgreSQL. A trigger on `api_keys` gives every new key its usage row and NOTIFYs
 //! every change, so the replicas' caches hear of it (migrations 0001 and 0007).
 
+use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -8,7 +9,6 @@ use chrono::{DateTime, Utc};
 use sqlx::Postgres;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::PgListener;
-use tokio::sync::SemaphorePermit;
 use tokio_util::sync::CancellationToken;
 
 use super::PgStore;
@@ -33,26 +33,36 @@ const LISTEN_PING_TIMEOUT: Duration = Duration::from_secs(2);
 pub const LISTEN_PING_SQL: &str = "SELECT 'tollgate key change listener' AS ping";
 
 impl PgStore {
-    /// A connection for a key lookup, within the lookups' share of the pool. The wait for a
-    /// turn and the wait for a connection together last at most `database.timeout`.
-    async fn lookup_connection(
-        &self,
-    ) -> Result<(SemaphorePermit<'_>, PoolConnection<Postgres>), StoreError> {
-        let wait = async {
-            let turn = self
-                .lookups
-                .acquire()
+    /// Runs a key lookup within the lookups' share of the pool, in a task of its own. The wait
+    /// for a turn and for a connection together last at most `database.timeout`. A caller that
+    /// stops waiting (its check's deadline passed) leaves the task to finish its statement
+    /// (bounded by `statement_timeout`), so a turn is held exactly as long as its connection is
+    /// busy: lookups given up on cannot free their turns early and take more than their share.
+    async fn lookup<F, Fut>(&self, query: F) -> Result<Option<ApiKey>, StoreError>
+    where
+        F: FnOnce(PoolConnection<Postgres>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<Option<KeyRow>, sqlx::Error>> + Send,
+    {
+        let (lookups, pool, timeout) = (self.lookups.clone(), self.pool.clone(), self.timeout);
+        let task = tokio::spawn(async move {
+            let wait = async {
+                let turn = lookups
+                    .acquire_owned()
+                    .await
+                    .map_err(|_| StoreError::closed())?;
+                Ok::<_, StoreError>((turn, pool.acquire().await?))
+            };
+            let (_turn, conn) = tokio::time::timeout(timeout, wait)
                 .await
-                .map_err(|_| StoreError::closed())?;
-            Ok((turn, self.pool.acquire().await?))
-        };
-        tokio::time::timeout(self.timeout, wait)
-            .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::Unavailable(std::sync::Arc::new(
-                    sqlx::Error::PoolTimedOut,
-                )))
-            })
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Unavailable(std::sync::Arc::new(
+                        sqlx::Error::PoolTimedOut,
+                    )))
+                })?;
+            Ok::<_, StoreError>(query(conn).await?)
+        });
+        let row = task.await.map_err(|_| StoreError::closed())??;
+        key_of(row)
     }
 
     /// Listens for key changes until the connection drops, its server stops answering, or
@@ -105,17 +115,19 @@ impl PgStore {
 #[async_trait]
 impl KeyStore for PgStore {
     async fn find_by_hash(&self, hash: &KeyHash) -> Result<Option<ApiKey>, StoreError> {
-        let (_turn, mut conn) = self.lookup_connection().await?;
-        let row: Option<KeyRow> = sqlx::query_as(concat!(
-            "SELECT ",
-            key_columns!(),
-            ", key_hash <> $1 AS by_old FROM api_keys \
-               WHERE key_hash = $1 OR old_key_hash = $1"
-        ))
-        .bind(keys::hash_hex(hash))
-        .fetch_optional(&mut *conn)
-        .await?;
-        key_of(row)
+        let hash = keys::hash_hex(hash);
+        self.lookup(move |mut conn| async move {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                key_columns!(),
+                ", key_hash <> $1 AS by_old FROM api_keys \
+                   WHERE key_hash = $1 OR old_key_hash = $1"
+            ))
+            .bind(hash)
+            .fetch_optional(&mut *conn)
+            .await
+        })
+        .await
     }
 
     async fn watch_changes(
@@ -165,16 +177,17 @@ impl KeyStore for PgStore {
     }
 
     async fn get(&self, id: i64) -> Result<Option<ApiKey>, StoreError> {
-        let (_turn, mut conn) = self.lookup_connection().await?;
-        let row: Option<KeyRow> = sqlx::query_as(concat!(
-            "SELECT ",
-            key_columns!(),
-            " FROM api_keys WHERE id = $1"
-        ))
-        .bind(id)
-        .fetch_optional(&mut *conn)
-        .await?;
-        key_of(row)
+        self.lookup(move |mut conn| async move {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                key_columns!(),
+                " FROM api_keys WHERE id = $1"
+            ))
+            .bind(id)
+            .fetch_optional(&mut *conn)
+            .await
+        })
+        .await
     }
 
     async fn list(&self, query: &KeyQuery) -> Result<Vec<ApiKey>, StoreError> {
