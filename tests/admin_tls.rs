@@ -306,7 +306,7 @@ async fn off_loopback_a_san_list_alone_is_enough_and_the_log_names_the_san() {
     assert_eq!(refused.status, 401);
     assert_eq!(serve.stop_with("-TERM").await.code(), Some(0));
 
-    let log = std::fs::read_to_string(&log_of(dir.path())).unwrap();
+    let log = std::fs::read_to_string(log_of(dir.path())).unwrap();
     let caller = format!("caller=client_cert:{PORTAL}");
     assert!(
         log.lines().any(|l| l.contains("admin call")
