@@ -27,6 +27,7 @@ use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::server::HealthReporter;
 
 use crate::admin::auth::AdminAuth;
+use crate::admin::listener::{AdminPeer, TlsListener};
 use crate::admin::service::KeyAdmin;
 use crate::authz::AuthzService;
 use crate::clock::{Clock, SystemClock};
@@ -444,15 +445,19 @@ impl App {
 }
 
 impl App {
-    /// The admin port (gRPC and REST), when `admin_addr` is set, until [`Stops::serving`].
-    fn admin_server(&mut self) -> Option<impl Future<Output = std::io::Result<()>> + use<>> {
+    /// The admin port (gRPC and REST), when `admin_addr` is set, until [`Stops::serving`]. With
+    /// `grpc_tls` it speaks TLS only, with the gRPC port's certificate (renewals included): it
+    /// carries bearer tokens and the secrets of keys it creates.
+    fn admin_server(
+        &mut self,
+    ) -> Option<std::pin::Pin<Box<dyn Future<Output = std::io::Result<()>> + Send>>> {
         let listener = self.admin.take()?;
         let auth = AdminAuth::new(&self.config.admin);
         if auth.is_open() {
             tracing::warn!(
                 admin_addr = ?self.admin_addr,
-                "admin API without credentials (admin.token_sha256 is empty): every local \
-                 process can manage keys"
+                "admin API without credentials (admin.token_sha256 and admin.client_sans are \
+                 empty): every local process can manage keys"
             );
         }
         let router = crate::admin::router(
@@ -460,15 +465,32 @@ impl App {
             auth,
             self.clock.clone(),
             self.metrics.clone(),
-        );
-        Some(
-            axum::serve(
-                listener,
-                router.into_make_service_with_connect_info::<SocketAddr>(),
-            )
-            .with_graceful_shutdown(self.stops.serving.clone().cancelled_owned())
-            .into_future(),
         )
+        .into_make_service_with_connect_info::<AdminPeer>();
+        let stop = self.stops.serving.clone();
+        Some(match &self.tls {
+            None => Box::pin(
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(stop.cancelled_owned())
+                    .into_future(),
+            ),
+            Some(tls) => {
+                let listener = match TlsListener::new(
+                    listener,
+                    tls.clone(),
+                    self.metrics.clone(),
+                    stop.clone(),
+                ) {
+                    Ok(listener) => listener,
+                    Err(e) => return Some(Box::pin(std::future::ready(Err(e)))),
+                };
+                Box::pin(
+                    axum::serve(listener, router)
+                        .with_graceful_shutdown(stop.cancelled_owned())
+                        .into_future(),
+                )
+            }
+        })
     }
 }
 

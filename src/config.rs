@@ -94,6 +94,12 @@ pub struct AdminConfig {
     /// configured. Empty: on a loopback `admin_addr`, anyone who can reach it may call; elsewhere
     /// a configuration error.
     pub token_sha256: Vec<String>,
+    /// Subject alternative names (URI, such as a SPIFFE ID, or DNS) of client certificates that
+    /// may call the admin API. The certificate must chain to `grpc_tls.client_ca_file`; the admin
+    /// port then speaks TLS with the gRPC port's certificate. A caller needs a listed certificate
+    /// or a configured token, either one. Separate from `grpc_tls.allowed_client_sans`: being
+    /// allowed to call Check does not make a client an administrator.
+    pub client_sans: Vec<String>,
 }
 
 impl AdminConfig {
@@ -105,7 +111,13 @@ impl AdminConfig {
             .collect()
     }
 
-    pub fn validate(&self, admin_addr: Option<SocketAddr>) -> Result<(), InvalidSetting> {
+    /// Checks the settings; `tls` is the gRPC port's, whose certificate and client CA the admin
+    /// port uses.
+    pub fn validate(
+        &self,
+        admin_addr: Option<SocketAddr>,
+        tls: &GrpcTlsConfig,
+    ) -> Result<(), InvalidSetting> {
         for (i, h) in self.token_sha256.iter().enumerate() {
             if crate::keys::parse_hash_hex(&h.to_ascii_lowercase()).is_none() {
                 return Err(InvalidSetting::new(
@@ -115,16 +127,33 @@ impl AdminConfig {
                 ));
             }
         }
+        for (i, san) in self.client_sans.iter().enumerate() {
+            if let Err(why) = crate::tls::check_san(san) {
+                return Err(InvalidSetting::new(
+                    format!("admin.client_sans[{i}]"),
+                    format!("{san:?} {why}"),
+                ));
+            }
+        }
+        if !self.client_sans.is_empty() && tls.client_ca_file.is_none() {
+            return Err(InvalidSetting::new(
+                "admin.client_sans",
+                "needs grpc_tls.cert_file, grpc_tls.key_file and grpc_tls.client_ca_file: the \
+                 admin port checks client certificates in a TLS handshake, with the gRPC port's \
+                 certificate and client CA",
+            ));
+        }
         if let Some(addr) = admin_addr
             && !addr.ip().is_loopback()
-            && self.token_sha256.is_empty()
+            && self.is_open()
         {
             return Err(InvalidSetting::new(
                 "admin.token_sha256",
                 format!(
-                    "empty while admin_addr {addr} is not on loopback: anyone who reaches it \
-                     could manage every key; configure at least one token's SHA-256 \
-                     (TOLLGATE_ADMIN_TOKEN_SHA256)"
+                    "empty while admin_addr {addr} is not on loopback and admin.client_sans is \
+                     empty too: anyone who reaches it could manage every key; configure at least \
+                     one token's SHA-256 (TOLLGATE_ADMIN_TOKEN_SHA256) or client certificate SAN \
+                     (TOLLGATE_ADMIN_CLIENT_SANS)"
                 ),
             ));
         }
@@ -132,9 +161,9 @@ impl AdminConfig {
     }
 
     /// Whether the admin API at `admin_addr` takes calls without credentials (loopback, no
-    /// token configured).
+    /// token and no client certificate SAN configured).
     pub fn is_open(&self) -> bool {
-        self.token_sha256.is_empty()
+        self.token_sha256.is_empty() && self.client_sans.is_empty()
     }
 }
 
@@ -687,7 +716,7 @@ impl Config {
     /// is the error, named after the file (or variable) it came from.
     fn validate(&self, source_name: &str) -> Result<(), ConfigError> {
         let each = || -> Result<(), InvalidSetting> {
-            self.admin.validate(self.admin_addr)?;
+            self.admin.validate(self.admin_addr, &self.grpc_tls)?;
             self.grpc.validate()?;
             self.grpc_tls.validate()?;
             self.database.validate()?;
@@ -1068,6 +1097,45 @@ mod tests {
         assert!(!e.to_string().contains("s3cr3t"), "{e}");
         let e = load_yaml("admin_addr: somewhere\n", &[]).unwrap_err();
         assert_eq!(e.field, "admin_addr");
+    }
+
+    #[test]
+    fn admin_client_sans_count_as_credentials_and_need_the_client_ca() {
+        let tls = "grpc_tls:\n  cert_file: c.pem\n  key_file: k.pem\n  client_ca_file: ca.pem\n";
+        let portal = "spiffe://cluster.local/ns/portal/sa/portal";
+        // Off loopback, a SAN list alone is authentication enough.
+        let c = load_yaml(
+            tls,
+            &[
+                ("TOLLGATE_ADMIN_ADDR", "0.0.0.0:9443"),
+                (
+                    "TOLLGATE_ADMIN_CLIENT_SANS",
+                    &format!("{portal}, console.ops.svc"),
+                ),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.admin.client_sans, vec![portal, "console.ops.svc"]);
+        assert!(!c.admin.is_open());
+        // Without a client CA there is no certificate to judge.
+        for yaml in [
+            "admin:\n  client_sans: [a.b]\n",
+            "grpc_tls:\n  cert_file: c.pem\n  key_file: k.pem\nadmin:\n  client_sans: [a.b]\n",
+        ] {
+            let e = load_yaml(yaml, &[]).unwrap_err();
+            assert_eq!(e.field, "admin.client_sans", "{yaml}");
+            assert!(e.message.contains("grpc_tls.client_ca_file"), "{e}");
+        }
+        let e = load_yaml(
+            tls,
+            &[("TOLLGATE_ADMIN_CLIENT_SANS", "ok.example,*.example")],
+        )
+        .unwrap_err();
+        assert_eq!(e.field, "admin.client_sans[1]");
+        // Neither tokens nor SANs off loopback: the message names both ways out.
+        let e = load_yaml(&format!("{tls}admin_addr: 0.0.0.0:9443\n"), &[]).unwrap_err();
+        assert_eq!(e.field, "admin.token_sha256");
+        assert!(e.message.contains("TOLLGATE_ADMIN_CLIENT_SANS"), "{e}");
     }
 
     #[test]

@@ -187,6 +187,8 @@ pub struct Metrics {
     pub grpc_tls_reloads_failed: Counter,
     pub grpc_tls_last_reload_failed: std::sync::atomic::AtomicBool,
     pub grpc_tls_not_after: std::sync::atomic::AtomicI64,
+    /// Admin port TLS (the gRPC port's certificate): handshakes refused or not finished in time.
+    pub admin_tls_handshake_failures: Counter,
     pub reqlog_written: Counter,
     pub reqlog_dropped: Counter,
     pub reqlog_failed: Counter,
@@ -376,6 +378,12 @@ impl Metrics {
             "# HELP tollgate_grpc_tls_handshake_failures_total TLS handshakes on the gRPC port refused or not finished in time.\n\
              # TYPE tollgate_grpc_tls_handshake_failures_total counter\ntollgate_grpc_tls_handshake_failures_total {}",
             self.grpc_tls_handshake_failures.get()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_admin_tls_handshake_failures_total TLS handshakes on the admin port refused or not finished in time.\n\
+             # TYPE tollgate_admin_tls_handshake_failures_total counter\ntollgate_admin_tls_handshake_failures_total {}",
+            self.admin_tls_handshake_failures.get()
         );
         let _ = writeln!(
             out,

@@ -4,7 +4,10 @@
 //! - [`service`]: [`service::KeyAdmin`], the key operations and their validation; the
 //!   `tollgate keys` commands use it too.
 //! - [`pb`]: the protobuf types and tonic service generated from `proto/tollgate/admin/v1`.
-//! - [`auth`]: who may call: configured bearer tokens, compared in constant time.
+//! - [`auth`]: who may call: configured bearer tokens, compared in constant time, and client
+//!   certificates with a listed SAN.
+//! - [`listener`]: the port's connections (TLS when `grpc_tls` is set) and who is at the other
+//!   end of each ([`listener::AdminPeer`]).
 //! - [`rest`]: REST/JSON transcoded from the proto's `google.api.http` options.
 //! - [`openapi`]: the REST side's OpenAPI document, generated from the same descriptors.
 //! - `crate::grpc::admin`: the gRPC service both transports call; it logs and counts each call.
@@ -15,12 +18,12 @@
 //! exist).
 
 pub mod auth;
+pub mod listener;
 pub mod openapi;
 pub mod pb;
 pub mod rest;
 pub mod service;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, Request, State};
@@ -32,6 +35,7 @@ use crate::clock::Clock;
 use crate::grpc::admin::{AdminGrpc, Transport};
 use crate::telemetry::Metrics;
 use auth::{AdminAuth, AuthFailure, Credentials};
+use listener::AdminPeer;
 use pb::admin_service_server::AdminServiceServer;
 use rest::{Found, MAX_BODY_BYTES, Rest, problem, rpc_label};
 use service::KeyAdmin;
@@ -44,8 +48,9 @@ struct AdminState {
 }
 
 /// The admin port's routes: gRPC (`/tollgate.admin.v1.AdminService/…`) and REST (`/v1/…`),
-/// both behind [`AdminAuth`]. Serve it with `into_make_service_with_connect_info::<SocketAddr>`
-/// (the peer's address is logged with refused calls).
+/// both behind [`AdminAuth`]. Serve it with `into_make_service_with_connect_info::<AdminPeer>`
+/// (the client certificate's SANs are credentials; the peer's address is logged with refused
+/// calls).
 pub fn router(
     admin: KeyAdmin,
     auth: AdminAuth,
@@ -68,21 +73,22 @@ pub fn router(
         .fallback(move |request: Request| rest_call(rest_state.clone(), request))
 }
 
-/// What a request presents, from its headers (and, once the port speaks TLS, its connection).
+/// What a request presents, from its headers and its connection's client certificate.
 fn credentials(request: &Request) -> Credentials<'_> {
     Credentials {
         authorization: request
             .headers()
             .get(header::AUTHORIZATION)
             .map(HeaderValue::as_bytes),
+        client_sans: peer(request).map_or(&[], |p| &p.client_sans[..]),
     }
 }
 
-fn peer(request: &Request) -> Option<SocketAddr> {
+fn peer(request: &Request) -> Option<&AdminPeer> {
     request
         .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0)
+        .get::<ConnectInfo<AdminPeer>>()
+        .map(|c| &c.0)
 }
 
 /// Logs and counts a refused authentication; never what was presented.
@@ -97,10 +103,12 @@ fn refused(
         .metrics
         .admin
         .inc((method, transport.as_str(), "unauthenticated"));
+    let peer = peer(request);
     tracing::warn!(
         target: "tollgate::admin",
-        peer = ?peer(request), transport = transport.as_str(), method,
-        credentials = failure.as_str(), "admin call unauthenticated"
+        peer = ?peer.map(|p| p.addr), client_sans = ?peer.map(|p| &p.client_sans[..]),
+        transport = transport.as_str(), method, credentials = failure.as_str(),
+        "admin call unauthenticated"
     );
 }
 

@@ -1,12 +1,15 @@
-//! The gRPC port's connections over TLS: accepted, each handshaken in a task of its own (a slow
-//! or silent client holds up no one else, and gives up after [`HANDSHAKE_TIMEOUT`]), with the
+//! The TLS ports' connections: accepted, each handshaken in a task of its own (a slow or silent
+//! client holds up no one else, and gives up after [`HANDSHAKE_TIMEOUT`]), with the
 //! configuration served at the moment it was accepted. Only connections whose handshake
-//! succeeded reach the gRPC server; a refused one is closed without an answer and counted.
+//! succeeded reach the server behind; a refused one is closed without an answer and counted.
+//! [`incoming`] feeds the gRPC port, [`handshaken`] the admin port.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::Stream;
+use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_rustls::TlsAcceptor;
@@ -14,7 +17,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 
 use super::GrpcTls;
-use crate::telemetry::Metrics;
+use crate::telemetry::{Counter, Metrics};
 
 /// The longest a client may take to complete its handshake.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -22,29 +25,75 @@ pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Handshakes in progress at most; past it, accepting waits for one to end.
 const MAX_HANDSHAKES: usize = 256;
 
-/// The connections of `listener` whose TLS handshake succeeded, until `stop`.
+/// Which port a connection came to: the configuration it is handshaken with, the counter of
+/// refused handshakes, the name logs give it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Port {
+    Grpc,
+    Admin,
+}
+
+impl Port {
+    fn server_config(self, tls: &GrpcTls) -> Arc<ServerConfig> {
+        match self {
+            Port::Grpc => tls.server_config(),
+            Port::Admin => tls.admin_server_config(),
+        }
+    }
+
+    fn failures(self, metrics: &Metrics) -> &Counter {
+        match self {
+            Port::Grpc => &metrics.grpc_tls_handshake_failures,
+            Port::Admin => &metrics.admin_tls_handshake_failures,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Port::Grpc => "gRPC port",
+            Port::Admin => "admin port",
+        }
+    }
+}
+
+/// The gRPC port's connections whose TLS handshake succeeded, until `stop`.
 pub(crate) fn incoming(
     listener: TcpListener,
     tls: Arc<GrpcTls>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) -> impl Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> + Send + 'static {
-    let (ready, connections) = mpsc::channel(MAX_HANDSHAKES);
-    tokio::spawn(accept(listener, tls, metrics, stop, ready));
+    let connections = handshaken(listener, Port::Grpc, tls, metrics, stop);
     futures_util::stream::unfold(connections, |mut connections| async move {
-        let conn = connections.recv().await?;
+        let (conn, _) = connections.recv().await?;
         Some((Ok(conn), connections))
     })
 }
 
-async fn accept(
+/// The connections to `port` on `listener` whose TLS handshake succeeded, with the peer's
+/// address, until `stop` (then the channel closes).
+pub(crate) fn handshaken(
     listener: TcpListener,
+    port: Port,
     tls: Arc<GrpcTls>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
-    ready: mpsc::Sender<TlsStream<TcpStream>>,
+) -> mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)> {
+    let (ready, connections) = mpsc::channel(MAX_HANDSHAKES);
+    tokio::spawn(accept(listener, port, tls, metrics, stop, ready));
+    connections
+}
+
+async fn accept(
+    listener: TcpListener,
+    port: Port,
+    tls: Arc<GrpcTls>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+    ready: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
 ) {
     let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+    let name = port.name();
     loop {
         let permit = tokio::select! {
             _ = stop.cancelled() => return,
@@ -58,28 +107,28 @@ async fn accept(
                 Err(e) => {
                     // Out of file descriptors, a connection reset before it was accepted: the
                     // listener is fine, so wait a moment and go on.
-                    tracing::warn!(error = %e, "gRPC port: accept failed");
+                    tracing::warn!(error = %e, "{name}: accept failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = TlsAcceptor::from(tls.server_config());
+        let acceptor = TlsAcceptor::from(port.server_config(&tls));
         let (ready, metrics) = (ready.clone(), metrics.clone());
         tokio::spawn(async move {
             let _permit = permit;
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(conn)) => {
-                    let _ = ready.send(conn).await;
+                    let _ = ready.send((conn, peer)).await;
                 }
                 Ok(Err(e)) => {
-                    metrics.grpc_tls_handshake_failures.inc();
-                    tracing::debug!(%peer, error = %e, "gRPC port: TLS handshake refused");
+                    port.failures(&metrics).inc();
+                    tracing::debug!(%peer, error = %e, "{name}: TLS handshake refused");
                 }
                 Err(_) => {
-                    metrics.grpc_tls_handshake_failures.inc();
-                    tracing::debug!(%peer, "gRPC port: TLS handshake not done within {HANDSHAKE_TIMEOUT:?}");
+                    port.failures(&metrics).inc();
+                    tracing::debug!(%peer, "{name}: TLS handshake not done within {HANDSHAKE_TIMEOUT:?}");
                 }
             }
         });

@@ -1,18 +1,25 @@
-//! TLS and mTLS on the gRPC port: the `grpc_tls` settings, the certificate pair (and client CA)
-//! loaded from PEM files, and the rustls configuration every new connection is accepted with.
+//! TLS and mTLS on the gRPC port (and, with the same certificate, the admin port): the
+//! `grpc_tls` settings, the certificate pair (and client CA) loaded from PEM files, and the
+//! rustls configurations every new connection is accepted with.
 //!
 //! - [`GrpcTlsConfig`]: the settings, validated without touching the files.
 //! - [`GrpcTls`]: what is served now. Loaded once at start, where a bad file is a configuration
 //!   error naming the setting; then replaced by [`reload::watch`] when the files change (a
 //!   renewal), and kept when a renewal does not load.
-//! - `incoming`: the gRPC port's connections, each handshaken with the configuration current
-//!   when it was accepted, so a renewal reaches new connections and leaves open ones alone.
+//! - `incoming`: the gRPC and admin ports' connections, each handshaken with the configuration
+//!   current when it was accepted, so a renewal reaches new connections and leaves open ones
+//!   alone.
 //! - `reload`: notices renewed files and swaps them in.
 //!
 //! A client certificate is checked in the handshake, so a refused client gets no answer at all:
 //! it must chain to `client_ca_file` (and be valid for client authentication, and in date), and
 //! when `allowed_client_sans` is set carry one of those names as a URI or DNS subject
 //! alternative name.
+//!
+//! The admin port's handshake checks a client certificate the same way against the same CA, but
+//! lets a client without one through, and leaves the names to the admin API's authentication
+//! (`admin.client_sans`, judged per request next to bearer tokens): a portal with a token needs
+//! no certificate, and a certificate with an unlisted name gets the same 401 as no credentials.
 
 pub(crate) mod incoming;
 pub(crate) mod reload;
@@ -109,7 +116,7 @@ impl GrpcTlsConfig {
 }
 
 /// Whether `san` can be a URI SAN (`scheme:…`) or a DNS name, as the allow-list compares them.
-fn check_san(san: &str) -> Result<(), &'static str> {
+pub(crate) fn check_san(san: &str) -> Result<(), &'static str> {
     if san.is_empty() || san.len() > 2048 {
         return Err("must be 1 to 2048 characters");
     }
@@ -192,9 +199,13 @@ impl CertInfo {
     }
 }
 
-/// A loaded pair (and client CA): the rustls configuration new connections get.
+/// A loaded pair (and client CA): the rustls configurations new connections get.
 pub(crate) struct Loaded {
+    /// The gRPC port's.
     pub(crate) server: Arc<ServerConfig>,
+    /// The admin port's: the same certificate; a client certificate optional, and not held to
+    /// `allowed_client_sans`; HTTP/1.1 besides h2 (REST clients).
+    pub(crate) admin: Arc<ServerConfig>,
     pub(crate) info: CertInfo,
     pub(crate) files: Files,
 }
@@ -233,6 +244,15 @@ impl GrpcTls {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .server
+            .clone()
+    }
+
+    /// The configuration an admin connection accepted now is handshaken with.
+    pub(crate) fn admin_server_config(&self) -> Arc<ServerConfig> {
+        self.current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .admin
             .clone()
     }
 
@@ -309,11 +329,16 @@ fn build(config: &GrpcTlsConfig, files: Files) -> Result<Loaded, TlsError> {
             format!("does not match the certificate in {CERT}, or cannot sign: {e}"),
         )
     })?;
-    let builder = ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::new(CERT, e.to_string()))?;
-    let builder = match &files.ca {
-        None => builder.with_no_client_auth(),
+    let builder = || {
+        ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| TlsError::new(CERT, e.to_string()))
+    };
+    let (grpc, admin) = match &files.ca {
+        None => (
+            builder()?.with_no_client_auth(),
+            builder()?.with_no_client_auth(),
+        ),
         Some(ca) => {
             let ca_pem = ca.as_ref().map_err(|e| TlsError::new(CA, e))?;
             let mut roots = RootCertStore::empty();
@@ -322,9 +347,11 @@ fn build(config: &GrpcTlsConfig, files: Files) -> Result<Loaded, TlsError> {
                     .add(root)
                     .map_err(|e| TlsError::new(CA, format!("not a CA certificate: {e}")))?;
             }
-            let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
-                .build()
-                .map_err(|e| TlsError::new(CA, e.to_string()))?;
+            let roots = Arc::new(roots);
+            let webpki =
+                WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                    .build()
+                    .map_err(|e| TlsError::new(CA, e.to_string()))?;
             let verifier: Arc<dyn ClientCertVerifier> = if config.allowed_client_sans.is_empty() {
                 webpki
             } else {
@@ -333,14 +360,27 @@ fn build(config: &GrpcTlsConfig, files: Files) -> Result<Loaded, TlsError> {
                     allowed: config.allowed_client_sans.clone(),
                 })
             };
-            builder.with_client_cert_verifier(verifier)
+            // The admin port: a certificate, if presented, must chain to the same roots; none
+            // at all is let through to be judged by its bearer token.
+            let optional = WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| TlsError::new(CA, e.to_string()))?;
+            (
+                builder()?.with_client_cert_verifier(verifier),
+                builder()?.with_client_cert_verifier(optional),
+            )
         }
     };
-    let mut server = builder.with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
+    let mut server = grpc.with_cert_resolver(Arc::new(SingleCertAndKey::from(certified.clone())));
     // gRPC is HTTP/2: a client that offers ALPN must offer h2.
     server.alpn_protocols = vec![b"h2".to_vec()];
+    let mut admin = admin.with_cert_resolver(Arc::new(SingleCertAndKey::from(certified)));
+    // gRPC and REST on one port: h2, or HTTP/1.1 for REST clients that offer only that.
+    admin.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Loaded {
         server: Arc::new(server),
+        admin: Arc::new(admin),
         info,
         files,
     })
@@ -368,7 +408,7 @@ fn cert_info(leaf: &CertificateDer<'_>) -> Result<CertInfo, String> {
 }
 
 /// The URI and DNS subject alternative names of a certificate.
-fn subject_alt_names(cert: &CertificateDer<'_>) -> Vec<String> {
+pub(crate) fn subject_alt_names(cert: &CertificateDer<'_>) -> Vec<String> {
     use x509_parser::extensions::GeneralName;
     let Ok((_, cert)) = x509_parser::parse_x509_certificate(cert) else {
         return Vec::new();
@@ -396,17 +436,25 @@ struct SanAllowList {
 
 impl SanAllowList {
     fn allows(&self, names: &[String]) -> bool {
-        names.iter().any(|name| {
-            self.allowed.iter().any(|a| {
-                // URIs compare exactly; DNS names without regard to case.
+        first_allowed(&self.allowed, names).is_some()
+    }
+}
+
+/// The first of a certificate's `names` that `allowed` lists: URIs compare exactly, DNS names
+/// without regard to case.
+pub(crate) fn first_allowed<'a>(allowed: &[String], names: &'a [String]) -> Option<&'a str> {
+    names
+        .iter()
+        .find(|name| {
+            allowed.iter().any(|a| {
                 if a.contains(':') {
-                    a == name
+                    a == *name
                 } else {
                     a.eq_ignore_ascii_case(name)
                 }
             })
         })
-    }
+        .map(String::as_str)
 }
 
 impl ClientCertVerifier for SanAllowList {

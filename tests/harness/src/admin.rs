@@ -1,6 +1,7 @@
-//! The admin API as a portal calls it: [`Rest`] (JSON over HTTP, with or without a bearer token)
-//! and [`grpc`] (tonic's client), the test token and its configured hash ([`TOKEN`],
-//! [`sha256_hex`]), and [`with_admin`], the configuration that serves it with that token.
+//! The admin API as a portal calls it: [`Rest`] (JSON over HTTP or HTTPS, with or without a
+//! bearer token and a client certificate) and [`grpc`] (tonic's client), the test token and its
+//! configured hash ([`TOKEN`], [`sha256_hex`]), and [`with_admin`], the configuration that serves
+//! it with that token.
 
 use std::net::SocketAddr;
 
@@ -9,6 +10,7 @@ use tollgate::config::Config;
 use tonic::transport::Channel;
 
 use crate::net::http_client;
+use crate::tls::{Pair, https_request};
 
 /// The token the tests' admin API takes.
 pub const TOKEN: &str = "test-admin-token-5b1f0c8e2d7a4e96";
@@ -35,10 +37,22 @@ pub struct Answer {
 }
 
 /// The REST side of an admin port.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Rest {
     pub base: String,
     pub token: Option<String>,
+    addr: SocketAddr,
+    /// Over TLS: the CA trusted, and the client certificate presented.
+    tls: Option<(String, Option<Pair>)>,
+}
+
+impl std::fmt::Debug for Rest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rest")
+            .field("base", &self.base)
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Rest {
@@ -46,6 +60,17 @@ impl Rest {
         Rest {
             base: format!("http://{addr}"),
             token: token.map(str::to_string),
+            addr,
+            tls: None,
+        }
+    }
+
+    /// Over TLS, trusting `ca`, presenting `identity` (a client certificate) if any.
+    pub fn tls(addr: SocketAddr, token: Option<&str>, ca: &str, identity: Option<&Pair>) -> Rest {
+        Rest {
+            base: format!("https://{addr}"),
+            tls: Some((ca.to_string(), identity.cloned())),
+            ..Rest::new(addr, token)
         }
     }
 
@@ -64,6 +89,51 @@ impl Rest {
         content_type: Option<&str>,
         body: Option<Vec<u8>>,
     ) -> Answer {
+        self.try_send(method, path, content_type, body)
+            .await
+            .expect("the admin port answers")
+    }
+
+    /// Like [`Rest::send`]; the error is why there was no answer (a refused handshake).
+    pub async fn try_send(
+        &self,
+        method: &str,
+        path: &str,
+        content_type: Option<&str>,
+        body: Option<Vec<u8>>,
+    ) -> Result<Answer, String> {
+        if let Some((ca, identity)) = &self.tls {
+            let mut headers = Vec::new();
+            if let Some(token) = &self.token {
+                headers.push(("authorization", format!("Bearer {token}")));
+            }
+            if let (Some(ct), Some(_)) = (content_type, &body) {
+                headers.push(("content-type", ct.to_string()));
+            }
+            let a = https_request(
+                self.addr,
+                ca,
+                identity.as_ref(),
+                method,
+                path,
+                &headers,
+                body.as_deref(),
+            )
+            .await?;
+            let text = String::from_utf8_lossy(&a.body).into_owned();
+            return Ok(Answer {
+                status: a.status,
+                content_type: a
+                    .headers
+                    .get("content-type")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string(),
+                body: serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+                headers: a.headers,
+                text,
+            });
+        }
         let mut req =
             http_client().request(method.parse().unwrap(), format!("{}{path}", self.base));
         if let Some(token) = &self.token {
@@ -75,7 +145,7 @@ impl Rest {
             }
             req = req.body(body);
         }
-        let resp = req.send().await.expect("the admin port answers");
+        let resp = req.send().await.map_err(|e| format!("{e:?}"))?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let content_type = headers
@@ -83,15 +153,15 @@ impl Rest {
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default()
             .to_string();
-        let text = resp.text().await.unwrap();
+        let text = resp.text().await.map_err(|e| e.to_string())?;
         let body = serde_json::from_str(&text).unwrap_or(serde_json::Value::Null);
-        Answer {
+        Ok(Answer {
             status,
             content_type,
             headers,
             body,
             text,
-        }
+        })
     }
 }
 

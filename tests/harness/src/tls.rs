@@ -1,7 +1,8 @@
 //! Certificates made in the test with rcgen: [`TestCa`] signs [`Pair`]s for servers (tollgate,
 //! PostgreSQL) and clients (Envoy with a SPIFFE ID, the test's own gRPC clients), written as PEM
-//! files; and the client side of TLS: a gRPC [`Channel`] over mTLS, and one bare handshake
-//! ([`served_certificate`]) that tells which certificate a new connection gets.
+//! files; and the client side of TLS: a gRPC [`Channel`] over mTLS, one bare handshake
+//! ([`served_certificate`]) that tells which certificate a new connection gets, and one
+//! HTTP/1.1 request over it ([`https_request`]).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -161,15 +162,10 @@ pub async fn tls_channel(
         .await
 }
 
-/// One TLS handshake with tollgate at `addr` (ALPN h2), trusting `ca`, presenting `identity`:
-/// the certificate it served, or why the handshake failed.
-pub async fn served_certificate(
-    addr: SocketAddr,
-    ca: &str,
-    identity: Option<&Pair>,
-) -> Result<Vec<u8>, String> {
+/// A rustls client configuration trusting `ca`, presenting `identity`, offering `alpn`.
+fn client_config(ca: &str, identity: Option<&Pair>, alpn: &[&[u8]]) -> rustls::ClientConfig {
     use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_slice_iter(ca.as_bytes()) {
         roots.add(c.unwrap()).unwrap();
@@ -188,16 +184,35 @@ pub async fn served_certificate(
             )
             .unwrap(),
     };
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config
+}
+
+/// A TLS connection to tollgate at `addr` (as `SERVER_NAME`), or why the handshake failed.
+async fn connect(
+    addr: SocketAddr,
+    config: rustls::ClientConfig,
+) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>, String> {
+    use rustls::pki_types::ServerName;
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    connector
+        .connect(ServerName::try_from(SERVER_NAME).unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// One TLS handshake with tollgate at `addr` (ALPN h2), trusting `ca`, presenting `identity`:
+/// the certificate it served, or why the handshake failed.
+pub async fn served_certificate(
+    addr: SocketAddr,
+    ca: &str,
+    identity: Option<&Pair>,
+) -> Result<Vec<u8>, String> {
     let attempt = async {
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut tls = connector
-            .connect(ServerName::try_from(SERVER_NAME).unwrap(), tcp)
-            .await
-            .map_err(|e| e.to_string())?;
+        let mut tls = connect(addr, client_config(ca, identity, &[b"h2"])).await?;
         // TLS 1.3: the server judges the client's certificate after the client is done, so a
         // refusal arrives as an alert on the first read. Read once to hear it.
         use tokio::io::AsyncReadExt;
@@ -213,4 +228,103 @@ pub async fn served_certificate(
     tokio::time::timeout(Duration::from_secs(10), attempt)
         .await
         .map_err(|_| "no handshake within 10 s".to_string())?
+}
+
+/// An HTTP/1.1 answer: status, headers, body.
+#[derive(Debug, Clone)]
+pub struct HttpsAnswer {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+}
+
+/// One HTTP/1.1 request over TLS to tollgate at `addr` (ALPN `http/1.1`), trusting `ca` and
+/// presenting `identity`, with these headers and body; the answer, or why there was none (a
+/// refused handshake, a closed connection). (reqwest is built without TLS here, to keep the
+/// dependency tree as tollgate's.)
+pub async fn https_request(
+    addr: SocketAddr,
+    ca: &str,
+    identity: Option<&Pair>,
+    method: &str,
+    path: &str,
+    headers: &[(&str, String)],
+    body: Option<&[u8]>,
+) -> Result<HttpsAnswer, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut tls = connect(addr, client_config(ca, identity, &[b"http/1.1"])).await?;
+        let mut request =
+            format!("{method} {path} HTTP/1.1\r\nhost: {SERVER_NAME}\r\nconnection: close\r\n");
+        for (name, value) in headers {
+            request.push_str(&format!("{name}: {value}\r\n"));
+        }
+        let body = body.unwrap_or_default();
+        request.push_str(&format!("content-length: {}\r\n\r\n", body.len()));
+        let mut bytes = request.into_bytes();
+        bytes.extend_from_slice(body);
+        tls.write_all(&bytes).await.map_err(|e| e.to_string())?;
+        let mut answer = Vec::new();
+        tls.read_to_end(&mut answer)
+            .await
+            .map_err(|e| e.to_string())?;
+        parse_http1(&answer)
+    };
+    tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .map_err(|_| "no answer within 10 s".to_string())?
+}
+
+/// An HTTP/1.1 response as read to the end of its connection (a chunked body decoded).
+fn parse_http1(raw: &[u8]) -> Result<HttpsAnswer, String> {
+    use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| format!("no HTTP response: {:?}", String::from_utf8_lossy(raw)))?;
+    let head = std::str::from_utf8(&raw[..split]).map_err(|e| e.to_string())?;
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status line in {head:?}"))?;
+    let mut headers = HeaderMap::new();
+    for line in lines {
+        let (name, value) = line.split_once(':').ok_or("a header without ':'")?;
+        headers.append(
+            HeaderName::from_bytes(name.trim().as_bytes()).map_err(|e| e.to_string())?,
+            HeaderValue::from_str(value.trim()).map_err(|e| e.to_string())?,
+        );
+    }
+    let mut body = raw[split + 4..].to_vec();
+    if headers
+        .get("transfer-encoding")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"chunked"))
+    {
+        let (mut rest, mut decoded) = (&body[..], Vec::new());
+        loop {
+            let end = rest
+                .windows(2)
+                .position(|w| w == b"\r\n")
+                .ok_or("a chunk without its size line")?;
+            let size = std::str::from_utf8(&rest[..end]).map_err(|e| e.to_string())?;
+            let size = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+                .map_err(|e| e.to_string())?;
+            if size == 0 {
+                break;
+            }
+            let chunk = rest
+                .get(end + 2..end + 2 + size)
+                .ok_or("a chunk cut short")?;
+            decoded.extend_from_slice(chunk);
+            rest = &rest[(end + 4 + size).min(rest.len())..];
+        }
+        body = decoded;
+    }
+    Ok(HttpsAnswer {
+        status,
+        headers,
+        body,
+    })
 }
