@@ -233,7 +233,16 @@ pub fn mint_decision_id() -> String {
         .unwrap_or(0)
         & 0xffff_ffff_ffff;
     let random = rand::rng().random::<u128>() >> 48;
-    format!("{ms:012x}{random:020x}")
+    // Written digit by digit: this runs once per Check, and `format!` costs several times more.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(DECISION_ID_LEN);
+    for shift in (0..12).rev() {
+        id.push(char::from(HEX[((ms >> (4 * shift)) & 0xf) as usize]));
+    }
+    for shift in (0..20).rev() {
+        id.push(char::from(HEX[((random >> (4 * shift)) & 0xf) as usize]));
+    }
+    id
 }
 
 /// When a decision id was minted, if `id` has the shape [`mint_decision_id`] gives.
@@ -299,11 +308,19 @@ pub fn rate_limit_headers(states: &[LimitState]) -> Vec<(&'static str, String)> 
     let Some(c) = closest(states) else {
         return Vec::new();
     };
-    let policy = states
-        .iter()
-        .map(|s| format!("\"{}\";q={};w={}", s.kind.name(), s.limit, s.window_secs))
-        .collect::<Vec<_>>()
-        .join(", ");
+    use std::fmt::Write;
+    let mut policy = String::with_capacity(40 * states.len());
+    for (i, s) in states.iter().enumerate() {
+        let sep = if i == 0 { "" } else { ", " };
+        // Writing to a String cannot fail.
+        let _ = write!(
+            policy,
+            "{sep}\"{}\";q={};w={}",
+            s.kind.name(),
+            s.limit,
+            s.window_secs
+        );
+    }
     vec![
         ("x-ratelimit-limit", c.limit.to_string()),
         ("x-ratelimit-remaining", c.remaining.to_string()),
