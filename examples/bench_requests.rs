@@ -520,18 +520,21 @@ async fn sqlite_ceiling(url: &str, min_id: i64, max_id: i64, seconds: f64) -> an
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             let id = min_id + ((x >> 33) % span) as i64;
-            let row = sqlx::query(tollgate::bench_hooks::SQLITE_CONSUME_SQL)
-                .bind(id)
-                .bind(&day)
-                .bind(&month)
-                .bind(1_i64)
-                .bind(1_000_000_000_000_i64)
-                .bind(1_000_000_000_000_i64)
-                .bind(&now_text)
-                .bind(0_i64)
-                .fetch_optional(&mut conn)
-                .await?;
-            admitted += u64::from(row.is_some());
+            use tollgate::bench_hooks::SqliteConsumeParam as P;
+            let mut query = sqlx::query(tollgate::bench_hooks::SQLITE_CONSUME_SQL);
+            for param in tollgate::bench_hooks::SQLITE_CONSUME_PARAMS {
+                query = match param {
+                    P::KeyId => query.bind(id),
+                    P::Day => query.bind(day.clone()),
+                    P::Month => query.bind(month.clone()),
+                    P::Cost => query.bind(1_i64),
+                    P::DailyLimit | P::MonthlyLimit => query.bind(1_000_000_000_000_i64),
+                    P::Now => query.bind(now_text.clone()),
+                    P::Index => query.bind(0_i64),
+                };
+            }
+            let done = query.execute(&mut conn).await?;
+            admitted += done.rows_affected();
             n += 1;
         }
     }

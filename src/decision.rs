@@ -321,11 +321,19 @@ pub fn rate_limit_headers(states: &[LimitState]) -> Vec<(&'static str, String)> 
     let Some(c) = closest(states) else {
         return Vec::new();
     };
-    let policy = states
-        .iter()
-        .map(|s| format!("\"{}\";q={};w={}", s.kind.name(), s.limit, s.window_secs))
-        .collect::<Vec<_>>()
-        .join(", ");
+    use std::fmt::Write;
+    let mut policy = String::with_capacity(40 * states.len());
+    for (i, s) in states.iter().enumerate() {
+        let sep = if i == 0 { "" } else { ", " };
+        // Writing to a String cannot fail.
+        let _ = write!(
+            policy,
+            "{sep}\"{}\";q={};w={}",
+            s.kind.name(),
+            s.limit,
+            s.window_secs
+        );
+    }
     vec![
         ("x-ratelimit-limit", c.limit.to_string()),
         ("x-ratelimit-remaining", c.remaining.to_string()),

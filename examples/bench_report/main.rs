@@ -193,7 +193,7 @@ mod tests {
             "| PostgreSQL: `CONSUME_SQL` (pgbench -M prepared, 16 clients, synchronous_commit=on) | hot | 421 (421) |",
             "| SQLite: `CONSUME_SQL` (one connection, WAL, synchronous=NORMAL) | hot | 9340 (9340) |",
             "| Check with quotas, embedded / SQLite UPDATE | 42% | n/a |",
-            "| Envoy → upstream | 12334 | 0.252 | 21.524 | 29.664 | — | — |",
+            "| Envoy → upstream | 12334 | 0.252 | 21.524 | 29.664 | — | — | — | — |",
             "| 1000000 | 1 | 15 | 15 |",
             "| Check with quotas embedded, hot ≥ 80% of SQLite UPDATE | 3917 | 7472 | not met (52%) |",
             "| Check on PostgreSQL + Redis, hot row ≥ 80% of pgbench | not measured | 337 | — |",

@@ -43,6 +43,16 @@ pub struct Reference {
     pub goal: f64,
 }
 
+/// Microseconds of CPU per request: `ticks` clock ticks (`clk_tck` a second) over `requests`.
+pub fn micros_per(ticks: u64, clk_tck: f64, requests: f64) -> f64 {
+    ticks as f64 / clk_tck * 1e6 / requests
+}
+
+/// tollgate's CPU per decision in a load, in µs.
+pub fn cpu_micros(l: &TollgateLoad, clk_tck: f64) -> Option<f64> {
+    (l.decisions.decided > 0.0).then(|| micros_per(l.cpu_ticks, clk_tck, l.decisions.decided))
+}
+
 /// The first of the highest: one load now and then runs at a fraction of speed.
 fn best(values: impl Iterator<Item = f64>) -> Option<f64> {
     values.reduce(f64::max)
@@ -121,6 +131,28 @@ impl Results {
                 right_before: false,
             }),
         }
+    }
+
+    /// The tollgate load [`Results::near`] takes its figure from.
+    pub fn near_load(
+        &self,
+        backend: Backend,
+        request: Request,
+        shape: Shape,
+        peer: Option<&str>,
+    ) -> Option<&TollgateLoad> {
+        let right_before = match (shape, peer) {
+            (Shape::Hot, Some(peer)) => self
+                .tollgate
+                .iter()
+                .filter(|l| {
+                    l.next_to.as_ref().is_some_and(|(p, _)| p == peer)
+                        && (l.backend, l.request, l.shape) == (backend, request, Shape::Hot)
+                })
+                .reduce(|a, b| if b.run.rps > a.run.rps { b } else { a }),
+            _ => None,
+        };
+        right_before.or_else(|| self.grpc(backend, request, shape, false))
     }
 
     /// A peer's better load of a shape.
@@ -455,8 +487,8 @@ fn envoy_table(r: &Results, page: &mut Vec<String>) {
         r.run.in_flight, r.run.envoy_concurrency
     ));
     page.push(String::new());
-    page.push("| path | req/s | p50 ms | p99 ms | p99.9 ms | added p50 ms | added p99 ms |".into());
-    page.push("| --- | ---: | ---: | ---: | ---: | ---: | ---: |".into());
+    page.push("| path | req/s | p50 ms | p99 ms | p99.9 ms | added p50 ms | added p99 ms | Envoy CPU µs / req | service CPU µs / req |".into());
+    page.push("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |".into());
     let direct = r
         .envoy
         .iter()
@@ -485,9 +517,24 @@ fn envoy_table(r: &Results, page: &mut Vec<String>) {
             }
             _ => "— | —".into(),
         };
+        let per_request = |ticks: Option<u64>| match ticks {
+            Some(t) if w.requests > 0 => {
+                format!("{:.1}", micros_per(t, r.run.clk_tck, w.requests as f64))
+            }
+            _ => "—".into(),
+        };
+        let service = if l.path == EnvoyPath::Direct {
+            "—".into()
+        } else {
+            per_request(l.server_ticks)
+        };
         page.push(format!(
-            "| {what} | {:.0} | {:.3} | {:.3} | {:.3} | {added} |",
-            w.rps, w.p50_ms, w.p99_ms, w.p999_ms
+            "| {what} | {:.0} | {:.3} | {:.3} | {:.3} | {added} | {} | {service} |",
+            w.rps,
+            w.p50_ms,
+            w.p99_ms,
+            w.p999_ms,
+            per_request(l.envoy_ticks),
         ));
     }
     page.push(String::new());
@@ -507,8 +554,8 @@ fn peer_table(r: &Results, page: &mut Vec<String>) {
         peers.join(", ")
     ));
     page.push(String::new());
-    page.push("| peer | keys | peer req/s | p50 ms | p99 ms | p99.9 ms | tollgate embedded req/s | embedded / peer | tollgate PostgreSQL + Redis req/s | PostgreSQL + Redis / peer |".into());
-    page.push("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |".into());
+    page.push("| peer | keys | peer req/s | p50 ms | p99 ms | p99.9 ms | peer CPU µs / req | tollgate embedded req/s | embedded / peer | tollgate embedded CPU µs / req | tollgate PostgreSQL + Redis req/s | PostgreSQL + Redis / peer | tollgate PostgreSQL + Redis CPU µs / req |".into());
+    page.push("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |".into());
     for peer in &r.peers {
         for shape in Shape::ALL {
             let Some(load) = r.peer_best(&peer.name, shape) else {
@@ -517,15 +564,41 @@ fn peer_table(r: &Results, page: &mut Vec<String>) {
             let theirs = load.run.rps;
             let near = |backend| r.near(backend, Request::ShouldRateLimit, shape, Some(&peer.name));
             let (embedded, postgres) = (near(Backend::Embedded), near(Backend::Postgres));
+            let peer_cpu = match load.cpu_ticks {
+                Some(t) if load.run.done > 0 => {
+                    format!("{:.1}", micros_per(t, r.run.clk_tck, load.run.done as f64))
+                }
+                _ => "—".into(),
+            };
+            let tollgate_cpu = |near: Option<&TollgateLoad>| {
+                near.and_then(|l| cpu_micros(l, r.run.clk_tck))
+                    .map_or("—".into(), |us| format!("{us:.1}"))
+            };
+            let (embedded_load, postgres_load) = (
+                r.near_load(
+                    Backend::Embedded,
+                    Request::ShouldRateLimit,
+                    shape,
+                    Some(&peer.name),
+                ),
+                r.near_load(
+                    Backend::Postgres,
+                    Request::ShouldRateLimit,
+                    shape,
+                    Some(&peer.name),
+                ),
+            );
             page.push(format!(
-                "| {} | {} | {theirs:.0} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {theirs:.0} | {} | {peer_cpu} | {} | {} | {} | {} | {} | {} |",
                 peer.name,
                 keys(shape, r.run.in_flight, load.set_size),
                 latency_cells(&load.run),
                 mark(embedded),
                 ratio(embedded.map(|n| n.rps), Some(theirs)),
+                tollgate_cpu(embedded_load),
                 mark(postgres),
                 ratio(postgres.map(|n| n.rps), Some(theirs)),
+                tollgate_cpu(postgres_load),
             ));
         }
     }
@@ -716,6 +789,7 @@ mod tests {
             round,
             set_size: 1000,
             run: h2load(rps),
+            cpu_ticks: None,
         }
     }
 
@@ -961,6 +1035,8 @@ mod tests {
                 p999_ms: 19.289,
                 errors: 0,
             },
+            envoy_ticks: Some(300),
+            server_ticks: Some(65),
         }];
         let reference = r.reference(Role::Memory, true, "Envoy (orientation)", 11_700.0);
         assert_eq!(
@@ -1079,10 +1155,10 @@ mod tests {
         let page = render(&r, "2026-11-27 01:26 UTC");
         assert!(page.contains("(same bodies, same load; limitador-memory at 127.0.0.1:18081)"));
         assert!(page.contains(
-            "| limitador-memory | 1; 4 conns × 8 streams | 50019 | 0.50 | 0.99 | 1.00 | 54646 † | 109% | 29623 | 59% |"
+            "| limitador-memory | 1; 4 conns × 8 streams | 50019 | 0.50 | 0.99 | 1.00 | — | 54646 † | 109% | 50.0 | 29623 | 59% | 50.0 |"
         ));
         assert!(page.contains(
-            "| limitador-memory | 32 of 1000; 32 conns × 1 stream | 23908 | 0.50 | 0.99 | 1.00 | — | n/a | 13300 | 56% |"
+            "| limitador-memory | 32 of 1000; 32 conns × 1 stream | 23908 | 0.50 | 0.99 | 1.00 | — | — | n/a | — | 13300 | 56% | 50.0 |"
         ));
         assert!(!page.contains("1; 32 conns × 1 stream"));
     }

@@ -15,12 +15,16 @@
 //!   stat.before, stat.after       tollgate's /proc/PID/stat around the load
 //!   status.after                  tollgate's /proc/PID/status after it
 //! peer/NNN-NAME-SHAPE-ROUND/      one h2load load on a peer: facts (peer, shape, round,
-//!                                 set_size), h2load.I.out, h2load.I.log
+//!                                 set_size), h2load.I.out, h2load.I.log, and the peer's
+//!                                 /proc/PID/stat around it (server.stat.before, .after) when
+//!                                 the script found its process
 //! ceilings/STEP-SHAPE-ROUND.out   redis-benchmark --csv, pgbench, or `bench_requests
 //!                                 sqlite-ceiling` (STEP: redis, pgbench, sqlite)
 //! ceilings/synchronous_commit     the PostgreSQL server's setting
 //! envoy/NNN-NAME/                 one wrk load through Envoy: facts (filter, backend,
-//!                                 quota_mode or peer), wrk.out
+//!                                 quota_mode or peer), wrk.out, and /proc/PID/stat around it
+//!                                 of Envoy (envoy.stat.*) and of the service behind it
+//!                                 (server.stat.*)
 //! memory/                         facts (keys), metrics, status
 //! ```
 
@@ -390,6 +394,22 @@ impl TollgateLoad {
     }
 }
 
+/// CPU ticks (user + system) between `PREFIX.stat.before` and `PREFIX.stat.after` in `dir`, when
+/// the script recorded them (a process it could name).
+fn optional_ticks(dir: &Path, prefix: &str) -> anyhow::Result<Option<u64>> {
+    let (before, after) = (
+        dir.join(format!("{prefix}.stat.before")),
+        dir.join(format!("{prefix}.stat.after")),
+    );
+    if !before.exists() || !after.exists() {
+        return Ok(None);
+    }
+    let ticks = |file: &Path| -> anyhow::Result<u64> {
+        tools::cpu_ticks(&read(file)?).with_context(|| format!("{}: no CPU times", file.display()))
+    };
+    Ok(Some(ticks(&after)?.saturating_sub(ticks(&before)?)))
+}
+
 /// One h2load load on a peer rate limit service.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PeerLoad {
@@ -398,6 +418,9 @@ pub struct PeerLoad {
     pub round: u32,
     pub set_size: usize,
     pub run: H2loadRun,
+    /// The peer's user and system CPU over the load, in clock ticks (`server.stat.*`), when the
+    /// script found its process.
+    pub cpu_ticks: Option<u64>,
 }
 
 impl PeerLoad {
@@ -409,6 +432,7 @@ impl PeerLoad {
             round: facts.number("round")?,
             set_size: facts.number("set_size")?,
             run: H2loadRun::read(dir)?,
+            cpu_ticks: optional_ticks(dir, "server")?,
         })
     }
 }
@@ -510,6 +534,10 @@ pub enum EnvoyPath {
 pub struct EnvoyLoad {
     pub path: EnvoyPath,
     pub wrk: WrkReport,
+    /// Envoy's and the service's (tollgate's or the peer's) CPU over the load, in clock ticks
+    /// (`envoy.stat.*`, `server.stat.*`), when recorded.
+    pub envoy_ticks: Option<u64>,
+    pub server_ticks: Option<u64>,
 }
 
 impl EnvoyLoad {
@@ -531,7 +559,12 @@ impl EnvoyLoad {
         let out = dir.join("wrk.out");
         let wrk = tools::wrk_report(&read(&out)?)
             .with_context(|| format!("{}: no BENCH line", out.display()))?;
-        Ok(Self { path, wrk })
+        Ok(Self {
+            path,
+            wrk,
+            envoy_ticks: optional_ticks(dir, "envoy")?,
+            server_ticks: optional_ticks(dir, "server")?,
+        })
     }
 }
 

@@ -57,7 +57,7 @@ impl SqliteStore {
             // No ping before each use: a file is not a server that goes away, and the ping is a
             // round trip to sqlx's SQLite thread, as slow as a quota statement.
             .test_before_acquire(false)
-            // A quota batch answers with up to two rows per request.
+            // A quota batch answers with a row per request.
             .connect_with(options.clone().row_buffer_size(quota::ROW_BUFFER))
             .await?;
         let read = SqlitePoolOptions::new()
