@@ -1045,6 +1045,25 @@ mod tests {
         Config::default().log.validate().unwrap();
     }
 
+    /// The README's configuration reference names every setting, with its `TOLLGATE_*` name.
+    #[test]
+    fn the_readme_names_every_setting_and_its_variable() {
+        let readme = include_str!("../README.md");
+        let shape = serde_yaml::to_value(Config::default()).unwrap();
+        let mut paths = Vec::new();
+        setting_paths(&shape, &mut Vec::new(), &mut paths);
+        let missing: Vec<String> = paths
+            .iter()
+            .filter_map(|(p, _)| {
+                let dotted = p.join(".");
+                let env = format!("{ENV_PREFIX}{}", p.join("_").to_uppercase());
+                (!readme.contains(&format!("`{dotted}`")) || !readme.contains(&env))
+                    .then(|| format!("{dotted} ({env})"))
+            })
+            .collect();
+        assert!(missing.is_empty(), "not in README.md: {missing:?}");
+    }
+
     #[test]
     fn unknown_env_is_a_warning_and_bad_env_an_error() {
         let c = load_yaml(
