@@ -352,7 +352,10 @@ fn every_tollgate_container_passes_check_config_with_its_environment_and_files()
             // The Job reads the base's Secret, in the same namespace.
             let base = render("examples/kubernetes/base");
             let secret = object(&base, "Secret", "tollgate-backends").clone();
-            assert_eq!(secret["metadata"]["namespace"], objects[0]["metadata"]["namespace"]);
+            assert_eq!(
+                secret["metadata"]["namespace"],
+                objects[0]["metadata"]["namespace"]
+            );
             objects.push(secret);
         }
         assert!(!containers.is_empty(), "{dir}: no tollgate container");
