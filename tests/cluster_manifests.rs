@@ -629,3 +629,138 @@ fn the_sidecar_envoy_is_the_tested_ext_authz_config() {
     assert_eq!(address["port_value"].as_u64(), Some(8081));
     assert_eq!(container["restartPolicy"], "Always");
 }
+
+fn file(path: &str) -> Vec<Value> {
+    documents(&std::fs::read_to_string(repo().join(path)).unwrap())
+}
+
+/// The mesh and gateway files point at the Service the base renders, on its gRPC port.
+#[test]
+fn istio_and_envoy_gateway_point_at_the_tollgate_service() {
+    let base = render("examples/kubernetes/base");
+    let service = object(&base, "Service", "tollgate");
+    let namespace = service["metadata"]["namespace"].as_str().unwrap();
+    let host = format!("tollgate.{namespace}.svc.cluster.local");
+    let grpc_port = service["spec"]["ports"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "grpc")
+        .unwrap()["port"]
+        .as_u64()
+        .unwrap();
+    let mesh = &file("examples/istio/mesh-config.yaml")[0];
+    let providers = mesh["spec"]["meshConfig"]["extensionProviders"]
+        .as_sequence()
+        .unwrap();
+    assert_eq!(providers.len(), 2);
+    for p in providers {
+        let p = p
+            .get("envoyExtAuthzGrpc")
+            .or_else(|| p.get("envoyHttpAls"))
+            .unwrap();
+        assert_eq!(p["service"].as_str(), Some(host.as_str()));
+        assert_eq!(p["port"].as_u64(), Some(grpc_port));
+    }
+    let policy = &file("examples/envoy-gateway/security-policy.yaml")[0];
+    let backend = &policy["spec"]["extAuth"]["grpc"]["backendRefs"][0];
+    assert_eq!(backend["name"], "tollgate");
+    assert_eq!(backend["namespace"].as_str(), Some(namespace));
+    assert_eq!(backend["port"].as_u64(), Some(grpc_port));
+    let grant = &file("examples/envoy-gateway/reference-grant.yaml")[0];
+    assert_eq!(grant["metadata"]["namespace"].as_str(), Some(namespace));
+    assert_eq!(
+        grant["spec"]["from"][0]["namespace"],
+        policy["metadata"]["namespace"]
+    );
+    assert_eq!(grant["spec"]["from"][0]["kind"], "SecurityPolicy");
+    assert_eq!(grant["spec"]["to"][0]["name"], "tollgate");
+    let route = file("examples/envoy-gateway/gateway.yaml")
+        .into_iter()
+        .find(|o| o["kind"] == "HTTPRoute")
+        .unwrap();
+    assert_eq!(
+        policy["spec"]["targetRefs"][0]["name"],
+        route["metadata"]["name"]
+    );
+    // The headers Envoy Gateway sends must include every key header tollgate reads.
+    let headers: Vec<&str> = policy["spec"]["extAuth"]["headersToExtAuth"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|h| h.as_str().unwrap())
+        .collect();
+    let config = Config::default();
+    for h in config
+        .authz
+        .key_headers
+        .iter()
+        .map(String::as_str)
+        .chain(["authorization"])
+    {
+        assert!(headers.contains(&h), "headersToExtAuth lacks {h}");
+    }
+    // The Istio policies select tollgate's pods and the API's.
+    let deployment = object(&base, "Deployment", "tollgate");
+    let labels = deployment["spec"]["template"]["metadata"]["labels"]
+        .as_mapping()
+        .unwrap();
+    let callers = file("examples/istio/peer-authentication.yaml")
+        .into_iter()
+        .find(|o| o["kind"] == "AuthorizationPolicy")
+        .unwrap();
+    for (k, v) in callers["spec"]["selector"]["matchLabels"]
+        .as_mapping()
+        .unwrap()
+    {
+        assert_eq!(labels.get(k), Some(v));
+    }
+}
+
+/// The EnvoyFilter's ratelimit filter and descriptors are envoy/ratelimit.yaml's, which
+/// tests/e2e_ratelimit.rs runs, on Istio's cluster for tollgate; its domain is the rules
+/// ConfigMap's.
+#[test]
+fn the_istio_ratelimit_filter_is_the_tested_one() {
+    let tested = &file("envoy/ratelimit.yaml")[0];
+    let hcm = &tested["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    let tested_filter = hcm["http_filters"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "envoy.filters.http.ratelimit")
+        .unwrap()
+        .clone();
+    let tested_descriptors =
+        &hcm["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["rate_limits"];
+    let filter = &file("examples/istio/envoy-filter.yaml")[0];
+    let patches = filter["spec"]["configPatches"].as_sequence().unwrap();
+    let mut ours = patches[0]["patch"]["value"].clone();
+    let grpc = &mut ours["typed_config"]["rate_limit_service"]["grpc_service"]["envoy_grpc"];
+    assert_eq!(
+        grpc["cluster_name"],
+        "outbound|8081||tollgate.tollgate.svc.cluster.local"
+    );
+    assert_eq!(grpc["authority"], "tollgate.tollgate.svc.cluster.local");
+    grpc["cluster_name"] = "tollgate".into();
+    grpc.as_mapping_mut().unwrap().remove("authority");
+    assert_eq!(ours, tested_filter);
+    assert_eq!(
+        &patches[1]["patch"]["value"]["rate_limits"],
+        tested_descriptors
+    );
+    let rules = render("examples/kubernetes/base");
+    let rules = object(&rules, "ConfigMap", "tollgate-rules");
+    let domain: Value = serde_yaml::from_str(rules["data"]["api.yaml"].as_str().unwrap()).unwrap();
+    assert_eq!(domain["domain"], ours["typed_config"]["domain"]);
+    // Per-key limits counted by ShouldRateLimit: Check must not count them too.
+    let istio = render("examples/istio");
+    let (_, _, container) = tollgate_containers(&istio).remove(0);
+    assert!(
+        container["env"]
+            .as_sequence()
+            .unwrap()
+            .iter()
+            .any(|e| e["name"] == "TOLLGATE_AUTHZ_RATE_LIMIT" && e["value"] == "false")
+    );
+}
