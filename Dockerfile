@@ -26,7 +26,6 @@ COPY src src
 COPY proto proto
 COPY migrations migrations
 COPY benches benches
-COPY examples examples
 COPY tests/harness/src tests/harness/src
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
