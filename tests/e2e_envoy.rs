@@ -2,7 +2,10 @@
 //! API client sees. Every case runs twice: with Envoy reaching tollgate in plaintext
 //! (envoy/ext_authz.yaml, as a sidecar on loopback), and over mTLS (envoy/ext_authz_mtls.yaml:
 //! Envoy presents a client certificate with a SPIFFE ID and checks tollgate's; tollgate admits
-//! only that ID), as the tests `plaintext::CASE` and `mtls::CASE`.
+//! only that ID), as the tests `plaintext::CASE` and `mtls::CASE`; and a third time through the
+//! configuration Istio generates (envoy/ext_authz_istio.yaml: the ext_authz filter of the
+//! envoyExtAuthzGrpc provider in examples/istio, behind the RBAC shadow filter of its CUSTOM
+//! policy), as `istio::CASE`.
 
 use std::net::SocketAddr;
 
@@ -19,6 +22,9 @@ use tollgate::keys::Limits;
 enum Hop {
     Plaintext,
     Mtls,
+    /// Plaintext from Envoy's side (an Istio sidecar's mTLS is below it), with the filters Istio
+    /// generates.
+    Istio,
 }
 
 /// The certificates of an mTLS run, in a directory that lives as long as the test.
@@ -69,6 +75,7 @@ async fn start(hop: Hop, tweak: impl FnOnce(&mut Config)) -> (Tollgate, Envoy, O
 async fn envoy(hop: Hop, grpc: SocketAddr, pki: Option<&Pki>) -> Envoy {
     match (hop, pki) {
         (Hop::Plaintext, _) => Envoy::start("ext_authz.yaml", grpc).await,
+        (Hop::Istio, _) => Envoy::start("ext_authz_istio.yaml", grpc).await,
         (Hop::Mtls, Some(pki)) => {
             let dir = format!("{}/", pki.dir.path().display());
             Envoy::start_with(
@@ -82,7 +89,8 @@ async fn envoy(hop: Hop, grpc: SocketAddr, pki: Option<&Pki>) -> Envoy {
     }
 }
 
-/// Runs each `async fn CASE(hop: Hop)` over both hops, as `plaintext::CASE` and `mtls::CASE`.
+/// Runs each `async fn CASE(hop: Hop)` over every hop, as `plaintext::CASE`, `mtls::CASE` and
+/// `istio::CASE`.
 macro_rules! over_both_hops {
     ($($case:ident),* $(,)?) => {
         mod plaintext {
@@ -98,6 +106,14 @@ macro_rules! over_both_hops {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $case() {
                     super::$case(super::Hop::Mtls).await
+                }
+            )*
+        }
+        mod istio {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(super::Hop::Istio).await
                 }
             )*
         }
@@ -664,4 +680,215 @@ async fn a_rotated_keys_old_secret_works_through_envoy_until_its_grace_ends() {
     );
     assert_eq!(get_path(&envoy, "/v1/things", &newest).await.status, 200);
     tg.stop().await;
+}
+
+/// The CUSTOM policy of examples/istio leaves the health endpoints out: Istio's RBAC shadow
+/// filter does not mark them, so ext_authz lets them through unchecked, keyless, while every
+/// other path still needs a key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_health_paths_the_policy_leaves_out_are_not_checked() {
+    let (tg, envoy, _pki) = start(Hop::Istio, |_| {}).await;
+    for path in ["/healthz", "/readyz"] {
+        let r = get_at(&envoy, path, &[]).await;
+        assert_eq!(
+            (r.status, r.body.as_str()),
+            (200, "hello from upstream\n"),
+            "{path}"
+        );
+    }
+    assert_eq!(get_at(&envoy, "/healthz/x", &[]).await.status, 401);
+    assert_eq!(get(&envoy, &[]).await.status, 401);
+    tg.stop().await;
+}
+
+fn yaml_file(path: &str) -> serde_yaml::Value {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn yaml(text: &str) -> serde_yaml::Value {
+    serde_yaml::from_str(text).unwrap()
+}
+
+/// What Istio's pilot writes for an `envoyExtAuthzGrpc` provider (generateGRPCConfig in
+/// pilot/pkg/security/authz/builder/extauthz.go): V3, the provider's status and fail-open
+/// choice, its timeout (600s when it has none), the outbound cluster of its service, and ext_authz
+/// enabled only where the CUSTOM policy's shadow rule matched. Nothing else: no header list
+/// (every header goes, in the headers map), no raw headers, no peer certificate.
+fn istio_ext_authz_filter(name: &str, provider: &serde_yaml::Value) -> serde_yaml::Value {
+    let service = provider["service"].as_str().expect("provider.service");
+    let port = provider["port"].as_u64().expect("provider.port");
+    assert!(
+        provider.get("includeRequestBodyInCheck").is_none(),
+        "update the generator below"
+    );
+    let mut config = yaml(&format!(
+        r#"
+"@type": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
+failure_mode_allow: {fail_open}
+grpc_service:
+  envoy_grpc:
+    cluster_name: "outbound|{port}||{service}"
+    authority: {service}
+  timeout: {timeout}
+filter_enabled_metadata:
+  filter: envoy.filters.http.rbac
+  path:
+  - key: istio_ext_authz_shadow_effective_policy_id
+  value:
+    string_match: {{ prefix: istio-ext-authz-{name} }}
+transport_api_version: V3
+"#,
+        fail_open = provider["failOpen"].as_bool().unwrap_or(false),
+        timeout = provider["timeout"].as_str().unwrap_or("600s"),
+    ));
+    if let Some(status) = provider["statusOnError"].as_str() {
+        // Envoy's StatusCode names, for the codes worth choosing.
+        let code = match status {
+            "403" => "Forbidden",
+            "500" => "InternalServerError",
+            "502" => "BadGateway",
+            "503" => "ServiceUnavailable",
+            "504" => "GatewayTimeout",
+            other => panic!("statusOnError {other}: add its StatusCode name"),
+        };
+        config["status_on_error"] = yaml(&format!("{{ code: {code} }}"));
+    }
+    yaml(&format!(
+        "name: envoy.filters.http.ext_authz\ntyped_config: {}",
+        serde_json::to_string(&config).unwrap()
+    ))
+}
+
+/// What Istio's pilot writes for a CUSTOM AuthorizationPolicy whose one rule is "every path but
+/// these" (builder.go, model/permission.go): an RBAC filter with only shadow rules, the rule named
+/// after the provider, namespace, policy and rule index.
+fn istio_rbac_filter(policy: &serde_yaml::Value) -> serde_yaml::Value {
+    let spec = &policy["spec"];
+    assert_eq!(spec["action"], "CUSTOM");
+    let rules = spec["rules"].as_sequence().unwrap();
+    assert_eq!(rules.len(), 1, "update the generator below");
+    let to = rules[0]["to"].as_sequence().unwrap();
+    assert!(rules[0].get("from").is_none() && rules[0].get("when").is_none() && to.len() == 1);
+    let operation = to[0]["operation"].as_mapping().unwrap();
+    assert_eq!(
+        operation.len(),
+        1,
+        "only notPaths: update the generator below"
+    );
+    let paths: Vec<String> = to[0]["operation"]["notPaths"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let p = p.as_str().unwrap();
+            assert!(!p.contains('*') && !p.contains('{'), "exact paths only");
+            format!("- url_path: {{ path: {{ exact: {p} }} }}")
+        })
+        .collect();
+    let name = format!(
+        "istio-ext-authz-{}-ns[{}]-policy[{}]-rule[0]",
+        spec["provider"]["name"].as_str().unwrap(),
+        policy["metadata"]["namespace"].as_str().unwrap(),
+        policy["metadata"]["name"].as_str().unwrap()
+    );
+    let indent = " ".repeat(18);
+    yaml(&format!(
+        r#"
+name: envoy.filters.http.rbac
+typed_config:
+  "@type": type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC
+  shadow_rules:
+    action: DENY
+    policies:
+      "{name}":
+        permissions:
+        - and_rules:
+            rules:
+            - not_rule:
+                or_rules:
+                  rules:
+{indent}{paths}
+        principals:
+        - and_ids:
+            ids:
+            - any: true
+  shadow_rules_stat_prefix: istio_ext_authz_
+"#,
+        paths = paths.join(&format!("\n{indent}")),
+    ))
+}
+
+/// envoy/ext_authz_istio.yaml is what Istio makes of examples/istio's provider, CUSTOM policy
+/// and access-log provider, in envoy/ext_authz.yaml; the rest of it is envoy/ext_authz.yaml.
+#[test]
+fn the_istio_config_is_what_istio_generates_from_examples_istio() {
+    let mesh = yaml_file("examples/istio/mesh-config.yaml");
+    let policy = yaml_file("examples/istio/authorization-policy.yaml");
+    let providers = mesh["spec"]["meshConfig"]["extensionProviders"]
+        .as_sequence()
+        .unwrap();
+    let provider_named = |name: &str| {
+        providers
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("no extension provider {name}"))
+    };
+    let name = policy["spec"]["provider"]["name"].as_str().unwrap();
+    let authz = &provider_named(name)["envoyExtAuthzGrpc"];
+    let mut istio = yaml_file("envoy/ext_authz_istio.yaml");
+    let hcm = &mut istio["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    let filters = hcm["http_filters"].as_sequence_mut().unwrap();
+    assert_eq!(filters.len(), 3, "rbac, ext_authz, router");
+    assert_eq!(filters[0], istio_rbac_filter(&policy));
+    assert_eq!(filters[1], istio_ext_authz_filter(name, authz));
+    // The access log to tollgate, from the envoyHttpAls provider the Telemetry names.
+    let telemetry = yaml_file("examples/istio/telemetry.yaml");
+    let als = &provider_named(
+        telemetry["spec"]["accessLogging"][0]["providers"][0]["name"]
+            .as_str()
+            .unwrap(),
+    )["envoyHttpAls"];
+    let cluster = format!(
+        "outbound|{}||{}",
+        als["port"].as_u64().unwrap(),
+        als["service"].as_str().unwrap()
+    );
+    let logs = hcm["access_log"].as_sequence().unwrap();
+    let expected_als = yaml(&format!(
+        r#"
+name: envoy.access_loggers.http_grpc
+typed_config:
+  "@type": type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig
+  common_config:
+    log_name: {log_name}
+    grpc_service:
+      envoy_grpc:
+        cluster_name: "{cluster}"
+        authority: {service}
+    transport_api_version: V3
+"#,
+        log_name = als["logName"].as_str().unwrap(),
+        service = als["service"].as_str().unwrap(),
+    ));
+    assert_eq!(logs[1], expected_als);
+    // The rest is envoy/ext_authz.yaml, the tollgate cluster renamed as Istio names it.
+    let plaintext = yaml_file("envoy/ext_authz.yaml");
+    let plain_hcm = &plaintext["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
+        [0]["typed_config"];
+    let hcm = &mut istio["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"];
+    hcm["access_log"][1] = plain_hcm["access_log"][1].clone();
+    hcm["http_filters"] = plain_hcm["http_filters"].clone();
+    let authz_cluster = format!(
+        "outbound|{}||{}",
+        authz["port"].as_u64().unwrap(),
+        authz["service"].as_str().unwrap()
+    );
+    assert_eq!(authz_cluster, cluster, "one tollgate cluster for both");
+    let renamed = serde_yaml::to_string(&istio)
+        .unwrap()
+        .replace(&format!("'{cluster}'"), "tollgate")
+        .replace(&cluster, "tollgate");
+    assert_eq!(yaml(&renamed), plaintext);
 }
