@@ -116,12 +116,21 @@ impl Drop for Charge {
     }
 }
 
+/// A writer's statement in flight (see [`GiveBacks::in_flight`]).
+pub(crate) struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Gives back units spent for requests that were not answered: a bounded queue, and a task that
 /// runs the backend's give-back statement for each, in order.
 #[derive(Debug, Clone)]
 pub(crate) struct GiveBacks {
     queue: mpsc::Sender<Spend>,
-    /// Queued and not yet run.
+    /// Give-backs queued and not yet run, and writer statements in flight.
     pending: Arc<AtomicUsize>,
 }
 
@@ -175,8 +184,15 @@ impl GiveBacks {
         }
     }
 
-    /// Waits, at most `within`, until every give-back queued so far has run: before the
-    /// store closes.
+    /// Marks a statement of the writer in flight until dropped: what it spends for callers
+    /// that have left is given back when it ends, so [`GiveBacks::drain`] waits for it too.
+    pub(crate) fn in_flight(&self) -> InFlight {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.pending.clone())
+    }
+
+    /// Waits, at most `within`, until every statement in flight has ended and every give-back
+    /// queued has run: before the store closes.
     pub(crate) async fn drain(&self, within: Duration) {
         let until = tokio::time::Instant::now() + within;
         while self.pending.load(Ordering::Acquire) > 0 && tokio::time::Instant::now() < until {

@@ -90,8 +90,9 @@ impl PgStore {
 #[async_trait]
 impl Database for PgStore {
     async fn close(&self) {
-        // Units spent for checks nobody was answering go back before the pool closes.
-        self.give_backs.drain(self.timeout).await;
+        // Statements in flight end (each within `database.timeout`), and what they and earlier
+        // ones spent for checks nobody was answering goes back, before the pool closes.
+        self.give_backs.drain(2 * self.timeout).await;
         self.pool.close().await;
     }
 }

@@ -145,8 +145,10 @@ async fn dispatch(
         }
         let pool = pool.clone();
         let give_backs = give_backs.clone();
+        let busy = give_backs.in_flight();
         tokio::spawn(async move {
             consume_batch(&pool, batch, &give_backs).await;
+            drop(busy);
             drop(permit);
         });
     }

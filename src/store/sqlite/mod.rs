@@ -87,8 +87,9 @@ impl SqliteStore {
 #[async_trait]
 impl Database for SqliteStore {
     async fn close(&self) {
-        // Units spent for checks nobody was answering go back before the pools close.
-        self.give_backs.drain(self.timeout).await;
+        // Statements in flight end (each within `database.timeout`), and what they and earlier
+        // ones spent for checks nobody was answering goes back, before the pools close.
+        self.give_backs.drain(2 * self.timeout).await;
         self.read.close().await;
         self.write.close().await;
     }

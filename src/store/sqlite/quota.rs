@@ -170,7 +170,10 @@ async fn writer(
         let held = tokio::time::Instant::now();
         loop {
             batch.retain(|p| !p.is_abandoned());
-            if !consume_batch(&mut conn, std::mem::take(&mut batch), &give_backs).await {
+            let busy = give_backs.in_flight();
+            let kept = consume_batch(&mut conn, std::mem::take(&mut batch), &give_backs).await;
+            drop(busy);
+            if !kept {
                 // sqlx 0.9 leaves a cached multi-statement query that failed part-way in a
                 // state whose next use panics its worker thread: this connection goes.
                 conn.close_on_drop();

@@ -188,6 +188,37 @@ impl Tollgate {
         metrics_text(&format!("http://{}", self.http)).await
     }
 
+    /// Checks `key` (it must be allowed) until one check is answered from the key cache. A new
+    /// key's creation reaches the cache asynchronously, and a lookup that overlaps that
+    /// announcement is not cached; a test that then takes the database away needs the key
+    /// cached for sure. Returns how many checks it made.
+    pub async fn check_until_cached(&self, key: &str) -> u32 {
+        let hits = |m: String| -> u64 {
+            m.lines()
+                .find_map(|l| {
+                    l.strip_prefix("tollgate_key_cache_lookups_total{outcome=\"hit\"} ")?
+                        .parse()
+                        .ok()
+                })
+                .unwrap_or(0)
+        };
+        let mut client = self.client().await;
+        for made in 1..=100 {
+            let before = hits(self.metrics_text().await);
+            let answer = client
+                .check(crate::check::key_header(key))
+                .await
+                .expect("check answered")
+                .into_inner();
+            assert_eq!(answer.status.map(|s| s.code), Some(0), "{key:.8}… allowed");
+            if hits(self.metrics_text().await) > before {
+                return made;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("the key never came from the cache");
+    }
+
     /// Stops it as SIGTERM would, and waits for it to finish (log flushed, database closed).
     /// The database stays readable through the returned value.
     pub async fn stop(mut self) -> Stopped {
