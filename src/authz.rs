@@ -12,7 +12,8 @@ use tokio::time::Instant;
 use crate::clock::{self, Clock};
 use crate::config::{AuthzConfig, LimitsConfig};
 use crate::decision::{
-    Allowed, Decision, Denial, DenyReason, LimitKind, LimitState, MAX_COST, mint_decision_id,
+    Allowed, Decision, Denial, DenyReason, LimitKind, LimitScope, LimitState, MAX_COST,
+    mint_decision_id,
 };
 use crate::failure::{FailurePolicies, Verdict};
 use crate::keys::{self, ApiKey, KeyStatus, cache::KeyCache};
@@ -285,6 +286,7 @@ impl AuthzService {
                         remaining: w.remaining,
                         reset_after: w.reset_after,
                         window_secs: MINUTE,
+                        scope: Default::default(),
                     };
                     if !w.allowed {
                         return Decision::Deny(Denial {
@@ -309,26 +311,76 @@ impl AuthzService {
         //    block reserved with that statement (batched mode, and keys without quotas, which
         //    have nothing to enforce). Every admitted request is counted, so usage and the log
         //    agree.
+        //    A key of an identity spends from the key's counters and the identity's, both or
+        //    neither, always exactly (never from a reserved block).
         let quota = Quota {
             daily: key.limits.daily,
             monthly: key.limits.monthly,
         };
+        let identity_quota = key.identity.map(|i| Quota {
+            daily: i.daily,
+            monthly: i.monthly,
+        });
         let step = std::time::Instant::now();
-        let spend = self
-            .deps
-            .quotas
-            .consume(Spend::new(key.id, cost, now), quota);
-        let outcome = tokio::time::timeout_at(deadline, spend)
-            .await
-            .unwrap_or(Err(StoreError::TimedOut));
+        let outcome = match key.identity {
+            None => {
+                let spend = self
+                    .deps
+                    .quotas
+                    .consume(Spend::new(key.id, cost, now), quota);
+                tokio::time::timeout_at(deadline, spend)
+                    .await
+                    .unwrap_or(Err(StoreError::TimedOut))
+                    .map(|o| (o, None))
+            }
+            Some(identity) => {
+                let spend = self.deps.quotas.consume_shared(
+                    Spend::new(key.id, cost, now).with_identity(identity.id),
+                    quota,
+                    identity_quota.unwrap_or_default(),
+                );
+                tokio::time::timeout_at(deadline, spend)
+                    .await
+                    .unwrap_or(Err(StoreError::TimedOut))
+                    .map(|o| (o.key, Some(o.identity)))
+            }
+        };
         self.deps.metrics.database_duration.observe(step.elapsed());
+        // The key's own limit is named when both refused; then the identity's.
+        let (outcome, scope, scope_quota) = match outcome {
+            Ok((key_outcome, Some(identity_outcome)))
+                if matches!(key_outcome, QuotaOutcome::Admitted { .. })
+                    && !matches!(identity_outcome, QuotaOutcome::Admitted { .. }) =>
+            {
+                (
+                    Ok((identity_outcome, None)),
+                    LimitScope::Identity,
+                    identity_quota.unwrap_or_default(),
+                )
+            }
+            other => (other, LimitScope::Key, quota),
+        };
         let refused = match outcome {
-            Ok(QuotaOutcome::Admitted { daily, monthly }) => {
+            Ok((QuotaOutcome::Admitted { daily, monthly }, identity_outcome)) => {
                 if let Some(limit) = quota.daily {
                     limits.push(quota_state(LimitKind::Daily, limit, daily, now));
                 }
                 if let Some(limit) = quota.monthly {
                     limits.push(quota_state(LimitKind::Monthly, limit, monthly, now));
+                }
+                if let (Some(QuotaOutcome::Admitted { daily, monthly }), Some(identity_quota)) =
+                    (identity_outcome, identity_quota)
+                {
+                    let shared = |kind, limit, used| LimitState {
+                        scope: LimitScope::Identity,
+                        ..quota_state(kind, limit, used, now)
+                    };
+                    if let Some(limit) = identity_quota.daily {
+                        limits.push(shared(LimitKind::Daily, limit, daily));
+                    }
+                    if let Some(limit) = identity_quota.monthly {
+                        limits.push(shared(LimitKind::Monthly, limit, monthly));
+                    }
                 }
                 return Decision::Allow(Allowed {
                     key,
@@ -337,14 +389,20 @@ impl AuthzService {
                     cost,
                 });
             }
-            Ok(QuotaOutcome::DailyExceeded { .. }) => {
-                let limit = quota.daily.unwrap_or_default();
-                let state = quota_state(LimitKind::Daily, limit, limit, now);
+            Ok((QuotaOutcome::DailyExceeded { .. }, _)) => {
+                let limit = scope_quota.daily.unwrap_or_default();
+                let state = LimitState {
+                    scope,
+                    ..quota_state(LimitKind::Daily, limit, limit, now)
+                };
                 quota_denial(DenyReason::DailyQuotaExceeded, state, key.id)
             }
-            Ok(QuotaOutcome::MonthlyExceeded { .. }) => {
-                let limit = quota.monthly.unwrap_or_default();
-                let state = quota_state(LimitKind::Monthly, limit, limit, now);
+            Ok((QuotaOutcome::MonthlyExceeded { .. }, _)) => {
+                let limit = scope_quota.monthly.unwrap_or_default();
+                let state = LimitState {
+                    scope,
+                    ..quota_state(LimitKind::Monthly, limit, limit, now)
+                };
                 quota_denial(DenyReason::MonthlyQuotaExceeded, state, key.id)
             }
             Err(e) => match self.deps.failures.database.on_error("quota update", &e) {
@@ -456,6 +514,7 @@ fn quota_state(kind: LimitKind, limit: u64, used: u64, now: DateTime<Utc>) -> Li
         remaining: limit.saturating_sub(used),
         reset_after,
         window_secs,
+        scope: Default::default(),
     }
 }
 

@@ -153,6 +153,8 @@ impl AdminService for AdminGrpc {
                     expires_at: r.expires_at.map(time_from).transpose()?,
                     permissions: r.permissions,
                     metadata: r.metadata.into_iter().collect(),
+                    // The admin API's identity fields come with step 6 of issue 15 item 1.
+                    identity_id: None,
                 };
                 let created = self
                     .admin
@@ -370,7 +372,9 @@ impl AdminService for AdminGrpc {
 /// message may quote values.
 pub(crate) fn status_of(e: AdminError) -> Status {
     match e {
-        AdminError::NotFound(_) => Status::not_found(e.to_string()),
+        AdminError::NotFound(_) | AdminError::IdentityNotFound(_) => {
+            Status::not_found(e.to_string())
+        }
         AdminError::Invalid { .. } => Status::invalid_argument(e.to_string()),
         AdminError::Store(s) if s.is_transient() => {
             tracing::warn!(error = %s.kind(), "admin call: database unavailable");
