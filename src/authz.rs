@@ -129,7 +129,7 @@ impl AuthzService {
             input,
             now,
             key_id: None,
-            window: None,
+            windows: Vec::new(),
             answered: false,
         };
         // One span per check (debug level, so free unless asked for), with what was decided.
@@ -266,38 +266,70 @@ impl AuthzService {
 
         // 3. The per-minute window. Checked before the quota, so a request it refuses
         //    spends no quota (DESIGN rule 4).
-        let mut limits = Vec::with_capacity(3);
-        let per_minute = self
+        //    A key of an identity with a per-minute limit also hits the identity's window
+        //    (shared by its keys): both are counted or neither.
+        let mut limits = Vec::with_capacity(6);
+        let own_rate = self
             .rate_limit
             .then(|| key.limits.per_minute.or(self.default_per_minute))
             .flatten()
             .map(|limit| Rate::new(limit, MINUTE, self.algorithm));
-        if let Some(rate) = per_minute {
-            let limit = rate.limit;
-            let window_key = window_key(&key);
+        let identity_rate = key
+            .identity
+            .filter(|_| self.rate_limit)
+            .and_then(|i| Some((i.id, i.per_minute?)))
+            .map(|(id, limit)| (id, Rate::new(limit, MINUTE, self.algorithm)));
+        let mut windows: Vec<(String, Rate, LimitScope)> = Vec::with_capacity(2);
+        if let Some(rate) = own_rate {
+            windows.push((window_key(&key), rate, LimitScope::Key));
+        }
+        if let Some((id, rate)) = identity_rate {
+            windows.push((identity_window_key(id), rate, LimitScope::Identity));
+        }
+        if !windows.is_empty() {
             let step = std::time::Instant::now();
-            let hit = self.deps.limiter.hit(&window_key, rate, cost, now).await;
+            let hits = match windows.as_slice() {
+                [(k, r, _)] => self
+                    .deps
+                    .limiter
+                    .hit(k, *r, cost, now)
+                    .await
+                    .map(|w| vec![w]),
+                [(k1, r1, _), (k2, r2, _)] => self
+                    .deps
+                    .limiter
+                    .hit_both((k1, *r1), (k2, *r2), cost, now)
+                    .await
+                    .map(|(a, b)| std::iter::once(a).chain(b).collect()),
+                _ => unreachable!("at most two windows"),
+            };
             self.deps.metrics.limiter_duration.observe(step.elapsed());
-            match hit {
-                Ok(w) => {
-                    let state = LimitState {
-                        kind: LimitKind::PerMinute,
-                        limit,
-                        remaining: w.remaining,
-                        reset_after: w.reset_after,
-                        window_secs: MINUTE,
-                        scope: Default::default(),
-                    };
-                    if !w.allowed {
-                        return Decision::Deny(Denial {
-                            retry_after: Some(w.reset_after),
-                            limit: Some(state),
-                            ..deny_denial(DenyReason::RateLimited, Some(key.id))
-                        });
+            match hits {
+                Ok(states) => {
+                    for ((_, rate, scope), w) in windows.iter().zip(&states) {
+                        let state = LimitState {
+                            kind: LimitKind::PerMinute,
+                            limit: rate.limit,
+                            remaining: w.remaining,
+                            reset_after: w.reset_after,
+                            window_secs: MINUTE,
+                            scope: *scope,
+                        };
+                        if !w.allowed {
+                            // Nothing was counted (a pair takes the first hit back).
+                            return Decision::Deny(Denial {
+                                retry_after: Some(w.reset_after),
+                                limit: Some(state),
+                                ..deny_denial(DenyReason::RateLimited, Some(key.id))
+                            });
+                        }
+                        limits.push(state);
                     }
-                    limits.push(state);
-                    // Counted: a later refusal, or the check being dropped, gives it back.
-                    progress.window = Some((window_key, rate, cost));
+                    // Counted: a later refusal, or the check being dropped, gives them back.
+                    progress.windows = windows
+                        .into_iter()
+                        .map(|(k, rate, _)| (k, rate, cost))
+                        .collect();
                 }
                 Err(e) => match self.deps.failures.limiter.on_error("per-minute window", &e) {
                     // Not limited per minute while the limiter is away.
@@ -420,10 +452,10 @@ impl AuthzService {
         };
         // The request was refused after its per-minute hit was counted: give the hit back,
         // so a refused request costs nothing.
-        if let Some((window_key, rate, cost)) = progress.window.take()
-            && let Err(e) = self.deps.limiter.refund(&window_key, rate, cost, now).await
-        {
-            tracing::warn!(error = %e, key_id = key.id, "rate limit refund failed");
+        for (window_key, rate, cost) in std::mem::take(&mut progress.windows) {
+            if let Err(e) = self.deps.limiter.refund(&window_key, rate, cost, now).await {
+                tracing::warn!(error = %e, key_id = key.id, "rate limit refund failed");
+            }
         }
         refused
     }
@@ -438,8 +470,8 @@ struct Progress<'a> {
     input: &'a CheckInput<'a>,
     now: DateTime<Utc>,
     key_id: Option<i64>,
-    /// The per-minute hit counted for it: counter key, rate, cost.
-    window: Option<(String, Rate, u64)>,
+    /// The per-minute hits counted for it (the key's, its identity's): counter key, rate, cost.
+    windows: Vec<(String, Rate, u64)>,
     /// The check has its answer: nothing to undo.
     answered: bool,
 }
@@ -454,14 +486,17 @@ impl Drop for Progress<'_> {
         row.reason = CANCELLED;
         row.status = CANCELLED_STATUS;
         self.deps.log.record(row);
-        if let Some((window_key, rate, cost)) = self.window.take()
+        let windows = std::mem::take(&mut self.windows);
+        if !windows.is_empty()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             let limiter = self.deps.limiter.clone();
             let (now, key_id) = (self.now, self.key_id);
             runtime.spawn(async move {
-                if let Err(e) = limiter.refund(&window_key, rate, cost, now).await {
-                    tracing::warn!(error = %e, key_id, "rate limit refund of a cancelled check failed");
+                for (window_key, rate, cost) in windows {
+                    if let Err(e) = limiter.refund(&window_key, rate, cost, now).await {
+                        tracing::warn!(error = %e, key_id, "rate limit refund of a cancelled check failed");
+                    }
                 }
             });
         }
@@ -496,6 +531,12 @@ fn log_row(input: &CheckInput<'_>, now: DateTime<Utc>, key_id: Option<i64>) -> L
 /// The counter key of a key's per-minute window.
 fn window_key(key: &ApiKey) -> String {
     format!("key:{}", key.id)
+}
+
+/// The counter key of an identity's per-minute window, shared by its keys (and counted by
+/// ShouldRateLimit for an `identity_id` descriptor).
+pub fn identity_window_key(identity_id: i64) -> String {
+    format!("identity:{identity_id}")
 }
 
 /// The daily or monthly quota `limit` with `used` spent, as it stands at `now`: it resets at the

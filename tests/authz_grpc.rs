@@ -1239,6 +1239,7 @@ every_database!(
     two_hundred_concurrent_checks_on_a_daily_limit_of_50_admit_exactly_50,
     two_keys_of_one_identity_share_its_daily_limit_exactly,
     a_refusal_names_the_key_or_the_identity_and_headers_show_the_closest,
+    an_identitys_per_minute_limit_is_shared_and_hit_with_the_keys_own,
     hostile_requests_get_well_formed_answers,
     every_check_is_logged_and_allowed_rows_match_usage_after_shutdown,
     shutdown_finishes_in_flight_checks_and_logs_them,
@@ -1437,5 +1438,66 @@ async fn a_refusal_names_the_key_or_the_identity_and_headers_show_the_closest(db
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    tg.stop().await;
+}
+
+/// An identity's per-minute limit is shared by its keys, and a key's own per-minute window and
+/// its identity's are hit both or neither: a request the key's own window refuses leaves the
+/// identity's room untouched.
+async fn an_identitys_per_minute_limit_is_shared_and_hit_with_the_keys_own(db: Db) {
+    let tg = Tollgate::on(db).await;
+    let identity = cli_create_identity(&tg, &["--name", "acme", "--per-minute", "5"]);
+    assert_eq!(identity["per_minute"], 5);
+    let id_arg = identity["id"].as_i64().unwrap().to_string();
+    let (a, _) = cli_create_key(
+        tg.dir.path(),
+        &tg.db_url,
+        &["--name", "a", "--identity", &id_arg, "--per-minute", "2"],
+    );
+    let (b, _) = cli_create_key(
+        tg.dir.path(),
+        &tg.db_url,
+        &["--name", "b", "--identity", &id_arg, "--per-minute", "100"],
+    );
+    let mut c = tg.client().await;
+    for _ in 0..2 {
+        assert_eq!(
+            c.check(key_header(&a))
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+                .unwrap()
+                .code,
+            0
+        );
+    }
+    // a's own window is full: refused by the key's limit, and the identity's window not hit.
+    let d = denied(&c.check(key_header(&a)).await.unwrap().into_inner());
+    assert_eq!(d.body["error"], "rate_limited");
+    assert_eq!(d.body["limit_scope"], "key");
+    assert_eq!(d.body["limit"]["limit"], 2);
+    // b has the identity's 3 left, concurrently: exactly 3 pass, the rest name the identity.
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let mut c = c.clone();
+            let key = b.clone();
+            tokio::spawn(async move { c.check(key_header(&key)).await.unwrap().into_inner() })
+        })
+        .collect();
+    let mut allowed = 0;
+    for t in tasks {
+        let resp = t.await.unwrap();
+        if resp.status.as_ref().unwrap().code == 0 {
+            allowed += 1;
+        } else {
+            let d = denied(&resp);
+            assert_eq!(d.body["error"], "rate_limited");
+            assert_eq!(d.body["limit_scope"], "identity");
+            assert_eq!(d.body["limit"]["limit"], 5);
+            assert!(d.headers.contains_key("retry-after"));
+        }
+    }
+    assert_eq!(allowed, 3);
     tg.stop().await;
 }

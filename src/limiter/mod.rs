@@ -226,6 +226,43 @@ pub trait WindowLimiter: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<(), LimiterError>;
 
+    /// Hits `first`'s counter and then `second`'s with the same cost, both or neither: a key's
+    /// own per-minute window and its identity's. Returns `first`'s state and, when it fitted,
+    /// `second`'s; when `second` did not fit, `first`'s hit is taken back, so nothing is
+    /// counted unless both are.
+    ///
+    /// This default takes three steps (hit, hit, refund if refused): never more than either
+    /// limit is admitted, but a hit taken back may, for that moment, make another request of
+    /// the same counter see one fewer unit of room. The in-process limiter overrides it with
+    /// one step.
+    async fn hit_both(
+        &self,
+        first: (&str, Rate),
+        second: (&str, Rate),
+        cost: u64,
+        now: DateTime<Utc>,
+    ) -> Result<(WindowState, Option<WindowState>), LimiterError> {
+        let a = self.hit(first.0, first.1, cost, now).await?;
+        if !a.allowed {
+            return Ok((a, None));
+        }
+        let b = match self.hit(second.0, second.1, cost, now).await {
+            Ok(b) => b,
+            Err(e) => {
+                if let Err(e) = self.refund(first.0, first.1, cost, now).await {
+                    tracing::warn!(error = %e, "rate limit refund failed");
+                }
+                return Err(e);
+            }
+        };
+        if !b.allowed
+            && let Err(e) = self.refund(first.0, first.1, cost, now).await
+        {
+            tracing::warn!(error = %e, "rate limit refund failed");
+        }
+        Ok((a, Some(b)))
+    }
+
     /// A cheap round trip to the backend, for `/readyz`. In-process counters always answer.
     async fn ping(&self) -> Result<(), LimiterError> {
         Ok(())
