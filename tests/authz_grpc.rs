@@ -1240,6 +1240,7 @@ every_database!(
     two_keys_of_one_identity_share_its_daily_limit_exactly,
     a_refusal_names_the_key_or_the_identity_and_headers_show_the_closest,
     an_identitys_per_minute_limit_is_shared_and_hit_with_the_keys_own,
+    a_5xx_refund_gives_back_to_the_identity_too,
     hostile_requests_get_well_formed_answers,
     every_check_is_logged_and_allowed_rows_match_usage_after_shutdown,
     shutdown_finishes_in_flight_checks_and_logs_them,
@@ -1499,5 +1500,99 @@ async fn an_identitys_per_minute_limit_is_shared_and_hit_with_the_keys_own(db: D
         }
     }
     assert_eq!(allowed, 3);
+    tg.stop().await;
+}
+
+/// A 5xx refund of a key of an identity goes back to the identity's counters too, so they and
+/// the keys' counters keep agreeing with the log.
+async fn a_5xx_refund_gives_back_to_the_identity_too(db: Db) {
+    use tollgate::store::{IdentityLimitsPatch, LogApi, LogRow, Outcome, Quota, Spend};
+    let tg = Tollgate::on(db).await;
+    let identity = tg
+        .stores
+        .identities
+        .create_identity(
+            "acme",
+            IdentityLimitsPatch {
+                daily: Some(Some(10)),
+                ..Default::default()
+            },
+            t0(),
+        )
+        .await
+        .unwrap();
+    let out = tg.cli(&[
+        "keys",
+        "create",
+        "--json",
+        "--name",
+        "r",
+        "--refund-5xx",
+        "true",
+        "--identity",
+        &identity.id.to_string(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let key_id = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let now = t0();
+    let shared = Quota {
+        daily: Some(10),
+        monthly: None,
+    };
+    let spent = tg
+        .stores
+        .quotas
+        .consume_shared(
+            Spend::new(key_id, 3, now).with_identity(identity.id),
+            Quota::default(),
+            shared,
+        )
+        .await
+        .unwrap();
+    assert!(spent.admitted(), "{spent:?}");
+    tg.stores
+        .log
+        .write_batch(&[LogRow {
+            ts: now,
+            api: LogApi::Authz,
+            request_id: None,
+            decision_id: Some("x".into()),
+            key_id: Some(key_id),
+            method: None,
+            path: None,
+            host: None,
+            client_addr: None,
+            allowed: true,
+            reason: "ok",
+            status: 200,
+            cost: 3,
+            key_prefix: None,
+        }])
+        .await
+        .unwrap();
+    let (_, refunded) = tg
+        .stores
+        .log
+        .complete(&[Outcome {
+            decision_id: "x".into(),
+            status: 503,
+            duration_ms: None,
+            bytes_received: 0,
+            bytes_sent: 0,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(refunded, 1);
+    let usage = tg.stores.quotas.usage(key_id, now).await.unwrap();
+    let shared_usage = tg
+        .stores
+        .quotas
+        .identity_usage(identity.id, now)
+        .await
+        .unwrap();
+    assert_eq!((usage.daily, usage.total), (0, 0));
+    assert_eq!((shared_usage.daily, shared_usage.total), (0, 0));
     tg.stop().await;
 }

@@ -138,6 +138,15 @@ const GIVE_BACK_IDENTITY_SQL: &str = "UPDATE identity_usage SET \
        total_requests = max(total_requests - ?4, 0) \
      WHERE identity_id = ?1";
 
+/// [`GIVE_BACK_IDENTITY_SQL`] for the identity of key `?1`, if it has one (a refund).
+pub(super) const GIVE_BACK_KEYS_IDENTITY_SQL: &str = "UPDATE identity_usage SET \
+       daily_requests = CASE WHEN day = ?2 THEN max(daily_requests - ?4, 0) \
+         ELSE daily_requests END, \
+       monthly_requests = CASE WHEN month = ?3 THEN max(monthly_requests - ?4, 0) \
+         ELSE monthly_requests END, \
+       total_requests = max(total_requests - ?4, 0) \
+     WHERE identity_id = (SELECT identity_id FROM api_keys WHERE id = ?1)";
+
 /// Starts the quota writer on the write pool; returns its queue, and where it gives back what it
 /// spent for requests nobody waits for any more. The writer ends when every sender is gone.
 pub(super) fn start_writer(write: SqlitePool) -> (mpsc::Sender<PendingConsume>, GiveBacks) {
