@@ -78,6 +78,7 @@ fn key_cache(c: &mut Criterion) {
                     created_at: now,
                     permissions: &[],
                     metadata: &Default::default(),
+                    identity_id: None,
                 })
                 .await
                 .expect("create");
@@ -179,6 +180,7 @@ fn decision(c: &mut Criterion) {
             remaining: 42,
             reset_after: 18,
             window_secs: 60,
+            scope: Default::default(),
         },
         LimitState {
             kind: LimitKind::Daily,
@@ -186,6 +188,7 @@ fn decision(c: &mut Criterion) {
             remaining: 9_000,
             reset_after: 40_000,
             window_secs: 86_400,
+            scope: Default::default(),
         },
         LimitState {
             kind: LimitKind::Monthly,
@@ -193,6 +196,7 @@ fn decision(c: &mut Criterion) {
             remaining: 80_000,
             reset_after: 1_000_000,
             window_secs: 2_678_400,
+            scope: Default::default(),
         },
     ];
     g.bench_function("rate_limit_headers/3 limits", |b| {

@@ -333,6 +333,7 @@ async fn create_keys(
                     created_at: now,
                     permissions: &[],
                     metadata: &Default::default(),
+                    identity_id: None,
                 };
                 let stored = keys.create(&record).await?;
                 Ok((stored.id, key.plaintext))

@@ -178,6 +178,9 @@ impl App {
             crate::ratelimit::service::RateLimitDeps {
                 limiter: limiter.clone(),
                 keys: cache.clone(),
+                identities: crate::ratelimit::service::IdentityLimits::new(
+                    stores.identities.clone(),
+                ),
                 log: log.clone(),
                 clock: clock.clone(),
                 metrics: metrics.clone(),

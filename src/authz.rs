@@ -12,7 +12,8 @@ use tokio::time::Instant;
 use crate::clock::{self, Clock};
 use crate::config::{AuthzConfig, LimitsConfig};
 use crate::decision::{
-    Allowed, Decision, Denial, DenyReason, LimitKind, LimitState, MAX_COST, mint_decision_id,
+    Allowed, Decision, Denial, DenyReason, LimitKind, LimitScope, LimitState, MAX_COST,
+    mint_decision_id,
 };
 use crate::failure::{FailurePolicies, Verdict};
 use crate::keys::{self, ApiKey, KeyStatus, cache::KeyCache};
@@ -128,7 +129,7 @@ impl AuthzService {
             input,
             now,
             key_id: None,
-            window: None,
+            windows: Vec::new(),
             answered: false,
         };
         // One span per check (debug level, so free unless asked for), with what was decided.
@@ -265,37 +266,70 @@ impl AuthzService {
 
         // 3. The per-minute window. Checked before the quota, so a request it refuses
         //    spends no quota (DESIGN rule 4).
-        let mut limits = Vec::with_capacity(3);
-        let per_minute = self
+        //    A key of an identity with a per-minute limit also hits the identity's window
+        //    (shared by its keys): both are counted or neither.
+        let mut limits = Vec::with_capacity(6);
+        let own_rate = self
             .rate_limit
             .then(|| key.limits.per_minute.or(self.default_per_minute))
             .flatten()
             .map(|limit| Rate::new(limit, MINUTE, self.algorithm));
-        if let Some(rate) = per_minute {
-            let limit = rate.limit;
-            let window_key = window_key(&key);
+        let identity_rate = key
+            .identity
+            .filter(|_| self.rate_limit)
+            .and_then(|i| Some((i.id, i.per_minute?)))
+            .map(|(id, limit)| (id, Rate::new(limit, MINUTE, self.algorithm)));
+        let mut windows: Vec<(String, Rate, LimitScope)> = Vec::with_capacity(2);
+        if let Some(rate) = own_rate {
+            windows.push((window_key(&key), rate, LimitScope::Key));
+        }
+        if let Some((id, rate)) = identity_rate {
+            windows.push((identity_window_key(id), rate, LimitScope::Identity));
+        }
+        if !windows.is_empty() {
             let step = std::time::Instant::now();
-            let hit = self.deps.limiter.hit(&window_key, rate, cost, now).await;
+            let hits = match windows.as_slice() {
+                [(k, r, _)] => self
+                    .deps
+                    .limiter
+                    .hit(k, *r, cost, now)
+                    .await
+                    .map(|w| vec![w]),
+                [(k1, r1, _), (k2, r2, _)] => self
+                    .deps
+                    .limiter
+                    .hit_both((k1, *r1), (k2, *r2), cost, now)
+                    .await
+                    .map(|(a, b)| std::iter::once(a).chain(b).collect()),
+                _ => unreachable!("at most two windows"),
+            };
             self.deps.metrics.limiter_duration.observe(step.elapsed());
-            match hit {
-                Ok(w) => {
-                    let state = LimitState {
-                        kind: LimitKind::PerMinute,
-                        limit,
-                        remaining: w.remaining,
-                        reset_after: w.reset_after,
-                        window_secs: MINUTE,
-                    };
-                    if !w.allowed {
-                        return Decision::Deny(Denial {
-                            retry_after: Some(w.reset_after),
-                            limit: Some(state),
-                            ..deny_denial(DenyReason::RateLimited, Some(key.id))
-                        });
+            match hits {
+                Ok(states) => {
+                    for ((_, rate, scope), w) in windows.iter().zip(&states) {
+                        let state = LimitState {
+                            kind: LimitKind::PerMinute,
+                            limit: rate.limit,
+                            remaining: w.remaining,
+                            reset_after: w.reset_after,
+                            window_secs: MINUTE,
+                            scope: *scope,
+                        };
+                        if !w.allowed {
+                            // Nothing was counted (a pair takes the first hit back).
+                            return Decision::Deny(Denial {
+                                retry_after: Some(w.reset_after),
+                                limit: Some(state),
+                                ..deny_denial(DenyReason::RateLimited, Some(key.id))
+                            });
+                        }
+                        limits.push(state);
                     }
-                    limits.push(state);
-                    // Counted: a later refusal, or the check being dropped, gives it back.
-                    progress.window = Some((window_key, rate, cost));
+                    // Counted: a later refusal, or the check being dropped, gives them back.
+                    progress.windows = windows
+                        .into_iter()
+                        .map(|(k, rate, _)| (k, rate, cost))
+                        .collect();
                 }
                 Err(e) => match self.deps.failures.limiter.on_error("per-minute window", &e) {
                     // Not limited per minute while the limiter is away.
@@ -309,26 +343,76 @@ impl AuthzService {
         //    block reserved with that statement (batched mode, and keys without quotas, which
         //    have nothing to enforce). Every admitted request is counted, so usage and the log
         //    agree.
+        //    A key of an identity spends from the key's counters and the identity's, both or
+        //    neither, always exactly (never from a reserved block).
         let quota = Quota {
             daily: key.limits.daily,
             monthly: key.limits.monthly,
         };
+        let identity_quota = key.identity.map(|i| Quota {
+            daily: i.daily,
+            monthly: i.monthly,
+        });
         let step = std::time::Instant::now();
-        let spend = self
-            .deps
-            .quotas
-            .consume(Spend::new(key.id, cost, now), quota);
-        let outcome = tokio::time::timeout_at(deadline, spend)
-            .await
-            .unwrap_or(Err(StoreError::TimedOut));
+        let outcome = match key.identity {
+            None => {
+                let spend = self
+                    .deps
+                    .quotas
+                    .consume(Spend::new(key.id, cost, now), quota);
+                tokio::time::timeout_at(deadline, spend)
+                    .await
+                    .unwrap_or(Err(StoreError::TimedOut))
+                    .map(|o| (o, None))
+            }
+            Some(identity) => {
+                let spend = self.deps.quotas.consume_shared(
+                    Spend::new(key.id, cost, now).with_identity(identity.id),
+                    quota,
+                    identity_quota.unwrap_or_default(),
+                );
+                tokio::time::timeout_at(deadline, spend)
+                    .await
+                    .unwrap_or(Err(StoreError::TimedOut))
+                    .map(|o| (o.key, Some(o.identity)))
+            }
+        };
         self.deps.metrics.database_duration.observe(step.elapsed());
+        // The key's own limit is named when both refused; then the identity's.
+        let (outcome, scope, scope_quota) = match outcome {
+            Ok((key_outcome, Some(identity_outcome)))
+                if matches!(key_outcome, QuotaOutcome::Admitted { .. })
+                    && !matches!(identity_outcome, QuotaOutcome::Admitted { .. }) =>
+            {
+                (
+                    Ok((identity_outcome, None)),
+                    LimitScope::Identity,
+                    identity_quota.unwrap_or_default(),
+                )
+            }
+            other => (other, LimitScope::Key, quota),
+        };
         let refused = match outcome {
-            Ok(QuotaOutcome::Admitted { daily, monthly }) => {
+            Ok((QuotaOutcome::Admitted { daily, monthly }, identity_outcome)) => {
                 if let Some(limit) = quota.daily {
                     limits.push(quota_state(LimitKind::Daily, limit, daily, now));
                 }
                 if let Some(limit) = quota.monthly {
                     limits.push(quota_state(LimitKind::Monthly, limit, monthly, now));
+                }
+                if let (Some(QuotaOutcome::Admitted { daily, monthly }), Some(identity_quota)) =
+                    (identity_outcome, identity_quota)
+                {
+                    let shared = |kind, limit, used| LimitState {
+                        scope: LimitScope::Identity,
+                        ..quota_state(kind, limit, used, now)
+                    };
+                    if let Some(limit) = identity_quota.daily {
+                        limits.push(shared(LimitKind::Daily, limit, daily));
+                    }
+                    if let Some(limit) = identity_quota.monthly {
+                        limits.push(shared(LimitKind::Monthly, limit, monthly));
+                    }
                 }
                 return Decision::Allow(Allowed {
                     key,
@@ -337,14 +421,20 @@ impl AuthzService {
                     cost,
                 });
             }
-            Ok(QuotaOutcome::DailyExceeded { .. }) => {
-                let limit = quota.daily.unwrap_or_default();
-                let state = quota_state(LimitKind::Daily, limit, limit, now);
+            Ok((QuotaOutcome::DailyExceeded { .. }, _)) => {
+                let limit = scope_quota.daily.unwrap_or_default();
+                let state = LimitState {
+                    scope,
+                    ..quota_state(LimitKind::Daily, limit, limit, now)
+                };
                 quota_denial(DenyReason::DailyQuotaExceeded, state, key.id)
             }
-            Ok(QuotaOutcome::MonthlyExceeded { .. }) => {
-                let limit = quota.monthly.unwrap_or_default();
-                let state = quota_state(LimitKind::Monthly, limit, limit, now);
+            Ok((QuotaOutcome::MonthlyExceeded { .. }, _)) => {
+                let limit = scope_quota.monthly.unwrap_or_default();
+                let state = LimitState {
+                    scope,
+                    ..quota_state(LimitKind::Monthly, limit, limit, now)
+                };
                 quota_denial(DenyReason::MonthlyQuotaExceeded, state, key.id)
             }
             Err(e) => match self.deps.failures.database.on_error("quota update", &e) {
@@ -362,10 +452,10 @@ impl AuthzService {
         };
         // The request was refused after its per-minute hit was counted: give the hit back,
         // so a refused request costs nothing.
-        if let Some((window_key, rate, cost)) = progress.window.take()
-            && let Err(e) = self.deps.limiter.refund(&window_key, rate, cost, now).await
-        {
-            tracing::warn!(error = %e, key_id = key.id, "rate limit refund failed");
+        for (window_key, rate, cost) in std::mem::take(&mut progress.windows) {
+            if let Err(e) = self.deps.limiter.refund(&window_key, rate, cost, now).await {
+                tracing::warn!(error = %e, key_id = key.id, "rate limit refund failed");
+            }
         }
         refused
     }
@@ -380,8 +470,8 @@ struct Progress<'a> {
     input: &'a CheckInput<'a>,
     now: DateTime<Utc>,
     key_id: Option<i64>,
-    /// The per-minute hit counted for it: counter key, rate, cost.
-    window: Option<(String, Rate, u64)>,
+    /// The per-minute hits counted for it (the key's, its identity's): counter key, rate, cost.
+    windows: Vec<(String, Rate, u64)>,
     /// The check has its answer: nothing to undo.
     answered: bool,
 }
@@ -396,14 +486,17 @@ impl Drop for Progress<'_> {
         row.reason = CANCELLED;
         row.status = CANCELLED_STATUS;
         self.deps.log.record(row);
-        if let Some((window_key, rate, cost)) = self.window.take()
+        let windows = std::mem::take(&mut self.windows);
+        if !windows.is_empty()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             let limiter = self.deps.limiter.clone();
             let (now, key_id) = (self.now, self.key_id);
             runtime.spawn(async move {
-                if let Err(e) = limiter.refund(&window_key, rate, cost, now).await {
-                    tracing::warn!(error = %e, key_id, "rate limit refund of a cancelled check failed");
+                for (window_key, rate, cost) in windows {
+                    if let Err(e) = limiter.refund(&window_key, rate, cost, now).await {
+                        tracing::warn!(error = %e, key_id, "rate limit refund of a cancelled check failed");
+                    }
                 }
             });
         }
@@ -440,6 +533,12 @@ fn window_key(key: &ApiKey) -> String {
     format!("key:{}", key.id)
 }
 
+/// The counter key of an identity's per-minute window, shared by its keys (and counted by
+/// ShouldRateLimit for an `identity_id` descriptor).
+pub fn identity_window_key(identity_id: i64) -> String {
+    format!("identity:{identity_id}")
+}
+
 /// The daily or monthly quota `limit` with `used` spent, as it stands at `now`: it resets at the
 /// next UTC midnight or first of the month.
 fn quota_state(kind: LimitKind, limit: u64, used: u64, now: DateTime<Utc>) -> LimitState {
@@ -456,6 +555,7 @@ fn quota_state(kind: LimitKind, limit: u64, used: u64, now: DateTime<Utc>) -> Li
         remaining: limit.saturating_sub(used),
         reset_after,
         window_secs,
+        scope: Default::default(),
     }
 }
 

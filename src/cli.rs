@@ -13,7 +13,9 @@ use serde_json::json;
 use crate::admin::service::{KeyAdmin, KeyListing, NewKeySpec};
 use crate::config::Config;
 use crate::keys::{ApiKey, Limits};
-use crate::store::{KeyUpdate, LimitsPatch, Stores, Usage, UsageQuery};
+use crate::store::{
+    Identity, IdentityLimitsPatch, KeyUpdate, LimitsPatch, Stores, Usage, UsageQuery,
+};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -44,8 +46,169 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Create, list, inspect and delete identities: customers whose keys share limits.
+    Identities {
+        #[command(subcommand)]
+        command: IdentitiesCommand,
+    },
     /// Requests by day (allowed and denied) and the busiest keys, from the request log.
     Usage(UsageArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IdentitiesCommand {
+    /// Create an identity; keys created with --identity ID share its limits (each request must
+    /// fit the key's own limits and the identity's).
+    Create {
+        #[arg(long)]
+        name: String,
+        #[command(flatten)]
+        limits: IdentityLimitArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List all identities.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one identity's limits and its shared usage.
+    Show {
+        id: i64,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change some of an identity's limits; "unlimited" removes one.
+    SetLimits {
+        id: i64,
+        #[command(flatten)]
+        limits: IdentityLimitArgs,
+    },
+    /// Delete an identity: its keys stay, with their own limits only.
+    Delete { id: i64 },
+}
+
+/// An identity's limit flags. A value is a positive count, or `unlimited`.
+#[derive(Debug, Args, Clone, Copy)]
+pub struct IdentityLimitArgs {
+    /// Requests per minute, shared by all the identity's keys (unset: unlimited).
+    #[arg(long, value_name = "N", value_parser = parse_limit)]
+    pub per_minute: Option<LimitValue>,
+    /// Requests per UTC day, shared (unset: unlimited).
+    #[arg(long, value_name = "N", value_parser = parse_limit)]
+    pub daily: Option<LimitValue>,
+    /// Requests per UTC month, shared (unset: unlimited).
+    #[arg(long, value_name = "N", value_parser = parse_limit)]
+    pub monthly: Option<LimitValue>,
+}
+
+impl IdentityLimitArgs {
+    fn patch(self) -> IdentityLimitsPatch {
+        IdentityLimitsPatch {
+            per_minute: self.per_minute.map(|v| v.0),
+            daily: self.daily.map(|v| v.0),
+            monthly: self.monthly.map(|v| v.0),
+        }
+    }
+}
+
+fn identity_json(identity: &Identity) -> serde_json::Value {
+    json!({
+        "id": identity.id,
+        "name": identity.name,
+        "per_minute": identity.per_minute,
+        "daily": identity.daily,
+        "monthly": identity.monthly,
+        "created_at": rfc3339(identity.created_at),
+    })
+}
+
+fn identity_text(identity: &Identity) -> String {
+    format!(
+        "Identity {id} ({name:?}): per minute {pm}, daily {d}, monthly {m} (shared by its keys).\n",
+        id = identity.id,
+        name = identity.name,
+        pm = limit_text(identity.per_minute),
+        d = limit_text(identity.daily),
+        m = limit_text(identity.monthly),
+    )
+}
+
+/// Runs a `tollgate identities …` command; returns what to print. Through [`KeyAdmin`], as the
+/// admin API.
+pub async fn run_identities(
+    command: IdentitiesCommand,
+    config: &Config,
+    stores: &Stores,
+    now: DateTime<Utc>,
+) -> anyhow::Result<String> {
+    let admin = KeyAdmin::new(stores, config.limits.default_per_minute);
+    Ok(match command {
+        IdentitiesCommand::Create { name, limits, json } => {
+            let identity = admin.create_identity(&name, limits.patch(), now).await?;
+            if json {
+                format!("{}\n", identity_json(&identity))
+            } else {
+                format!("Created {}", identity_text(&identity))
+            }
+        }
+        IdentitiesCommand::List { json } => {
+            let mut all = Vec::new();
+            let mut after_id = 0;
+            loop {
+                let page = admin
+                    .list_identities(crate::admin::service::MAX_PAGE_SIZE, after_id)
+                    .await?;
+                all.extend(page.identities);
+                match page.next_after_id {
+                    Some(after) => after_id = after,
+                    None => break,
+                }
+            }
+            if json {
+                let v: Vec<_> = all.iter().map(identity_json).collect();
+                format!("{}\n", serde_json::Value::from(v))
+            } else if all.is_empty() {
+                "No identities.\n".into()
+            } else {
+                all.iter().map(identity_text).collect()
+            }
+        }
+        IdentitiesCommand::Show { id, json } => {
+            let identity = admin.get_identity(id).await?;
+            let usage = admin.identity_usage(id, now).await?;
+            if json {
+                let mut v = identity_json(&identity);
+                v["usage"] = json!({
+                    "daily": usage.daily,
+                    "monthly": usage.monthly,
+                    "total": usage.total,
+                });
+                format!("{v}\n")
+            } else {
+                format!(
+                    "{}Usage: today {}, this month {}, total {}.\n",
+                    identity_text(&identity),
+                    usage.daily,
+                    usage.monthly,
+                    usage.total
+                )
+            }
+        }
+        IdentitiesCommand::SetLimits { id, limits } => {
+            let patch = limits.patch();
+            anyhow::ensure!(
+                !patch.is_empty(),
+                "nothing to change: give --per-minute, --daily and/or --monthly"
+            );
+            let identity = admin.set_identity_limits(id, patch, now).await?;
+            format!("Updated {}", identity_text(&identity))
+        }
+        IdentitiesCommand::Delete { id } => {
+            admin.delete_identity(id, now).await?;
+            format!("Deleted identity {id}; its keys keep their own limits.\n")
+        }
+    })
 }
 
 /// `tollgate usage`: a period of UTC days, inclusive at both ends.
@@ -179,6 +342,10 @@ pub enum KeysCommand {
         /// e.g. '{"plan":"gold","tenant":"acme"}'.
         #[arg(long, value_name = "JSON", value_parser = parse_metadata)]
         metadata: Option<Metadata>,
+        /// The identity the key belongs to: each request must fit the key's limits and the
+        /// identity's, which all its keys share.
+        #[arg(long, value_name = "ID")]
+        identity: Option<i64>,
         #[arg(long)]
         json: bool,
     },
@@ -334,6 +501,7 @@ pub async fn run_keys(
             expires_at,
             permissions,
             metadata,
+            identity,
             json,
         } => {
             let created = admin
@@ -344,6 +512,7 @@ pub async fn run_keys(
                         expires_at,
                         permissions: permissions.map(|p| p.0).unwrap_or_default(),
                         metadata: metadata.map(|m| m.0).unwrap_or_default(),
+                        identity_id: identity,
                     },
                     now,
                 )
@@ -506,6 +675,7 @@ fn key_json(key: &ApiKey, default_pm: Option<u64>) -> serde_json::Value {
         "refund_5xx": key.limits.refund_5xx,
         "permissions": key.permissions,
         "metadata": key.metadata,
+        "identity_id": key.identity.map(|i| i.id),
         "old_prefix": key.old_secret.as_ref().map(|o| o.prefix.clone()),
         "old_key_expires_at": key.old_secret.as_ref().map(|o| rfc3339(o.expires_at)),
     })

@@ -29,16 +29,50 @@ impl LimitKind {
     }
 }
 
+/// Whose limit a [`LimitState`] is: the key's own, or that of the identity the key belongs to
+/// (shared by all its keys).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LimitScope {
+    #[default]
+    Key,
+    Identity,
+}
+
+impl LimitScope {
+    /// The name in problem bodies (`limit_scope`).
+    pub fn name(self) -> &'static str {
+        match self {
+            LimitScope::Key => "key",
+            LimitScope::Identity => "identity",
+        }
+    }
+}
+
 /// One limit as it stands after a check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LimitState {
     pub kind: LimitKind,
+    /// The key's limit or its identity's.
+    pub scope: LimitScope,
     pub limit: u64,
     pub remaining: u64,
     /// Whole seconds until it resets.
     pub reset_after: u64,
     /// Length of its window in seconds (60, 86400, the month's length).
     pub window_secs: u64,
+}
+
+impl LimitState {
+    /// The name in `RateLimit-Policy` and `RateLimit`: the kind, prefixed `identity_` for an
+    /// identity's limit (`identity_daily`).
+    pub fn policy_name(&self) -> &'static str {
+        match (self.scope, self.kind) {
+            (LimitScope::Key, k) => k.name(),
+            (LimitScope::Identity, LimitKind::PerMinute) => "identity_per_minute",
+            (LimitScope::Identity, LimitKind::Daily) => "identity_daily",
+            (LimitScope::Identity, LimitKind::Monthly) => "identity_monthly",
+        }
+    }
 }
 
 /// Why a request was refused.
@@ -143,6 +177,19 @@ impl Denial {
             .map(|s| format!(" Retry in {s} s."))
             .unwrap_or_default();
         let limit = self.limit.map(|l| l.limit).unwrap_or_default();
+        let whose = match self.limit.map(|l| l.scope) {
+            Some(LimitScope::Identity) => "The identity's shared ",
+            _ => "",
+        };
+        let of_whose = |s: String| {
+            if whose.is_empty() {
+                s
+            } else {
+                let mut lower = s;
+                lower[..1].make_ascii_lowercase();
+                format!("{whose}{lower}")
+            }
+        };
         match self.reason {
             DenyReason::MissingKey => {
                 "No API key: send it in the x-api-key header or as Authorization: Bearer <key>."
@@ -151,15 +198,15 @@ impl Denial {
             DenyReason::InvalidKey => "The API key is not valid.".into(),
             DenyReason::KeyRevoked => "The API key has been revoked.".into(),
             DenyReason::KeyExpired => "The API key has expired.".into(),
-            DenyReason::RateLimited => {
-                format!("Rate limit of {limit} requests per minute exceeded.{retry}")
-            }
-            DenyReason::DailyQuotaExceeded => {
-                format!("Daily quota of {limit} requests exceeded; it resets at 00:00 UTC.{retry}")
-            }
-            DenyReason::MonthlyQuotaExceeded => format!(
+            DenyReason::RateLimited => of_whose(format!(
+                "Rate limit of {limit} requests per minute exceeded.{retry}"
+            )),
+            DenyReason::DailyQuotaExceeded => of_whose(format!(
+                "Daily quota of {limit} requests exceeded; it resets at 00:00 UTC.{retry}"
+            )),
+            DenyReason::MonthlyQuotaExceeded => of_whose(format!(
                 "Monthly quota of {limit} requests exceeded; it resets on the 1st at 00:00 UTC.{retry}"
-            ),
+            )),
             DenyReason::BackendUnavailable => {
                 format!(
                     "tollgate cannot reach its database or its rate-limit store to check this request.{retry}"
@@ -194,7 +241,10 @@ impl Denial {
             body["permission"] = p.as_str().into();
         }
         if let Some(l) = self.limit {
+            // Whose limit refused it: the key's own, or its identity's (shared by its keys).
+            body["limit_scope"] = l.scope.name().into();
             body["limit"] = json!({
+                "scope": l.scope.name(),
                 "name": l.kind.name(),
                 "limit": l.limit,
                 "remaining": l.remaining,
@@ -329,7 +379,7 @@ pub fn rate_limit_headers(states: &[LimitState]) -> Vec<(&'static str, String)> 
         let _ = write!(
             policy,
             "{sep}\"{}\";q={};w={}",
-            s.kind.name(),
+            s.policy_name(),
             s.limit,
             s.window_secs
         );
@@ -343,7 +393,7 @@ pub fn rate_limit_headers(states: &[LimitState]) -> Vec<(&'static str, String)> 
             "ratelimit",
             format!(
                 "\"{}\";r={};t={}",
-                c.kind.name(),
+                c.policy_name(),
                 c.remaining,
                 c.reset_after
             ),
@@ -391,6 +441,7 @@ mod tests {
             remaining,
             reset_after: reset,
             window_secs: 60,
+            scope: Default::default(),
         }
     }
 
@@ -401,6 +452,7 @@ mod tests {
             remaining,
             reset_after: 3600,
             window_secs: 86_400,
+            scope: Default::default(),
         }
     }
 

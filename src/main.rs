@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tollgate::app::{App, shutdown_signal};
-use tollgate::cli::{Cli, Command, run_keys, run_usage};
+use tollgate::cli::{Cli, Command, run_identities, run_keys, run_usage};
 use tollgate::config::Config;
 use tollgate::{store, telemetry};
 
@@ -92,6 +92,13 @@ async fn run(command: Command, config: Config) -> anyhow::Result<()> {
         Command::Keys { command } => {
             let stores = open_database(&config).await?;
             let out = run_keys(command, &config, &stores, chrono::Utc::now()).await;
+            stores.close().await;
+            print!("{}", out?);
+            Ok(())
+        }
+        Command::Identities { command } => {
+            let stores = open_database(&config).await?;
+            let out = run_identities(command, &config, &stores, chrono::Utc::now()).await;
             stores.close().await;
             print!("{}", out?);
             Ok(())

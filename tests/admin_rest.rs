@@ -637,6 +637,7 @@ async fn rest_permissions_metadata_and_rotation(db: Db) {
 }
 
 every_database!(
+    rest_identities_share_limits_with_their_keys,
     rest_permissions_metadata_and_rotation,
     rest_create_get_and_use_a_key,
     rest_list_pages_and_filters,
@@ -646,3 +647,78 @@ every_database!(
     rest_errors_are_problems,
     rest_serves_its_openapi_document,
 );
+
+/// Identities over REST: create, get, list, change limits (reaching Check within a second),
+/// keys created with `identityId`, delete (detaching its keys).
+async fn rest_identities_share_limits_with_their_keys(db: Db) {
+    let (tg, rest) = start(db).await;
+    let a = rest
+        .call(
+            "POST",
+            "/v1/identities",
+            Some(json!({"name": "acme", "limits": {"daily": "2"}})),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(a.body["name"], "acme");
+    assert_eq!(a.body["limits"]["daily"], "2");
+    let identity_id = a.body["id"].as_str().unwrap().to_string();
+    // A key of an identity that does not exist is refused; of this one, it says so.
+    let bad = rest
+        .call(
+            "POST",
+            "/v1/keys",
+            Some(json!({"name": "x", "identityId": "999999"})),
+        )
+        .await;
+    assert_problem(&bad, 400, "invalid_argument");
+    let (secret, key_id, body) =
+        create(&rest, json!({"name": "k", "identityId": identity_id})).await;
+    assert_eq!(body["key"]["identityId"], identity_id);
+    let got = rest.call("GET", &format!("/v1/keys/{key_id}"), None).await;
+    assert_eq!(got.body["identityId"], identity_id);
+    for _ in 0..2 {
+        assert_eq!(check_code(&tg, &secret).await, 0);
+    }
+    assert_eq!(check_code(&tg, &secret).await, 8);
+    let got = rest
+        .call("GET", &format!("/v1/identities/{identity_id}"), None)
+        .await;
+    assert_eq!(got.status, 200, "{}", got.text);
+    assert_eq!(got.body["today"], "2");
+    let list = rest.call("GET", "/v1/identities?pageSize=1", None).await;
+    assert_eq!(list.status, 200, "{}", list.text);
+    assert_eq!(list.body["identities"][0]["id"], identity_id);
+    // Raising the shared limit reaches Check within a second.
+    let up = rest
+        .call(
+            "PATCH",
+            &format!("/v1/identities/{identity_id}"),
+            Some(json!({"limits": {"daily": "3"}})),
+        )
+        .await;
+    assert_eq!(up.status, 200, "{}", up.text);
+    assert_eq!(up.body["limits"]["daily"], "3");
+    check_becomes(&tg, &secret, 0).await;
+    // A mask that names the limit, absent: unlimited.
+    let up = rest
+        .call(
+            "PATCH",
+            &format!("/v1/identities/{identity_id}"),
+            Some(json!({"updateMask": "limits.daily"})),
+        )
+        .await;
+    assert_eq!(up.status, 200, "{}", up.text);
+    assert!(up.body["limits"].get("daily").is_none(), "{}", up.text);
+    let gone = rest
+        .call("DELETE", &format!("/v1/identities/{identity_id}"), None)
+        .await;
+    assert_eq!(gone.status, 200, "{}", gone.text);
+    let got = rest
+        .call("GET", &format!("/v1/identities/{identity_id}"), None)
+        .await;
+    assert_problem(&got, 404, "not_found");
+    let got = rest.call("GET", &format!("/v1/keys/{key_id}"), None).await;
+    assert!(got.body.get("identityId").is_none(), "{}", got.text);
+    tg.stop().await;
+}

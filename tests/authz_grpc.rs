@@ -1237,6 +1237,10 @@ every_database!(
     monthly_is_reported_when_both_quotas_are_spent,
     limit_changes_reach_the_running_server,
     two_hundred_concurrent_checks_on_a_daily_limit_of_50_admit_exactly_50,
+    two_keys_of_one_identity_share_its_daily_limit_exactly,
+    a_refusal_names_the_key_or_the_identity_and_headers_show_the_closest,
+    an_identitys_per_minute_limit_is_shared_and_hit_with_the_keys_own,
+    a_5xx_refund_gives_back_to_the_identity_too,
     hostile_requests_get_well_formed_answers,
     every_check_is_logged_and_allowed_rows_match_usage_after_shutdown,
     shutdown_finishes_in_flight_checks_and_logs_them,
@@ -1271,4 +1275,324 @@ async fn a_full_log_queue_counts_what_it_drops() {
     let written = db.scalar("SELECT count(*) FROM api_requests_log").await;
     assert_eq!(written + metrics.reqlog_dropped.get() as i64, 20);
     assert_eq!(metrics.reqlog_written.get() as i64, written);
+}
+
+/// `tollgate identities create --json` on the instance's database; returns the identity's id.
+fn cli_create_identity(tg: &Tollgate, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["identities", "create", "--json"];
+    all.extend_from_slice(args);
+    let out = tg.cli(&all);
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// Two keys of one identity with a daily limit of 50, 200 concurrent Checks spread over both:
+/// exactly 50 pass, the identity's counter, the keys' counters and the log agree, and a refusal
+/// names the identity's limit.
+async fn two_keys_of_one_identity_share_its_daily_limit_exactly(db: Db) {
+    let tg = Tollgate::on(db).await;
+    let identity = cli_create_identity(&tg, &["--name", "acme", "--daily", "50"]);
+    assert_eq!(identity["name"], "acme");
+    assert_eq!(identity["daily"], 50);
+    assert!(identity["per_minute"].is_null() && identity["monthly"].is_null());
+    let identity_id = identity["id"].as_i64().unwrap();
+    let id_arg = identity_id.to_string();
+    let (a, a_id) = cli_create_key(
+        tg.dir.path(),
+        &tg.db_url,
+        &["--name", "a", "--identity", &id_arg, "--daily", "1000"],
+    );
+    let (b, b_id) = cli_create_key(
+        tg.dir.path(),
+        &tg.db_url,
+        &["--name", "b", "--identity", &id_arg],
+    );
+    let c = tg.client().await;
+    let keys = [a.clone(), b.clone()];
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let mut c = c.clone();
+            let key = keys[i % 2].clone();
+            tokio::spawn(async move { c.check(key_header(&key)).await.unwrap().into_inner() })
+        })
+        .collect();
+    let mut allowed = 0;
+    let mut refusal = None;
+    for t in tasks {
+        let resp = t.await.unwrap();
+        if resp.status.as_ref().unwrap().code == 0 {
+            allowed += 1;
+            let meta = resp.dynamic_metadata.expect("dynamic metadata");
+            match &meta.fields["identity_id"].kind {
+                Some(Kind::StringValue(s)) => assert_eq!(s, &id_arg),
+                other => panic!("identity_id: {other:?}"),
+            }
+        } else {
+            refusal = Some(denied(&resp));
+        }
+    }
+    assert_eq!(allowed, 50);
+    let d = refusal.expect("refused some");
+    assert_eq!(d.status, 429);
+    assert_eq!(d.body["error"], "daily_quota_exceeded");
+    assert_eq!(d.body["limit_scope"], "identity");
+    assert_eq!(d.body["limit"]["limit"], 50);
+    assert!(d.headers["retry-after"].parse::<u64>().unwrap() > 0);
+    let stopped = tg.stop().await;
+    let shared =
+        format!("SELECT daily_requests FROM identity_usage WHERE identity_id = {identity_id}");
+    assert_eq!(stopped.scalar(&shared).await, 50);
+    let keys_sum = format!(
+        "SELECT CAST(SUM(daily_requests) AS BIGINT) FROM api_usage WHERE api_key_id IN ({a_id}, {b_id})"
+    );
+    assert_eq!(stopped.scalar(&keys_sum).await, 50);
+    let logged = format!(
+        "SELECT count(*) FROM api_requests_log WHERE api_key_id IN ({a_id}, {b_id}) \
+         AND decision = 'allow'"
+    );
+    assert_eq!(stopped.scalar(&logged).await, 50);
+}
+
+/// A key's own limit and its identity's: the refusal names whichever had no room, and the
+/// rate-limit headers describe the limit closest to exhaustion of all of them.
+async fn a_refusal_names_the_key_or_the_identity_and_headers_show_the_closest(db: Db) {
+    let tg = Tollgate::on(db).await;
+    let identity = cli_create_identity(&tg, &["--name", "acme", "--daily", "5"]);
+    let id_arg = identity["id"].as_i64().unwrap().to_string();
+    let (a, _) = cli_create_key(
+        tg.dir.path(),
+        &tg.db_url,
+        &["--name", "a", "--identity", &id_arg, "--daily", "2"],
+    );
+    let (b, _) = cli_create_key(
+        tg.dir.path(),
+        &tg.db_url,
+        &["--name", "b", "--identity", &id_arg, "--daily", "100"],
+    );
+    let mut c = tg.client().await;
+    // a: its own 2 run out first (key 1 left of 2, identity 4 left of 5: the key is closer).
+    let resp = c.check(key_header(&a)).await.unwrap().into_inner();
+    let h = headers_of(&ok(&resp).response_headers_to_add);
+    assert_eq!(h["x-ratelimit-limit"], "2", "{h:?}");
+    assert_eq!(h["x-ratelimit-remaining"], "1");
+    assert!(
+        h["ratelimit-policy"].contains("\"identity_daily\";q=5"),
+        "{h:?}"
+    );
+    assert_eq!(
+        c.check(key_header(&a))
+            .await
+            .unwrap()
+            .into_inner()
+            .status
+            .unwrap()
+            .code,
+        0
+    );
+    let d = denied(&c.check(key_header(&a)).await.unwrap().into_inner());
+    assert_eq!(d.body["error"], "daily_quota_exceeded");
+    assert_eq!(d.body["limit_scope"], "key");
+    assert_eq!(d.body["limit"]["limit"], 2);
+    // b: the identity has 3 left; its headers describe the identity's limit (closest).
+    let resp = c.check(key_header(&b)).await.unwrap().into_inner();
+    let h = headers_of(&ok(&resp).response_headers_to_add);
+    assert_eq!(h["x-ratelimit-limit"], "5", "{h:?}");
+    assert_eq!(h["x-ratelimit-remaining"], "2");
+    assert!(
+        h["ratelimit"].starts_with("\"identity_daily\";r=2"),
+        "{h:?}"
+    );
+    for _ in 0..2 {
+        assert_eq!(
+            c.check(key_header(&b))
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+                .unwrap()
+                .code,
+            0
+        );
+    }
+    let d = denied(&c.check(key_header(&b)).await.unwrap().into_inner());
+    assert_eq!(d.body["error"], "daily_quota_exceeded");
+    assert_eq!(d.body["limit_scope"], "identity");
+    assert_eq!(d.body["limit"]["limit"], 5);
+    assert!(d.headers.contains_key("retry-after"));
+    // Raising the identity's limit reaches the running server within a second.
+    let out = tg.cli(&["identities", "set-limits", &id_arg, "--daily", "6"]);
+    assert!(out.status.success(), "{out:?}");
+    let started = Instant::now();
+    while c
+        .check(key_header(&b))
+        .await
+        .unwrap()
+        .into_inner()
+        .status
+        .unwrap()
+        .code
+        != 0
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "identity limit change not applied within 1s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tg.stop().await;
+}
+
+/// An identity's per-minute limit is shared by its keys, and a key's own per-minute window and
+/// its identity's are hit both or neither: a request the key's own window refuses leaves the
+/// identity's room untouched.
+async fn an_identitys_per_minute_limit_is_shared_and_hit_with_the_keys_own(db: Db) {
+    let tg = Tollgate::on(db).await;
+    let identity = cli_create_identity(&tg, &["--name", "acme", "--per-minute", "5"]);
+    assert_eq!(identity["per_minute"], 5);
+    let id_arg = identity["id"].as_i64().unwrap().to_string();
+    let (a, _) = cli_create_key(
+        tg.dir.path(),
+        &tg.db_url,
+        &["--name", "a", "--identity", &id_arg, "--per-minute", "2"],
+    );
+    let (b, _) = cli_create_key(
+        tg.dir.path(),
+        &tg.db_url,
+        &["--name", "b", "--identity", &id_arg, "--per-minute", "100"],
+    );
+    let mut c = tg.client().await;
+    for _ in 0..2 {
+        assert_eq!(
+            c.check(key_header(&a))
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+                .unwrap()
+                .code,
+            0
+        );
+    }
+    // a's own window is full: refused by the key's limit, and the identity's window not hit.
+    let d = denied(&c.check(key_header(&a)).await.unwrap().into_inner());
+    assert_eq!(d.body["error"], "rate_limited");
+    assert_eq!(d.body["limit_scope"], "key");
+    assert_eq!(d.body["limit"]["limit"], 2);
+    // b has the identity's 3 left, concurrently: exactly 3 pass, the rest name the identity.
+    let tasks: Vec<_> = (0..20)
+        .map(|_| {
+            let mut c = c.clone();
+            let key = b.clone();
+            tokio::spawn(async move { c.check(key_header(&key)).await.unwrap().into_inner() })
+        })
+        .collect();
+    let mut allowed = 0;
+    for t in tasks {
+        let resp = t.await.unwrap();
+        if resp.status.as_ref().unwrap().code == 0 {
+            allowed += 1;
+        } else {
+            let d = denied(&resp);
+            assert_eq!(d.body["error"], "rate_limited");
+            assert_eq!(d.body["limit_scope"], "identity");
+            assert_eq!(d.body["limit"]["limit"], 5);
+            assert!(d.headers.contains_key("retry-after"));
+        }
+    }
+    assert_eq!(allowed, 3);
+    tg.stop().await;
+}
+
+/// A 5xx refund of a key of an identity goes back to the identity's counters too, so they and
+/// the keys' counters keep agreeing with the log.
+async fn a_5xx_refund_gives_back_to_the_identity_too(db: Db) {
+    use tollgate::store::{IdentityLimitsPatch, LogApi, LogRow, Outcome, Quota, Spend};
+    let tg = Tollgate::on(db).await;
+    let identity = tg
+        .stores
+        .identities
+        .create_identity(
+            "acme",
+            IdentityLimitsPatch {
+                daily: Some(Some(10)),
+                ..Default::default()
+            },
+            t0(),
+        )
+        .await
+        .unwrap();
+    let out = tg.cli(&[
+        "keys",
+        "create",
+        "--json",
+        "--name",
+        "r",
+        "--refund-5xx",
+        "true",
+        "--identity",
+        &identity.id.to_string(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let key_id = serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["id"]
+        .as_i64()
+        .unwrap();
+    let now = t0();
+    let shared = Quota {
+        daily: Some(10),
+        monthly: None,
+    };
+    let spent = tg
+        .stores
+        .quotas
+        .consume_shared(
+            Spend::new(key_id, 3, now).with_identity(identity.id),
+            Quota::default(),
+            shared,
+        )
+        .await
+        .unwrap();
+    assert!(spent.admitted(), "{spent:?}");
+    tg.stores
+        .log
+        .write_batch(&[LogRow {
+            ts: now,
+            api: LogApi::Authz,
+            request_id: None,
+            decision_id: Some("x".into()),
+            key_id: Some(key_id),
+            method: None,
+            path: None,
+            host: None,
+            client_addr: None,
+            allowed: true,
+            reason: "ok",
+            status: 200,
+            cost: 3,
+            key_prefix: None,
+        }])
+        .await
+        .unwrap();
+    let (_, refunded) = tg
+        .stores
+        .log
+        .complete(&[Outcome {
+            decision_id: "x".into(),
+            status: 503,
+            duration_ms: None,
+            bytes_received: 0,
+            bytes_sent: 0,
+        }])
+        .await
+        .unwrap();
+    assert_eq!(refunded, 1);
+    let usage = tg.stores.quotas.usage(key_id, now).await.unwrap();
+    let shared_usage = tg
+        .stores
+        .quotas
+        .identity_usage(identity.id, now)
+        .await
+        .unwrap();
+    assert_eq!((usage.daily, usage.total), (0, 0));
+    assert_eq!((shared_usage.daily, shared_usage.total), (0, 0));
+    tg.stop().await;
 }

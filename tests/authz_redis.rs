@@ -286,3 +286,79 @@ async fn readyz_reports_redis_and_fails_only_when_its_failure_mode_is_closed() {
         tg.stop().await;
     }
 }
+
+/// Two replicas, per-minute windows in Redis: two keys of one identity with a per-minute limit
+/// of 6 admit exactly 6 of 40 concurrent Checks between them (a single node: one script per
+/// pair; a cluster: hit, hit, take back), each refusal naming the identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_an_identitys_per_minute_limit_in_redis() {
+    for url in [redis_url().await, redis_cluster_url().await] {
+        let prefix = unique_prefix("ident");
+        let configure = |c: &mut tollgate::config::Config| {
+            c.redis.url = Some(SecretUrl(url.clone()));
+            c.redis.key_prefix = prefix.clone();
+            c.redis.failure_mode = FailureMode::Closed;
+            c.redis.timeout = Dur(Duration::from_secs(2));
+        };
+        let a = Tollgate::start_with(configure).await;
+        let identity = a
+            .stores
+            .identities
+            .create_identity(
+                "acme",
+                tollgate::store::IdentityLimitsPatch {
+                    per_minute: Some(Some(6)),
+                    ..Default::default()
+                },
+                chrono::Utc::now(),
+            )
+            .await
+            .unwrap();
+        let mut keys = Vec::new();
+        for name in ["k1", "k2"] {
+            let out = a.cli(&[
+                "keys",
+                "create",
+                "--json",
+                "--name",
+                name,
+                "--per-minute",
+                "100",
+                "--identity",
+                &identity.id.to_string(),
+            ]);
+            assert!(out.status.success(), "{out:?}");
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            keys.push(v["key"].as_str().unwrap().to_string());
+        }
+        let db = a.db_url.clone();
+        let b = Tollgate::start_with(|c| {
+            configure(c);
+            c.database.url = SecretUrl(db.clone());
+        })
+        .await;
+        let clients = [a.client().await, b.client().await];
+        let tasks: Vec<_> = (0..40)
+            .map(|i| {
+                let mut c = clients[i % 2].clone();
+                let key = keys[(i / 2) % 2].clone();
+                tokio::spawn(async move { c.check(key_header(&key)).await.unwrap().into_inner() })
+            })
+            .collect();
+        let mut allowed = 0;
+        for t in tasks {
+            let resp = t.await.unwrap();
+            if resp.status.as_ref().unwrap().code == 0 {
+                allowed += 1;
+            } else {
+                let d = denied(&resp);
+                assert_eq!(d.body["error"], "rate_limited", "{url}");
+                assert_eq!(d.body["limit_scope"], "identity", "{url}");
+            }
+        }
+        assert_eq!(allowed, 6, "{url}");
+        a.stop().await;
+        b.stop().await;
+        delete_redis_keys(&url, &prefix).await;
+    }
+}

@@ -150,6 +150,70 @@ async fn hundreds_of_concurrent_hits_admit_exactly_the_limit(b: &Backend) {
     }
 }
 
+/// Two counters hit both or neither (a key's own window and its identity's): a pair refused by
+/// either counts nothing in either, and under concurrency the shared counter admits exactly its
+/// limit across pairs of different first counters.
+async fn a_pair_is_hit_both_or_neither(b: &Backend) {
+    for alg in [FixedWindow, SlidingWindow, TokenBucket] {
+        let (own, shared) = (per_minute(2, alg), per_minute(5, alg));
+        let pair = |k: &'static str| {
+            let l = b.limiter.clone();
+            async move {
+                l.hit_both((k, own), ("identity:1", shared), 1, at(20_000))
+                    .await
+                    .unwrap()
+            }
+        };
+        for left in [1, 0] {
+            let (a, s) = pair("key:1").await;
+            assert!(a.allowed && s.unwrap().allowed, "{alg:?}");
+            assert_eq!(a.remaining, left, "{alg:?}");
+        }
+        // key:1's own window is full: nothing counted in the shared one.
+        let (a, s) = pair("key:1").await;
+        assert!(!a.allowed && s.is_none(), "{alg:?}");
+        assert_eq!(
+            b.hit("identity:1", shared, 0, at(20_000)).await.remaining,
+            3,
+            "{alg:?}"
+        );
+        // The shared window has 3 left: of 20 concurrent pairs over 10 keys, exactly 3 pass,
+        // and the refused ones leave their own windows as they were.
+        let tasks: Vec<_> = (0..20)
+            .map(|i| {
+                let l = b.limiter.clone();
+                let k = format!("key:x{}", i % 10);
+                tokio::spawn(async move {
+                    let (a, s) = l
+                        .hit_both((&k, own), ("identity:1", shared), 1, at(20_000))
+                        .await
+                        .unwrap();
+                    a.allowed && s.is_some_and(|s| s.allowed)
+                })
+            })
+            .collect();
+        let mut allowed = 0;
+        for t in tasks {
+            allowed += t.await.unwrap() as u32;
+        }
+        assert_eq!(allowed, 3, "{alg:?}");
+        let mut own_hits = 0;
+        for i in 0..10 {
+            own_hits += 2 - b
+                .hit(&format!("key:x{i}"), own, 0, at(20_000))
+                .await
+                .remaining;
+        }
+        assert_eq!(
+            own_hits, 3,
+            "{alg:?}: only admitted pairs count in their own windows"
+        );
+        if let Some((url, prefix)) = &b.redis {
+            delete_redis_keys(url, prefix).await;
+        }
+    }
+}
+
 /// A long pseudo-random run of hits and refunds, with costs and clock steps, gives exactly the
 /// answers of the pure functions in `tollgate::limiter`, which are what the unit tests check.
 async fn agrees_with_the_model_step_by_step(b: &Backend) {
@@ -353,6 +417,7 @@ every_backend!(
     a_cost_that_does_not_fit_counts_nothing,
     a_refund_gives_the_hit_back,
     hundreds_of_concurrent_hits_admit_exactly_the_limit,
+    a_pair_is_hit_both_or_neither,
     agrees_with_the_model_step_by_step,
     fixed_window_resets_when_the_minute_turns,
     sliding_window_allows_no_double_burst_across_the_edge,

@@ -15,13 +15,18 @@ const BEFORE: i64 = 8;
 
 /// Applies `migrations/<dialect>` up to [`BEFORE`] to `db`.
 async fn old_schema(db: &TestDb, dialect: &str) {
+    schema_up_to(db, dialect, BEFORE).await
+}
+
+/// Applies `migrations/<dialect>` up to `before` to `db`.
+async fn schema_up_to(db: &TestDb, dialect: &str, before: i64) {
     let mut migrator = Migrator::new(Path::new(&format!("migrations/{dialect}")))
         .await
         .unwrap();
     let old: Vec<_> = migrator
         .migrations
         .iter()
-        .filter(|m| m.version <= BEFORE)
+        .filter(|m| m.version <= before)
         .cloned()
         .collect();
     assert!(old.len() >= 7, "{old:?}");
@@ -150,4 +155,94 @@ async fn migrate_keeps_every_key_limit_and_counter(db: Db) {
     stores.close().await;
 }
 
-every_database!(migrate_keeps_every_key_limit_and_counter);
+/// `tollgate migrate` from the schema before identities (0009) to 0010: every key, limit and
+/// counter is still there, the keys belong to no identity, and identities work on it.
+async fn migrating_to_identities_keeps_every_key_and_counter(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let test_db = TestDb::create(db).await;
+    let (dialect, now_sql) = match db {
+        Db::Postgres => ("postgres", "now()"),
+        Db::Sqlite => ("sqlite", "'2026-01-01T00:00:00.000Z'"),
+    };
+    schema_up_to(&test_db, dialect, 9).await;
+    let a = tollgate::keys::generate();
+    test_db
+        .execute(&format!(
+            "INSERT INTO api_keys (name, prefix, key_hash, status, per_minute, daily_limit, \
+               monthly_limit, created_at, updated_at, refund_5xx, permissions, metadata) \
+             VALUES ('old', '{}', '{}', 'active', 60, 100, 1000, {now_sql}, {now_sql}, true, \
+               '[\"reports.read\"]', '{{\"plan\":\"gold\"}}')",
+            a.prefix,
+            tollgate::keys::hash_hex(&a.hash),
+        ))
+        .await;
+    test_db
+        .execute(
+            "UPDATE api_usage SET daily_requests = 3, monthly_requests = 7, total_requests = 42",
+        )
+        .await;
+    let run = |args: &[&str]| {
+        let out = harness::cli::tollgate_command(dir.path())
+            .args(args)
+            .env("TOLLGATE_DATABASE_URL", &test_db.url)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        out.stdout
+    };
+    run(&["migrate"]);
+    let list: serde_json::Value =
+        serde_json::from_slice(&run(&["keys", "list", "--json"])).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    let key = &list[0];
+    assert_eq!(
+        (
+            &key["name"],
+            &key["per_minute"],
+            &key["daily"],
+            &key["monthly"]
+        ),
+        (&"old".into(), &60.into(), &100.into(), &1000.into())
+    );
+    assert_eq!(key["permissions"], serde_json::json!(["reports.read"]));
+    assert_eq!(key["metadata"], serde_json::json!({"plan": "gold"}));
+    assert_eq!(key["identity_id"], serde_json::Value::Null);
+    let total = test_db.scalar("SELECT total_requests FROM api_usage").await;
+    assert_eq!(total, 42);
+    // Identities work on the migrated database.
+    let identity: serde_json::Value = serde_json::from_slice(&run(&[
+        "identities",
+        "create",
+        "--name",
+        "acme",
+        "--daily",
+        "5",
+        "--json",
+    ]))
+    .unwrap();
+    let id = identity["id"].as_i64().unwrap();
+    let created: serde_json::Value = serde_json::from_slice(&run(&[
+        "keys",
+        "create",
+        "--name",
+        "new",
+        "--identity",
+        &id.to_string(),
+        "--json",
+    ]))
+    .unwrap();
+    assert_eq!(created["identity_id"], id);
+    assert_eq!(
+        test_db
+            .scalar(&format!(
+                "SELECT count(*) FROM identity_usage WHERE identity_id = {id}"
+            ))
+            .await,
+        1
+    );
+}
+
+every_database!(
+    migrate_keeps_every_key_limit_and_counter,
+    migrating_to_identities_keeps_every_key_and_counter,
+);

@@ -655,3 +655,72 @@ async fn no_descriptor_value_appears_in_any_log_line_even_at_trace_level() {
         );
     }
 }
+
+/// An `identity_id` descriptor works as `api_key_id` does: it is counted against the
+/// identity's per-minute limit, in the window Check hits for the identity's keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_descriptor_shares_the_identitys_per_minute_window_with_check() {
+    let (tg, _) = start(RULES).await;
+    let identity = tg
+        .stores
+        .identities
+        .create_identity(
+            "acme",
+            tollgate::store::IdentityLimitsPatch {
+                per_minute: Some(Some(3)),
+                ..Default::default()
+            },
+            chrono::Utc::now(),
+        )
+        .await
+        .unwrap();
+    let out = tg.cli(&[
+        "keys",
+        "create",
+        "--json",
+        "--name",
+        "k",
+        "--identity",
+        &identity.id.to_string(),
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["identity_id"], identity.id);
+    let secret = v["key"].as_str().unwrap().to_string();
+    let mut check = tg.client().await;
+    let resp = check
+        .check(harness::check::key_header(&secret))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.status.unwrap().code, 0);
+    let mut c = tg.ratelimit_client().await;
+    let id_text = identity.id.to_string();
+    let ident = || request("api", vec![descriptor(&[("identity_id", &id_text)])]);
+    let r = ask(&mut c, ident()).await;
+    let limit = r.statuses[0].current_limit.as_ref().unwrap();
+    assert_eq!(
+        (limit.requests_per_unit, limit.unit, limit.name.as_str()),
+        (3, 2, "identity_per_minute")
+    );
+    assert_eq!(r.statuses[0].limit_remaining, 1, "Check's hit counts too");
+    assert!(!over(&ask(&mut c, ident()).await));
+    assert!(over(&ask(&mut c, ident()).await));
+    // And Check sees the descriptor's hits: the identity's window is full.
+    let d = harness::check::denied(
+        &check
+            .check(harness::check::key_header(&secret))
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(d.body["error"], "rate_limited");
+    assert_eq!(d.body["limit_scope"], "identity");
+    let r = ask(
+        &mut c,
+        request("api", vec![descriptor(&[("identity_id", "999999")])]),
+    )
+    .await;
+    assert!(!over(&r) && r.statuses[0].current_limit.is_none());
+    tg.stop().await;
+}

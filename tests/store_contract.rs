@@ -22,6 +22,7 @@ async fn new_key(stores: &Stores, name: &str, limits: Limits) -> i64 {
             created_at: t0(),
             permissions: &[],
             metadata: &Default::default(),
+            identity_id: None,
         })
         .await
         .unwrap()

@@ -374,13 +374,18 @@ impl Rest {
             "RevokeKey" => call!(revoke_key),
             "RotateKey" => call!(rotate_key),
             "GetKeyUsage" => call!(get_key_usage),
+            "CreateIdentity" => call!(create_identity),
+            "GetIdentity" => call!(get_identity),
+            "ListIdentities" => call!(list_identities),
+            "UpdateIdentityLimits" => call!(update_identity_limits),
+            "DeleteIdentity" => call!(delete_identity),
             _ => Err(tonic::Status::unimplemented("not served over REST")),
         }
     }
 }
 
 /// The admin service's RPCs, as metrics label them (a unit test keeps this the proto's list).
-pub const RPCS: [&str; 7] = [
+pub const RPCS: [&str; 12] = [
     "CreateKey",
     "GetKey",
     "ListKeys",
@@ -388,6 +393,11 @@ pub const RPCS: [&str; 7] = [
     "RevokeKey",
     "RotateKey",
     "GetKeyUsage",
+    "CreateIdentity",
+    "GetIdentity",
+    "ListIdentities",
+    "UpdateIdentityLimits",
+    "DeleteIdentity",
 ];
 
 /// The RPC's name as a metrics label: one of [`RPCS`], else `unknown`.

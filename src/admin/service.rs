@@ -10,8 +10,9 @@ use chrono::{DateTime, Days, NaiveDate, Utc};
 
 use crate::keys::{self, ApiKey, KeyStatus, Limits};
 use crate::store::{
-    DayUsage, KeyQuery, KeyRecord, KeyStore, KeyUpdate, QuotaStore, RequestLogStore, Rotation,
-    StatusFilter, StoreError, Stores, Usage, UsageQuery,
+    DayUsage, Identity, IdentityLimitsPatch, IdentityStore, KeyQuery, KeyRecord, KeyStore,
+    KeyUpdate, QuotaStore, RequestLogStore, Rotation, StatusFilter, StoreError, Stores, Usage,
+    UsageQuery,
 };
 
 /// The longest key name, in characters.
@@ -42,6 +43,8 @@ pub const RESERVED_METADATA: [&str; 4] = ["key_id", "key_name", "decision_id", "
 pub enum AdminError {
     #[error("no API key with id {0}")]
     NotFound(i64),
+    #[error("no identity with id {0}")]
+    IdentityNotFound(i64),
     /// A value the caller sent (`field` in the API's snake_case names) is not acceptable.
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
@@ -72,6 +75,15 @@ pub struct NewKeySpec {
     /// Empty: every route.
     pub permissions: Vec<String>,
     pub metadata: BTreeMap<String, String>,
+    /// The identity whose limits the key shares (`None`: none).
+    pub identity_id: Option<i64>,
+}
+
+/// A page of identities, and the cursor of the next one (`None` on the last page).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityPage {
+    pub identities: Vec<Identity>,
+    pub next_after_id: Option<i64>,
 }
 
 /// A key just rotated, with its new secret (shown this once) and when the old one stops.
@@ -142,6 +154,7 @@ pub fn status_at(key: &ApiKey, now: DateTime<Utc>) -> StatusFilter {
 #[derive(Clone)]
 pub struct KeyAdmin {
     keys: Arc<dyn KeyStore>,
+    identities: Arc<dyn IdentityStore>,
     quotas: Arc<dyn QuotaStore>,
     log: Arc<dyn RequestLogStore>,
     default_per_minute: Option<u64>,
@@ -159,6 +172,7 @@ impl KeyAdmin {
     pub fn new(stores: &Stores, default_per_minute: Option<u64>) -> Self {
         KeyAdmin {
             keys: stores.keys.clone(),
+            identities: stores.identities.clone(),
             quotas: stores.quotas.clone(),
             log: stores.log.clone(),
             default_per_minute,
@@ -184,6 +198,14 @@ impl KeyAdmin {
         valid_limits(&spec.limits)?;
         let permissions = valid_permissions(&spec.permissions)?;
         valid_metadata(&spec.metadata)?;
+        if let Some(id) = spec.identity_id
+            && self.identities.get_identity(id).await?.is_none()
+        {
+            return Err(AdminError::invalid(
+                "identity_id",
+                format!("no identity with id {id}"),
+            ));
+        }
         let new = keys::generate();
         let key = self
             .keys
@@ -195,12 +217,95 @@ impl KeyAdmin {
                 created_at: now,
                 permissions: &permissions,
                 metadata: &spec.metadata,
+                identity_id: spec.identity_id,
             })
             .await?;
         Ok(CreatedKey {
             key,
             secret: new.plaintext,
         })
+    }
+
+    /// Creates an identity whose keys share `limits`.
+    pub async fn create_identity(
+        &self,
+        name: &str,
+        limits: IdentityLimitsPatch,
+        now: DateTime<Utc>,
+    ) -> Result<Identity, AdminError> {
+        let name = valid_name(name)?;
+        valid_identity_limits(&limits)?;
+        Ok(self.identities.create_identity(&name, limits, now).await?)
+    }
+
+    pub async fn get_identity(&self, id: i64) -> Result<Identity, AdminError> {
+        self.identities
+            .get_identity(id)
+            .await?
+            .ok_or(AdminError::IdentityNotFound(id))
+    }
+
+    /// A page of identities, oldest first (`page_size` 0: [`DEFAULT_PAGE_SIZE`]).
+    pub async fn list_identities(
+        &self,
+        page_size: u32,
+        after_id: i64,
+    ) -> Result<IdentityPage, AdminError> {
+        let page_size = match page_size {
+            0 => DEFAULT_PAGE_SIZE,
+            n if n > MAX_PAGE_SIZE => {
+                return Err(AdminError::invalid(
+                    "page_size",
+                    format!("{n} is more than {MAX_PAGE_SIZE}"),
+                ));
+            }
+            n => n,
+        };
+        let mut identities = self
+            .identities
+            .list_identities(after_id.max(0), page_size + 1)
+            .await?;
+        let next_after_id = if identities.len() > page_size as usize {
+            identities.truncate(page_size as usize);
+            identities.last().map(|i| i.id)
+        } else {
+            None
+        };
+        Ok(IdentityPage {
+            identities,
+            next_after_id,
+        })
+    }
+
+    /// Changes the limits `patch` names; every replica sees them within a second.
+    pub async fn set_identity_limits(
+        &self,
+        id: i64,
+        patch: IdentityLimitsPatch,
+        now: DateTime<Utc>,
+    ) -> Result<Identity, AdminError> {
+        if patch.is_empty() {
+            return Err(AdminError::invalid("limits", "nothing to change"));
+        }
+        valid_identity_limits(&patch)?;
+        self.identities
+            .set_identity_limits(id, patch, now)
+            .await?
+            .ok_or(AdminError::IdentityNotFound(id))
+    }
+
+    /// Deletes an identity; its keys stay, with their own limits only.
+    pub async fn delete_identity(&self, id: i64, now: DateTime<Utc>) -> Result<(), AdminError> {
+        if self.identities.delete_identity(id, now).await? {
+            Ok(())
+        } else {
+            Err(AdminError::IdentityNotFound(id))
+        }
+    }
+
+    /// An identity's shared counters now.
+    pub async fn identity_usage(&self, id: i64, now: DateTime<Utc>) -> Result<Usage, AdminError> {
+        Ok(self.quotas.identity_usage(id, now).await?)
     }
 
     pub async fn get(&self, id: i64) -> Result<ApiKey, AdminError> {
@@ -508,6 +613,12 @@ pub fn valid_metadata(metadata: &BTreeMap<String, String>) -> Result<(), AdminEr
         ));
     }
     Ok(())
+}
+
+fn valid_identity_limits(limits: &IdentityLimitsPatch) -> Result<(), AdminError> {
+    valid_limit("limits.per_minute", limits.per_minute.flatten())?;
+    valid_limit("limits.daily", limits.daily.flatten())?;
+    valid_limit("limits.monthly", limits.monthly.flatten())
 }
 
 fn valid_limits(limits: &Limits) -> Result<(), AdminError> {

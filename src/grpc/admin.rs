@@ -18,7 +18,7 @@ use crate::admin::service::{
 };
 use crate::clock::Clock;
 use crate::keys::{ApiKey, Limits};
-use crate::store::{KeyUpdate, LimitsPatch, StatusFilter};
+use crate::store::{Identity, IdentityLimitsPatch, KeyUpdate, LimitsPatch, StatusFilter, Usage};
 use crate::telemetry::Metrics;
 
 /// Which transport a call came over, for logs and metrics.
@@ -153,6 +153,7 @@ impl AdminService for AdminGrpc {
                     expires_at: r.expires_at.map(time_from).transpose()?,
                     permissions: r.permissions,
                     metadata: r.metadata.into_iter().collect(),
+                    identity_id: r.identity_id,
                 };
                 let created = self
                     .admin
@@ -364,13 +365,153 @@ impl AdminService for AdminGrpc {
         )
         .await
     }
+
+    async fn create_identity(
+        &self,
+        request: Request<pb::CreateIdentityRequest>,
+    ) -> Result<Response<pb::Identity>, Status> {
+        self.call(
+            "CreateIdentity",
+            request,
+            |_| None,
+            |r| async move {
+                let l = r.limits.unwrap_or_default();
+                let limits = IdentityLimitsPatch {
+                    per_minute: Some(limit_from("limits.per_minute", l.per_minute)?),
+                    daily: Some(limit_from("limits.daily", l.daily)?),
+                    monthly: Some(limit_from("limits.monthly", l.monthly)?),
+                };
+                let identity = self
+                    .admin
+                    .create_identity(&r.name, limits, self.now())
+                    .await
+                    .map_err(status_of)?;
+                Ok((identity_message(&identity, Usage::default()), None))
+            },
+        )
+        .await
+    }
+
+    async fn get_identity(
+        &self,
+        request: Request<pb::GetIdentityRequest>,
+    ) -> Result<Response<pb::Identity>, Status> {
+        self.call(
+            "GetIdentity",
+            request,
+            |_| None,
+            |r| async move {
+                let identity = self.admin.get_identity(r.id).await.map_err(status_of)?;
+                let usage = self
+                    .admin
+                    .identity_usage(r.id, self.now())
+                    .await
+                    .map_err(status_of)?;
+                Ok((identity_message(&identity, usage), None))
+            },
+        )
+        .await
+    }
+
+    async fn list_identities(
+        &self,
+        request: Request<pb::ListIdentitiesRequest>,
+    ) -> Result<Response<pb::ListIdentitiesResponse>, Status> {
+        self.call(
+            "ListIdentities",
+            request,
+            |_| None,
+            |r| async move {
+                let page_size = u32::try_from(r.page_size)
+                    .map_err(|_| Status::invalid_argument("page_size: must not be negative"))?;
+                let after_id = match r.page_token.as_str() {
+                    "" => 0,
+                    token => IDENTITY_PAGES.after_id(token)?,
+                };
+                let page = self
+                    .admin
+                    .list_identities(page_size, after_id)
+                    .await
+                    .map_err(status_of)?;
+                let now = self.now();
+                let mut identities = Vec::with_capacity(page.identities.len());
+                for i in &page.identities {
+                    let usage = self
+                        .admin
+                        .identity_usage(i.id, now)
+                        .await
+                        .map_err(status_of)?;
+                    identities.push(identity_message(i, usage));
+                }
+                Ok((
+                    pb::ListIdentitiesResponse {
+                        identities,
+                        next_page_token: page
+                            .next_after_id
+                            .map(|id| IDENTITY_PAGES.token(id))
+                            .unwrap_or_default(),
+                    },
+                    None,
+                ))
+            },
+        )
+        .await
+    }
+
+    async fn update_identity_limits(
+        &self,
+        request: Request<pb::UpdateIdentityLimitsRequest>,
+    ) -> Result<Response<pb::Identity>, Status> {
+        self.call(
+            "UpdateIdentityLimits",
+            request,
+            |_| None,
+            |r| async move {
+                let patch = identity_patch_from(&r)?;
+                let now = self.now();
+                let identity = self
+                    .admin
+                    .set_identity_limits(r.id, patch, now)
+                    .await
+                    .map_err(status_of)?;
+                let usage = self
+                    .admin
+                    .identity_usage(r.id, now)
+                    .await
+                    .map_err(status_of)?;
+                Ok((identity_message(&identity, usage), None))
+            },
+        )
+        .await
+    }
+
+    async fn delete_identity(
+        &self,
+        request: Request<pb::DeleteIdentityRequest>,
+    ) -> Result<Response<pb::DeleteIdentityResponse>, Status> {
+        self.call(
+            "DeleteIdentity",
+            request,
+            |_| None,
+            |r| async move {
+                self.admin
+                    .delete_identity(r.id, self.now())
+                    .await
+                    .map_err(status_of)?;
+                Ok((pb::DeleteIdentityResponse {}, None))
+            },
+        )
+        .await
+    }
 }
 
 /// An [`AdminError`] as gRPC says it. Database errors name only their kind: the database's own
 /// message may quote values.
 pub(crate) fn status_of(e: AdminError) -> Status {
     match e {
-        AdminError::NotFound(_) => Status::not_found(e.to_string()),
+        AdminError::NotFound(_) | AdminError::IdentityNotFound(_) => {
+            Status::not_found(e.to_string())
+        }
         AdminError::Invalid { .. } => Status::invalid_argument(e.to_string()),
         AdminError::Store(s) if s.is_transient() => {
             tracing::warn!(error = %s.kind(), "admin call: database unavailable");
@@ -419,8 +560,73 @@ pub(crate) fn key_message(
             .map(|o| o.prefix.clone())
             .unwrap_or_default(),
         old_key_expires_at: key.old_secret.as_ref().map(|o| timestamp(o.expires_at)),
+        identity_id: key.identity.map(|i| i.id),
     }
 }
+
+fn identity_message(identity: &Identity, usage: Usage) -> pb::Identity {
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    pb::Identity {
+        id: identity.id,
+        name: identity.name.clone(),
+        limits: Some(pb::IdentityLimits {
+            per_minute: identity.per_minute.map(count),
+            daily: identity.daily.map(count),
+            monthly: identity.monthly.map(count),
+        }),
+        created_at: Some(timestamp(identity.created_at)),
+        today: count(usage.daily),
+        this_month: count(usage.monthly),
+        total: count(usage.total),
+    }
+}
+
+/// What an UpdateIdentityLimitsRequest changes: the limits its mask names, or, without a mask,
+/// those it has.
+fn identity_patch_from(r: &pb::UpdateIdentityLimitsRequest) -> Result<IdentityLimitsPatch, Status> {
+    let limits = r.limits.unwrap_or_default();
+    let mask = r.update_mask.clone().unwrap_or_default();
+    if mask.paths.is_empty() {
+        return Ok(IdentityLimitsPatch {
+            per_minute: limit_from("limits.per_minute", limits.per_minute)?.map(Some),
+            daily: limit_from("limits.daily", limits.daily)?.map(Some),
+            monthly: limit_from("limits.monthly", limits.monthly)?.map(Some),
+        });
+    }
+    const PATHS: [&str; 4] = [
+        "limits",
+        "limits.per_minute",
+        "limits.daily",
+        "limits.monthly",
+    ];
+    let mut patch = IdentityLimitsPatch::default();
+    for path in mask.paths.iter().take(PATHS.len() + 1) {
+        if !PATHS.contains(&path.as_str()) {
+            let shown: String = path.chars().take(64).collect();
+            return Err(Status::invalid_argument(format!(
+                "update_mask: {shown:?} is not a field that can be changed (use {})",
+                PATHS.join(", ")
+            )));
+        }
+        let all = path == "limits";
+        if all || path == "limits.per_minute" {
+            patch.per_minute = Some(limit_from("limits.per_minute", limits.per_minute)?);
+        }
+        if all || path == "limits.daily" {
+            patch.daily = Some(limit_from("limits.daily", limits.daily)?);
+        }
+        if all || path == "limits.monthly" {
+            patch.monthly = Some(limit_from("limits.monthly", limits.monthly)?);
+        }
+    }
+    Ok(patch)
+}
+
+/// The filter identity page tokens are made with (never valid for a key listing).
+const IDENTITY_PAGES: PageFilter<'static> = PageFilter {
+    status: -1,
+    name_prefix: "identities",
+};
 
 fn timestamp(t: DateTime<Utc>) -> Timestamp {
     Timestamp {

@@ -201,6 +201,12 @@ impl AuthzGrpc {
         }
         fields.insert("key_id".to_string(), string_value(key.id.to_string()));
         fields.insert("key_name".to_string(), string_value(key.name.clone()));
+        if let Some(identity) = key.identity {
+            fields.insert(
+                "identity_id".to_string(),
+                string_value(identity.id.to_string()),
+            );
+        }
         fields.insert(DECISION_ID_METADATA.to_string(), string_value(decision_id));
         let metadata = Struct { fields };
         CheckResponse {

@@ -542,6 +542,7 @@ mod tests {
                 created_at: Utc::now(),
                 permissions: &[],
                 metadata: &Default::default(),
+                identity_id: None,
             })
             .await
             .unwrap();

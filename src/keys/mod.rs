@@ -127,6 +127,16 @@ pub struct Limits {
     pub refund_5xx: bool,
 }
 
+/// The identity a key belongs to, with the limits its keys share (`None` = unlimited). A key
+/// with one must fit its own limits and these.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IdentityLimits {
+    pub id: i64,
+    pub per_minute: Option<u64>,
+    pub daily: Option<u64>,
+    pub monthly: Option<u64>,
+}
+
 /// The secret a key had before its last rotation: it keeps working until `expires_at`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OldSecret {
@@ -152,6 +162,8 @@ pub struct ApiKey {
     pub permissions: Vec<String>,
     /// Fields the key carries to Envoy's dynamic metadata and, if configured, upstream headers.
     pub metadata: std::collections::BTreeMap<String, String>,
+    /// The identity whose limits the key shares, if it belongs to one.
+    pub identity: Option<IdentityLimits>,
 }
 
 impl ApiKey {
@@ -232,6 +244,7 @@ mod tests {
             by_old_secret: false,
             permissions: Vec::new(),
             metadata: Default::default(),
+            identity: None,
         };
         assert!(!key.is_expired(at - chrono::Duration::seconds(1)));
         assert!(key.is_expired(at));
@@ -254,6 +267,7 @@ mod tests {
             by_old_secret: false,
             permissions: Vec::new(),
             metadata: Default::default(),
+            identity: None,
         };
         assert!(key.secret_works(at + chrono::Duration::days(9)));
         key.by_old_secret = true;

@@ -215,25 +215,33 @@ fn hit_slot(slot: &mut Slot, rate: Rate, cost: u64, now_ms: i64) -> WindowState 
     state
 }
 
-#[async_trait]
-impl WindowLimiter for MemoryLimiter {
-    async fn hit(
+impl MemoryLimiter {
+    fn hash_of(&self, key: &str, rate: Rate) -> u64 {
+        self.hasher
+            .hash_one((key, rate.window_secs, rate.algorithm))
+    }
+
+    fn shard_index(&self, hash: u64) -> usize {
+        (hash >> 32) as usize % self.shards.len()
+    }
+
+    /// A hit on `shard`, which holds `key`'s counter (`hash` is its hash).
+    fn hit_in(
         &self,
+        shard: &mut Shard,
+        hash: u64,
         key: &str,
         rate: Rate,
         cost: u64,
-        now: DateTime<Utc>,
-    ) -> Result<WindowState, LimiterError> {
-        let now_ms = now.timestamp_millis();
+        now_ms: i64,
+    ) -> WindowState {
         let (window, alg) = (rate.window_secs, rate.algorithm);
-        let hash = self.hasher.hash_one((key, window, alg));
         let is_key = |k: &SlotKey| &*k.0 == key && k.1 == window && k.2 == alg;
-        let mut shard = self.shard(hash);
         if let RawEntryMut::Occupied(mut entry) =
             shard.slots.raw_entry_mut().from_hash(hash, is_key)
         {
             entry.to_back();
-            return Ok(hit_slot(entry.get_mut(), rate, cost, now_ms));
+            return hit_slot(entry.get_mut(), rate, cost, now_ms);
         }
         shard.make_room(now_ms, &self.metrics);
         let mut slot = fresh(alg);
@@ -242,21 +250,13 @@ impl WindowLimiter for MemoryLimiter {
             entry.insert_hashed_nocheck(hash, (key.into(), window, alg), slot);
             self.metrics.limiter_counters.add(1);
         }
-        Ok(state)
+        state
     }
 
-    async fn refund(
-        &self,
-        key: &str,
-        rate: Rate,
-        cost: u64,
-        now: DateTime<Utc>,
-    ) -> Result<(), LimiterError> {
-        let now_ms = now.timestamp_millis();
+    /// A refund on `shard`, which holds `key`'s counter.
+    fn refund_in(shard: &mut Shard, hash: u64, key: &str, rate: Rate, cost: u64, now_ms: i64) {
         let (window, alg) = (rate.window_secs, rate.algorithm);
-        let hash = self.hasher.hash_one((key, window, alg));
         let is_key = |k: &SlotKey| &*k.0 == key && k.1 == window && k.2 == alg;
-        let mut shard = self.shard(hash);
         if let RawEntryMut::Occupied(mut entry) =
             shard.slots.raw_entry_mut().from_hash(hash, is_key)
         {
@@ -271,7 +271,85 @@ impl WindowLimiter for MemoryLimiter {
                 expires_ms: expiry(&counter, rate),
             };
         }
+    }
+}
+
+#[async_trait]
+impl WindowLimiter for MemoryLimiter {
+    async fn hit(
+        &self,
+        key: &str,
+        rate: Rate,
+        cost: u64,
+        now: DateTime<Utc>,
+    ) -> Result<WindowState, LimiterError> {
+        let hash = self.hash_of(key, rate);
+        let mut shard = self.shard(hash);
+        Ok(self.hit_in(&mut shard, hash, key, rate, cost, now.timestamp_millis()))
+    }
+
+    async fn refund(
+        &self,
+        key: &str,
+        rate: Rate,
+        cost: u64,
+        now: DateTime<Utc>,
+    ) -> Result<(), LimiterError> {
+        let hash = self.hash_of(key, rate);
+        let mut shard = self.shard(hash);
+        Self::refund_in(&mut shard, hash, key, rate, cost, now.timestamp_millis());
         Ok(())
+    }
+
+    /// One step: both counters' shards are locked (the lower-numbered first, so two pairs
+    /// never wait for each other in a circle) while both are hit, and the first taken back if
+    /// the second did not fit. No other check sees the first's hit in between.
+    async fn hit_both(
+        &self,
+        first: (&str, Rate),
+        second: (&str, Rate),
+        cost: u64,
+        now: DateTime<Utc>,
+    ) -> Result<(WindowState, Option<WindowState>), LimiterError> {
+        let now_ms = now.timestamp_millis();
+        let (h1, h2) = (
+            self.hash_of(first.0, first.1),
+            self.hash_of(second.0, second.1),
+        );
+        let (i1, i2) = (self.shard_index(h1), self.shard_index(h2));
+        let lock = |i: usize| self.shards[i].lock().unwrap_or_else(|p| p.into_inner());
+        let run = |s1: &mut Shard, s2: &mut Shard| {
+            let a = self.hit_in(s1, h1, first.0, first.1, cost, now_ms);
+            if !a.allowed {
+                return (a, None);
+            }
+            let b = self.hit_in(s2, h2, second.0, second.1, cost, now_ms);
+            if !b.allowed {
+                Self::refund_in(s1, h1, first.0, first.1, cost, now_ms);
+            }
+            (a, Some(b))
+        };
+        Ok(if i1 == i2 {
+            let mut s = lock(i1);
+            let a = self.hit_in(&mut s, h1, first.0, first.1, cost, now_ms);
+            if !a.allowed {
+                (a, None)
+            } else {
+                let b = self.hit_in(&mut s, h2, second.0, second.1, cost, now_ms);
+                if !b.allowed {
+                    Self::refund_in(&mut s, h1, first.0, first.1, cost, now_ms);
+                }
+                (a, Some(b))
+            }
+        } else if i1 < i2 {
+            let mut s1 = lock(i1);
+            let mut s2 = lock(i2);
+            run(&mut s1, &mut s2)
+        } else {
+            let mut s2 = lock(i2);
+            let mut s1 = lock(i1);
+            run(&mut s1, &mut s2)
+        })
     }
 }
 

@@ -226,10 +226,60 @@ pub trait WindowLimiter: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<(), LimiterError>;
 
+    /// Hits `first`'s counter and then `second`'s with the same cost, both or neither: a key's
+    /// own per-minute window and its identity's. Returns `first`'s state and, when it fitted,
+    /// `second`'s; when `second` did not fit, `first`'s hit is taken back, so nothing is
+    /// counted unless both are.
+    ///
+    /// This default takes three steps (hit, hit, refund if refused): never more than either
+    /// limit is admitted, but a hit taken back may, for that moment, make another request of
+    /// the same counter see one fewer unit of room. The in-process limiter and a single Redis
+    /// node do it in one step (both shards' locks; one script); a Redis Cluster, whose slots
+    /// keep the two counters apart, takes the three.
+    async fn hit_both(
+        &self,
+        first: (&str, Rate),
+        second: (&str, Rate),
+        cost: u64,
+        now: DateTime<Utc>,
+    ) -> Result<(WindowState, Option<WindowState>), LimiterError> {
+        hit_both_in_steps(self, first, second, cost, now).await
+    }
+
     /// A cheap round trip to the backend, for `/readyz`. In-process counters always answer.
     async fn ping(&self) -> Result<(), LimiterError> {
         Ok(())
     }
+}
+
+/// [`WindowLimiter::hit_both`] in three steps: hit, hit, and the first taken back if the
+/// second did not fit.
+pub(crate) async fn hit_both_in_steps<L: WindowLimiter + ?Sized>(
+    limiter: &L,
+    first: (&str, Rate),
+    second: (&str, Rate),
+    cost: u64,
+    now: DateTime<Utc>,
+) -> Result<(WindowState, Option<WindowState>), LimiterError> {
+    let a = limiter.hit(first.0, first.1, cost, now).await?;
+    if !a.allowed {
+        return Ok((a, None));
+    }
+    let b = match limiter.hit(second.0, second.1, cost, now).await {
+        Ok(b) => b,
+        Err(e) => {
+            if let Err(e) = limiter.refund(first.0, first.1, cost, now).await {
+                tracing::warn!(error = %e, "rate limit refund failed");
+            }
+            return Err(e);
+        }
+    };
+    if !b.allowed
+        && let Err(e) = limiter.refund(first.0, first.1, cost, now).await
+    {
+        tracing::warn!(error = %e, "rate limit refund failed");
+    }
+    Ok((a, Some(b)))
 }
 
 /// Start (ms since the epoch) of the fixed window of `window_secs` that `now_ms` falls in.

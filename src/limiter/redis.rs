@@ -31,7 +31,7 @@ use redis::cluster_async::ClusterConnection;
 
 use super::{
     Algorithm, LimiterError, Rate, WindowLimiter, WindowState, bucket_report, fixed_report,
-    sliding_report, window_start_ms,
+    hit_both_in_steps, sliding_report, window_start_ms,
 };
 
 const FIXED_WINDOW: &str = include_str!("fixed_window.lua");
@@ -119,6 +119,34 @@ pub struct RedisLimiter {
     fixed: Script,
     sliding: Script,
     bucket: Script,
+    /// Each algorithm's script run on two counters in one step (see [`pair_script`]).
+    fixed_pair: Script,
+    sliding_pair: Script,
+    bucket_pair: Script,
+}
+
+/// The end of a pair script: `ARGV[1]` is how many arguments each counter's step takes, then
+/// the first's and the second's. The first is hit; if it fitted, the second; if that did not,
+/// the first's hit is refunded, all in one script, so no other command sees it in between.
+/// Returns `{first's reply}` or `{first's reply, second's reply}`.
+const PAIR_TAIL: &str = "
+local n = tonumber(ARGV[1])
+local a1, a2 = {}, {}
+for i = 1, n do a1[i] = ARGV[1 + i]; a2[i] = ARGV[1 + n + i] end
+local r1 = step({KEYS[1]}, a1)
+if tonumber(r1[1]) == 0 then return {r1} end
+local r2 = step({KEYS[2]}, a2)
+if tonumber(r2[1]) == 0 then
+  a1[1] = 'refund'
+  step({KEYS[1]}, a1)
+end
+return {r1, r2}
+";
+
+/// An algorithm's script as a function `step(KEYS, ARGV)`, run on two counters by
+/// [`PAIR_TAIL`] (a key's own per-minute window and its identity's).
+fn pair_script(step: &str) -> String {
+    format!("local function step(KEYS, ARGV)\n{step}\nend\n{PAIR_TAIL}")
 }
 
 impl std::fmt::Debug for RedisLimiter {
@@ -170,6 +198,9 @@ impl RedisLimiter {
             fixed: Script::new(FIXED_WINDOW),
             sliding: Script::new(SLIDING_WINDOW),
             bucket: Script::new(TOKEN_BUCKET),
+            fixed_pair: Script::new(&pair_script(FIXED_WINDOW)),
+            sliding_pair: Script::new(&pair_script(SLIDING_WINDOW)),
+            bucket_pair: Script::new(&pair_script(TOKEN_BUCKET)),
         })
     }
 
@@ -226,6 +257,59 @@ impl RedisLimiter {
         }
     }
 
+    /// The arguments of `rate`'s script after the operation, in order.
+    fn args(rate: Rate, cost: u64, now_ms: i64) -> Vec<i64> {
+        let (limit, cost) = (rate.limit as i64, cost.min(i64::MAX as u64) as i64);
+        match rate.algorithm {
+            Algorithm::FixedWindow => {
+                let end = window_start_ms(now_ms, rate.window_secs) + rate.window_ms();
+                vec![limit, cost, end - now_ms + EXPIRY_GRACE_MS]
+            }
+            _ => vec![limit, cost, rate.window_ms(), now_ms, EXPIRY_GRACE_MS],
+        }
+    }
+
+    /// Runs the pair script of the rates' algorithm on both counters, within the timeout.
+    async fn run_pair(
+        &self,
+        first: (&str, Rate),
+        second: (&str, Rate),
+        cost: u64,
+        now_ms: i64,
+    ) -> Result<Vec<Vec<i64>>, LimiterError> {
+        let mut call = match first.1.algorithm {
+            Algorithm::FixedWindow => self.fixed_pair.prepare_invoke(),
+            Algorithm::SlidingWindow => self.sliding_pair.prepare_invoke(),
+            Algorithm::TokenBucket => self.bucket_pair.prepare_invoke(),
+        };
+        call.key(self.redis_key(first.0, first.1, now_ms))
+            .key(self.redis_key(second.0, second.1, now_ms));
+        let (a1, a2) = (
+            Self::args(first.1, cost, now_ms),
+            Self::args(second.1, cost, now_ms),
+        );
+        call.arg(a1.len() + 1).arg("hit");
+        for a in &a1 {
+            call.arg(*a);
+        }
+        call.arg("hit");
+        for a in &a2 {
+            call.arg(*a);
+        }
+        let conn = self.conn.clone();
+        let answer = async move {
+            match conn {
+                Conn::Node(mut c) => call.invoke_async::<Vec<Vec<i64>>>(&mut c).await,
+                Conn::Cluster(mut c) => call.invoke_async::<Vec<Vec<i64>>>(&mut c).await,
+            }
+        };
+        match tokio::time::timeout(self.timeout, answer).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(classify(&e)),
+            Err(_) => Err(self.timed_out()),
+        }
+    }
+
     fn timed_out(&self) -> LimiterError {
         LimiterError::Unavailable(format!("no answer from Redis within {:?}", self.timeout))
     }
@@ -256,6 +340,19 @@ fn classify(e: &redis::RedisError) -> LimiterError {
     } else {
         LimiterError::Backend(e.to_string())
     }
+}
+
+/// What a script's reply `v` for one hit says.
+fn report(v: &[i64], rate: Rate, cost: u64, now_ms: i64) -> Result<WindowState, LimiterError> {
+    let allowed = field(v, 0)? == 1;
+    Ok(match rate.algorithm {
+        Algorithm::FixedWindow => fixed_report(allowed, field(v, 1)?, rate, now_ms),
+        Algorithm::SlidingWindow => {
+            let elapsed = field(v, 3)? as i64;
+            sliding_report(allowed, field(v, 1)?, field(v, 2)?, elapsed, rate, cost)
+        }
+        Algorithm::TokenBucket => bucket_report(allowed, field(v, 1)?, rate, cost),
+    })
 }
 
 fn field(v: &[i64], i: usize) -> Result<u64, LimiterError> {
@@ -291,15 +388,32 @@ impl WindowLimiter for RedisLimiter {
     ) -> Result<WindowState, LimiterError> {
         let now_ms = now.timestamp_millis();
         let v = self.run("hit", key, rate, cost, now_ms).await?;
-        let allowed = field(&v, 0)? == 1;
-        Ok(match rate.algorithm {
-            Algorithm::FixedWindow => fixed_report(allowed, field(&v, 1)?, rate, now_ms),
-            Algorithm::SlidingWindow => {
-                let elapsed = field(&v, 3)? as i64;
-                sliding_report(allowed, field(&v, 1)?, field(&v, 2)?, elapsed, rate, cost)
-            }
-            Algorithm::TokenBucket => bucket_report(allowed, field(&v, 1)?, rate, cost),
-        })
+        report(&v, rate, cost, now_ms)
+    }
+
+    /// One script on a single node (both counters' keys in one step). A Redis Cluster keeps
+    /// the two counters in different slots, which one script cannot touch: there, the
+    /// trait's hit, hit, take back.
+    async fn hit_both(
+        &self,
+        first: (&str, Rate),
+        second: (&str, Rate),
+        cost: u64,
+        now: DateTime<Utc>,
+    ) -> Result<(WindowState, Option<WindowState>), LimiterError> {
+        if matches!(self.conn, Conn::Cluster(_)) || first.1.algorithm != second.1.algorithm {
+            return hit_both_in_steps(self, first, second, cost, now).await;
+        }
+        let now_ms = now.timestamp_millis();
+        let v = self.run_pair(first, second, cost, now_ms).await?;
+        let bad = || LimiterError::Backend(format!("unexpected pair script reply {v:?}"));
+        let a = report(v.first().ok_or_else(bad)?, first.1, cost, now_ms)?;
+        let b = match v.get(1) {
+            Some(r) => Some(report(r, second.1, cost, now_ms)?),
+            None if !a.allowed => None,
+            None => return Err(bad()),
+        };
+        Ok((a, b))
     }
 
     async fn refund(

@@ -22,11 +22,58 @@ use crate::failure::{FailurePolicies, LogEvery, Verdict};
 use crate::keys::cache::KeyCache;
 use crate::limiter::{Algorithm, Rate, WindowLimiter};
 use crate::reqlog::RequestLog;
-use crate::store::{LogApi, LogRow};
+use crate::store::{IdentityStore, LogApi, LogRow};
 use crate::telemetry::Metrics;
 
 /// The descriptor entry that names an API key (tollgate's ext_authz `key_id` metadata).
 pub const API_KEY_ENTRY: &str = "api_key_id";
+/// The descriptor entry that names an identity: a descriptor of just this entry is counted
+/// against the identity's per-minute limit, in the window Check hits for its keys.
+pub const IDENTITY_ENTRY: &str = "identity_id";
+
+/// Identities' per-minute limits as ShouldRateLimit reads them: from the database, each kept
+/// for at most [`IDENTITY_TTL`] (so a change reaches every replica within a second), and at
+/// most [`MAX_IDENTITIES`] of them.
+pub struct IdentityLimits {
+    store: Arc<dyn IdentityStore>,
+    cached: std::sync::Mutex<std::collections::HashMap<i64, (std::time::Instant, Option<u64>)>>,
+}
+
+const IDENTITY_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+const MAX_IDENTITIES: usize = 4096;
+
+impl IdentityLimits {
+    pub fn new(store: Arc<dyn IdentityStore>) -> Self {
+        IdentityLimits {
+            store,
+            cached: Default::default(),
+        }
+    }
+
+    /// The identity's per-minute limit (`None`: no such identity, or unlimited).
+    async fn per_minute(&self, id: i64) -> Result<Option<u64>, crate::store::StoreError> {
+        let now = std::time::Instant::now();
+        if let Some((at, v)) = self.cached.lock().expect("identity cache").get(&id)
+            && now.duration_since(*at) < IDENTITY_TTL
+        {
+            return Ok(*v);
+        }
+        let v = self
+            .store
+            .get_identity(id)
+            .await?
+            .and_then(|i| i.per_minute);
+        let mut cached = self.cached.lock().expect("identity cache");
+        if cached.len() >= MAX_IDENTITIES {
+            cached.retain(|_, (at, _)| now.duration_since(*at) < IDENTITY_TTL);
+            if cached.len() >= MAX_IDENTITIES {
+                cached.clear();
+            }
+        }
+        cached.insert(id, (now, v));
+        Ok(v)
+    }
+}
 
 /// One descriptor of a request.
 #[derive(Debug, Clone, Default)]
@@ -121,6 +168,8 @@ enum Plan {
 pub struct RateLimitDeps {
     pub limiter: Arc<dyn WindowLimiter>,
     pub keys: Arc<KeyCache>,
+    /// For descriptors that name an identity.
+    pub identities: IdentityLimits,
     pub log: RequestLog,
     pub clock: Arc<dyn Clock>,
     pub metrics: Arc<Metrics>,
@@ -424,6 +473,41 @@ impl RateLimitService {
                     requests_per_unit: per_minute,
                     unit: Unit::Minute,
                     name: Some("per_minute".into()),
+                },
+                shadow: false,
+                replaces: Vec::new(),
+                rule: None,
+            });
+        }
+        // A descriptor that is just an identity: its shared per-minute limit, counted in the
+        // window Check hits for every key of the identity.
+        if let [(IDENTITY_ENTRY, id)] = d.entries.as_slice()
+            && let Ok(id) = id.parse::<i64>()
+        {
+            let per_minute = match self.deps.identities.per_minute(id).await {
+                Ok(v) => v,
+                Err(e) => {
+                    return match self
+                        .deps
+                        .failures
+                        .database
+                        .on_error("descriptor identity lookup", &e)
+                    {
+                        Verdict::Closed => Err(Unavailable(e.to_string())),
+                        Verdict::Open => Ok(Plan::NoLimit),
+                    };
+                }
+            };
+            let Some(per_minute) = per_minute else {
+                return Ok(Plan::NoLimit);
+            };
+            return Ok(Plan::Count {
+                counter_key: crate::authz::identity_window_key(id),
+                rate: Rate::new(per_minute, 60, self.key_algorithm),
+                limit: AppliedLimit {
+                    requests_per_unit: per_minute,
+                    unit: Unit::Minute,
+                    name: Some("identity_per_minute".into()),
                 },
                 shadow: false,
                 replaces: Vec::new(),

@@ -18,7 +18,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
-use super::{Quota, QuotaOutcome, QuotaStore, Spend, StoreError, Usage};
+use super::{Quota, QuotaOutcome, QuotaStore, SharedOutcome, Spend, StoreError, Usage};
 use crate::config::{QuotaConfig, QuotaMode};
 
 /// Block size for counting keys without quotas.
@@ -99,6 +99,25 @@ impl QuotaStore for QuotaCounter {
 
     async fn usage(&self, key_id: i64, now: DateTime<Utc>) -> Result<Usage, StoreError> {
         self.db.usage(key_id, now).await
+    }
+
+    /// Always exact, whatever `quota.mode` says: the identity's counters are shared by keys
+    /// that may be on any replica, so they are never reserved in blocks.
+    async fn consume_shared(
+        &self,
+        spend: Spend,
+        quota: Quota,
+        identity: Quota,
+    ) -> Result<SharedOutcome, StoreError> {
+        self.db.consume_shared(spend, quota, identity).await
+    }
+
+    async fn identity_usage(
+        &self,
+        identity_id: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Usage, StoreError> {
+        self.db.identity_usage(identity_id, now).await
     }
 }
 
@@ -210,6 +229,7 @@ impl QuotaStore for BatchedQuota {
             key_id,
             units: cost,
             at: now,
+            identity_id: _,
         } = spend;
         let slot = self.slot(key_id);
         let mut s = slot.lock().await;

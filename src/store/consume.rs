@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot};
 
 use super::StoreError;
-use super::quota::{Quota, QuotaOutcome, Spend, count_i64, refusal};
+use super::quota::{Quota, QuotaOutcome, SharedOutcome, Spend, count_i64, refusal};
 
 /// Most give-backs waiting for their statement; past it, units of unanswered requests stay
 /// spent (and say so in the log), rather than memory growing while the database is away.
@@ -32,6 +32,9 @@ pub(crate) struct PendingConsume {
     pub quota: Quota,
     pub cost: i64,
     pub now: DateTime<Utc>,
+    /// For a key of an identity: the identity and its limits. Such a request is never run in
+    /// a batch with others (see `consume_shared`).
+    pub identity: Option<(i64, Quota)>,
     pub reply: oneshot::Sender<Result<Answered, StoreError>>,
 }
 
@@ -39,6 +42,8 @@ pub(crate) struct PendingConsume {
 #[derive(Debug)]
 pub(crate) struct Answered {
     pub outcome: QuotaOutcome,
+    /// For a request with an identity: what the identity's counters said.
+    identity_outcome: Option<QuotaOutcome>,
     /// What an admission spent; given back unless the caller takes it.
     charge: Option<Charge>,
 }
@@ -55,6 +60,7 @@ impl PendingConsume {
             quota,
             cost: count_i64(spend.units),
             now: spend.at,
+            identity: None,
             reply,
         };
         (pending, answer)
@@ -82,6 +88,33 @@ impl PendingConsume {
         Ok(answered.outcome)
     }
 
+    /// Queues a request for a key of an identity (see [`PendingConsume::queue`]).
+    pub(crate) async fn queue_shared(
+        queue: &mpsc::Sender<PendingConsume>,
+        spend: Spend,
+        quota: Quota,
+        identity: Quota,
+    ) -> Result<SharedOutcome, StoreError> {
+        let identity_id = spend.identity_id.ok_or_else(|| StoreError::Corrupt {
+            table: "identity_usage",
+            detail: "a shared spend without an identity".into(),
+        })?;
+        let (mut pending, answer) = PendingConsume::new(spend, quota);
+        pending.identity = Some((identity_id, identity));
+        queue
+            .send(pending)
+            .await
+            .map_err(|_| StoreError::closed())?;
+        let answered = answer.await.map_err(|_| StoreError::closed())??;
+        if let Some(charge) = answered.charge {
+            charge.keep();
+        }
+        Ok(SharedOutcome {
+            key: answered.outcome,
+            identity: answered.identity_outcome.unwrap_or(answered.outcome),
+        })
+    }
+
     /// Whether the caller stopped waiting: a writer skips such a request instead of running it.
     pub(crate) fn is_abandoned(&self) -> bool {
         self.reply.is_closed()
@@ -89,7 +122,11 @@ impl PendingConsume {
 
     /// The spend this request asks for.
     fn spend(&self) -> Spend {
-        Spend::new(self.key_id, self.cost.max(0) as u64, self.now)
+        let spend = Spend::new(self.key_id, self.cost.max(0) as u64, self.now);
+        match self.identity {
+            Some((identity_id, _)) => spend.with_identity(identity_id),
+            None => spend,
+        }
     }
 }
 
@@ -239,10 +276,12 @@ pub(crate) fn answer_batch(batch: Vec<PendingConsume>, rows: &[BatchRow], give_b
         let answered = match answer {
             Some(outcome @ QuotaOutcome::Admitted { .. }) => Ok(Answered {
                 outcome,
+                identity_outcome: None,
                 charge: give_backs.charge(&p),
             }),
             Some(outcome) => Ok(Answered {
                 outcome,
+                identity_outcome: None,
                 charge: None,
             }),
             None => Err(StoreError::Corrupt {
@@ -256,6 +295,70 @@ pub(crate) fn answer_batch(batch: Vec<PendingConsume>, rows: &[BatchRow], give_b
         // Nobody listening: the answer, and with it the charge, is dropped and given back.
         p.reply.send(answered).ok();
     }
+}
+
+/// The row a shared spend's statement returns: whether it spent, and the key's and the
+/// identity's counters (after the increment when it spent, as they count now when not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, sqlx::FromRow)]
+pub(crate) struct SharedRow {
+    pub admitted: bool,
+    pub daily: i64,
+    pub monthly: i64,
+    pub identity_daily: i64,
+    pub identity_monthly: i64,
+}
+
+/// Answers a request for a key of an identity from its statement's row. No row (the key or
+/// the identity has no usage row), or a refusal the counters do not explain, is an error.
+pub(crate) fn answer_shared(p: PendingConsume, row: Option<SharedRow>, give_backs: &GiveBacks) {
+    let cost = p.cost.max(0) as u64;
+    let identity_quota = p.identity.map(|(_, q)| q).unwrap_or_default();
+    let answered = match row {
+        Some(r) => {
+            let (d, m) = (r.daily.max(0) as u64, r.monthly.max(0) as u64);
+            let (id, im) = (
+                r.identity_daily.max(0) as u64,
+                r.identity_monthly.max(0) as u64,
+            );
+            let key_room = QuotaOutcome::Admitted {
+                daily: d,
+                monthly: m,
+            };
+            let identity_room = QuotaOutcome::Admitted {
+                daily: id,
+                monthly: im,
+            };
+            if r.admitted {
+                Some((key_room, identity_room, give_backs.charge(&p)))
+            } else {
+                let key = refusal(p.quota, cost, d, m);
+                let identity = refusal(identity_quota, cost, id, im);
+                (key.is_some() || identity.is_some()).then(|| {
+                    (
+                        key.unwrap_or(key_room),
+                        identity.unwrap_or(identity_room),
+                        None,
+                    )
+                })
+            }
+        }
+        None => None,
+    };
+    let answered = match answered {
+        Some((outcome, identity, charge)) => Ok(Answered {
+            outcome,
+            identity_outcome: Some(identity),
+            charge,
+        }),
+        None => Err(StoreError::Corrupt {
+            table: "identity_usage",
+            detail: format!(
+                "shared quota update for key {} neither admitted nor refused (no usage row?)",
+                p.key_id
+            ),
+        }),
+    };
+    p.reply.send(answered).ok();
 }
 
 /// Sends every request of `batch` the same error.

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::StoreError;
 use std::collections::BTreeMap;
 
-use crate::keys::{ApiKey, KeyHash, KeyStatus, Limits, NewKey, OldSecret};
+use crate::keys::{ApiKey, IdentityLimits, KeyHash, KeyStatus, Limits, NewKey, OldSecret};
 
 /// What [`KeyStore::watch_changes`] reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -111,6 +111,8 @@ pub struct KeyRecord<'a> {
     /// Empty: every route.
     pub permissions: &'a [String],
     pub metadata: &'a BTreeMap<String, String>,
+    /// The identity the key belongs to, if any.
+    pub identity_id: Option<i64>,
 }
 
 /// A rotation: the key's new secret, and until when the one it replaces keeps working.
@@ -173,7 +175,10 @@ pub trait KeyStore: Send + Sync + 'static {
 macro_rules! key_columns {
     () => {
         "id, name, prefix, status, expires_at, per_minute, daily_limit, monthly_limit, refund_5xx, \
-         old_prefix, old_key_expires_at, permissions, metadata"
+         old_prefix, old_key_expires_at, permissions, metadata, identity_id, \
+         (SELECT i.per_minute FROM identities i WHERE i.id = api_keys.identity_id) AS identity_per_minute, \
+         (SELECT i.daily_limit FROM identities i WHERE i.id = api_keys.identity_id) AS identity_daily, \
+         (SELECT i.monthly_limit FROM identities i WHERE i.id = api_keys.identity_id) AS identity_monthly"
     };
 }
 pub(crate) use key_columns;
@@ -195,6 +200,10 @@ pub(crate) struct KeyRow {
     old_key_expires_at: Option<DateTime<Utc>>,
     permissions: Option<String>,
     metadata: Option<String>,
+    identity_id: Option<i64>,
+    identity_per_minute: Option<i64>,
+    identity_daily: Option<i64>,
+    identity_monthly: Option<i64>,
     /// Only lookups by hash select it: whether the hash was the old secret's.
     #[sqlx(default)]
     by_old: bool,
@@ -240,6 +249,12 @@ impl TryFrom<KeyRow> for ApiKey {
             by_old_secret: row.by_old,
             permissions,
             metadata,
+            identity: row.identity_id.map(|id| IdentityLimits {
+                id,
+                per_minute: limit(row.identity_per_minute),
+                daily: limit(row.identity_daily),
+                monthly: limit(row.identity_monthly),
+            }),
         })
     }
 }

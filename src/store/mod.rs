@@ -14,6 +14,7 @@
 
 pub mod batched;
 pub(crate) mod consume;
+pub mod identities;
 pub mod keys;
 pub mod log;
 pub(crate) mod postgres;
@@ -24,6 +25,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+pub use identities::{Identity, IdentityLimitsPatch, IdentityStore};
 pub use keys::{
     KeyChange, KeyQuery, KeyRecord, KeyStore, KeyUpdate, LimitsPatch, Rotation, StatusFilter,
 };
@@ -32,7 +34,7 @@ pub use log::{
     UsageSummary,
 };
 pub use postgres::LISTEN_PING_SQL;
-pub use quota::{Quota, QuotaOutcome, QuotaStore, Spend, Usage};
+pub use quota::{Quota, QuotaOutcome, QuotaStore, SharedOutcome, Spend, Usage};
 
 use crate::config::DatabaseConfig;
 
@@ -195,7 +197,7 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
 
 /// One database: all three seams, and its pools to close.
 #[async_trait]
-pub(crate) trait Database: KeyStore + QuotaStore + RequestLogStore {
+pub(crate) trait Database: KeyStore + IdentityStore + QuotaStore + RequestLogStore {
     /// Closes the connection pools; in-flight statements finish first.
     async fn close(&self);
 }
@@ -204,6 +206,7 @@ pub(crate) trait Database: KeyStore + QuotaStore + RequestLogStore {
 #[derive(Clone)]
 pub struct Stores {
     pub keys: Arc<dyn KeyStore>,
+    pub identities: Arc<dyn IdentityStore>,
     pub quotas: Arc<dyn QuotaStore>,
     pub log: Arc<dyn RequestLogStore>,
     db: Arc<dyn Database>,
@@ -219,6 +222,7 @@ impl Stores {
     fn new(db: Arc<dyn Database>) -> Self {
         Stores {
             keys: db.clone(),
+            identities: db.clone(),
             quotas: db.clone(),
             log: db.clone(),
             db,

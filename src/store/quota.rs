@@ -27,11 +27,44 @@ pub struct Spend {
     pub key_id: i64,
     pub units: u64,
     pub at: DateTime<Utc>,
+    /// The identity whose shared counters the units are spent from too (see
+    /// [`QuotaStore::consume_shared`]); a give-back gives them back to both.
+    pub identity_id: Option<i64>,
 }
 
 impl Spend {
     pub fn new(key_id: i64, units: u64, at: DateTime<Utc>) -> Self {
-        Spend { key_id, units, at }
+        Spend {
+            key_id,
+            units,
+            at,
+            identity_id: None,
+        }
+    }
+
+    /// The same spend, from the key's counters and identity `identity_id`'s.
+    pub fn with_identity(self, identity_id: i64) -> Self {
+        Spend {
+            identity_id: Some(identity_id),
+            ..self
+        }
+    }
+}
+
+/// The answer of [`QuotaStore::consume_shared`]: what the key's counters and the identity's
+/// said. Admitted: both are [`QuotaOutcome::Admitted`], with the counters after the increment.
+/// Refused: nothing was spent; the one whose limit had no room is an `…Exceeded` (possibly both),
+/// the other an `Admitted` with its counters as they are (it had room).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SharedOutcome {
+    pub key: QuotaOutcome,
+    pub identity: QuotaOutcome,
+}
+
+impl SharedOutcome {
+    pub fn admitted(&self) -> bool {
+        matches!(self.key, QuotaOutcome::Admitted { .. })
+            && matches!(self.identity, QuotaOutcome::Admitted { .. })
     }
 }
 
@@ -81,6 +114,34 @@ pub trait QuotaStore: Send + Sync + 'static {
 
     /// The key's counters as they stand at `now` (zero for a key without any).
     async fn usage(&self, key_id: i64, now: DateTime<Utc>) -> Result<Usage, StoreError>;
+
+    /// For a key that belongs to an identity (`spend.identity_id`): adds the units to the key's
+    /// counters and the identity's if, and only if, they fit in both, under `quota` (the key's)
+    /// and `identity` (the identity's); both or neither, in one atomic step. On PostgreSQL the
+    /// identity's usage row is locked before the key's, in every statement that locks both, so
+    /// replicas never deadlock.
+    async fn consume_shared(
+        &self,
+        spend: Spend,
+        quota: Quota,
+        identity: Quota,
+    ) -> Result<SharedOutcome, StoreError> {
+        let _ = (spend, quota, identity);
+        Err(StoreError::Corrupt {
+            table: "identity_usage",
+            detail: "this quota store does not count identities".into(),
+        })
+    }
+
+    /// An identity's shared counters as they stand at `now`.
+    async fn identity_usage(
+        &self,
+        identity_id: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Usage, StoreError> {
+        let _ = (identity_id, now);
+        Ok(Usage::default())
+    }
 }
 
 /// Which limit refused a request of `cost`, given the counters as they were; `None` if both had

@@ -156,8 +156,9 @@ impl KeyStore for PgStore {
         let (key, limits) = (record.key, record.limits);
         let row: KeyRow = sqlx::query_as(concat!(
             "INSERT INTO api_keys (name, prefix, key_hash, expires_at, per_minute, daily_limit, \
-               monthly_limit, created_at, updated_at, refund_5xx, permissions, metadata) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, $11) RETURNING ",
+               monthly_limit, created_at, updated_at, refund_5xx, permissions, metadata, \
+               identity_id) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8, $9, $10, $11, $12) RETURNING ",
             key_columns!()
         ))
         .bind(record.name)
@@ -171,6 +172,7 @@ impl KeyStore for PgStore {
         .bind(limits.refund_5xx)
         .bind(permissions_text(record.permissions))
         .bind(metadata_text(record.metadata))
+        .bind(record.identity_id)
         .fetch_one(&self.pool)
         .await?;
         row.try_into()

@@ -132,6 +132,10 @@ impl PgStore {
     }
 }
 
+/// A row `complete` finished: decision id, whether it was refunded, and for a refunded row of a
+/// key of an identity, the identity; its time and cost.
+type CompletedRow = (String, bool, Option<i64>, DateTime<Utc>, i64);
+
 #[async_trait]
 impl RequestLogStore for PgStore {
     async fn maintain(
@@ -175,7 +179,7 @@ impl RequestLogStore for PgStore {
         // to the counters of the day and month it was spent in. RETURNING says which decision
         // ids found their row, and whether it was refunded. A row joined to several outcomes
         // is still updated once.
-        let done: Vec<(String, bool)> = sqlx::query_as(
+        let done: Vec<CompletedRow> = sqlx::query_as(
             "WITH done AS ( \
                UPDATE api_requests_log l SET response_status = o.status, duration_ms = o.ms, \
                  bytes_received = o.rx, bytes_sent = o.tx, \
@@ -203,7 +207,9 @@ impl RequestLogStore for PgStore {
                FROM back b WHERE u.api_key_id = b.api_key_id \
                RETURNING 1 \
              ) \
-             SELECT decision_id, refunded FROM done",
+             SELECT d.decision_id, d.refunded, \
+               CASE WHEN d.refunded THEN (SELECT k.identity_id FROM api_keys k \
+                 WHERE k.id = d.api_key_id) END AS identity_id, d.ts, d.cost FROM done d",
         )
         .bind(ids)
         .bind(status)
@@ -212,9 +218,31 @@ impl RequestLogStore for PgStore {
         .bind(tx)
         .fetch_all(&self.pool)
         .await?;
-        let refunded = done.iter().filter(|(_, r)| *r).count() as u64;
-        let mut found: std::collections::HashSet<String> =
-            done.into_iter().map(|(id, _)| id).collect();
+        let refunded = done.iter().filter(|d| d.1).count() as u64;
+        // A refunded request of a key of an identity goes back to the identity's counters too:
+        // a statement of its own, after the keys' (each locks one table's rows, so neither
+        // waits for the other in a circle with a Check's shared statement).
+        for (_, _, identity_id, ts, cost) in &done {
+            if let Some(identity_id) = identity_id {
+                let (day, month) = super::day_and_month(*ts);
+                sqlx::query(
+                    "UPDATE identity_usage SET \
+                       daily_requests = CASE WHEN day = $2 THEN greatest(daily_requests - $4, 0) \
+                         ELSE daily_requests END, \
+                       monthly_requests = CASE WHEN month = $3 \
+                         THEN greatest(monthly_requests - $4, 0) ELSE monthly_requests END, \
+                       total_requests = greatest(total_requests - $4, 0), updated_at = now() \
+                     WHERE identity_id = $1",
+                )
+                .bind(identity_id)
+                .bind(day)
+                .bind(month)
+                .bind(cost)
+                .execute(&self.pool)
+                .await?;
+            }
+        }
+        let mut found: std::collections::HashSet<String> = done.into_iter().map(|d| d.0).collect();
         // `remove`: of several outcomes with one id, only the first completed the row.
         Ok((
             outcomes

@@ -8,6 +8,7 @@
 
 mod keys;
 pub use keys::LISTEN_PING_SQL;
+mod identities;
 mod log;
 pub(crate) mod quota;
 

@@ -19,10 +19,12 @@ use sqlx::postgres::PgPool;
 use tokio::sync::{Semaphore, mpsc};
 
 use super::{PgStore, day_and_month};
-use crate::store::consume::{BatchRow, GiveBacks, PendingConsume, answer_batch, fail_batch};
+use crate::store::consume::{
+    BatchRow, GiveBacks, PendingConsume, SharedRow, answer_batch, answer_shared, fail_batch,
+};
 use crate::store::keys::opt_i64;
 use crate::store::quota::{count_i64, daily_now, monthly_now};
-use crate::store::{Quota, QuotaOutcome, QuotaStore, Spend, StoreError, Usage};
+use crate::store::{Quota, QuotaOutcome, QuotaStore, SharedOutcome, Spend, StoreError, Usage};
 
 /// Most quota requests, for different keys, in one statement.
 const MAX_CONSUME_BATCH: usize = 64;
@@ -83,6 +85,59 @@ pub const SPEND_ONE_SQL: &str = concat!(
        u.monthly_requests AS monthly"
 );
 
+/// The statement that checks and spends the quota of a key that belongs to an identity: both
+/// usage rows, both or neither, in one statement. Parameters: key id, day, month, cost, the
+/// key's daily and monthly limits, identity id, the identity's daily and monthly limits (NULL =
+/// unlimited).
+///
+/// Lock order: the identity's row first (`iu`), then the key's (`ku`, whose locking join needs
+/// `iu` evaluated before it emits, and so locks, the key's row). Every statement that locks
+/// both rows takes them in this order (the give-back too), and a statement for a key alone
+/// takes only the key's, so replicas never deadlock. Requests of an identity are never batched
+/// with others: each is one statement, waiting for the identity's row lock in turn.
+pub const SHARED_SQL: &str = concat!(
+    "WITH iu AS MATERIALIZED ( \
+       SELECT i.identity_id, ",
+    daily_now!("i", "$2"),
+    " AS daily, ",
+    monthly_now!("i", "$3"),
+    " AS monthly FROM identity_usage i WHERE i.identity_id = $7 FOR UPDATE \
+     ), ku AS MATERIALIZED ( \
+       SELECT u.api_key_id, ",
+    daily_now!("u", "$2"),
+    " AS daily, ",
+    monthly_now!("u", "$3"),
+    " AS monthly, iu.daily AS identity_daily, iu.monthly AS identity_monthly \
+       FROM api_usage u CROSS JOIN iu WHERE u.api_key_id = $1 FOR UPDATE OF u \
+     ), ok AS MATERIALIZED ( \
+       SELECT ku.*, \
+         ($5::bigint IS NULL OR ku.daily + $4 <= $5) \
+         AND ($6::bigint IS NULL OR ku.monthly + $4 <= $6) \
+         AND ($8::bigint IS NULL OR ku.identity_daily + $4 <= $8) \
+         AND ($9::bigint IS NULL OR ku.identity_monthly + $4 <= $9) AS fits \
+       FROM ku \
+     ), si AS ( \
+       UPDATE identity_usage i SET daily_requests = ok.identity_daily + $4, \
+         monthly_requests = ok.identity_monthly + $4, total_requests = i.total_requests + $4, \
+         day = greatest(i.day, $2), month = greatest(i.month, $3), updated_at = now() \
+       FROM ok WHERE i.identity_id = $7 AND ok.fits RETURNING i.identity_id \
+     ), sk AS ( \
+       UPDATE api_usage u SET daily_requests = ok.daily + $4, \
+         monthly_requests = ok.monthly + $4, total_requests = u.total_requests + $4, \
+         day = greatest(u.day, $2), month = greatest(u.month, $3), updated_at = now() \
+       FROM ok WHERE u.api_key_id = $1 AND ok.fits RETURNING u.api_key_id \
+     ) \
+     SELECT ok.fits AND (SELECT count(*) FROM si) = 1 AND (SELECT count(*) FROM sk) = 1 \
+         AS admitted, \
+       CASE WHEN ok.fits THEN ok.daily + $4 ELSE ok.daily END AS daily, \
+       CASE WHEN ok.fits THEN ok.monthly + $4 ELSE ok.monthly END AS monthly, \
+       CASE WHEN ok.fits THEN ok.identity_daily + $4 ELSE ok.identity_daily END \
+         AS identity_daily, \
+       CASE WHEN ok.fits THEN ok.identity_monthly + $4 ELSE ok.identity_monthly END \
+         AS identity_monthly \
+     FROM ok"
+);
+
 /// Starts the writer that takes queued quota requests and runs them, up to `in_flight`
 /// statements at a time; returns its queue, and where it gives back what it spent for requests
 /// nobody waits for any more. The writer ends when every sender is gone.
@@ -128,12 +183,21 @@ async fn dispatch(
         let mut batch = Vec::with_capacity(pending.len().min(MAX_CONSUME_BATCH));
         let mut keys = HashSet::new();
         let mut rest = Vec::new();
+        // A request of an identity runs alone, as its own statement (SHARED_SQL).
+        let mut shared = false;
         for p in pending.drain(..) {
             if p.is_abandoned() {
                 // Its check gave up waiting (a deadline, a cancel): it is not run at all.
                 continue;
             }
-            if batch.len() < MAX_CONSUME_BATCH && keys.insert(p.key_id) {
+            if p.identity.is_some() {
+                if batch.is_empty() {
+                    shared = true;
+                    batch.push(p);
+                } else {
+                    rest.push(p);
+                }
+            } else if !shared && batch.len() < MAX_CONSUME_BATCH && keys.insert(p.key_id) {
                 batch.push(p);
             } else {
                 rest.push(p);
@@ -158,7 +222,21 @@ async fn dispatch(
 /// request. When the server refused the statement, nothing was changed: each request then runs
 /// alone, so one that fails says why and the others are not refused with it. Returns how many
 /// ran alone.
-async fn consume_batch(pool: &PgPool, batch: Vec<PendingConsume>, give_backs: &GiveBacks) -> usize {
+async fn consume_batch(
+    pool: &PgPool,
+    mut batch: Vec<PendingConsume>,
+    give_backs: &GiveBacks,
+) -> usize {
+    if let [one] = batch.as_slice()
+        && one.identity.is_some()
+    {
+        let p = batch.pop().expect("one request");
+        match spend_shared(pool, &p).await {
+            Ok(row) => answer_shared(p, row, give_backs),
+            Err(e) => fail_batch(vec![p], &e.into()),
+        }
+        return 0;
+    }
     if let [one] = batch.as_slice() {
         match spend_one(pool, one).await {
             Ok(Some(row)) => {
@@ -199,6 +277,24 @@ async fn consume_batch(pool: &PgPool, batch: Vec<PendingConsume>, give_backs: &G
             0
         }
     }
+}
+
+/// [`SHARED_SQL`] for one request of an identity.
+async fn spend_shared(pool: &PgPool, p: &PendingConsume) -> Result<Option<SharedRow>, sqlx::Error> {
+    let (day, month) = day_and_month(p.now);
+    let (identity_id, identity) = p.identity.unwrap_or_default();
+    sqlx::query_as(SHARED_SQL)
+        .bind(p.key_id)
+        .bind(day)
+        .bind(month)
+        .bind(p.cost)
+        .bind(opt_i64(p.quota.daily))
+        .bind(opt_i64(p.quota.monthly))
+        .bind(identity_id)
+        .bind(opt_i64(identity.daily))
+        .bind(opt_i64(identity.monthly))
+        .fetch_optional(pool)
+        .await
 }
 
 /// [`SPEND_ONE_SQL`] for one request: its admission, if it was admitted.
@@ -253,6 +349,38 @@ async fn run(pool: &PgPool, batch: &[PendingConsume]) -> Result<Vec<BatchRow>, s
 /// Takes `spent` back off its key's counters (see [`QuotaStore::give_back`]).
 async fn give_back(pool: &PgPool, spent: Spend) -> Result<(), StoreError> {
     let (day, month) = day_and_month(spent.at);
+    let Some(identity_id) = spent.identity_id else {
+        give_back_key(pool, spent, day, month).await?;
+        return Ok(());
+    };
+    // The identity's row first, then the key's (the lock order of SHARED_SQL).
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "UPDATE identity_usage SET \
+           daily_requests = CASE WHEN day = $2 THEN greatest(daily_requests - $4, 0) \
+             ELSE daily_requests END, \
+           monthly_requests = CASE WHEN month = $3 THEN greatest(monthly_requests - $4, 0) \
+             ELSE monthly_requests END, \
+           total_requests = greatest(total_requests - $4, 0), updated_at = now() \
+         WHERE identity_id = $1",
+    )
+    .bind(identity_id)
+    .bind(day)
+    .bind(month)
+    .bind(count_i64(spent.units))
+    .execute(&mut *tx)
+    .await?;
+    give_back_key(&mut *tx, spent, day, month).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn give_back_key<'e, E: sqlx::PgExecutor<'e>>(
+    executor: E,
+    spent: Spend,
+    day: chrono::NaiveDate,
+    month: chrono::NaiveDate,
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "UPDATE api_usage SET \
            daily_requests = CASE WHEN day = $2 THEN greatest(daily_requests - $4, 0) \
@@ -266,7 +394,7 @@ async fn give_back(pool: &PgPool, spent: Spend) -> Result<(), StoreError> {
     .bind(day)
     .bind(month)
     .bind(count_i64(spent.units))
-    .execute(pool)
+    .execute(executor)
     .await?;
     Ok(())
 }
@@ -293,6 +421,36 @@ impl QuotaStore for PgStore {
             ", u.total_requests FROM api_usage u WHERE u.api_key_id = $1"
         ))
         .bind(key_id)
+        .bind(day)
+        .bind(month)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(Usage::from_counts).unwrap_or_default())
+    }
+
+    async fn consume_shared(
+        &self,
+        spend: Spend,
+        quota: Quota,
+        identity: Quota,
+    ) -> Result<SharedOutcome, StoreError> {
+        PendingConsume::queue_shared(&self.consumes, spend, quota, identity).await
+    }
+
+    async fn identity_usage(
+        &self,
+        identity_id: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Usage, StoreError> {
+        let (day, month) = day_and_month(now);
+        let row: Option<(i64, i64, i64)> = sqlx::query_as(concat!(
+            "SELECT ",
+            daily_now!("u", "$2"),
+            ", ",
+            monthly_now!("u", "$3"),
+            ", u.total_requests FROM identity_usage u WHERE u.identity_id = $1"
+        ))
+        .bind(identity_id)
         .bind(day)
         .bind(month)
         .fetch_optional(&self.pool)

@@ -110,10 +110,10 @@ impl KeyStore for SqliteStore {
         let row: KeyRow = sqlx::query_as(concat!(
             "INSERT INTO api_keys (name, prefix, key_hash, status, expires_at, per_minute, \
                daily_limit, monthly_limit, created_at, updated_at, change_seq, refund_5xx, \
-               permissions, metadata) \
+               permissions, metadata, identity_id) \
              VALUES (?1, ?2, ?3, 'active', ?4, ?5, ?6, ?7, ?8, ?8, ",
             next_change_seq!(),
-            ", ?9, ?10, ?11) RETURNING ",
+            ", ?9, ?10, ?11, ?12) RETURNING ",
             key_columns!()
         ))
         .bind(record.name)
@@ -127,6 +127,7 @@ impl KeyStore for SqliteStore {
         .bind(limits.refund_5xx)
         .bind(permissions_text(record.permissions))
         .bind(metadata_text(record.metadata))
+        .bind(record.identity_id)
         .fetch_one(&self.write)
         .await?;
         row.try_into()

@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::Row;
 
-use super::quota::GIVE_BACK_SQL;
+use super::quota::{GIVE_BACK_KEYS_IDENTITY_SQL, GIVE_BACK_SQL};
 use super::{SqliteStore, ts_text};
 use crate::store::log::retention_cutoff;
 use crate::store::quota::count_i64;
@@ -76,13 +76,15 @@ impl RequestLogStore for SqliteStore {
                 // Give the cost back to the counters of the day and month it was spent in (the
                 // first ten characters of the time are its day, the first seven its month).
                 let ts: String = row.try_get("ts")?;
-                sqlx::query(GIVE_BACK_SQL)
-                    .bind(row.try_get::<Option<i64>, _>("api_key_id")?)
-                    .bind(ts.get(..10))
-                    .bind(ts.get(..7))
-                    .bind(row.try_get::<i64, _>("cost")?)
-                    .execute(&mut *tx)
-                    .await?;
+                for sql in [GIVE_BACK_SQL, GIVE_BACK_KEYS_IDENTITY_SQL] {
+                    sqlx::query(sql)
+                        .bind(row.try_get::<Option<i64>, _>("api_key_id")?)
+                        .bind(ts.get(..10))
+                        .bind(ts.get(..7))
+                        .bind(row.try_get::<i64, _>("cost")?)
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 refunded += 1;
             }
         }

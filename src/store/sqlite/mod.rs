@@ -10,6 +10,7 @@
 //! - `quota.rs`: the quota writer, which runs every request waiting at once in one transaction;
 //! - `log.rs`: the request log and its retention.
 
+mod identities;
 mod keys;
 mod log;
 pub(crate) mod quota;

@@ -17,10 +17,12 @@ use tokio::sync::mpsc;
 
 use super::{SqliteStore, ts_text};
 use crate::clock::{day_label, month_label};
-use crate::store::consume::{BatchRow, GiveBacks, PendingConsume, answer_batch, fail_batch};
+use crate::store::consume::{
+    BatchRow, GiveBacks, PendingConsume, SharedRow, answer_batch, answer_shared, fail_batch,
+};
 use crate::store::keys::opt_i64;
 use crate::store::quota::{count_i64, daily_now, monthly_now};
-use crate::store::{Quota, QuotaOutcome, QuotaStore, Spend, StoreError, Usage};
+use crate::store::{Quota, QuotaOutcome, QuotaStore, SharedOutcome, Spend, StoreError, Usage};
 
 /// Quota requests run together, in one transaction, per trip to the writer. Batches are padded
 /// up to a power of two, so the writer caches 7 statements, not 64.
@@ -126,6 +128,24 @@ pub(super) const GIVE_BACK_SQL: &str = "UPDATE api_usage SET \
          ELSE monthly_requests END, \
        total_requests = max(total_requests - ?4, 0) \
      WHERE api_key_id = ?1";
+
+/// [`GIVE_BACK_SQL`] for an identity's counters. Parameters: identity id, day, month, units.
+const GIVE_BACK_IDENTITY_SQL: &str = "UPDATE identity_usage SET \
+       daily_requests = CASE WHEN day = ?2 THEN max(daily_requests - ?4, 0) \
+         ELSE daily_requests END, \
+       monthly_requests = CASE WHEN month = ?3 THEN max(monthly_requests - ?4, 0) \
+         ELSE monthly_requests END, \
+       total_requests = max(total_requests - ?4, 0) \
+     WHERE identity_id = ?1";
+
+/// [`GIVE_BACK_IDENTITY_SQL`] for the identity of key `?1`, if it has one (a refund).
+pub(super) const GIVE_BACK_KEYS_IDENTITY_SQL: &str = "UPDATE identity_usage SET \
+       daily_requests = CASE WHEN day = ?2 THEN max(daily_requests - ?4, 0) \
+         ELSE daily_requests END, \
+       monthly_requests = CASE WHEN month = ?3 THEN max(monthly_requests - ?4, 0) \
+         ELSE monthly_requests END, \
+       total_requests = max(total_requests - ?4, 0) \
+     WHERE identity_id = (SELECT identity_id FROM api_keys WHERE id = ?1)";
 
 /// Starts the quota writer on the write pool; returns its queue, and where it gives back what it
 /// spent for requests nobody waits for any more. The writer ends when every sender is gone.
@@ -252,6 +272,117 @@ async fn consume_batch(
     batch: Vec<PendingConsume>,
     give_backs: &GiveBacks,
 ) -> bool {
+    // Requests of identities run after the others, each in a transaction of its own.
+    let (shared, batch): (Vec<_>, Vec<_>) = batch.into_iter().partition(|p| p.identity.is_some());
+    let mut ok = consume_keys(conn, batch, give_backs).await;
+    for p in shared {
+        if p.is_abandoned() {
+            continue;
+        }
+        match spend_shared(conn, &p).await {
+            Ok(row) => answer_shared(p, row, give_backs),
+            Err(e) => {
+                sqlx::query("ROLLBACK").execute(&mut *conn).await.ok();
+                fail_batch(vec![p], &e.into());
+                ok = false;
+            }
+        }
+    }
+    ok
+}
+
+/// The counters of a key and of its identity as they count on a day and month. Parameters:
+/// key id, day, month, identity id.
+const SHARED_READ_SQL: &str = concat!(
+    "SELECT ",
+    daily_now!("u", "?2"),
+    " AS daily, ",
+    monthly_now!("u", "?3"),
+    " AS monthly, ",
+    daily_now!("i", "?2"),
+    " AS identity_daily, ",
+    monthly_now!("i", "?3"),
+    " AS identity_monthly FROM api_usage u, identity_usage i \
+     WHERE u.api_key_id = ?1 AND i.identity_id = ?4"
+);
+
+/// Spends on one of a key's or identity's usage rows: the counters read, plus the cost.
+/// Parameters: id, daily, monthly, cost, day, month, now.
+const SHARED_SPEND_KEY_SQL: &str = "UPDATE api_usage SET daily_requests = ?2 + ?4, \
+       monthly_requests = ?3 + ?4, total_requests = total_requests + ?4, \
+       day = max(day, ?5), month = max(month, ?6), updated_at = ?7 WHERE api_key_id = ?1";
+const SHARED_SPEND_IDENTITY_SQL: &str = "UPDATE identity_usage SET daily_requests = ?2 + ?4, \
+       monthly_requests = ?3 + ?4, total_requests = total_requests + ?4, \
+       day = max(day, ?5), month = max(month, ?6), updated_at = ?7 WHERE identity_id = ?1";
+
+/// A request of a key that belongs to an identity: one `BEGIN IMMEDIATE` transaction (SQLite's
+/// one writer holds the database's write lock from its start) reads both rows' counters,
+/// decides, and spends on both or neither.
+async fn spend_shared(
+    conn: &mut SqliteConnection,
+    p: &PendingConsume,
+) -> Result<Option<SharedRow>, sqlx::Error> {
+    let (day, month, now) = (day_label(p.now), month_label(p.now), ts_text(p.now));
+    let (identity_id, identity) = p.identity.unwrap_or_default();
+    sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
+    let counts: Option<(i64, i64, i64, i64)> = sqlx::query_as(SHARED_READ_SQL)
+        .bind(p.key_id)
+        .bind(&day)
+        .bind(&month)
+        .bind(identity_id)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some((daily, monthly, identity_daily, identity_monthly)) = counts else {
+        sqlx::query("ROLLBACK").execute(&mut *conn).await?;
+        return Ok(None);
+    };
+    let cost = p.cost.max(0);
+    let fits = |used: i64, limit: Option<u64>| {
+        limit.is_none_or(|l| used.saturating_add(cost) <= opt_i64(Some(l)).unwrap_or(i64::MAX))
+    };
+    let admitted = fits(daily, p.quota.daily)
+        && fits(monthly, p.quota.monthly)
+        && fits(identity_daily, identity.daily)
+        && fits(identity_monthly, identity.monthly);
+    if admitted {
+        for (sql, id, d, m) in [
+            (
+                SHARED_SPEND_IDENTITY_SQL,
+                identity_id,
+                identity_daily,
+                identity_monthly,
+            ),
+            (SHARED_SPEND_KEY_SQL, p.key_id, daily, monthly),
+        ] {
+            sqlx::query(sql)
+                .bind(id)
+                .bind(d)
+                .bind(m)
+                .bind(cost)
+                .bind(&day)
+                .bind(&month)
+                .bind(&now)
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
+    sqlx::query("COMMIT").execute(&mut *conn).await?;
+    let after = |v: i64| if admitted { v + cost } else { v };
+    Ok(Some(SharedRow {
+        admitted,
+        daily: after(daily),
+        monthly: after(monthly),
+        identity_daily: after(identity_daily),
+        identity_monthly: after(identity_monthly),
+    }))
+}
+
+/// Requests of keys without an identity, as one transaction (see [`consume_batch`]).
+async fn consume_keys(
+    conn: &mut SqliteConnection,
+    batch: Vec<PendingConsume>,
+    give_backs: &GiveBacks,
+) -> bool {
     if batch.is_empty() {
         return true;
     }
@@ -283,13 +414,24 @@ async fn consume_batch(
 
 /// Takes `spent` back off its key's counters (see [`QuotaStore::give_back`]).
 async fn give_back(write: &SqlitePool, spent: Spend) -> Result<(), StoreError> {
+    let mut tx = write.begin().await?;
+    if let Some(identity_id) = spent.identity_id {
+        sqlx::query(GIVE_BACK_IDENTITY_SQL)
+            .bind(identity_id)
+            .bind(day_label(spent.at))
+            .bind(month_label(spent.at))
+            .bind(count_i64(spent.units))
+            .execute(&mut *tx)
+            .await?;
+    }
     sqlx::query(GIVE_BACK_SQL)
         .bind(spent.key_id)
         .bind(day_label(spent.at))
         .bind(month_label(spent.at))
         .bind(count_i64(spent.units))
-        .execute(write)
+        .execute(&mut *tx)
         .await?;
+    tx.commit().await?;
     Ok(())
 }
 
@@ -314,6 +456,35 @@ impl QuotaStore for SqliteStore {
             ", u.total_requests FROM api_usage u WHERE u.api_key_id = ?1"
         ))
         .bind(key_id)
+        .bind(day_label(now))
+        .bind(month_label(now))
+        .fetch_optional(&self.read)
+        .await?;
+        Ok(row.map(Usage::from_counts).unwrap_or_default())
+    }
+
+    async fn consume_shared(
+        &self,
+        spend: Spend,
+        quota: Quota,
+        identity: Quota,
+    ) -> Result<SharedOutcome, StoreError> {
+        PendingConsume::queue_shared(&self.consumes, spend, quota, identity).await
+    }
+
+    async fn identity_usage(
+        &self,
+        identity_id: i64,
+        now: DateTime<Utc>,
+    ) -> Result<Usage, StoreError> {
+        let row: Option<(i64, i64, i64)> = sqlx::query_as(concat!(
+            "SELECT ",
+            daily_now!("u", "?2"),
+            ", ",
+            monthly_now!("u", "?3"),
+            ", u.total_requests FROM identity_usage u WHERE u.identity_id = ?1"
+        ))
+        .bind(identity_id)
         .bind(day_label(now))
         .bind(month_label(now))
         .fetch_optional(&self.read)
@@ -345,6 +516,7 @@ mod tests {
                 created_at: now,
                 permissions: &[],
                 metadata: &Default::default(),
+                identity_id: None,
             };
             ids.push(store.create(&record).await.unwrap().id);
         }

@@ -130,6 +130,7 @@ impl Tollgate {
                 created_at: self.clock_now(),
                 permissions: &[],
                 metadata: &Default::default(),
+                identity_id: None,
             })
             .await
             .unwrap();
