@@ -575,6 +575,48 @@ fn the_mtls_config_is_the_plaintext_one_with_tls_to_tollgate() {
     assert_eq!(mtls, plaintext);
 }
 
+/// Keys of one identity share its daily limit through real Envoy: what one key spends, the other
+/// cannot, and the refusal names the identity's limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_of_one_identity_share_its_daily_limit_through_envoy() {
+    let tg = Tollgate::start().await;
+    let envoy = Envoy::start("ext_authz.yaml", tg.grpc).await;
+    let out = tg.cli(&[
+        "identities",
+        "create",
+        "--name",
+        "acme",
+        "--daily",
+        "3",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{out:?}");
+    let identity: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let identity_id = identity["id"].to_string();
+    let create = |name: &str| {
+        harness::cli::cli_create_key(
+            tg.dir.path(),
+            &tg.db_url,
+            &["--name", name, "--identity", &identity_id],
+        )
+        .0
+    };
+    let (a, b) = (create("a"), create("b"));
+    for key in [&a, &b, &a] {
+        let r = get_path(&envoy, "/v1/things", key).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    for key in [&a, &b] {
+        let r = get_path(&envoy, "/v1/things", key).await;
+        assert_eq!(r.status, 429, "{}", r.body);
+        let body = r.json();
+        assert_eq!(body["error"], "daily_quota_exceeded");
+        assert_eq!(body["limit_scope"], "identity");
+        assert!(r.header("retry-after").is_some());
+    }
+    tg.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_route_needing_a_permission_and_key_metadata_sent_upstream() {
     let tg = Tollgate::start_with(|c| c.authz.metadata_headers = vec!["plan".into()]).await;
