@@ -399,6 +399,41 @@ async fn give_back_key<'e, E: sqlx::PgExecutor<'e>>(
     Ok(())
 }
 
+/// SQL: the counters of the usage row `$1` in `$table` (keyed by `$column`) as they count on
+/// day `$2` and month `$3`.
+macro_rules! usage_sql {
+    ($table:literal, $column:literal) => {
+        concat!(
+            "SELECT ",
+            daily_now!("u", "$2"),
+            ", ",
+            monthly_now!("u", "$3"),
+            ", u.total_requests FROM ",
+            $table,
+            " u WHERE u.",
+            $column,
+            " = $1"
+        )
+    };
+}
+
+/// Runs a [`usage_sql!`] statement for row `id` as of `now` (zero for a row that is missing).
+async fn counters(
+    pool: &PgPool,
+    sql: &'static str,
+    id: i64,
+    now: DateTime<Utc>,
+) -> Result<Usage, StoreError> {
+    let (day, month) = day_and_month(now);
+    let row: Option<(i64, i64, i64)> = sqlx::query_as(sql)
+        .bind(id)
+        .bind(day)
+        .bind(month)
+        .fetch_optional(pool)
+        .await?;
+    Ok(row.map(Usage::from_counts).unwrap_or_default())
+}
+
 #[async_trait]
 impl QuotaStore for PgStore {
     /// Queues the request for the writer, which runs the requests waiting at one moment for
@@ -412,20 +447,13 @@ impl QuotaStore for PgStore {
     }
 
     async fn usage(&self, key_id: i64, now: DateTime<Utc>) -> Result<Usage, StoreError> {
-        let (day, month) = day_and_month(now);
-        let row: Option<(i64, i64, i64)> = sqlx::query_as(concat!(
-            "SELECT ",
-            daily_now!("u", "$2"),
-            ", ",
-            monthly_now!("u", "$3"),
-            ", u.total_requests FROM api_usage u WHERE u.api_key_id = $1"
-        ))
-        .bind(key_id)
-        .bind(day)
-        .bind(month)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(Usage::from_counts).unwrap_or_default())
+        counters(
+            &self.pool,
+            usage_sql!("api_usage", "api_key_id"),
+            key_id,
+            now,
+        )
+        .await
     }
 
     async fn consume_shared(
@@ -442,19 +470,12 @@ impl QuotaStore for PgStore {
         identity_id: i64,
         now: DateTime<Utc>,
     ) -> Result<Usage, StoreError> {
-        let (day, month) = day_and_month(now);
-        let row: Option<(i64, i64, i64)> = sqlx::query_as(concat!(
-            "SELECT ",
-            daily_now!("u", "$2"),
-            ", ",
-            monthly_now!("u", "$3"),
-            ", u.total_requests FROM identity_usage u WHERE u.identity_id = $1"
-        ))
-        .bind(identity_id)
-        .bind(day)
-        .bind(month)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(row.map(Usage::from_counts).unwrap_or_default())
+        counters(
+            &self.pool,
+            usage_sql!("identity_usage", "identity_id"),
+            identity_id,
+            now,
+        )
+        .await
     }
 }

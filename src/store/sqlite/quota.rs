@@ -435,6 +435,40 @@ async fn give_back(write: &SqlitePool, spent: Spend) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// SQL: the counters of the usage row `?1` in `$table` (keyed by `$column`) as they count on
+/// day `?2` and month `?3`.
+macro_rules! usage_sql {
+    ($table:literal, $column:literal) => {
+        concat!(
+            "SELECT ",
+            daily_now!("u", "?2"),
+            ", ",
+            monthly_now!("u", "?3"),
+            ", u.total_requests FROM ",
+            $table,
+            " u WHERE u.",
+            $column,
+            " = ?1"
+        )
+    };
+}
+
+/// Runs a [`usage_sql!`] statement for row `id` as of `now` (zero for a row that is missing).
+async fn counters(
+    read: &SqlitePool,
+    sql: &'static str,
+    id: i64,
+    now: DateTime<Utc>,
+) -> Result<Usage, StoreError> {
+    let row: Option<(i64, i64, i64)> = sqlx::query_as(sql)
+        .bind(id)
+        .bind(day_label(now))
+        .bind(month_label(now))
+        .fetch_optional(read)
+        .await?;
+    Ok(row.map(Usage::from_counts).unwrap_or_default())
+}
+
 #[async_trait]
 impl QuotaStore for SqliteStore {
     /// Queues the request for the writer task, which runs every request waiting at the time in
@@ -448,19 +482,13 @@ impl QuotaStore for SqliteStore {
     }
 
     async fn usage(&self, key_id: i64, now: DateTime<Utc>) -> Result<Usage, StoreError> {
-        let row: Option<(i64, i64, i64)> = sqlx::query_as(concat!(
-            "SELECT ",
-            daily_now!("u", "?2"),
-            ", ",
-            monthly_now!("u", "?3"),
-            ", u.total_requests FROM api_usage u WHERE u.api_key_id = ?1"
-        ))
-        .bind(key_id)
-        .bind(day_label(now))
-        .bind(month_label(now))
-        .fetch_optional(&self.read)
-        .await?;
-        Ok(row.map(Usage::from_counts).unwrap_or_default())
+        counters(
+            &self.read,
+            usage_sql!("api_usage", "api_key_id"),
+            key_id,
+            now,
+        )
+        .await
     }
 
     async fn consume_shared(
@@ -477,19 +505,13 @@ impl QuotaStore for SqliteStore {
         identity_id: i64,
         now: DateTime<Utc>,
     ) -> Result<Usage, StoreError> {
-        let row: Option<(i64, i64, i64)> = sqlx::query_as(concat!(
-            "SELECT ",
-            daily_now!("u", "?2"),
-            ", ",
-            monthly_now!("u", "?3"),
-            ", u.total_requests FROM identity_usage u WHERE u.identity_id = ?1"
-        ))
-        .bind(identity_id)
-        .bind(day_label(now))
-        .bind(month_label(now))
-        .fetch_optional(&self.read)
-        .await?;
-        Ok(row.map(Usage::from_counts).unwrap_or_default())
+        counters(
+            &self.read,
+            usage_sql!("identity_usage", "identity_id"),
+            identity_id,
+            now,
+        )
+        .await
     }
 }
 
