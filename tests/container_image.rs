@@ -258,6 +258,28 @@ async fn serve_starts_and_answers_as_the_image_user_with_only_its_data_volume_wr
         "this test needs root, to make a mount namespace and drop to the image's user"
     );
     let data = tempfile::tempdir().unwrap();
+    // The binary and the config file as the image holds them: readable by its user wherever
+    // this checkout is (a clean clone may sit in a directory only root can enter).
+    let image = tempfile::tempdir().unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let set = |path: &std::path::Path, mode| {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        set(image.path(), 0o755);
+        std::fs::copy(
+            env!("CARGO_BIN_EXE_tollgate"),
+            image.path().join("tollgate"),
+        )
+        .unwrap();
+        set(&image.path().join("tollgate"), 0o755);
+        std::fs::copy(
+            repo().join("docker/tollgate.yaml"),
+            image.path().join("tollgate.yaml"),
+        )
+        .unwrap();
+        set(&image.path().join("tollgate.yaml"), 0o644);
+    }
     let (grpc, http) = (free_port(), free_port());
     let script = r#"
         set -e
@@ -290,8 +312,8 @@ async fn serve_starts_and_answers_as_the_image_user_with_only_its_data_volume_wr
         .env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         .env("DATA", data.path())
-        .env("BIN", env!("CARGO_BIN_EXE_tollgate"))
-        .env("TOLLGATE_CONFIG", repo().join("docker/tollgate.yaml"))
+        .env("BIN", image.path().join("tollgate"))
+        .env("TOLLGATE_CONFIG", image.path().join("tollgate.yaml"))
         // The image's file, on ports free here and with the volume where this test mounted it.
         .env("TOLLGATE_GRPC_ADDR", format!("127.0.0.1:{grpc}"))
         .env("TOLLGATE_HTTP_ADDR", format!("127.0.0.1:{http}"))
