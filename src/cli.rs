@@ -351,6 +351,9 @@ pub enum KeysCommand {
     },
     /// List all keys.
     List {
+        /// Only the keys of this identity.
+        #[arg(long, value_name = "ID")]
+        identity: Option<i64>,
         #[arg(long)]
         json: bool,
     },
@@ -390,6 +393,29 @@ pub enum KeysCommand {
         #[arg(value_name = "JSON", value_parser = parse_metadata)]
         metadata: Metadata,
     },
+    /// Move a key to an identity, whose limits it then shares, or out of its identity ("none").
+    /// What it spent before stays counted in the identity it spent it in.
+    SetIdentity {
+        id: i64,
+        #[arg(value_name = "IDENTITY_ID|none", value_parser = parse_identity)]
+        identity: IdentityChoice,
+    },
+}
+
+/// An identity named on the command line, or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IdentityChoice(pub Option<i64>);
+
+fn parse_identity(s: &str) -> Result<IdentityChoice, String> {
+    match s.trim() {
+        "none" => Ok(IdentityChoice(None)),
+        n => n
+            .parse::<i64>()
+            .ok()
+            .filter(|id| *id > 0)
+            .map(|id| IdentityChoice(Some(id)))
+            .ok_or_else(|| format!("{s:?} is not an identity id (a positive number) or none")),
+    }
 }
 
 /// Permissions given on the command line (checked by [`KeyAdmin`]).
@@ -533,10 +559,15 @@ pub async fn run_keys(
                 )
             }
         }
-        KeysCommand::List { json } => {
+        KeysCommand::List { identity, json } => {
+            if let Some(id) = identity {
+                // An unknown id is a mistake, not an identity without keys.
+                admin.get_identity(id).await?;
+            }
             let mut all = Vec::new();
             let mut listing = KeyListing {
                 page_size: crate::admin::service::MAX_PAGE_SIZE,
+                identity_id: identity,
                 ..Default::default()
             };
             loop {
@@ -550,6 +581,8 @@ pub async fn run_keys(
             if json {
                 let v: Vec<_> = all.iter().map(|k| key_json(k, default_pm)).collect();
                 format!("{}\n", serde_json::Value::from(v))
+            } else if let (Some(id), true) = (identity, all.is_empty()) {
+                format!("Identity {id} has no keys.\n")
             } else {
                 list_text(&all, default_pm)
             }
@@ -638,6 +671,19 @@ pub async fn run_keys(
                 .await?;
             format!("Updated API key {id}.\nMetadata: {}\n", metadata_text(&key))
         }
+        KeysCommand::SetIdentity { id, identity } => {
+            let key = admin
+                .update(
+                    id,
+                    KeyUpdate {
+                        identity_id: Some(identity.0),
+                        ..Default::default()
+                    },
+                    now,
+                )
+                .await?;
+            format!("Updated API key {id}.\nIdentity: {}.\n", identity_of(&key))
+        }
     })
 }
 
@@ -651,6 +697,13 @@ fn permissions_text(key: &ApiKey) -> String {
     } else {
         format!("Permissions: {}.", key.permissions.join(", "))
     }
+}
+
+/// The key's identity as `keys show` and `keys list` print it.
+fn identity_of(key: &ApiKey) -> String {
+    key.identity
+        .map(|i| i.id.to_string())
+        .unwrap_or_else(|| "none".into())
 }
 
 fn metadata_text(key: &ApiKey) -> String {
@@ -716,7 +769,7 @@ fn show_text(key: &ApiKey, usage: Usage, default_pm: Option<u64>) -> String {
     format!(
         "id:          {}\nname:        {}\nprefix:      {}…\nstatus:      {}\nexpires:     {}\n\
          per minute:  {}\ndaily:       {} of {}\nmonthly:     {} of {}\ntotal:       {}\n\
-         permissions: {}\nmetadata:    {}\n{}",
+         identity:    {}\npermissions: {}\nmetadata:    {}\n{}",
         key.id,
         key.name,
         key.prefix,
@@ -728,6 +781,7 @@ fn show_text(key: &ApiKey, usage: Usage, default_pm: Option<u64>) -> String {
         usage.monthly,
         limit_text(key.limits.monthly),
         usage.total,
+        identity_of(key),
         if key.permissions.is_empty() {
             "every route".to_string()
         } else {
@@ -750,12 +804,12 @@ fn list_text(all: &[ApiKey], default_pm: Option<u64>) -> String {
         return "No API keys yet: create one with `tollgate keys create --name NAME`.\n".into();
     }
     let mut out = format!(
-        "{:>6}  {:<20}  {:<12}  {:<8}  {:>14}  {:>10}  {:>10}  {}\n",
-        "ID", "NAME", "PREFIX", "STATUS", "PER MINUTE", "DAILY", "MONTHLY", "EXPIRES"
+        "{:>6}  {:<20}  {:<12}  {:<8}  {:>14}  {:>10}  {:>10}  {:>8}  {}\n",
+        "ID", "NAME", "PREFIX", "STATUS", "PER MINUTE", "DAILY", "MONTHLY", "IDENTITY", "EXPIRES"
     );
     for k in all {
         out.push_str(&format!(
-            "{:>6}  {:<20}  {:<12}  {:<8}  {:>14}  {:>10}  {:>10}  {}\n",
+            "{:>6}  {:<20}  {:<12}  {:<8}  {:>14}  {:>10}  {:>10}  {:>8}  {}\n",
             k.id,
             k.name,
             k.prefix,
@@ -763,6 +817,7 @@ fn list_text(all: &[ApiKey], default_pm: Option<u64>) -> String {
             per_minute_text(k, default_pm),
             limit_text(k.limits.daily),
             limit_text(k.limits.monthly),
+            identity_of(k),
             k.expires_at
                 .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
                 .unwrap_or_else(|| "never".into()),
@@ -834,6 +889,9 @@ mod tests {
             &["tollgate", "keys", "show", "3", "--json"],
             &["tollgate", "keys", "revoke", "3"],
             &["tollgate", "keys", "set-limits", "3", "--monthly", "9"],
+            &["tollgate", "keys", "list", "--identity", "2"],
+            &["tollgate", "keys", "set-identity", "3", "2"],
+            &["tollgate", "keys", "set-identity", "3", "none"],
             &["tollgate", "usage"],
             &[
                 "tollgate", "usage", "--key", "3", "--days", "30", "--top", "5", "--json",
@@ -850,6 +908,9 @@ mod tests {
             Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
         }
         assert!(Cli::try_parse_from(["tollgate", "keys", "create"]).is_err());
+        for bad in ["0", "-1", "x", ""] {
+            assert!(Cli::try_parse_from(["tollgate", "keys", "set-identity", "3", bad]).is_err());
+        }
         assert!(Cli::try_parse_from(["tollgate", "usage", "--days", "0"]).is_err());
         assert!(Cli::try_parse_from(["tollgate", "usage", "--since", "yesterday"]).is_err());
         assert!(

@@ -636,7 +636,102 @@ async fn rest_permissions_metadata_and_rotation(db: Db) {
     tg.stop().await;
 }
 
+/// A key moved between identities with UpdateKey's `identityId` (and out of them with the mask
+/// alone) spends the new identity's limits within a second; ListKeys filters by identity, and a
+/// page token belongs to its identity filter.
+async fn rest_a_key_moves_between_identities(db: Db) {
+    let (tg, rest) = start(db).await;
+    let identity = |daily: &'static str| {
+        let rest = &rest;
+        async move {
+            let a = rest
+                .call(
+                    "POST",
+                    "/v1/identities",
+                    Some(json!({"name": "i", "limits": {"daily": daily}})),
+                )
+                .await;
+            assert_eq!(a.status, 200, "{}", a.text);
+            a.body["id"].as_str().unwrap().to_string()
+        }
+    };
+    let (a, b) = (identity("1").await, identity("1000").await);
+    let (secret, key_id, _) = create(&rest, json!({"name": "mover", "identityId": a})).await;
+    let (_, stayer, _) = create(&rest, json!({"name": "stayer", "identityId": b})).await;
+    assert_eq!(check_code(&tg, &secret).await, 0);
+    assert_eq!(check_code(&tg, &secret).await, 8);
+    let patch = |body: Value| {
+        let rest = &rest;
+        let path = format!("/v1/keys/{key_id}");
+        async move { rest.call("PATCH", &path, Some(body)).await }
+    };
+    let moved = patch(json!({"identityId": b})).await;
+    assert_eq!(moved.status, 200, "{}", moved.text);
+    assert_eq!(moved.body["identityId"], b);
+    check_becomes(&tg, &secret, 0).await;
+    let ids = |a: &harness::admin::Answer| -> Vec<String> {
+        assert_eq!(a.status, 200, "{}", a.text);
+        a.body["keys"]
+            .as_array()
+            .map(|keys| {
+                keys.iter()
+                    .map(|k| k["id"].as_str().unwrap().to_string())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let of_b = rest
+        .call("GET", &format!("/v1/keys?identityId={b}"), None)
+        .await;
+    assert_eq!(ids(&of_b), vec![key_id.clone(), stayer.clone()]);
+    let of_a = rest
+        .call("GET", &format!("/v1/keys?identityId={a}"), None)
+        .await;
+    assert!(ids(&of_a).is_empty(), "{}", of_a.text);
+    // A page of one of b's keys, and a token that belongs to that filter only.
+    let first = rest
+        .call("GET", &format!("/v1/keys?identityId={b}&pageSize=1"), None)
+        .await;
+    assert_eq!(ids(&first), vec![key_id.clone()]);
+    let token = first.body["nextPageToken"].as_str().unwrap().to_string();
+    let next = rest
+        .call(
+            "GET",
+            &format!("/v1/keys?identityId={b}&pageSize=1&pageToken={token}"),
+            None,
+        )
+        .await;
+    assert_eq!(ids(&next), vec![stayer.clone()]);
+    let mixed = rest
+        .call(
+            "GET",
+            &format!("/v1/keys?pageSize=1&pageToken={token}"),
+            None,
+        )
+        .await;
+    assert_problem(&mixed, 400, "invalid_argument");
+    // Back into a, whose day is spent; then out of every identity with the mask alone.
+    assert_eq!(patch(json!({"identityId": a})).await.status, 200);
+    check_becomes(&tg, &secret, 8).await;
+    let left = patch(json!({"updateMask": "identityId"})).await;
+    assert_eq!(left.status, 200, "{}", left.text);
+    assert!(left.body.get("identityId").is_none(), "{}", left.text);
+    check_becomes(&tg, &secret, 0).await;
+    // An identity that does not exist: refused, and the key is unchanged.
+    let bad = patch(json!({"identityId": "999999", "name": "renamed"})).await;
+    assert_problem(&bad, 400, "invalid_argument");
+    assert!(bad.text.contains("identity_id"), "{}", bad.text);
+    let got = rest.call("GET", &format!("/v1/keys/{key_id}"), None).await;
+    assert_eq!(got.body["name"], "mover");
+    assert!(got.body.get("identityId").is_none(), "{}", got.text);
+    // a still counts the one request spent in it.
+    let got = rest.call("GET", &format!("/v1/identities/{a}"), None).await;
+    assert_eq!(got.body["today"], "1", "{}", got.text);
+    tg.stop().await;
+}
+
 every_database!(
+    rest_a_key_moves_between_identities,
     rest_identities_share_limits_with_their_keys,
     rest_permissions_metadata_and_rotation,
     rest_create_get_and_use_a_key,

@@ -419,7 +419,101 @@ async fn metadata_reaches_dynamic_metadata_and_configured_upstream_headers(db: D
     tg.stop().await;
 }
 
+/// A key moved between identities with `keys set-identity`: running servers spend the new
+/// identity's limits within a second; what it spent stays where it was spent; `keys list
+/// --identity` and `keys show` say which identity a key is in.
+async fn a_key_moves_between_identities_and_spends_the_new_ones_limits(db: Db) {
+    let tg = Tollgate::on(db).await;
+    let identity = |name: &str, daily: &str| -> i64 {
+        let out = cli_ok(
+            &tg,
+            &[
+                "identities",
+                "create",
+                "--name",
+                name,
+                "--daily",
+                daily,
+                "--json",
+            ],
+        );
+        json(&out)["id"].as_i64().unwrap()
+    };
+    let (a, b) = (identity("acme", "1"), identity("bigco", "1000"));
+    let (a_arg, b_arg) = (a.to_string(), b.to_string());
+    let (key, id) = cli_create_key(
+        tg.dir.path(),
+        &tg.db_url,
+        &["--name", "mover", "--identity", &a_arg],
+    );
+    let (_, other) = cli_create_key(
+        tg.dir.path(),
+        &tg.db_url,
+        &["--name", "stayer", "--identity", &b_arg],
+    );
+    let id_arg = id.to_string();
+    let mut c = tg.client().await;
+    let check = || key_header(&key);
+    assert!(is_allowed(&c.check(check()).await.unwrap().into_inner()));
+    let refused = c.check(check()).await.unwrap().into_inner();
+    assert_eq!(denied(&refused).body["limit_scope"], "identity");
+
+    // Into bigco: its limit, not acme's spent one, within a second.
+    let out = cli_ok(&tg, &["keys", "set-identity", &id_arg, &b_arg]);
+    assert!(out.contains(&format!("Identity: {b}.")), "{out}");
+    within_a_second(&mut c, check, is_allowed, "moved into bigco").await;
+    let shown = json(&cli_ok(&tg, &["keys", "show", &id_arg, "--json"]));
+    assert_eq!(shown["identity_id"], b);
+    let text = cli_ok(&tg, &["keys", "show", &id_arg]);
+    assert!(text.contains(&format!("identity:    {b}\n")), "{text}");
+    // acme's counter keeps the one request spent in it.
+    let acme = json(&cli_ok(&tg, &["identities", "show", &a_arg, "--json"]));
+    assert_eq!(acme["usage"]["total"], 1, "{acme}");
+
+    // The listing by identity.
+    let listed = |identity: &str| -> Vec<i64> {
+        let out = cli_ok(&tg, &["keys", "list", "--identity", identity, "--json"]);
+        json(&out)
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["id"].as_i64().unwrap())
+            .collect()
+    };
+    assert_eq!(listed(&b_arg), vec![id, other]);
+    assert!(listed(&a_arg).is_empty());
+    let text = cli_ok(&tg, &["keys", "list", "--identity", &a_arg]);
+    assert_eq!(text, format!("Identity {a} has no keys.\n"));
+    let text = cli_ok(&tg, &["keys", "list"]);
+    let row = text.lines().find(|l| l.contains("mover")).unwrap();
+    assert!(text.lines().next().unwrap().contains("IDENTITY"), "{text}");
+    assert!(row.split_whitespace().any(|w| w == b_arg), "{text}");
+    assert!(cli_fails(&tg, &["keys", "list", "--identity", "999999"]).contains("999999"));
+
+    // Back into acme, whose day is spent: refused again, naming the identity's limit.
+    cli_ok(&tg, &["keys", "set-identity", &id_arg, &a_arg]);
+    within_a_second(&mut c, check, |r| !is_allowed(r), "moved back into acme").await;
+    // Out of every identity: only its own limits (none) apply.
+    let out = cli_ok(&tg, &["keys", "set-identity", &id_arg, "none"]);
+    assert!(out.contains("Identity: none."), "{out}");
+    within_a_second(&mut c, check, is_allowed, "out of acme").await;
+    let shown = json(&cli_ok(&tg, &["keys", "show", &id_arg, "--json"]));
+    assert!(shown["identity_id"].is_null(), "{shown}");
+    let text = cli_ok(&tg, &["keys", "list"]);
+    let row = text.lines().find(|l| l.contains("mover")).unwrap();
+    assert!(row.split_whitespace().any(|w| w == "none"), "{text}");
+
+    // An identity that does not exist: refused, naming it, and the key is unchanged.
+    let e = cli_fails(&tg, &["keys", "set-identity", &id_arg, "999999"]);
+    assert!(e.contains("no identity with id 999999"), "{e}");
+    assert!(cli_fails(&tg, &["keys", "set-identity", "999999", &a_arg]).contains("999999"));
+    let shown = json(&cli_ok(&tg, &["keys", "show", &id_arg, "--json"]));
+    assert!(shown["identity_id"].is_null(), "{shown}");
+    tg.stop().await;
+}
+
 every_database!(
+    a_key_moves_between_identities_and_spends_the_new_ones_limits,
     a_rotated_key_keeps_id_limits_and_usage_and_its_old_secret_works_until_the_grace_ends,
     a_route_needing_a_permission_refuses_keys_without_it_and_spends_nothing,
     metadata_reaches_dynamic_metadata_and_configured_upstream_headers,

@@ -125,6 +125,8 @@ pub struct KeyListing {
     pub after_id: i64,
     pub status: Option<StatusFilter>,
     pub name_prefix: Option<String>,
+    /// Only keys of this identity.
+    pub identity_id: Option<i64>,
 }
 
 /// One page of keys, and the cursor of the next one (`None` on the last page).
@@ -198,13 +200,8 @@ impl KeyAdmin {
         valid_limits(&spec.limits)?;
         let permissions = valid_permissions(&spec.permissions)?;
         valid_metadata(&spec.metadata)?;
-        if let Some(id) = spec.identity_id
-            && self.identities.get_identity(id).await?.is_none()
-        {
-            return Err(AdminError::invalid(
-                "identity_id",
-                format!("no identity with id {id}"),
-            ));
+        if let Some(id) = spec.identity_id {
+            self.existing_identity(id).await?;
         }
         let new = keys::generate();
         let key = self
@@ -219,7 +216,8 @@ impl KeyAdmin {
                 metadata: &spec.metadata,
                 identity_id: spec.identity_id,
             })
-            .await?;
+            .await
+            .map_err(|e| identity_gone(e, spec.identity_id))?;
         Ok(CreatedKey {
             key,
             secret: new.plaintext,
@@ -351,6 +349,7 @@ impl KeyAdmin {
                 limit: page_size + 1,
                 status: listing.status,
                 name_prefix: listing.name_prefix.clone(),
+                identity_id: listing.identity_id,
                 now,
             })
             .await?;
@@ -376,7 +375,7 @@ impl KeyAdmin {
         if update.is_empty() {
             return Err(AdminError::invalid(
                 "update_mask",
-                "nothing to change: name a new name, limits, expiry, permissions or metadata",
+                "nothing to change: name a new name, limits, expiry, permissions, metadata or identity",
             ));
         }
         if let Some(name) = &update.name {
@@ -396,10 +395,26 @@ impl KeyAdmin {
         if let Some(m) = &update.metadata {
             valid_metadata(m)?;
         }
+        let identity_id = update.identity_id.flatten();
+        if let Some(identity) = identity_id {
+            self.existing_identity(identity).await?;
+        }
         self.keys
             .update(id, &update, now)
-            .await?
+            .await
+            .map_err(|e| identity_gone(e, identity_id))?
             .ok_or(AdminError::NotFound(id))
+    }
+
+    /// Refuses an identity id that names none, as the caller's mistake.
+    async fn existing_identity(&self, id: i64) -> Result<(), AdminError> {
+        match self.identities.get_identity(id).await? {
+            Some(_) => Ok(()),
+            None => Err(AdminError::invalid(
+                "identity_id",
+                format!("no identity with id {id}"),
+            )),
+        }
     }
 
     /// Gives a key a new secret; the one it had keeps working for `grace` (zero: it stops at
@@ -517,6 +532,20 @@ fn valid_name(name: &str) -> Result<String, AdminError> {
         ));
     }
     Ok(name.to_string())
+}
+
+/// A key's write refused because the identity it names was deleted after it was looked up: the
+/// caller's mistake, said as if the lookup had not found it.
+fn identity_gone(e: StoreError, identity_id: Option<i64>) -> AdminError {
+    match (&e, identity_id) {
+        (StoreError::Query(q), Some(id))
+            if q.as_database_error()
+                .is_some_and(|d| d.is_foreign_key_violation()) =>
+        {
+            AdminError::invalid("identity_id", format!("no identity with id {id}"))
+        }
+        _ => e.into(),
+    }
 }
 
 /// A permission name: 1 to [`MAX_PERMISSION_CHARS`] of `a-z 0-9 . _ : -`, starting with a

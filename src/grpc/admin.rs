@@ -216,6 +216,7 @@ impl AdminService for AdminGrpc {
                 let filter = PageFilter {
                     status: r.status,
                     name_prefix: name_prefix.as_deref().unwrap_or(""),
+                    identity_id: r.identity_id,
                 };
                 let after_id = match r.page_token.as_str() {
                     "" => 0,
@@ -226,6 +227,7 @@ impl AdminService for AdminGrpc {
                     after_id,
                     status,
                     name_prefix: name_prefix.clone(),
+                    identity_id: r.identity_id,
                 };
                 let page = self
                     .admin
@@ -626,6 +628,7 @@ fn identity_patch_from(r: &pb::UpdateIdentityLimitsRequest) -> Result<IdentityLi
 const IDENTITY_PAGES: PageFilter<'static> = PageFilter {
     status: -1,
     name_prefix: "identities",
+    identity_id: None,
 };
 
 fn timestamp(t: DateTime<Utc>) -> Timestamp {
@@ -674,6 +677,7 @@ fn update_from(r: pb::UpdateKeyRequest) -> Result<KeyUpdate, Status> {
         update.expires_at = r.expires_at.map(time_from).transpose()?.map(Some);
         update.permissions = (!r.permissions.is_empty()).then_some(r.permissions);
         update.metadata = (!r.metadata.is_empty()).then(|| r.metadata.into_iter().collect());
+        update.identity_id = r.identity_id.map(Some);
         update.limits = LimitsPatch {
             per_minute: limit_from("limits.per_minute", limits.per_minute)?.map(Some),
             daily: limit_from("limits.daily", limits.daily)?.map(Some),
@@ -695,6 +699,7 @@ fn update_from(r: pb::UpdateKeyRequest) -> Result<KeyUpdate, Status> {
                 update.expires_at = Some(r.expires_at.map(time_from).transpose()?);
             }
             "permissions" => update.permissions = Some(r.permissions.clone()),
+            "identity_id" => update.identity_id = Some(r.identity_id),
             "metadata" => {
                 update.metadata = Some(
                     r.metadata
@@ -722,10 +727,11 @@ fn update_from(r: pb::UpdateKeyRequest) -> Result<KeyUpdate, Status> {
 }
 
 /// The paths an update mask may name.
-const MASK_PATHS: [&str; 9] = [
+const MASK_PATHS: [&str; 10] = [
     "name",
     "permissions",
     "metadata",
+    "identity_id",
     "expires_at",
     "limits",
     "limits.per_minute",
@@ -757,6 +763,7 @@ fn check_mask(mask: &FieldMask) -> Result<(), Status> {
 struct PageFilter<'a> {
     status: i32,
     name_prefix: &'a str,
+    identity_id: Option<i64>,
 }
 
 /// Page tokens start with this (a version, so their format can change).
@@ -769,6 +776,10 @@ impl PageFilter<'_> {
         let mut h = sha2::Sha256::new();
         h.update(self.status.to_be_bytes());
         h.update(self.name_prefix.as_bytes());
+        if let Some(id) = self.identity_id {
+            h.update(b"\0identity");
+            h.update(id.to_be_bytes());
+        }
         crate::keys::hash_hex(&h.finalize().into())[..16].to_string()
     }
 
@@ -810,14 +821,26 @@ mod tests {
         let all = PageFilter {
             status: 0,
             name_prefix: "",
+            identity_id: None,
         };
         let alpha = PageFilter {
             status: 0,
             name_prefix: "alpha",
+            identity_id: None,
+        };
+        let of_identity = |id| PageFilter {
+            status: 0,
+            name_prefix: "",
+            identity_id: Some(id),
         };
         let t = all.token(42);
         assert_eq!(all.after_id(&t).unwrap(), 42);
         assert!(alpha.after_id(&t).is_err());
+        assert!(of_identity(7).after_id(&t).is_err());
+        let t7 = of_identity(7).token(42);
+        assert_eq!(of_identity(7).after_id(&t7).unwrap(), 42);
+        assert!(of_identity(8).after_id(&t7).is_err());
+        assert!(all.after_id(&t7).is_err());
         for bad in [
             "",
             "42",

@@ -52,6 +52,9 @@ pub struct KeyUpdate {
     pub permissions: Option<Vec<String>>,
     /// The new metadata (empty: none).
     pub metadata: Option<BTreeMap<String, String>>,
+    /// The identity the key joins; `Some(None)`: it leaves its identity. Its counters stay with
+    /// the key; what it spent before counts in the identity it spent it in.
+    pub identity_id: Option<Option<i64>>,
 }
 
 impl KeyUpdate {
@@ -66,6 +69,7 @@ impl KeyUpdate {
             && l.refund_5xx.is_none()
             && self.permissions.is_none()
             && self.metadata.is_none()
+            && self.identity_id.is_none()
     }
 }
 
@@ -97,6 +101,8 @@ pub struct KeyQuery {
     pub limit: u32,
     pub status: Option<StatusFilter>,
     pub name_prefix: Option<String>,
+    /// Only keys of this identity.
+    pub identity_id: Option<i64>,
     pub now: DateTime<Utc>,
 }
 

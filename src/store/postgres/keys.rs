@@ -204,6 +204,7 @@ impl KeyStore for PgStore {
                  OR ($3::text = 'active' AND status = 'active' \
                      AND (expires_at IS NULL OR expires_at > $4)) \
                  OR ($3::text = 'expired' AND status = 'active' AND expires_at <= $4)) \
+               AND ($6::bigint IS NULL OR identity_id = $6) \
              ORDER BY id LIMIT $5"
         ))
         .bind(query.after_id)
@@ -211,6 +212,7 @@ impl KeyStore for PgStore {
         .bind(query.status.map(|s| s.as_str()))
         .bind(query.now)
         .bind(i64::from(query.limit))
+        .bind(query.identity_id)
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(ApiKey::try_from).collect()
@@ -245,6 +247,7 @@ impl KeyStore for PgStore {
                expires_at = CASE WHEN $11 THEN $12 ELSE expires_at END, \
                permissions = CASE WHEN $13 THEN $14 ELSE permissions END, \
                metadata = CASE WHEN $15 THEN $16 ELSE metadata END, \
+               identity_id = CASE WHEN $17 THEN $18 ELSE identity_id END, \
                updated_at = $8 \
              WHERE id = $1 RETURNING ",
             key_columns!()
@@ -265,6 +268,8 @@ impl KeyStore for PgStore {
         .bind(update.permissions.as_deref().and_then(permissions_text))
         .bind(update.metadata.is_some())
         .bind(update.metadata.as_ref().and_then(metadata_text))
+        .bind(update.identity_id.is_some())
+        .bind(update.identity_id.flatten())
         .fetch_optional(&self.pool)
         .await?;
         key_of(row)
