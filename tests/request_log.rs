@@ -193,6 +193,7 @@ async fn postgres_refuses_a_nul_in_text_for_good() {
         status: 401,
         cost: 0,
         key_prefix: None,
+        identity_id: None,
     };
     let e = stores
         .log
