@@ -129,6 +129,7 @@ impl AuthzService {
             input,
             now,
             key_id: None,
+            identity_id: None,
             windows: Vec::new(),
             answered: false,
         };
@@ -173,7 +174,9 @@ impl AuthzService {
             Decision::Deny(d) => d.key_id,
         };
         let decision_id = mint_decision_id();
-        let mut row = log_row(input, now, key_id);
+        // The identity the key belonged to as this check saw it (a later move does not rewrite
+        // the log).
+        let mut row = log_row(input, now, key_id, key_id.and(progress.identity_id));
         // Which secret a known key came with (the old one or the new, while a rotation's grace
         // runs): its visible prefix, never the secret.
         row.key_prefix = key_id
@@ -248,6 +251,7 @@ impl AuthzService {
             }
         };
         progress.key_id = Some(key.id);
+        progress.identity_id = key.identity.map(|i| i.id);
         if key.status == KeyStatus::Revoked {
             return deny(DenyReason::KeyRevoked, Some(key.id));
         }
@@ -470,6 +474,8 @@ struct Progress<'a> {
     input: &'a CheckInput<'a>,
     now: DateTime<Utc>,
     key_id: Option<i64>,
+    /// The identity of the key, once known.
+    identity_id: Option<i64>,
     /// The per-minute hits counted for it (the key's, its identity's): counter key, rate, cost.
     windows: Vec<(String, Rate, u64)>,
     /// The check has its answer: nothing to undo.
@@ -482,7 +488,7 @@ impl Drop for Progress<'_> {
             return;
         }
         self.deps.metrics.checks_cancelled.inc();
-        let mut row = log_row(self.input, self.now, self.key_id);
+        let mut row = log_row(self.input, self.now, self.key_id, self.identity_id);
         row.reason = CANCELLED;
         row.status = CANCELLED_STATUS;
         self.deps.log.record(row);
@@ -509,7 +515,12 @@ pub const CANCELLED: &str = "cancelled";
 const CANCELLED_STATUS: u16 = 499;
 
 /// A log row for `input` with the request's own fields filled in, denied with no reason yet.
-fn log_row(input: &CheckInput<'_>, now: DateTime<Utc>, key_id: Option<i64>) -> LogRow {
+fn log_row(
+    input: &CheckInput<'_>,
+    now: DateTime<Utc>,
+    key_id: Option<i64>,
+    identity_id: Option<i64>,
+) -> LogRow {
     LogRow {
         ts: now,
         api: LogApi::Authz,
@@ -525,6 +536,7 @@ fn log_row(input: &CheckInput<'_>, now: DateTime<Utc>, key_id: Option<i64>) -> L
         status: 0,
         cost: 0,
         key_prefix: None,
+        identity_id,
     }
 }
 

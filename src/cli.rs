@@ -217,6 +217,10 @@ pub struct UsageArgs {
     /// Only this key.
     #[arg(long, value_name = "ID")]
     pub key: Option<i64>,
+    /// Only the keys of this identity (as each request's log row records it; with --key, only
+    /// that key's requests made while it belonged to the identity).
+    #[arg(long, value_name = "ID")]
+    pub identity: Option<i64>,
     /// The last N days, today included (ignored when --since is given).
     #[arg(long, value_name = "N", default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..=3660))]
     pub days: u32,
@@ -258,14 +262,23 @@ pub async fn run_usage(
             from: start(since),
             to: start(end),
             key_id: args.key,
+            identity_id: args.identity,
             top: args.top,
         })
         .await?;
+    // An identity deleted since keeps its rows in the log: its summary is shown all the same,
+    // saying it no longer exists.
+    let identity = match args.identity {
+        Some(id) => Some((id, stores.identities.get_identity(id).await?)),
+        None => None,
+    };
     if args.json {
         let v = json!({
             "since": since.to_string(),
             "until": until.to_string(),
             "key": args.key,
+            "identity": args.identity,
+            "identity_name": identity.as_ref().and_then(|(_, i)| i.as_ref()).map(|i| &i.name),
             "days": summary.days.iter().map(|d| json!({
                 "day": d.day, "allowed": d.allowed, "denied": d.denied,
             })).collect::<Vec<_>>(),
@@ -275,7 +288,12 @@ pub async fn run_usage(
         });
         return Ok(format!("{v}\n"));
     }
-    let scope = args.key.map(|id| format!(", key {id}")).unwrap_or_default();
+    let mut scope = args.key.map(|id| format!(", key {id}")).unwrap_or_default();
+    match &identity {
+        Some((_, Some(i))) => scope.push_str(&format!(", identity {} ({})", i.id, i.name)),
+        Some((id, None)) => scope.push_str(&format!(", identity {id} (no longer exists)")),
+        None => {}
+    }
     let mut out = format!("Check requests from {since} to {until} (UTC){scope}:\n\n");
     if summary.days.is_empty() {
         out.push_str("No requests in this period.\n");
@@ -896,6 +914,7 @@ mod tests {
             &[
                 "tollgate", "usage", "--key", "3", "--days", "30", "--top", "5", "--json",
             ],
+            &["tollgate", "usage", "--identity", "2", "--key", "3"],
             &[
                 "tollgate",
                 "usage",

@@ -353,6 +353,7 @@ mod tests {
             status: 401,
             cost: 0,
             key_prefix: None,
+            identity_id: None,
         }
     }
 

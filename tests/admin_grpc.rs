@@ -10,8 +10,9 @@ use harness::every_database;
 use harness::server::Tollgate;
 use prost_types::{FieldMask, Timestamp};
 use tollgate::admin::pb::{
-    self, CreateKeyRequest, GetKeyRequest, GetKeyUsageRequest, KeyStatus, Limits, ListKeysRequest,
-    RevokeKeyRequest, UpdateKeyRequest,
+    self, CreateIdentityRequest, CreateKeyRequest, GetIdentityUsageRequest, GetKeyRequest,
+    GetKeyUsageRequest, IdentityLimits, KeyStatus, Limits, ListKeysRequest, RevokeKeyRequest,
+    UpdateKeyRequest,
 };
 use tonic::Code;
 
@@ -359,10 +360,118 @@ async fn credentials_are_required_and_tell_nothing(db: Db) {
     tg.stop().await;
 }
 
+/// GetIdentityUsage: the identity's shared counters and its keys' requests by day from the log;
+/// NOT_FOUND for an unknown identity, INVALID_ARGUMENT for a bad `days`, and the admin
+/// credentials required like every other call, over gRPC and REST.
+async fn grpc_identity_usage(db: Db) {
+    let tg = start(db).await;
+    let mut c = grpc(tg.admin.unwrap()).await;
+    let identity = c
+        .create_identity(authed(
+            CreateIdentityRequest {
+                name: "acme".into(),
+                limits: Some(IdentityLimits {
+                    daily: Some(100),
+                    ..Default::default()
+                }),
+            },
+            t(),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let key = |name: &str, identity_id| CreateKeyRequest {
+        name: name.into(),
+        identity_id,
+        ..Default::default()
+    };
+    let member = c
+        .create_key(authed(key("member", Some(identity.id)), t()))
+        .await
+        .unwrap()
+        .into_inner();
+    let loose = c
+        .create_key(authed(key("loose", None), t()))
+        .await
+        .unwrap()
+        .into_inner();
+    for secret in [&member.secret, &member.secret, &loose.secret] {
+        check_becomes(&tg, secret, 0).await;
+    }
+    tg.wait_for_count("SELECT count(*) FROM api_requests_log", 3)
+        .await;
+    let usage = c
+        .get_identity_usage(authed(
+            GetIdentityUsageRequest {
+                id: identity.id,
+                days: 0,
+            },
+            t(),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        usage,
+        pb::IdentityUsage {
+            identity_id: identity.id,
+            today: 2,
+            this_month: 2,
+            total: 2,
+            days: vec![pb::DayUsage {
+                day: harness::server::t0().format("%Y-%m-%d").to_string(),
+                allowed: 2,
+                denied: 0,
+            }],
+        }
+    );
+    for (id, days, want) in [
+        (424_242, 0, Code::NotFound),
+        (identity.id, -1, Code::InvalidArgument),
+        (identity.id, 367, Code::InvalidArgument),
+    ] {
+        let s = c
+            .get_identity_usage(authed(GetIdentityUsageRequest { id, days }, t()))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), want, "{id} {days}: {s:?}");
+    }
+    for token in [None, Some("wrong")] {
+        let s = c
+            .get_identity_usage(authed(
+                GetIdentityUsageRequest {
+                    id: identity.id,
+                    days: 0,
+                },
+                token,
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(s.code(), Code::Unauthenticated);
+        let a = Rest::new(tg.admin.unwrap(), token)
+            .call(
+                "GET",
+                &format!("/v1/identities/{}/usage", identity.id),
+                None,
+            )
+            .await;
+        assert_eq!(a.status, 401, "{}", a.text);
+    }
+    let metrics = tg.metrics_text().await;
+    for code in ["ok", "not_found", "invalid_argument", "unauthenticated"] {
+        let series = format!(
+            r#"tollgate_admin_requests_total{{method="GetIdentityUsage",transport="grpc",code="{code}"}} "#
+        );
+        assert!(metrics.contains(&series), "{series}\n{metrics}");
+    }
+    tg.stop().await;
+}
+
 every_database!(
     grpc_every_operation,
     grpc_errors_have_their_codes,
     credentials_are_required_and_tell_nothing,
+    grpc_identity_usage,
 );
 
 /// Two tokens configured: both work; once the old one is taken out, only the new one does.

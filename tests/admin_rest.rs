@@ -392,6 +392,70 @@ async fn rest_usage_from_counters_and_the_log(db: Db) {
     tg.stop().await;
 }
 
+/// An identity's usage: its shared counters, and its keys' requests by day from the log (not
+/// those of a key outside it); NOT_FOUND for an unknown identity and one deleted since.
+async fn rest_identity_usage_from_counters_and_the_log(db: Db) {
+    let (tg, rest) = start(db).await;
+    let a = rest
+        .call(
+            "POST",
+            "/v1/identities",
+            Some(json!({"name": "acme", "limits": {"daily": "3"}})),
+        )
+        .await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    let identity_id = a.body["id"].as_str().unwrap().to_string();
+    let (one, _, _) = create(&rest, json!({"name": "one", "identityId": identity_id})).await;
+    let (two, _, _) = create(&rest, json!({"name": "two", "identityId": identity_id})).await;
+    let (loose, _, _) = create(&rest, json!({"name": "loose"})).await;
+    // one: 3 allowed (the identity's day is spent); two: 2 refused; loose: 1, not acme's.
+    let mut codes = Vec::new();
+    for key in [&one, &one, &one, &two, &two, &loose] {
+        codes.push(check_code(&tg, key).await);
+    }
+    assert_eq!(codes, [0, 0, 0, 8, 8, 0]);
+    tg.wait_for_count("SELECT count(*) FROM api_requests_log", 6)
+        .await;
+    let path = format!("/v1/identities/{identity_id}/usage");
+    let a = rest.call("GET", &path, None).await;
+    assert_eq!(a.status, 200, "{}", a.text);
+    assert_eq!(
+        a.body,
+        json!({
+            "identityId": identity_id,
+            "today": "3",
+            "thisMonth": "3",
+            "total": "3",
+            "days": [{"day": t0().format("%Y-%m-%d").to_string(), "allowed": "3", "denied": "2"}],
+        })
+    );
+    // A new day: today starts from zero, the log keeps yesterday.
+    tg.clock.advance(chrono::Duration::days(1));
+    let a = rest.call("GET", &format!("{path}?days=2"), None).await;
+    assert_eq!(
+        (&a.body["today"], &a.body["thisMonth"]),
+        (&json!("0"), &json!("3"))
+    );
+    assert_eq!(a.body["days"].as_array().unwrap().len(), 1, "{}", a.text);
+    let a = rest.call("GET", &format!("{path}?days=1"), None).await;
+    assert_eq!(a.body["days"], json!([]));
+    for q in ["days=367", "days=-1", "days=x"] {
+        let a = rest.call("GET", &format!("{path}?{q}"), None).await;
+        assert_problem(&a, 400, "invalid_argument");
+    }
+    assert_problem(
+        &rest.call("GET", "/v1/identities/987654/usage", None).await,
+        404,
+        "not_found",
+    );
+    let gone = rest
+        .call("DELETE", &format!("/v1/identities/{identity_id}"), None)
+        .await;
+    assert_eq!(gone.status, 200, "{}", gone.text);
+    assert_problem(&rest.call("GET", &path, None).await, 404, "not_found");
+    tg.stop().await;
+}
+
 async fn rest_errors_are_problems(db: Db) {
     let (tg, rest) = start(db).await;
     let (_, id, _) = create(&rest, json!({"name": "exists"})).await;
@@ -517,8 +581,26 @@ async fn rest_serves_its_openapi_document(db: Db) {
         ("/v1/keys/{id}:revoke", "post"),
         ("/v1/keys/{id}/usage", "get"),
         ("/v1/keys/{id}:rotate", "post"),
+        ("/v1/identities/{id}/usage", "get"),
     ] {
         assert!(a.body["paths"][path][method].is_object(), "{method} {path}");
+    }
+    let op = &a.body["paths"]["/v1/identities/{id}/usage"]["get"];
+    assert_eq!(op["operationId"], "GetIdentityUsage");
+    assert_eq!(
+        op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/IdentityUsage"
+    );
+    assert!(
+        op["responses"]["default"]["description"]
+            .as_str()
+            .unwrap()
+            .contains("404 no such key or identity"),
+        "{op}"
+    );
+    let usage = &a.body["components"]["schemas"]["IdentityUsage"]["properties"];
+    for field in ["identityId", "today", "thisMonth", "total", "days"] {
+        assert!(usage.get(field).is_some(), "{field}: {usage}");
     }
     assert_problem(
         &rest.call("POST", "/v1/openapi.json", None).await,
@@ -739,6 +821,7 @@ every_database!(
     rest_update_is_all_or_nothing_and_reaches_check,
     rest_revoke_reaches_check_within_a_second,
     rest_usage_from_counters_and_the_log,
+    rest_identity_usage_from_counters_and_the_log,
     rest_errors_are_problems,
     rest_serves_its_openapi_document,
 );

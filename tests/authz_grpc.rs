@@ -754,6 +754,7 @@ async fn a_5xx_answer_gives_the_quota_back_for_keys_that_ask(db: Db) {
             status: 200,
             cost,
             key_prefix: None,
+            identity_id: None,
         });
     }
     tg.stores.log.write_batch(&rows).await.unwrap();
@@ -1569,6 +1570,7 @@ async fn a_5xx_refund_gives_back_to_the_identity_too(db: Db) {
             status: 200,
             cost: 3,
             key_prefix: None,
+            identity_id: None,
         }])
         .await
         .unwrap();

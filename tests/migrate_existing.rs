@@ -1,6 +1,7 @@
 //! `tollgate migrate` on a database made by the schema before keys had rotation, permissions and
 //! metadata (migrations up to 0008), with keys and usage in it: every key, limit and counter is
-//! still there afterwards, and the keys work with the new features.
+//! still there afterwards, and the keys work with the new features. Likewise from 0009 (before
+//! identities) and from 0010 (a request log without identities).
 
 use std::borrow::Cow;
 use std::path::Path;
@@ -242,7 +243,177 @@ async fn migrating_to_identities_keeps_every_key_and_counter(db: Db) {
     );
 }
 
+/// `tollgate migrate` from the schema of 0010 (identities, a log without them) to 0011: every
+/// log row, in a monthly partition and out of one, is still there with `identity_id` NULL (the
+/// log never knew it), `tollgate usage` still counts them, and new rows record the identity.
+async fn migrating_the_log_to_identities_keeps_every_row(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let test_db = TestDb::create(db).await;
+    let (dialect, now_sql) = match db {
+        Db::Postgres => ("postgres", "now()"),
+        Db::Sqlite => ("sqlite", "'2026-01-01T00:00:00.000Z'"),
+    };
+    // A time as each dialect stores it (SQLite: RFC 3339 text with milliseconds).
+    let ts = |t: &str| match db {
+        Db::Postgres => format!("'{t}'::timestamptz"),
+        Db::Sqlite => format!("'{}'", t.replace('Z', ".000Z")),
+    };
+    schema_up_to(&test_db, dialect, 10).await;
+    if db == Db::Postgres {
+        // A month with its own partition, as tollgate makes them; February stays in the default.
+        test_db
+            .execute(
+                "CREATE TABLE api_requests_log_2026_03 PARTITION OF api_requests_log \
+                 FOR VALUES FROM ('2026-03-01 00:00:00+00') TO ('2026-04-01 00:00:00+00')",
+            )
+            .await;
+    }
+    test_db
+        .execute(&format!(
+            "INSERT INTO identities (name, created_at, updated_at) \
+             VALUES ('acme', {now_sql}, {now_sql})"
+        ))
+        .await;
+    let identity = test_db.scalar("SELECT max(id) FROM identities").await;
+    let a = tollgate::keys::generate();
+    test_db
+        .execute(&format!(
+            "INSERT INTO api_keys (name, prefix, key_hash, status, created_at, updated_at, \
+               identity_id) \
+             VALUES ('member', '{}', '{}', 'active', {now_sql}, {now_sql}, {identity})",
+            a.prefix,
+            tollgate::keys::hash_hex(&a.hash),
+        ))
+        .await;
+    let key = test_db.scalar("SELECT max(id) FROM api_keys").await;
+    for (t, request_id, key_id, decision, status, cost) in [
+        ("2026-02-20T10:00:00Z", "r-feb", "{key}", "allow", 200, 1),
+        ("2026-03-10T12:00:00Z", "r-mar-1", "{key}", "allow", 200, 1),
+        ("2026-03-10T12:00:01Z", "r-mar-2", "NULL", "deny", 401, 0),
+    ] {
+        let key_id = key_id.replace("{key}", &key.to_string());
+        test_db
+            .execute(&format!(
+                "INSERT INTO api_requests_log (ts, request_id, decision_id, api_key_id, decision, \
+                   reason, status, api, cost, key_prefix) \
+                 VALUES ({}, '{request_id}', 'd-{request_id}', {key_id}, '{decision}', 'ok', \
+                   {status}, 'authz', {cost}, '{}')",
+                ts(t),
+                a.prefix,
+            ))
+            .await;
+    }
+    let run = |args: &[&str]| {
+        let out = harness::cli::tollgate_command(dir.path())
+            .args(args)
+            .env("TOLLGATE_DATABASE_URL", &test_db.url)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        out.stdout
+    };
+    run(&["migrate"]);
+    assert_eq!(
+        test_db
+            .scalar("SELECT count(*) FROM api_requests_log WHERE identity_id IS NULL")
+            .await,
+        3
+    );
+    assert_eq!(
+        test_db
+            .scalar(&format!(
+                "SELECT count(*) FROM api_requests_log WHERE request_id = 'r-mar-1' \
+                 AND decision_id = 'd-r-mar-1' AND api_key_id = {key} AND decision = 'allow' \
+                 AND status = 200 AND cost = 1 AND key_prefix = '{}'",
+                a.prefix
+            ))
+            .await,
+        1
+    );
+    let usage = |extra: &[&str]| {
+        let mut args = vec![
+            "usage",
+            "--since",
+            "2026-02-01",
+            "--until",
+            "2026-03-31",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        serde_json::from_slice::<serde_json::Value>(&run(&args)).unwrap()
+    };
+    assert_eq!(
+        usage(&[])["days"],
+        serde_json::json!([
+            {"day": "2026-02-20", "allowed": 1, "denied": 0},
+            {"day": "2026-03-10", "allowed": 1, "denied": 1},
+        ])
+    );
+    let identity_arg = identity.to_string();
+    let v = usage(&["--identity", &identity_arg]);
+    assert_eq!(
+        v["days"],
+        serde_json::json!([]),
+        "rows before 0011 name no identity"
+    );
+    assert_eq!(v["identity_name"], "acme");
+    if db == Db::Postgres {
+        // The partial index reaches every partition, an existing one included.
+        assert_eq!(
+            test_db
+                .scalar(
+                    "SELECT count(*) FROM pg_indexes WHERE tablename = 'api_requests_log_2026_03' \
+                     AND indexdef LIKE '%(identity_id, ts) WHERE (identity_id IS NOT NULL)'"
+                )
+                .await,
+            1
+        );
+    }
+    // A new row records its identity, in the month's partition.
+    let stores = test_db.open_stores().await;
+    stores
+        .log
+        .write_batch(&[tollgate::store::LogRow {
+            ts: "2026-03-11T09:00:00Z".parse().unwrap(),
+            api: tollgate::store::LogApi::Authz,
+            request_id: Some("r-new".into()),
+            decision_id: None,
+            key_id: Some(key),
+            method: None,
+            path: None,
+            host: None,
+            client_addr: None,
+            allowed: true,
+            reason: "ok",
+            status: 200,
+            cost: 1,
+            key_prefix: None,
+            identity_id: Some(identity),
+        }])
+        .await
+        .unwrap();
+    stores.close().await;
+    let table = match db {
+        Db::Postgres => "api_requests_log_2026_03",
+        Db::Sqlite => "api_requests_log",
+    };
+    assert_eq!(
+        test_db
+            .scalar(&format!(
+                "SELECT count(*) FROM {table} WHERE request_id = 'r-new' \
+                 AND identity_id = {identity}"
+            ))
+            .await,
+        1
+    );
+    assert_eq!(
+        usage(&["--identity", &identity_arg])["days"],
+        serde_json::json!([{"day": "2026-03-11", "allowed": 1, "denied": 0}])
+    );
+}
+
 every_database!(
     migrate_keeps_every_key_limit_and_counter,
     migrating_to_identities_keeps_every_key_and_counter,
+    migrating_the_log_to_identities_keeps_every_row,
 );

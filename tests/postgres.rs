@@ -42,8 +42,9 @@ async fn every_lookup_tollgate_makes_uses_an_index() {
     )
     .await;
     db.execute(
-        "INSERT INTO api_requests_log (ts, api_key_id, decision, reason, status) \
-         SELECT now(), 1 + g % 20000, 'allow', 'ok', 200 FROM generate_series(1, 50000) g",
+        "INSERT INTO api_requests_log (ts, api_key_id, decision, reason, status, identity_id) \
+         SELECT now(), 1 + g % 20000, 'allow', 'ok', 200, \
+           CASE WHEN g % 10 = 0 THEN g % 100 END FROM generate_series(1, 50000) g",
     )
     .await;
     db.execute("ANALYZE").await;
@@ -94,6 +95,20 @@ async fn every_lookup_tollgate_makes_uses_an_index() {
     assert!(
         history.contains("Index") && history.contains("api_key_id_ts"),
         "{history}"
+    );
+    // An identity's history (GetIdentityUsage, `tollgate usage --identity`) as the summary
+    // query has it once its parameters are bound: through the partial (identity_id, ts) index.
+    let identity = explain(
+        &db,
+        "SELECT count(*) FROM api_requests_log WHERE api = 'authz' \
+         AND ts >= now() - interval '1 day' AND ts < now() + interval '1 day' \
+         AND (NULL::bigint IS NULL OR api_key_id = NULL) \
+         AND (7::bigint IS NULL OR identity_id = 7)",
+    )
+    .await;
+    assert!(
+        identity.contains("Index") && identity.contains("identity_id_ts"),
+        "{identity}"
     );
 }
 

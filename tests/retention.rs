@@ -27,6 +27,7 @@ fn row(ts: DateTime<Utc>, id: &str) -> LogRow {
         status: 200,
         cost: 1,
         key_prefix: None,
+        identity_id: None,
     }
 }
 

@@ -322,6 +322,7 @@ fn log_row(ts: DateTime<Utc>, key_id: i64, request_id: &str, cost: u64) -> LogRo
         status: 200,
         cost,
         key_prefix: None,
+        identity_id: None,
     }
 }
 
@@ -443,6 +444,7 @@ async fn maintenance_keeps_what_retention_keeps(db: Db) {
             from: old - Span::days(1),
             to: now + Span::days(1),
             key_id: None,
+            identity_id: None,
             top: 10,
         })
         .await

@@ -86,8 +86,8 @@ fn operation(b: &Binding, schemas: &mut Map<String, Value>) -> Value {
             },
             "default": {
                 "description": "An error: 400 invalid argument, 401 no valid credentials, 404 \
-                                no such key, 413 body too large, 415 not JSON, 503 database \
-                                unavailable.",
+                                no such key or identity, 413 body too large, 415 not JSON, \
+                                503 database unavailable.",
                 "content": {
                     "application/problem+json": {
                         "schema": {"$ref": "#/components/schemas/Problem"}

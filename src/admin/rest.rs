@@ -379,13 +379,14 @@ impl Rest {
             "ListIdentities" => call!(list_identities),
             "UpdateIdentityLimits" => call!(update_identity_limits),
             "DeleteIdentity" => call!(delete_identity),
+            "GetIdentityUsage" => call!(get_identity_usage),
             _ => Err(tonic::Status::unimplemented("not served over REST")),
         }
     }
 }
 
 /// The admin service's RPCs, as metrics label them (a unit test keeps this the proto's list).
-pub const RPCS: [&str; 12] = [
+pub const RPCS: [&str; 13] = [
     "CreateKey",
     "GetKey",
     "ListKeys",
@@ -398,6 +399,7 @@ pub const RPCS: [&str; 12] = [
     "ListIdentities",
     "UpdateIdentityLimits",
     "DeleteIdentity",
+    "GetIdentityUsage",
 ];
 
 /// The RPC's name as a metrics label: one of [`RPCS`], else `unknown`.
@@ -612,6 +614,10 @@ mod tests {
         assert_eq!(
             find(Method::GET, "/v1/keys/7/usage"),
             Some(("GetKeyUsage".into(), 1))
+        );
+        assert_eq!(
+            find(Method::GET, "/v1/identities/7/usage"),
+            Some(("GetIdentityUsage".into(), 1))
         );
         for (method, path) in [
             (Method::POST, "/v1/keys/7:delete"),

@@ -136,7 +136,8 @@ pub struct KeyPage {
     pub next_after_id: Option<i64>,
 }
 
-/// A key's usage: its counters now, and its requests per UTC day from the request log.
+/// A key's (or an identity's) usage: its counters now, and its requests per UTC day from the
+/// request log.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageReport {
     pub counters: Usage,
@@ -478,31 +479,17 @@ impl KeyAdmin {
         days: u32,
         now: DateTime<Utc>,
     ) -> Result<UsageReport, AdminError> {
-        let days = match days {
-            0 => DEFAULT_USAGE_DAYS,
-            n if n > MAX_USAGE_DAYS => {
-                return Err(AdminError::invalid(
-                    "days",
-                    format!("{n} is more than {MAX_USAGE_DAYS}"),
-                ));
-            }
-            n => n,
-        };
+        let (from, to) = usage_period(days, now)?;
         // Known key first: an unknown id is NOT_FOUND, not an empty report.
         self.get(id).await?;
-        let today = now.date_naive();
-        let midnight = |d: NaiveDate| d.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
-        let first = today
-            .checked_sub_days(Days::new(u64::from(days) - 1))
-            .unwrap_or(NaiveDate::MIN);
-        let end = today.checked_add_days(Days::new(1)).unwrap_or(today);
         let counters = self.quotas.usage(id, now).await?;
         let summary = self
             .log
             .summarize(&UsageQuery {
-                from: midnight(first),
-                to: midnight(end),
+                from,
+                to,
                 key_id: Some(id),
+                identity_id: None,
                 top: 0,
             })
             .await?;
@@ -511,6 +498,59 @@ impl KeyAdmin {
             days: summary.days,
         })
     }
+
+    /// An identity's shared counters at `now`, and the requests of its keys (as the log
+    /// records the identity of each) of the last `days` UTC days (as [`KeyAdmin::usage`]).
+    pub async fn identity_usage_report(
+        &self,
+        id: i64,
+        days: u32,
+        now: DateTime<Utc>,
+    ) -> Result<UsageReport, AdminError> {
+        let (from, to) = usage_period(days, now)?;
+        // Known identity first: an unknown (or deleted) one is NOT_FOUND, not an empty report.
+        self.get_identity(id).await?;
+        let counters = self.quotas.identity_usage(id, now).await?;
+        let summary = self
+            .log
+            .summarize(&UsageQuery {
+                from,
+                to,
+                key_id: None,
+                identity_id: Some(id),
+                top: 0,
+            })
+            .await?;
+        Ok(UsageReport {
+            counters,
+            days: summary.days,
+        })
+    }
+}
+
+/// The last `days` UTC days up to `now`'s, today included (0: [`DEFAULT_USAGE_DAYS`]), as a
+/// time range `[from, to)`.
+fn usage_period(
+    days: u32,
+    now: DateTime<Utc>,
+) -> Result<(DateTime<Utc>, DateTime<Utc>), AdminError> {
+    let days = match days {
+        0 => DEFAULT_USAGE_DAYS,
+        n if n > MAX_USAGE_DAYS => {
+            return Err(AdminError::invalid(
+                "days",
+                format!("{n} is more than {MAX_USAGE_DAYS}"),
+            ));
+        }
+        n => n,
+    };
+    let today = now.date_naive();
+    let midnight = |d: NaiveDate| d.and_hms_opt(0, 0, 0).expect("midnight").and_utc();
+    let first = today
+        .checked_sub_days(Days::new(u64::from(days) - 1))
+        .unwrap_or(NaiveDate::MIN);
+    let end = today.checked_add_days(Days::new(1)).unwrap_or(today);
+    Ok((midnight(first), midnight(end)))
 }
 
 /// A name as stored: trimmed, 1 to [`MAX_NAME_CHARS`] characters, no control characters.
@@ -825,6 +865,16 @@ mod tests {
         assert!(matches!(
             admin.usage(999, 0, now).await,
             Err(AdminError::NotFound(999))
+        ));
+        assert!(matches!(
+            admin.identity_usage_report(999, 0, now).await,
+            Err(AdminError::IdentityNotFound(999))
+        ));
+        assert!(matches!(
+            admin
+                .identity_usage_report(999, MAX_USAGE_DAYS + 1, now)
+                .await,
+            Err(AdminError::Invalid { .. })
         ));
         stores.close().await;
     }

@@ -14,7 +14,8 @@ use tonic::{Request, Response, Status};
 use crate::admin::auth::Caller;
 use crate::admin::pb::{self, admin_service_server::AdminService};
 use crate::admin::service::{
-    AdminError, DEFAULT_GRACE, KeyAdmin, KeyListing, MAX_NAME_CHARS, NewKeySpec, status_at,
+    AdminError, DEFAULT_GRACE, KeyAdmin, KeyListing, MAX_NAME_CHARS, NewKeySpec, UsageReport,
+    status_at,
 };
 use crate::clock::Clock;
 use crate::keys::{ApiKey, Limits};
@@ -344,22 +345,14 @@ impl AdminService for AdminGrpc {
                     .usage(r.id, days, self.now())
                     .await
                     .map_err(status_of)?;
-                let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+                let (today, this_month, total, days) = usage_fields(report);
                 Ok((
                     pb::KeyUsage {
                         key_id: r.id,
-                        today: count(report.counters.daily),
-                        this_month: count(report.counters.monthly),
-                        total: count(report.counters.total),
-                        days: report
-                            .days
-                            .into_iter()
-                            .map(|d| pb::DayUsage {
-                                day: d.day,
-                                allowed: count(d.allowed),
-                                denied: count(d.denied),
-                            })
-                            .collect(),
+                        today,
+                        this_month,
+                        total,
+                        days,
                     },
                     None,
                 ))
@@ -410,6 +403,38 @@ impl AdminService for AdminGrpc {
                     .await
                     .map_err(status_of)?;
                 Ok((identity_message(&identity, usage), None))
+            },
+        )
+        .await
+    }
+
+    async fn get_identity_usage(
+        &self,
+        request: Request<pb::GetIdentityUsageRequest>,
+    ) -> Result<Response<pb::IdentityUsage>, Status> {
+        self.call(
+            "GetIdentityUsage",
+            request,
+            |_| None,
+            |r| async move {
+                let days = u32::try_from(r.days)
+                    .map_err(|_| Status::invalid_argument("days: must not be negative"))?;
+                let report = self
+                    .admin
+                    .identity_usage_report(r.id, days, self.now())
+                    .await
+                    .map_err(status_of)?;
+                let (today, this_month, total, days) = usage_fields(report);
+                Ok((
+                    pb::IdentityUsage {
+                        identity_id: r.id,
+                        today,
+                        this_month,
+                        total,
+                        days,
+                    },
+                    None,
+                ))
             },
         )
         .await
@@ -581,6 +606,27 @@ fn identity_message(identity: &Identity, usage: Usage) -> pb::Identity {
         this_month: count(usage.monthly),
         total: count(usage.total),
     }
+}
+
+/// A usage report as KeyUsage and IdentityUsage carry it: today, this month, in all, and the
+/// days.
+fn usage_fields(report: UsageReport) -> (i64, i64, i64, Vec<pb::DayUsage>) {
+    let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+    let days = report
+        .days
+        .into_iter()
+        .map(|d| pb::DayUsage {
+            day: d.day,
+            allowed: count(d.allowed),
+            denied: count(d.denied),
+        })
+        .collect();
+    (
+        count(report.counters.daily),
+        count(report.counters.monthly),
+        count(report.counters.total),
+        days,
+    )
 }
 
 /// What an UpdateIdentityLimitsRequest changes: the limits its mask names, or, without a mask,

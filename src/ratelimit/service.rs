@@ -373,6 +373,7 @@ impl RateLimitService {
                 status: if over_limit { 429 } else { 200 },
                 cost: 0,
                 key_prefix: None,
+                identity_id: None,
             });
         }
         Ok(RateLimitAnswer {

@@ -33,6 +33,9 @@ pub struct LogRow {
     /// The visible prefix of the secret a known key came with (old or new, during a rotation's
     /// grace).
     pub key_prefix: Option<String>,
+    /// The identity the key belonged to when the Check saw it (`None`: none, no known key, or
+    /// a ShouldRateLimit row, which looks no key up).
+    pub identity_id: Option<i64>,
 }
 
 /// The API a request-log row comes from.
@@ -94,12 +97,16 @@ pub struct Maintenance {
 }
 
 /// Which Check requests [`RequestLogStore::summarize`] counts: those in `[from, to)`, of one key
-/// or of all, with the `top` keys by requests.
+/// or of all, of one identity's keys or of all (both filters apply when both are given), with
+/// the `top` keys by requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UsageQuery {
     pub from: DateTime<Utc>,
     pub to: DateTime<Utc>,
     pub key_id: Option<i64>,
+    /// The identity the rows record (the key's identity at the time of each Check), so a key
+    /// moved between identities counts where it was.
+    pub identity_id: Option<i64>,
     pub top: u32,
 }
 

@@ -261,11 +261,13 @@ impl RequestLogStore for PgStore {
              FROM api_requests_log \
              WHERE api = 'authz' AND ts >= $1 AND ts < $2 \
                AND ($3::bigint IS NULL OR api_key_id = $3) \
+               AND ($4::bigint IS NULL OR identity_id = $4) \
              GROUP BY 1 ORDER BY 1",
         )
         .bind(query.from)
         .bind(query.to)
         .bind(query.key_id)
+        .bind(query.identity_id)
         .fetch_all(&self.pool)
         .await?;
         let keys: Vec<(i64, Option<String>, i64, i64)> = sqlx::query_as(
@@ -275,12 +277,14 @@ impl RequestLogStore for PgStore {
              FROM api_requests_log l LEFT JOIN api_keys k ON k.id = l.api_key_id \
              WHERE l.api = 'authz' AND l.ts >= $1 AND l.ts < $2 AND l.api_key_id IS NOT NULL \
                AND ($3::bigint IS NULL OR l.api_key_id = $3) \
+               AND ($5::bigint IS NULL OR l.identity_id = $5) \
              GROUP BY l.api_key_id, k.name ORDER BY count(*) DESC, l.api_key_id LIMIT $4",
         )
         .bind(query.from)
         .bind(query.to)
         .bind(query.key_id)
         .bind(i64::from(query.top))
+        .bind(query.identity_id)
         .fetch_all(&self.pool)
         .await?;
         Ok(UsageSummary::from_rows(days, keys))
@@ -301,6 +305,7 @@ impl RequestLogStore for PgStore {
         let mut api = Vec::with_capacity(rows.len());
         let mut cost = Vec::with_capacity(rows.len());
         let mut key_prefix = Vec::with_capacity(rows.len());
+        let mut identity_id = Vec::with_capacity(rows.len());
         for r in rows {
             ts.push(r.ts);
             request_id.push(r.request_id.clone());
@@ -316,13 +321,15 @@ impl RequestLogStore for PgStore {
             api.push(r.api.as_str());
             cost.push(count_i64(r.cost));
             key_prefix.push(r.key_prefix.clone());
+            identity_id.push(r.identity_id);
         }
         sqlx::query(
             "INSERT INTO api_requests_log (ts, request_id, api_key_id, method, path, host, \
-               client_addr, decision, reason, status, api, cost, decision_id, key_prefix) \
+               client_addr, decision, reason, status, api, cost, decision_id, key_prefix, \
+               identity_id) \
              SELECT * FROM UNNEST($1::timestamptz[], $2::text[], $3::bigint[], $4::text[], \
                $5::text[], $6::text[], $7::text[], $8::text[], $9::text[], $10::smallint[], \
-               $11::text[], $12::bigint[], $13::text[], $14::text[])",
+               $11::text[], $12::bigint[], $13::text[], $14::text[], $15::bigint[])",
         )
         .bind(ts)
         .bind(request_id)
@@ -338,6 +345,7 @@ impl RequestLogStore for PgStore {
         .bind(cost)
         .bind(decision_id)
         .bind(key_prefix)
+        .bind(identity_id)
         .execute(&self.pool)
         .await?;
         Ok(())

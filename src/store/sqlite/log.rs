@@ -15,7 +15,7 @@ use crate::store::{
     LogRow, Maintenance, Outcome, RequestLogStore, StoreError, UsageQuery, UsageSummary,
 };
 
-/// Rows per INSERT statement of the request log (14 parameters each; SQLite allows 32,766).
+/// Rows per INSERT statement of the request log (15 parameters each; SQLite allows 32,766).
 const LOG_ROWS_PER_STATEMENT: usize = 500;
 
 /// Deletes up to 5,000 log rows older than `?1`, through the index on `ts` (migration 0006), so
@@ -100,11 +100,13 @@ impl RequestLogStore for SqliteStore {
                     SUM(decision = 'allow') AS allowed, SUM(decision = 'deny') AS denied \
              FROM api_requests_log \
              WHERE api = 'authz' AND ts >= ?1 AND ts < ?2 AND (?3 IS NULL OR api_key_id = ?3) \
+               AND (?4 IS NULL OR identity_id = ?4) \
              GROUP BY day ORDER BY day",
         )
         .bind(ts_text(query.from))
         .bind(ts_text(query.to))
         .bind(query.key_id)
+        .bind(query.identity_id)
         .fetch_all(&self.read)
         .await?;
         let keys: Vec<(i64, Option<String>, i64, i64)> = sqlx::query_as(
@@ -112,13 +114,14 @@ impl RequestLogStore for SqliteStore {
                     SUM(l.decision = 'allow') AS allowed, SUM(l.decision = 'deny') AS denied \
              FROM api_requests_log l LEFT JOIN api_keys k ON k.id = l.api_key_id \
              WHERE l.api = 'authz' AND l.ts >= ?1 AND l.ts < ?2 AND l.api_key_id IS NOT NULL \
-               AND (?3 IS NULL OR l.api_key_id = ?3) \
+               AND (?3 IS NULL OR l.api_key_id = ?3) AND (?5 IS NULL OR l.identity_id = ?5) \
              GROUP BY l.api_key_id, k.name ORDER BY COUNT(*) DESC, l.api_key_id LIMIT ?4",
         )
         .bind(ts_text(query.from))
         .bind(ts_text(query.to))
         .bind(query.key_id)
         .bind(i64::from(query.top))
+        .bind(query.identity_id)
         .fetch_all(&self.read)
         .await?;
         Ok(UsageSummary::from_rows(days, keys))
@@ -130,7 +133,8 @@ impl RequestLogStore for SqliteStore {
         for chunk in rows.chunks(LOG_ROWS_PER_STATEMENT) {
             let mut insert = sqlx::QueryBuilder::<sqlx::Sqlite>::new(
                 "INSERT INTO api_requests_log (ts, request_id, api_key_id, method, path, host, \
-                   client_addr, decision, reason, status, api, cost, decision_id, key_prefix) ",
+                   client_addr, decision, reason, status, api, cost, decision_id, key_prefix, \
+                   identity_id) ",
             );
             insert.push_values(chunk, |mut b, row| {
                 b.push_bind(ts_text(row.ts))
@@ -146,7 +150,8 @@ impl RequestLogStore for SqliteStore {
                     .push_bind(row.api.as_str())
                     .push_bind(count_i64(row.cost))
                     .push_bind(row.decision_id.clone())
-                    .push_bind(row.key_prefix.clone());
+                    .push_bind(row.key_prefix.clone())
+                    .push_bind(row.identity_id);
             });
             // Only the full-size statement is kept prepared: the odd sizes of the last chunk would
             // push the quota statements out of the connection's statement cache.
