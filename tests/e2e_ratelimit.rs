@@ -127,3 +127,50 @@ async fn a_keys_plan_from_its_metadata_picks_a_rate_limit_rule() {
     }
     tg.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_of_one_identity_share_its_per_minute_limit_through_the_identity_descriptor() {
+    let (tg, envoy) = start().await;
+    let identity = |args: &[&str]| -> String {
+        let mut all = vec!["identities", "create", "--json"];
+        all.extend_from_slice(args);
+        let out = tg.cli(&all);
+        assert!(out.status.success(), "{out:?}");
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["id"].as_i64().unwrap().to_string()
+    };
+    let acme = identity(&["--name", "acme", "--per-minute", "3"]);
+    let other = identity(&["--name", "other", "--per-minute", "3"]);
+    let create = |args: &[&str]| harness::cli::cli_create_key(tg.dir.path(), &tg.db_url, args);
+    let (a, _) = create(&["--name", "acme-a", "--identity", &acme]);
+    let (b, _) = create(&["--name", "acme-b", "--identity", &acme]);
+    let (c, _) = create(&["--name", "other-c", "--identity", &other]);
+    let (lone, _) = create(&["--name", "lone"]);
+    // acme's 3 a minute are shared by its two keys, counted by the identity_id descriptor
+    // (Check's own counting is off, so each request counts once).
+    for (key, left) in [(&a, "2"), (&b, "1"), (&a, "0")] {
+        let r = get(&envoy, "/v1/things", key).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["x-ratelimit-remaining"], left);
+        let limit = r.headers()["x-ratelimit-limit"].to_str().unwrap();
+        assert!(
+            limit.starts_with("3, ") && limit.contains("3;w=60;name=\"identity_per_minute\""),
+            "{limit}"
+        );
+    }
+    for key in [&b, &a] {
+        let r = get(&envoy, "/v1/things", key).await;
+        assert_eq!(r.status(), 429);
+        assert_eq!(r.headers()["x-envoy-ratelimited"], "true");
+        assert!(r.headers().contains_key("retry-after"));
+    }
+    // Another identity's keys, and keys without one, have their own counters.
+    for _ in 0..3 {
+        assert_eq!(get(&envoy, "/v1/things", &c).await.status(), 200);
+    }
+    assert_eq!(get(&envoy, "/v1/things", &c).await.status(), 429);
+    for _ in 0..5 {
+        assert_eq!(get(&envoy, "/v1/things", &lone).await.status(), 200);
+    }
+    tg.stop().await;
+}
