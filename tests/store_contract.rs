@@ -8,7 +8,8 @@ use harness::every_database;
 use harness::server::t0;
 use tollgate::keys::{self, Limits};
 use tollgate::store::{
-    KeyRecord, LogApi, LogRow, Outcome, Quota, QuotaOutcome, Spend, Stores, Usage, UsageQuery,
+    IdentityLimitsPatch, KeyRecord, LogApi, LogRow, Outcome, Quota, QuotaOutcome, Spend, Stores,
+    Usage, UsageQuery,
 };
 
 async fn new_key(stores: &Stores, name: &str, limits: Limits) -> i64 {
@@ -492,7 +493,78 @@ async fn a_lagging_clock_never_moves_the_counters_back_a_day(db: Db) {
     }
 }
 
+/// A spend for a key's identity that was deleted since the key was read (a replica's cache is
+/// up to a second behind) counts on the key alone, as the deletion left the key, instead of
+/// failing the request.
+async fn a_spend_for_an_identity_deleted_since_counts_on_the_key_alone(db: Db) {
+    let db = TestDb::create(db).await;
+    let stores = db.open_stores().await;
+    let identity = stores
+        .identities
+        .create_identity(
+            "gone",
+            IdentityLimitsPatch {
+                daily: Some(Some(1)),
+                ..Default::default()
+            },
+            t0(),
+        )
+        .await
+        .unwrap();
+    let key = stores
+        .keys
+        .create(&KeyRecord {
+            key: &keys::generate(),
+            name: "member",
+            limits: Limits::default(),
+            expires_at: None,
+            created_at: t0(),
+            permissions: &[],
+            metadata: &Default::default(),
+            identity_id: Some(identity.id),
+        })
+        .await
+        .unwrap()
+        .id;
+    let spend = Spend::new(key, 1, t0()).with_identity(identity.id);
+    let (mine, shared) = (quota(Some(3), None), quota(Some(1), None));
+    let first = stores
+        .quotas
+        .consume_shared(spend, mine, shared)
+        .await
+        .unwrap();
+    assert!(first.admitted());
+    assert!(
+        stores
+            .identities
+            .delete_identity(identity.id, t0())
+            .await
+            .unwrap()
+    );
+    // The identity's limit of 1 no longer applies; the key's own 3 do.
+    for _ in 0..2 {
+        let out = stores
+            .quotas
+            .consume_shared(spend, mine, shared)
+            .await
+            .unwrap();
+        assert!(out.admitted(), "{out:?}");
+    }
+    let refused = stores
+        .quotas
+        .consume_shared(spend, mine, shared)
+        .await
+        .unwrap();
+    assert!(!refused.admitted());
+    assert_eq!(
+        stores.quotas.usage(key, t0()).await.unwrap(),
+        usage(3, 3, 3)
+    );
+    stores.close().await;
+}
+
 every_database!(
+    a_spend_for_an_identity_deleted_since_counts_on_the_key_alone,
     a_lagging_clock_never_moves_the_counters_back_a_day,
     consume_admits_exactly_the_limit_across_replicas,
     consume_is_all_or_nothing_for_a_cost,

@@ -230,12 +230,23 @@ async fn consume_batch(
     if let [one] = batch.as_slice()
         && one.identity.is_some()
     {
-        let p = batch.pop().expect("one request");
+        let mut p = batch.pop().expect("one request");
         match spend_shared(pool, &p).await {
-            Ok(row) => answer_shared(p, row, give_backs),
-            Err(e) => fail_batch(vec![p], &e.into()),
+            // No identity row: the identity was deleted after the key was cached (deleting it
+            // detached its keys). The key alone, as it now is, below.
+            Ok(None) => {
+                p.identity = None;
+                batch.push(p);
+            }
+            Ok(row) => {
+                answer_shared(p, row, give_backs);
+                return 0;
+            }
+            Err(e) => {
+                fail_batch(vec![p], &e.into());
+                return 0;
+            }
         }
-        return 0;
     }
     if let [one] = batch.as_slice() {
         match spend_one(pool, one).await {

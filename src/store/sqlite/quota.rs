@@ -275,11 +275,18 @@ async fn consume_batch(
     // Requests of identities run after the others, each in a transaction of its own.
     let (shared, batch): (Vec<_>, Vec<_>) = batch.into_iter().partition(|p| p.identity.is_some());
     let mut ok = consume_keys(conn, batch, give_backs).await;
-    for p in shared {
+    let mut detached = Vec::new();
+    for mut p in shared {
         if p.is_abandoned() {
             continue;
         }
         match spend_shared(conn, &p).await {
+            // No identity row: the identity was deleted after the key was cached (deleting it
+            // detached its keys). The key alone, as it now is.
+            Ok(None) => {
+                p.identity = None;
+                detached.push(p);
+            }
             Ok(row) => answer_shared(p, row, give_backs),
             Err(e) => {
                 sqlx::query("ROLLBACK").execute(&mut *conn).await.ok();
@@ -287,6 +294,10 @@ async fn consume_batch(
                 ok = false;
             }
         }
+    }
+    if !detached.is_empty() {
+        let done = consume_keys(conn, detached, give_backs).await;
+        ok &= done;
     }
     ok
 }
