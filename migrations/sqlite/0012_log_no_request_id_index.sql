@@ -1,0 +1,5 @@
+-- No statement of tollgate's reads the log by request_id (the client's own x-request-id, kept for
+-- correlation only since 0008: rows are completed by decision_id), and the index cost every
+-- Check's row one more B-tree insert. To find a request by its id, bound the time as well
+-- (`WHERE request_id = ? AND ts >= ?`), which api_requests_log_ts serves.
+DROP INDEX IF EXISTS api_requests_log_request_id;
