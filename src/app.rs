@@ -34,6 +34,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::grpc::accesslog::AccessLogGrpc;
 use crate::grpc::authz::AuthzGrpc;
+use crate::grpc::coalesce::Coalesced;
 use crate::grpc::ratelimit::RateLimitGrpc;
 use crate::http::{HttpState, router};
 use crate::keys::cache::KeyCache;
@@ -408,20 +409,29 @@ impl App {
                 ))
                 .max_decoding_message_size(max_message),
             );
+        // Each connection's answers ready at one moment leave in one write (grpc::coalesce).
+        use futures_util::StreamExt;
         match &self.tls {
-            None => Box::pin(router.serve_with_incoming_shutdown(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
-                stop.cancelled_owned(),
-            )),
-            Some(tls) => Box::pin(router.serve_with_incoming_shutdown(
-                crate::tls::incoming::incoming(
-                    listener,
-                    tls.clone(),
-                    self.metrics.clone(),
-                    stop.clone(),
+            None => Box::pin(
+                router.serve_with_incoming_shutdown(
+                    TcpIncoming::from(listener)
+                        .with_nodelay(Some(true))
+                        .map(|conn| conn.map(Coalesced::new)),
+                    stop.cancelled_owned(),
                 ),
-                stop.cancelled_owned(),
-            )),
+            ),
+            Some(tls) => Box::pin(
+                router.serve_with_incoming_shutdown(
+                    crate::tls::incoming::incoming(
+                        listener,
+                        tls.clone(),
+                        self.metrics.clone(),
+                        stop.clone(),
+                    )
+                    .map(|conn| conn.map(Coalesced::new)),
+                    stop.cancelled_owned(),
+                ),
+            ),
         }
     }
 

@@ -4,4 +4,5 @@
 pub mod accesslog;
 pub mod admin;
 pub mod authz;
+pub mod coalesce;
 pub mod ratelimit;
