@@ -538,6 +538,8 @@ pub async fn run_keys(
 ) -> anyhow::Result<String> {
     let default_pm = config.limits.default_per_minute;
     let admin = KeyAdmin::new(stores, default_pm);
+    // The set-* commands: one change to one key, all of it or nothing.
+    let update = |id, change: KeyUpdate| admin.update(id, change, now);
     Ok(match command {
         KeysCommand::Create {
             name,
@@ -630,16 +632,14 @@ pub async fn run_keys(
                 patch != LimitsPatch::default(),
                 "nothing to change: give --per-minute, --daily, --monthly and/or --refund-5xx"
             );
-            let key = admin
-                .update(
-                    id,
-                    KeyUpdate {
-                        limits: patch,
-                        ..Default::default()
-                    },
-                    now,
-                )
-                .await?;
+            let key = update(
+                id,
+                KeyUpdate {
+                    limits: patch,
+                    ..Default::default()
+                },
+            )
+            .await?;
             format!("Updated API key {id}.\n{}", limits_text(&key, default_pm))
         }
         KeysCommand::Rotate { id, grace, json } => {
@@ -664,42 +664,36 @@ pub async fn run_keys(
             }
         }
         KeysCommand::SetPermissions { id, permissions } => {
-            let key = admin
-                .update(
-                    id,
-                    KeyUpdate {
-                        permissions: Some(permissions.0),
-                        ..Default::default()
-                    },
-                    now,
-                )
-                .await?;
+            let key = update(
+                id,
+                KeyUpdate {
+                    permissions: Some(permissions.0),
+                    ..Default::default()
+                },
+            )
+            .await?;
             format!("Updated API key {id}.\n{}\n", permissions_text(&key))
         }
         KeysCommand::SetMetadata { id, metadata } => {
-            let key = admin
-                .update(
-                    id,
-                    KeyUpdate {
-                        metadata: Some(metadata.0),
-                        ..Default::default()
-                    },
-                    now,
-                )
-                .await?;
+            let key = update(
+                id,
+                KeyUpdate {
+                    metadata: Some(metadata.0),
+                    ..Default::default()
+                },
+            )
+            .await?;
             format!("Updated API key {id}.\nMetadata: {}\n", metadata_text(&key))
         }
         KeysCommand::SetIdentity { id, identity } => {
-            let key = admin
-                .update(
-                    id,
-                    KeyUpdate {
-                        identity_id: Some(identity.0),
-                        ..Default::default()
-                    },
-                    now,
-                )
-                .await?;
+            let key = update(
+                id,
+                KeyUpdate {
+                    identity_id: Some(identity.0),
+                    ..Default::default()
+                },
+            )
+            .await?;
             format!("Updated API key {id}.\nIdentity: {}.\n", identity_of(&key))
         }
     })
