@@ -251,7 +251,7 @@ impl AuthzService {
             }
         };
         progress.key_id = Some(key.id);
-        progress.identity_id = key.identity.map(|i| i.id);
+        progress.identity_id = key.identity.as_deref().map(|i| i.id);
         if key.status == KeyStatus::Revoked {
             return deny(DenyReason::KeyRevoked, Some(key.id));
         }
@@ -280,6 +280,8 @@ impl AuthzService {
             .map(|limit| Rate::new(limit, MINUTE, self.algorithm));
         let identity_rate = key
             .identity
+            .as_deref()
+            .copied()
             .filter(|_| self.rate_limit)
             .and_then(|i| Some((i.id, i.per_minute?)))
             .map(|(id, limit)| (id, Rate::new(limit, MINUTE, self.algorithm)));
@@ -353,12 +355,12 @@ impl AuthzService {
             daily: key.limits.daily,
             monthly: key.limits.monthly,
         };
-        let identity_quota = key.identity.map(|i| Quota {
+        let identity_quota = key.identity.as_deref().map(|i| Quota {
             daily: i.daily,
             monthly: i.monthly,
         });
         let step = std::time::Instant::now();
-        let outcome = match key.identity {
+        let outcome = match key.identity.as_deref().copied() {
             None => {
                 let spend = self
                     .deps

@@ -714,6 +714,7 @@ fn permissions_text(key: &ApiKey) -> String {
 /// The key's identity as `keys show` and `keys list` print it.
 fn identity_of(key: &ApiKey) -> String {
     key.identity
+        .as_deref()
         .map(|i| i.id.to_string())
         .unwrap_or_else(|| "none".into())
 }
@@ -740,7 +741,7 @@ fn key_json(key: &ApiKey, default_pm: Option<u64>) -> serde_json::Value {
         "refund_5xx": key.limits.refund_5xx,
         "permissions": key.permissions,
         "metadata": key.metadata,
-        "identity_id": key.identity.map(|i| i.id),
+        "identity_id": key.identity.as_deref().map(|i| i.id),
         "old_prefix": key.old_secret.as_ref().map(|o| o.prefix.clone()),
         "old_key_expires_at": key.old_secret.as_ref().map(|o| rfc3339(o.expires_at)),
     })

@@ -587,7 +587,7 @@ pub(crate) fn key_message(
             .map(|o| o.prefix.clone())
             .unwrap_or_default(),
         old_key_expires_at: key.old_secret.as_ref().map(|o| timestamp(o.expires_at)),
-        identity_id: key.identity.map(|i| i.id),
+        identity_id: key.identity.as_deref().map(|i| i.id),
     }
 }
 

@@ -201,7 +201,7 @@ impl AuthzGrpc {
         }
         fields.insert("key_id".to_string(), string_value(key.id.to_string()));
         fields.insert("key_name".to_string(), string_value(key.name.clone()));
-        if let Some(identity) = key.identity {
+        if let Some(identity) = key.identity.as_deref().copied() {
             fields.insert(
                 "identity_id".to_string(),
                 string_value(identity.id.to_string()),

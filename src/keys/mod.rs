@@ -154,8 +154,9 @@ pub struct ApiKey {
     pub status: KeyStatus,
     pub expires_at: Option<DateTime<Utc>>,
     pub limits: Limits,
-    /// The secret retired by the last rotation, while it may still be working.
-    pub old_secret: Option<OldSecret>,
+    /// The secret retired by the last rotation, while it may still be working (boxed, as the
+    /// identity: most keys have neither, and every cached key pays for the inline size).
+    pub old_secret: Option<Box<OldSecret>>,
     /// This key was found by its old secret's hash (so the grace decides whether it works).
     pub by_old_secret: bool,
     /// The permissions the key has, sorted; empty: it may call every route.
@@ -163,7 +164,7 @@ pub struct ApiKey {
     /// Fields the key carries to Envoy's dynamic metadata and, if configured, upstream headers.
     pub metadata: std::collections::BTreeMap<String, String>,
     /// The identity whose limits the key shares, if it belongs to one.
-    pub identity: Option<IdentityLimits>,
+    pub identity: Option<Box<IdentityLimits>>,
 }
 
 impl ApiKey {
@@ -260,10 +261,10 @@ mod tests {
             status: KeyStatus::Active,
             expires_at: None,
             limits: Limits::default(),
-            old_secret: Some(OldSecret {
+            old_secret: Some(Box::new(OldSecret {
                 prefix: "tg_zzzzzzzz".into(),
                 expires_at: at,
-            }),
+            })),
             by_old_secret: false,
             permissions: Vec::new(),
             metadata: Default::default(),

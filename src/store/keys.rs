@@ -233,7 +233,7 @@ impl TryFrom<KeyRow> for ApiKey {
             None => BTreeMap::new(),
         };
         let old_secret = match (row.old_prefix, row.old_key_expires_at) {
-            (Some(prefix), Some(expires_at)) => Some(OldSecret { prefix, expires_at }),
+            (Some(prefix), Some(expires_at)) => Some(Box::new(OldSecret { prefix, expires_at })),
             _ => None,
         };
         Ok(ApiKey {
@@ -255,11 +255,13 @@ impl TryFrom<KeyRow> for ApiKey {
             by_old_secret: row.by_old,
             permissions,
             metadata,
-            identity: row.identity_id.map(|id| IdentityLimits {
-                id,
-                per_minute: limit(row.identity_per_minute),
-                daily: limit(row.identity_daily),
-                monthly: limit(row.identity_monthly),
+            identity: row.identity_id.map(|id| {
+                Box::new(IdentityLimits {
+                    id,
+                    per_minute: limit(row.identity_per_minute),
+                    daily: limit(row.identity_daily),
+                    monthly: limit(row.identity_monthly),
+                })
             }),
         })
     }
