@@ -483,20 +483,7 @@ impl KeyAdmin {
         // Known key first: an unknown id is NOT_FOUND, not an empty report.
         self.get(id).await?;
         let counters = self.quotas.usage(id, now).await?;
-        let summary = self
-            .log
-            .summarize(&UsageQuery {
-                from,
-                to,
-                key_id: Some(id),
-                identity_id: None,
-                top: 0,
-            })
-            .await?;
-        Ok(UsageReport {
-            counters,
-            days: summary.days,
-        })
+        self.report(counters, from, to, Some(id), None).await
     }
 
     /// An identity's shared counters at `now`, and the requests of its keys (as the log
@@ -511,13 +498,26 @@ impl KeyAdmin {
         // Known identity first: an unknown (or deleted) one is NOT_FOUND, not an empty report.
         self.get_identity(id).await?;
         let counters = self.quotas.identity_usage(id, now).await?;
+        self.report(counters, from, to, None, Some(id)).await
+    }
+
+    /// `counters`, with the requests per UTC day in `[from, to)` the log has for that key or
+    /// identity.
+    async fn report(
+        &self,
+        counters: Usage,
+        from: DateTime<Utc>,
+        to: DateTime<Utc>,
+        key_id: Option<i64>,
+        identity_id: Option<i64>,
+    ) -> Result<UsageReport, AdminError> {
         let summary = self
             .log
             .summarize(&UsageQuery {
                 from,
                 to,
-                key_id: None,
-                identity_id: Some(id),
+                key_id,
+                identity_id,
                 top: 0,
             })
             .await?;
