@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use envoy_types::pb::envoy::service::accesslog::v3::access_log_service_server::AccessLogServiceServer;
-use envoy_types::pb::envoy::service::auth::v3::authorization_server::AuthorizationServer;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::RateLimitServiceServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -34,6 +33,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::grpc::accesslog::AccessLogGrpc;
 use crate::grpc::authz::AuthzGrpc;
+use crate::grpc::check_request::AuthorizationServer;
 use crate::grpc::coalesce::Coalesced;
 use crate::grpc::ratelimit::RateLimitGrpc;
 use crate::http::{HttpState, router};

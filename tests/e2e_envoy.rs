@@ -133,6 +133,7 @@ over_both_hops!(
     tollgate_unreachable_is_503_not_an_open_door,
     envoys_access_log_completes_each_row_with_the_answer,
     a_key_that_asks_gets_its_quota_back_when_the_upstream_fails,
+    a_header_that_is_not_utf8_is_ignored_not_an_error,
     only_the_failed_request_is_refunded_when_two_share_a_request_id,
 );
 
@@ -252,6 +253,30 @@ async fn missing_and_unknown_keys_are_401_problems(hop: Hop) {
         r.header("x-echo-tollgate-key-id").is_none(),
         "never reached upstream"
     );
+    tg.stop().await;
+}
+
+/// A header value of bytes that are not UTF-8 (HTTP allows them) does not change the decision,
+/// whichever way Envoy sends the headers (the raw header map, or the headers map as Istio's
+/// filter does): tollgate reads only the fields a Check uses (`grpc::check_request`).
+async fn a_header_that_is_not_utf8_is_ignored_not_an_error(hop: Hop) {
+    let (tg, envoy, _pki) = start(hop, |_| {}).await;
+    let (key, _) = tg.create_key("latin", Limits::default()).await;
+    let odd = reqwest::header::HeaderValue::from_bytes(b"caf\xe9").unwrap();
+    let send = |key: &str| {
+        http_client()
+            .get(envoy.url("/v1/things"))
+            .header("x-api-key", key)
+            .header("x-latin", odd.clone())
+            .send()
+    };
+    let r = send(&key).await.expect("envoy answers");
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.text().await.unwrap(), "hello from upstream\n");
+    let r = send("tg_unknownunknownunknownunknownunknown0000")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
     tg.stop().await;
 }
 

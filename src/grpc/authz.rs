@@ -1,24 +1,25 @@
 //! `envoy.service.auth.v3.Authorization/Check`: translates a `CheckRequest` into a
 //! [`CheckInput`], asks [`AuthzService`], and translates the [`Decision`] back.
 //!
-//! Anything a request lacks (no attributes, no HTTP part, non-UTF-8 raw headers) simply reads as
-//! absent: the answer is always a well-formed allow or deny, never an error or a panic.
+//! Anything a request lacks (no attributes, no HTTP part, a field or header that is not UTF-8)
+//! simply reads as absent: the answer is always a well-formed allow or deny, never an error or a
+//! panic. The request is decoded as [`check_request`]'s lean messages.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::{
-    HeaderValue, HeaderValueOption, address, header_value_option::HeaderAppendAction,
+    HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
 };
 use envoy_types::pb::envoy::service::auth::v3::{
-    CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
-    attribute_context::HttpRequest, authorization_server::Authorization, check_response,
+    CheckResponse, DeniedHttpResponse, OkHttpResponse, check_response,
 };
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc::Status;
-use tonic::{Request, Response};
 
+use super::check_request::{self, Authorization, CheckRequest, Entry, HttpRequest, lookup, text};
 use crate::authz::{AuthzService, CheckInput};
 use crate::decision::{Allowed, Decision, Denial, DenyReason, rate_limit_headers};
 
@@ -79,55 +80,41 @@ impl AuthzGrpc {
 /// The request's headers, whichever way Envoy sent them (`headers`, or `header_map` when the
 /// filter's `encode_raw_headers` is on).
 struct Headers<'a> {
-    map: Option<&'a HashMap<String, String>>,
-    raw: Vec<(&'a str, &'a str)>,
+    map: &'a [Entry],
+    raw: &'a [check_request::HeaderValue],
 }
 
 impl<'a> Headers<'a> {
     fn of(http: Option<&'a HttpRequest>) -> Self {
-        let Some(http) = http else {
-            return Headers {
-                map: None,
-                raw: Vec::new(),
-            };
-        };
-        let raw = http
-            .header_map
-            .iter()
-            .flat_map(|m| m.headers.iter())
-            .filter_map(|h| {
-                let value = if h.raw_value.is_empty() {
-                    h.value.as_str()
-                } else {
-                    std::str::from_utf8(&h.raw_value).ok()?
-                };
-                Some((h.key.as_str(), value))
-            })
-            .collect();
         Headers {
-            map: Some(&http.headers),
-            raw,
+            map: http.map_or(&[], |h| &h.headers),
+            raw: http
+                .and_then(|h| h.header_map.as_ref())
+                .map_or(&[], |m| &m.headers),
         }
     }
 
     fn get(&self, name: &str) -> Option<&'a str> {
-        if let Some(v) = self.map.and_then(|m| m.get(name)) {
-            return Some(v.as_str());
+        if let Some(v) = lookup(self.map, name) {
+            return Some(v);
         }
         self.raw
             .iter()
+            .filter_map(|h| {
+                let value = if h.raw_value.is_empty() {
+                    &h.value
+                } else {
+                    &h.raw_value
+                };
+                Some((text(&h.key)?, text(value)?))
+            })
             .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| *v)
+            .map(|(_, v)| v)
     }
 }
 
-#[tonic::async_trait]
 impl Authorization for AuthzGrpc {
-    async fn check(
-        &self,
-        request: Request<CheckRequest>,
-    ) -> Result<Response<CheckResponse>, tonic::Status> {
-        let request = request.into_inner();
+    async fn check(&self, request: CheckRequest) -> Result<CheckResponse, tonic::Status> {
         let attributes = request.attributes.as_ref();
         let http = attributes
             .and_then(|a| a.request.as_ref())
@@ -136,11 +123,9 @@ impl Authorization for AuthzGrpc {
         let client_addr = attributes
             .and_then(|a| a.source.as_ref())
             .and_then(|p| p.address.as_ref())
-            .and_then(|a| a.address.as_ref())
-            .and_then(|a| match a {
-                address::Address::SocketAddress(s) => Some(s.address.as_str()),
-                _ => None,
-            });
+            .and_then(|a| a.socket_address.as_ref())
+            .and_then(|s| text(&s.address));
+        let extensions = attributes.map_or(&[][..], |a| &a.context_extensions);
         let input = CheckInput {
             credential: self.service.credential(|name| headers.get(name)),
             method: http.and_then(|h| non_empty(&h.method)),
@@ -152,18 +137,14 @@ impl Authorization for AuthzGrpc {
                 .get("x-request-id")
                 .or_else(|| http.and_then(|h| non_empty(&h.id))),
             client_addr,
-            cost: attributes
-                .and_then(|a| a.context_extensions.get(COST_EXTENSION))
-                .map(String::as_str),
-            permission: attributes
-                .and_then(|a| a.context_extensions.get(PERMISSION_EXTENSION))
-                .map(String::as_str),
+            cost: lookup(extensions, COST_EXTENSION),
+            permission: lookup(extensions, PERMISSION_EXTENSION),
         };
         let (decision, decision_id) = self.service.check(&input).await;
-        Ok(Response::new(match decision {
+        Ok(match decision {
             Decision::Allow(allowed) => self.ok_response(&allowed, decision_id),
             Decision::Deny(denial) => denied_response(&denial, decision_id),
-        }))
+        })
     }
 }
 
@@ -269,8 +250,9 @@ fn header(key: &str, value: String) -> HeaderValueOption {
     }
 }
 
-fn non_empty(s: &str) -> Option<&str> {
-    Some(s).filter(|s| !s.is_empty())
+/// A text field, unless it is empty or not UTF-8.
+fn non_empty(field: &Bytes) -> Option<&str> {
+    text(field).filter(|s| !s.is_empty())
 }
 
 fn string_value(s: String) -> Value {
