@@ -3,23 +3,18 @@
 //!
 //! Anything a request lacks (no attributes, no HTTP part, a field or header that is not UTF-8)
 //! simply reads as absent: the answer is always a well-formed allow or deny, never an error or a
-//! panic. The request is decoded as [`check_request`]'s lean messages.
+//! panic. The request is decoded as [`check_wire`]'s lean messages.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use envoy_types::pb::envoy::config::core::v3::{
-    HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
-};
-use envoy_types::pb::envoy::service::auth::v3::{
-    CheckResponse, DeniedHttpResponse, OkHttpResponse, check_response,
-};
-use envoy_types::pb::envoy::r#type::v3::HttpStatus;
-use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
-use envoy_types::pb::google::rpc::Status;
+use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
 
-use super::check_request::{self, Authorization, CheckRequest, Entry, HttpRequest, lookup, text};
+use super::check_wire::{
+    self, Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, Entry, HeaderValue,
+    HeaderValueOption, HttpRequest, HttpResponse, HttpStatus, OkHttpResponse, RpcStatus, Struct,
+    StructField, lookup, text,
+};
 use crate::authz::{AuthzService, CheckInput};
 use crate::decision::{Allowed, Decision, Denial, DenyReason, rate_limit_headers};
 
@@ -51,17 +46,18 @@ pub const METADATA_HEADER_PREFIX: &str = "x-tollgate-";
 /// The tonic service for ext_authz.
 pub struct AuthzGrpc {
     service: Arc<AuthzService>,
-    key_id_header: String,
+    /// Header names are shared, not copied, into every answer.
+    key_id_header: Bytes,
     hide_credentials: bool,
     /// `authz.metadata_headers`: (field, header name) pairs.
-    metadata_headers: Vec<(String, String)>,
+    metadata_headers: Vec<(String, Bytes)>,
 }
 
 impl AuthzGrpc {
     pub fn new(service: Arc<AuthzService>, key_id_header: String, hide_credentials: bool) -> Self {
         Self {
             service,
-            key_id_header,
+            key_id_header: key_id_header.into(),
             hide_credentials,
             metadata_headers: Vec::new(),
         }
@@ -71,7 +67,7 @@ impl AuthzGrpc {
     pub fn with_metadata_headers(mut self, fields: &[String]) -> Self {
         self.metadata_headers = fields
             .iter()
-            .map(|f| (f.clone(), format!("{METADATA_HEADER_PREFIX}{f}")))
+            .map(|f| (f.clone(), format!("{METADATA_HEADER_PREFIX}{f}").into()))
             .collect();
         self
     }
@@ -81,7 +77,7 @@ impl AuthzGrpc {
 /// filter's `encode_raw_headers` is on).
 struct Headers<'a> {
     map: &'a [Entry],
-    raw: &'a [check_request::HeaderValue],
+    raw: &'a [check_wire::HeaderValue],
 }
 
 impl<'a> Headers<'a> {
@@ -151,9 +147,9 @@ impl Authorization for AuthzGrpc {
 impl AuthzGrpc {
     fn ok_response(&self, allowed: &Allowed, decision_id: String) -> CheckResponse {
         let key = &allowed.key;
-        let mut headers = vec![header(&self.key_id_header, key.id.to_string())];
+        let mut headers = vec![header(self.key_id_header.clone(), key.id.to_string())];
         let mut headers_to_remove = if self.hide_credentials {
-            vec![allowed.credential_header.to_string()]
+            vec![Bytes::copy_from_slice(allowed.credential_header.as_bytes())]
         } else {
             Vec::new()
         };
@@ -161,7 +157,7 @@ impl AuthzGrpc {
         // that name is replaced, or removed when the key has no such field.
         for (field, name) in &self.metadata_headers {
             match key.metadata.get(field) {
-                Some(value) => headers.push(header(name, value.clone())),
+                Some(value) => headers.push(header(name.clone(), value.clone())),
                 None => headers_to_remove.push(name.clone()),
             }
         }
@@ -170,33 +166,28 @@ impl AuthzGrpc {
             headers_to_remove,
             response_headers_to_add: rate_limit_headers(&allowed.limits)
                 .into_iter()
-                .map(|(k, v)| header(k, v))
+                .map(|(k, v)| header(Bytes::from_static(k.as_bytes()), v))
                 .collect(),
-            ..Default::default()
         };
-        let mut fields = HashMap::with_capacity(3 + key.metadata.len());
-        // The key's own fields first, so tollgate's (which no key's may be named) are never
-        // replaced.
+        let mut fields = Vec::with_capacity(4 + key.metadata.len());
+        // The key's own fields first: on the wire a later entry of a map replaces an earlier
+        // one, so tollgate's (which no key's may be named) always win.
         for (k, v) in &key.metadata {
-            fields.insert(k.clone(), string_value(v.clone()));
+            fields.push(StructField::string(k.clone(), v.clone()));
         }
-        fields.insert("key_id".to_string(), string_value(key.id.to_string()));
-        fields.insert("key_name".to_string(), string_value(key.name.clone()));
-        if let Some(identity) = key.identity.as_deref().copied() {
-            fields.insert(
-                "identity_id".to_string(),
-                string_value(identity.id.to_string()),
-            );
+        fields.push(StructField::string("key_id", key.id.to_string()));
+        fields.push(StructField::string("key_name", key.name.clone()));
+        if let Some(identity) = key.identity.as_deref() {
+            fields.push(StructField::string("identity_id", identity.id.to_string()));
         }
-        fields.insert(DECISION_ID_METADATA.to_string(), string_value(decision_id));
-        let metadata = Struct { fields };
+        fields.push(StructField::string(DECISION_ID_METADATA, decision_id));
         CheckResponse {
-            status: Some(Status {
+            status: Some(RpcStatus {
                 code: OK,
-                ..Default::default()
+                message: Bytes::new(),
             }),
-            dynamic_metadata: Some(metadata),
-            http_response: Some(check_response::HttpResponse::OkResponse(ok)),
+            dynamic_metadata: Some(Struct { fields }),
+            http_response: Some(HttpResponse::Ok(ok)),
         }
     }
 }
@@ -218,45 +209,37 @@ fn denied_response(denial: &Denial, decision_id: String) -> CheckResponse {
         headers: denial
             .headers()
             .into_iter()
-            .map(|(k, v)| header(k, v))
+            .map(|(k, v)| header(Bytes::from_static(k.as_bytes()), v))
             .collect(),
         body: denial.body(),
     };
     CheckResponse {
-        status: Some(Status {
+        status: Some(RpcStatus {
             code,
-            message: denial.reason.code().to_string(),
-            ..Default::default()
+            message: Bytes::from_static(denial.reason.code().as_bytes()),
         }),
         // Envoy keeps a denied answer's metadata too, so its access log completes the row.
         dynamic_metadata: Some(Struct {
-            fields: HashMap::from([(DECISION_ID_METADATA.to_string(), string_value(decision_id))]),
+            fields: vec![StructField::string(DECISION_ID_METADATA, decision_id)],
         }),
-        http_response: Some(check_response::HttpResponse::DeniedResponse(denied)),
+        http_response: Some(HttpResponse::Denied(denied)),
     }
 }
 
 /// A header that replaces any value of the same name (so a client cannot smuggle its own
 /// `x-tollgate-key-id` upstream).
-fn header(key: &str, value: String) -> HeaderValueOption {
+fn header(key: Bytes, value: String) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue {
-            key: key.to_string(),
-            value,
-            raw_value: Vec::new(),
+            key,
+            value: value.into(),
+            raw_value: Bytes::new(),
         }),
         append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
-        ..Default::default()
     }
 }
 
 /// A text field, unless it is empty or not UTF-8.
 fn non_empty(field: &Bytes) -> Option<&str> {
     text(field).filter(|s| !s.is_empty())
-}
-
-fn string_value(s: String) -> Value {
-    Value {
-        kind: Some(Kind::StringValue(s)),
-    }
 }
