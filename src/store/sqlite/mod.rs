@@ -98,12 +98,76 @@ impl Database for SqliteStore {
 
 /// RFC 3339 UTC with milliseconds: the text form of times in SQLite (it sorts as time does).
 pub(crate) fn ts_text(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    let mut buf = [0; TS_TEXT_LEN];
+    match write_ts_text(t, &mut buf) {
+        Some(text) => text.to_owned(),
+        None => t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    }
+}
+
+/// Length of [`ts_text`]'s text for years 0 to 9999: `2026-03-10T12:00:20.123Z`.
+pub(crate) const TS_TEXT_LEN: usize = 24;
+
+/// [`ts_text`] written by hand into `buf`, for years 0 to 9999 outside a leap second (`None`
+/// otherwise: chrono writes those). It runs for every request-log row and quota statement, and
+/// chrono's formatter costs several times as much.
+pub(crate) fn write_ts_text(t: DateTime<Utc>, buf: &mut [u8; TS_TEXT_LEN]) -> Option<&str> {
+    use chrono::{Datelike, Timelike};
+    let year = u32::try_from(t.year()).ok().filter(|y| *y <= 9999)?;
+    // chrono's Millis truncates; a leap second's nanoseconds run past 1,000,000,000.
+    let ms = t.nanosecond() / 1_000_000;
+    if ms >= 1000 {
+        return None;
+    }
+    *buf = *b"0000-00-00T00:00:00.000Z";
+    let mut put = |at: usize, digits: usize, mut n: u32| {
+        for i in (at..at + digits).rev() {
+            buf[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+        }
+    };
+    put(0, 4, year);
+    put(5, 2, t.month());
+    put(8, 2, t.day());
+    put(11, 2, t.hour());
+    put(14, 2, t.minute());
+    put(17, 2, t.second());
+    put(20, 3, ms);
+    std::str::from_utf8(buf).ok()
 }
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    #[test]
+    fn ts_text_is_what_chrono_writes() {
+        let chrono_text = |t: DateTime<Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+        let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut times: Vec<DateTime<Utc>> = (0..20_000)
+            .map(|_| {
+                // xorshift: seconds across years 0 to 9999, any nanosecond.
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                let secs = (state % 315_537_897_600) as i64 - 62_167_219_200;
+                DateTime::from_timestamp(secs, (state >> 34) as u32 % 1_000_000_000).unwrap()
+            })
+            .collect();
+        times.extend([
+            DateTime::from_timestamp(0, 0).unwrap(),
+            DateTime::from_timestamp(1_773_144_020, 999_999_999).unwrap(),
+            DateTime::from_timestamp(-62_167_219_200, 0).unwrap(),
+            DateTime::from_timestamp(253_402_300_799, 999_000_000).unwrap(),
+            // Outside what the hand-written form covers: chrono writes them.
+            DateTime::from_timestamp(253_402_300_800, 0).unwrap(),
+            DateTime::from_timestamp(-62_167_219_201, 0).unwrap(),
+            DateTime::from_timestamp(1_483_228_799, 1_500_000_000).unwrap(),
+        ]);
+        for t in times {
+            assert_eq!(ts_text(t), chrono_text(t), "{t:?}");
+        }
+    }
 
     /// A migrated store in a temporary directory (kept while the directory lives).
     pub(crate) async fn migrated_store() -> (tempfile::TempDir, SqliteStore) {
