@@ -33,7 +33,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::grpc::accesslog::AccessLogGrpc;
 use crate::grpc::authz::AuthzGrpc;
-use crate::grpc::check_wire::AuthorizationServer;
+use crate::grpc::check_request::AuthorizationServer;
 use crate::grpc::coalesce::Coalesced;
 use crate::grpc::ratelimit::RateLimitGrpc;
 use crate::http::{HttpState, router};

@@ -41,7 +41,7 @@ pub(crate) mod failure;
 pub(crate) mod grpc;
 /// The messages a Check is decoded as, for the hostile-input tests; not an API.
 #[doc(hidden)]
-pub use grpc::check_wire;
+pub use grpc::check_request;
 pub(crate) mod http;
 pub mod keys;
 pub mod limiter;

@@ -258,7 +258,7 @@ async fn missing_and_unknown_keys_are_401_problems(hop: Hop) {
 
 /// A header value of bytes that are not UTF-8 (HTTP allows them) does not change the decision,
 /// whichever way Envoy sends the headers (the raw header map, or the headers map as Istio's
-/// filter does): tollgate reads only the fields a Check uses (`grpc::check_wire`).
+/// filter does): tollgate reads only the fields a Check uses (`grpc::check_request`).
 async fn a_header_that_is_not_utf8_is_ignored_not_an_error(hop: Hop) {
     let (tg, envoy, _pki) = start(hop, |_| {}).await;
     let (key, _) = tg.create_key("latin", Limits::default()).await;

@@ -3,7 +3,7 @@
 //! huge varints, deep nesting), and arbitrary well-typed requests (any strings in headers, costs,
 //! near-miss keys, descriptors, overrides, hits). Each answer must be well formed: a message that
 //! does not decode gets tonic's decode error, one that does gets an answer that says something
-//! (a Check is decoded as the fields tollgate reads: `grpc::check_wire`);
+//! (a Check is decoded as the fields tollgate reads: `grpc::check_request`);
 //! no task of the server panics, and after every case a real key is still allowed.
 //!
 //! Three servers, one per counting algorithm, share the cases; before a case its server's clock
@@ -45,7 +45,7 @@ use proptest::sample::Index;
 use proptest::test_runner::{Config as ProptestConfig, TestCaseError, TestRunner};
 use prost::Message;
 use prost::bytes::{Buf, BufMut};
-use tollgate::check_wire::CheckRequest as LeanCheckRequest;
+use tollgate::check_request::CheckRequest as LeanCheckRequest;
 use tollgate::limiter::Algorithm;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;

@@ -3,18 +3,23 @@
 //!
 //! Anything a request lacks (no attributes, no HTTP part, a field or header that is not UTF-8)
 //! simply reads as absent: the answer is always a well-formed allow or deny, never an error or a
-//! panic. The request is decoded as [`check_wire`]'s lean messages.
+//! panic. The request is decoded as [`check_request`]'s lean messages.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use envoy_types::pb::envoy::config::core::v3::header_value_option::HeaderAppendAction;
-
-use super::check_wire::{
-    self, Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, Entry, HeaderValue,
-    HeaderValueOption, HttpRequest, HttpResponse, HttpStatus, OkHttpResponse, RpcStatus, Struct,
-    StructField, lookup, text,
+use envoy_types::pb::envoy::config::core::v3::{
+    HeaderValue, HeaderValueOption, header_value_option::HeaderAppendAction,
 };
+use envoy_types::pb::envoy::service::auth::v3::{
+    CheckResponse, DeniedHttpResponse, OkHttpResponse, check_response,
+};
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+use envoy_types::pb::google::rpc::Status;
+
+use super::check_request::{self, Authorization, CheckRequest, Entry, HttpRequest, lookup, text};
 use crate::authz::{AuthzService, CheckInput};
 use crate::decision::{Allowed, Decision, Denial, DenyReason, rate_limit_headers};
 
@@ -46,18 +51,17 @@ pub const METADATA_HEADER_PREFIX: &str = "x-tollgate-";
 /// The tonic service for ext_authz.
 pub struct AuthzGrpc {
     service: Arc<AuthzService>,
-    /// Header names are shared, not copied, into every answer.
-    key_id_header: Bytes,
+    key_id_header: String,
     hide_credentials: bool,
     /// `authz.metadata_headers`: (field, header name) pairs.
-    metadata_headers: Vec<(String, Bytes)>,
+    metadata_headers: Vec<(String, String)>,
 }
 
 impl AuthzGrpc {
     pub fn new(service: Arc<AuthzService>, key_id_header: String, hide_credentials: bool) -> Self {
         Self {
             service,
-            key_id_header: key_id_header.into(),
+            key_id_header,
             hide_credentials,
             metadata_headers: Vec::new(),
         }
@@ -67,7 +71,7 @@ impl AuthzGrpc {
     pub fn with_metadata_headers(mut self, fields: &[String]) -> Self {
         self.metadata_headers = fields
             .iter()
-            .map(|f| (f.clone(), format!("{METADATA_HEADER_PREFIX}{f}").into()))
+            .map(|f| (f.clone(), format!("{METADATA_HEADER_PREFIX}{f}")))
             .collect();
         self
     }
@@ -77,7 +81,7 @@ impl AuthzGrpc {
 /// filter's `encode_raw_headers` is on).
 struct Headers<'a> {
     map: &'a [Entry],
-    raw: &'a [check_wire::HeaderValue],
+    raw: &'a [check_request::HeaderValue],
 }
 
 impl<'a> Headers<'a> {
@@ -147,9 +151,9 @@ impl Authorization for AuthzGrpc {
 impl AuthzGrpc {
     fn ok_response(&self, allowed: &Allowed, decision_id: String) -> CheckResponse {
         let key = &allowed.key;
-        let mut headers = vec![header(self.key_id_header.clone(), key.id.to_string())];
+        let mut headers = vec![header(&self.key_id_header, key.id.to_string())];
         let mut headers_to_remove = if self.hide_credentials {
-            vec![Bytes::copy_from_slice(allowed.credential_header.as_bytes())]
+            vec![allowed.credential_header.to_string()]
         } else {
             Vec::new()
         };
@@ -157,7 +161,7 @@ impl AuthzGrpc {
         // that name is replaced, or removed when the key has no such field.
         for (field, name) in &self.metadata_headers {
             match key.metadata.get(field) {
-                Some(value) => headers.push(header(name.clone(), value.clone())),
+                Some(value) => headers.push(header(name, value.clone())),
                 None => headers_to_remove.push(name.clone()),
             }
         }
@@ -166,28 +170,33 @@ impl AuthzGrpc {
             headers_to_remove,
             response_headers_to_add: rate_limit_headers(&allowed.limits)
                 .into_iter()
-                .map(|(k, v)| header(Bytes::from_static(k.as_bytes()), v))
+                .map(|(k, v)| header(k, v))
                 .collect(),
+            ..Default::default()
         };
-        let mut fields = Vec::with_capacity(4 + key.metadata.len());
-        // The key's own fields first: on the wire a later entry of a map replaces an earlier
-        // one, so tollgate's (which no key's may be named) always win.
+        let mut fields = HashMap::with_capacity(3 + key.metadata.len());
+        // The key's own fields first, so tollgate's (which no key's may be named) are never
+        // replaced.
         for (k, v) in &key.metadata {
-            fields.push(StructField::string(k.clone(), v.clone()));
+            fields.insert(k.clone(), string_value(v.clone()));
         }
-        fields.push(StructField::string("key_id", key.id.to_string()));
-        fields.push(StructField::string("key_name", key.name.clone()));
-        if let Some(identity) = key.identity.as_deref() {
-            fields.push(StructField::string("identity_id", identity.id.to_string()));
+        fields.insert("key_id".to_string(), string_value(key.id.to_string()));
+        fields.insert("key_name".to_string(), string_value(key.name.clone()));
+        if let Some(identity) = key.identity.as_deref().copied() {
+            fields.insert(
+                "identity_id".to_string(),
+                string_value(identity.id.to_string()),
+            );
         }
-        fields.push(StructField::string(DECISION_ID_METADATA, decision_id));
+        fields.insert(DECISION_ID_METADATA.to_string(), string_value(decision_id));
+        let metadata = Struct { fields };
         CheckResponse {
-            status: Some(RpcStatus {
+            status: Some(Status {
                 code: OK,
-                message: Bytes::new(),
+                ..Default::default()
             }),
-            dynamic_metadata: Some(Struct { fields }),
-            http_response: Some(HttpResponse::Ok(ok)),
+            dynamic_metadata: Some(metadata),
+            http_response: Some(check_response::HttpResponse::OkResponse(ok)),
         }
     }
 }
@@ -209,37 +218,45 @@ fn denied_response(denial: &Denial, decision_id: String) -> CheckResponse {
         headers: denial
             .headers()
             .into_iter()
-            .map(|(k, v)| header(Bytes::from_static(k.as_bytes()), v))
+            .map(|(k, v)| header(k, v))
             .collect(),
         body: denial.body(),
     };
     CheckResponse {
-        status: Some(RpcStatus {
+        status: Some(Status {
             code,
-            message: Bytes::from_static(denial.reason.code().as_bytes()),
+            message: denial.reason.code().to_string(),
+            ..Default::default()
         }),
         // Envoy keeps a denied answer's metadata too, so its access log completes the row.
         dynamic_metadata: Some(Struct {
-            fields: vec![StructField::string(DECISION_ID_METADATA, decision_id)],
+            fields: HashMap::from([(DECISION_ID_METADATA.to_string(), string_value(decision_id))]),
         }),
-        http_response: Some(HttpResponse::Denied(denied)),
+        http_response: Some(check_response::HttpResponse::DeniedResponse(denied)),
     }
 }
 
 /// A header that replaces any value of the same name (so a client cannot smuggle its own
 /// `x-tollgate-key-id` upstream).
-fn header(key: Bytes, value: String) -> HeaderValueOption {
+fn header(key: &str, value: String) -> HeaderValueOption {
     HeaderValueOption {
         header: Some(HeaderValue {
-            key,
-            value: value.into(),
-            raw_value: Bytes::new(),
+            key: key.to_string(),
+            value,
+            raw_value: Vec::new(),
         }),
         append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..Default::default()
     }
 }
 
 /// A text field, unless it is empty or not UTF-8.
 fn non_empty(field: &Bytes) -> Option<&str> {
     text(field).filter(|s| !s.is_empty())
+}
+
+fn string_value(s: String) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s)),
+    }
 }

@@ -4,6 +4,6 @@
 pub mod accesslog;
 pub mod admin;
 pub mod authz;
-pub mod check_wire;
+pub mod check_request;
 pub mod coalesce;
 pub mod ratelimit;

@@ -1,6 +1,5 @@
-//! ext_authz's messages as a Check uses them: the part of `CheckRequest` it reads, decoded
-//! without copying; the `CheckResponse` it sends, built without maps or copies of fixed names;
-//! and the `Authorization` service that speaks them.
+//! The part of ext_authz's `CheckRequest` a Check reads, decoded without copying, and the
+//! `Authorization` service that decodes it.
 //!
 //! Envoy's `CheckRequest` carries every request header, both peers, TLS and route metadata;
 //! decoding all of it into owned strings and hash maps was a tenth of a Check's instructions
@@ -10,15 +9,12 @@
 //! UTF-8 when a Check uses it: a header that is not UTF-8 is one the Check cannot use, not a
 //! message that cannot be decoded (an error, which Envoy counts as tollgate failing). Envoy
 //! itself sends valid UTF-8; this is for any other client of the gRPC port.
-//!
-//! The response messages are the same on the wire as Envoy's: names that never change are
-//! static [`Bytes`], and the metadata `Struct`'s map is written as the repeated entries a map is
-//! on the wire, so no hash map is built for it.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use envoy_types::pb::envoy::service::auth::v3::CheckResponse;
 use tonic::codegen::{BoxFuture, Service, StdError, http};
 use tonic::server::NamedService;
 
@@ -128,117 +124,6 @@ pub fn lookup<'a>(entries: &'a [Entry], name: &str) -> Option<&'a str> {
         .rev()
         .find(|e| e.key == name.as_bytes())
         .and_then(|e| text(&e.value))
-}
-
-/// `envoy.service.auth.v3.CheckResponse`.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct CheckResponse {
-    #[prost(message, optional, tag = "1")]
-    pub status: Option<RpcStatus>,
-    #[prost(oneof = "HttpResponse", tags = "2, 3")]
-    pub http_response: Option<HttpResponse>,
-    #[prost(message, optional, tag = "4")]
-    pub dynamic_metadata: Option<Struct>,
-}
-
-/// `google.rpc.Status`, without details.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct RpcStatus {
-    #[prost(int32, tag = "1")]
-    pub code: i32,
-    #[prost(bytes = "bytes", tag = "2")]
-    pub message: Bytes,
-}
-
-/// `CheckResponse.http_response`.
-#[derive(Clone, PartialEq, prost::Oneof)]
-pub enum HttpResponse {
-    #[prost(message, tag = "2")]
-    Denied(DeniedHttpResponse),
-    #[prost(message, tag = "3")]
-    Ok(OkHttpResponse),
-}
-
-/// `envoy.service.auth.v3.DeniedHttpResponse`.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct DeniedHttpResponse {
-    /// `envoy.type.v3.HttpStatus`.
-    #[prost(message, optional, tag = "1")]
-    pub status: Option<HttpStatus>,
-    #[prost(message, repeated, tag = "2")]
-    pub headers: Vec<HeaderValueOption>,
-    #[prost(string, tag = "3")]
-    pub body: String,
-}
-
-/// `envoy.type.v3.HttpStatus`.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct HttpStatus {
-    #[prost(int32, tag = "1")]
-    pub code: i32,
-}
-
-/// `envoy.service.auth.v3.OkHttpResponse`.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct OkHttpResponse {
-    #[prost(message, repeated, tag = "2")]
-    pub headers: Vec<HeaderValueOption>,
-    #[prost(bytes = "bytes", repeated, tag = "5")]
-    pub headers_to_remove: Vec<Bytes>,
-    #[prost(message, repeated, tag = "6")]
-    pub response_headers_to_add: Vec<HeaderValueOption>,
-}
-
-/// `envoy.config.core.v3.HeaderValueOption`.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct HeaderValueOption {
-    #[prost(message, optional, tag = "1")]
-    pub header: Option<HeaderValue>,
-    /// `HeaderValueOption.HeaderAppendAction`.
-    #[prost(int32, tag = "3")]
-    pub append_action: i32,
-}
-
-/// `google.protobuf.Struct`: its `map<string, Value> fields` as entries.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct Struct {
-    #[prost(message, repeated, tag = "1")]
-    pub fields: Vec<StructField>,
-}
-
-/// An entry of `Struct.fields`.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct StructField {
-    #[prost(bytes = "bytes", tag = "1")]
-    pub key: Bytes,
-    #[prost(message, optional, tag = "2")]
-    pub value: Option<Value>,
-}
-
-/// `google.protobuf.Value`, of strings only.
-#[derive(Clone, PartialEq, prost::Message)]
-pub struct Value {
-    #[prost(oneof = "Kind", tags = "3")]
-    pub kind: Option<Kind>,
-}
-
-/// `Value.kind`: a oneof, so an empty string is still sent as a string.
-#[derive(Clone, PartialEq, prost::Oneof)]
-pub enum Kind {
-    #[prost(bytes = "bytes", tag = "3")]
-    StringValue(Bytes),
-}
-
-impl StructField {
-    /// A field holding the string `value`.
-    pub fn string(key: impl Into<Bytes>, value: impl Into<Bytes>) -> Self {
-        StructField {
-            key: key.into(),
-            value: Some(Value {
-                kind: Some(Kind::StringValue(value.into())),
-            }),
-        }
-    }
 }
 
 /// The gRPC service `envoy.service.auth.v3.Authorization`, decoding [`CheckRequest`].
@@ -426,62 +311,6 @@ mod tests {
         assert_eq!(text(&raw[0].key), Some("authorization"));
         assert_eq!(text(&raw[0].value), Some("Bearer tg_raw"));
         assert_eq!(&raw[1].raw_value[..], b"raw value");
-    }
-
-    /// What Envoy decodes an answer as: Envoy's own message, with the same fields.
-    #[test]
-    fn an_answer_decodes_as_envoys_check_response() {
-        use envoy_types::pb::google::protobuf::value::Kind as FullKind;
-        let answer = CheckResponse {
-            status: Some(RpcStatus {
-                code: 16,
-                message: Bytes::from_static(b"invalid_key"),
-            }),
-            http_response: Some(HttpResponse::Ok(OkHttpResponse {
-                headers: vec![HeaderValueOption {
-                    header: Some(HeaderValue {
-                        key: "x-tollgate-key-id".into(),
-                        value: "7".into(),
-                        raw_value: Bytes::new(),
-                    }),
-                    append_action: 2,
-                }],
-                headers_to_remove: vec!["x-api-key".into()],
-                response_headers_to_add: Vec::new(),
-            })),
-            dynamic_metadata: Some(Struct {
-                fields: vec![
-                    StructField::string("key_id", "from the key"),
-                    StructField::string("empty", ""),
-                    StructField::string("key_id", "7"),
-                ],
-            }),
-        };
-        let full = full::CheckResponse::decode(&answer.encode_to_vec()[..]).unwrap();
-        let status = full.status.unwrap();
-        assert_eq!((status.code, status.message.as_str()), (16, "invalid_key"));
-        let Some(full::check_response::HttpResponse::OkResponse(ok)) = full.http_response else {
-            panic!("not an OK response");
-        };
-        let header = ok.headers[0].header.as_ref().unwrap();
-        assert_eq!(
-            (header.key.as_str(), header.value.as_str()),
-            ("x-tollgate-key-id", "7")
-        );
-        assert_eq!(
-            ok.headers[0].append_action,
-            core::header_value_option::HeaderAppendAction::OverwriteIfExistsOrAdd as i32
-        );
-        assert_eq!(ok.headers_to_remove, ["x-api-key"]);
-        let fields = full.dynamic_metadata.unwrap().fields;
-        let string = |name: &str| match &fields[name].kind {
-            Some(FullKind::StringValue(s)) => s.clone(),
-            other => panic!("{name}: {other:?}"),
-        };
-        // The later entry wins, and an empty string is still a string.
-        assert_eq!(string("key_id"), "7");
-        assert_eq!(string("empty"), "");
-        assert_eq!(fields.len(), 2);
     }
 
     #[test]
