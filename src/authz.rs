@@ -275,7 +275,7 @@ impl AuthzService {
         let mut limits = Vec::with_capacity(6);
         let own_rate = self
             .rate_limit
-            .then(|| key.limits.per_minute.or(self.default_per_minute))
+            .then(|| key.limits().per_minute.or(self.default_per_minute))
             .flatten()
             .map(|limit| Rate::new(limit, MINUTE, self.algorithm));
         let identity_rate = key
@@ -352,8 +352,8 @@ impl AuthzService {
         //    A key of an identity spends from the key's counters and the identity's, both or
         //    neither, always exactly (never from a reserved block).
         let quota = Quota {
-            daily: key.limits.daily,
-            monthly: key.limits.monthly,
+            daily: key.limits().daily,
+            monthly: key.limits().monthly,
         };
         let identity_quota = key.identity.as_deref().map(|i| Quota {
             daily: i.daily,

@@ -734,11 +734,11 @@ fn key_json(key: &ApiKey, default_pm: Option<u64>) -> serde_json::Value {
         "prefix": key.prefix,
         "status": key.status.as_str(),
         "expires_at": key.expires_at.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
-        "per_minute": key.limits.per_minute,
-        "effective_per_minute": key.limits.per_minute.or(default_pm),
-        "daily": key.limits.daily,
-        "monthly": key.limits.monthly,
-        "refund_5xx": key.limits.refund_5xx,
+        "per_minute": key.limits().per_minute,
+        "effective_per_minute": key.limits().per_minute.or(default_pm),
+        "daily": key.limits().daily,
+        "monthly": key.limits().monthly,
+        "refund_5xx": key.limits().refund_5xx,
         "permissions": key.permissions,
         "metadata": key.metadata,
         "identity_id": key.identity.as_deref().map(|i| i.id),
@@ -753,7 +753,7 @@ fn limit_text(v: Option<u64>) -> String {
 }
 
 fn per_minute_text(key: &ApiKey, default_pm: Option<u64>) -> String {
-    match (key.limits.per_minute, default_pm) {
+    match (key.limits().per_minute, default_pm) {
         (Some(n), _) => n.to_string(),
         (None, Some(d)) => format!("{d} (default)"),
         (None, None) => "unlimited".into(),
@@ -764,9 +764,9 @@ fn limits_text(key: &ApiKey, default_pm: Option<u64>) -> String {
     format!(
         "Limits: per minute {}, daily {}, monthly {}.{}\n",
         per_minute_text(key, default_pm),
-        limit_text(key.limits.daily),
-        limit_text(key.limits.monthly),
-        if key.limits.refund_5xx {
+        limit_text(key.limits().daily),
+        limit_text(key.limits().monthly),
+        if key.limits().refund_5xx {
             " Quota of requests answered with 5xx is given back."
         } else {
             ""
@@ -790,9 +790,9 @@ fn show_text(key: &ApiKey, usage: Usage, default_pm: Option<u64>) -> String {
         expires,
         per_minute_text(key, default_pm),
         usage.daily,
-        limit_text(key.limits.daily),
+        limit_text(key.limits().daily),
         usage.monthly,
-        limit_text(key.limits.monthly),
+        limit_text(key.limits().monthly),
         usage.total,
         identity_of(key),
         if key.permissions.is_empty() {
@@ -828,8 +828,8 @@ fn list_text(all: &[ApiKey], default_pm: Option<u64>) -> String {
             k.prefix,
             k.status.as_str(),
             per_minute_text(k, default_pm),
-            limit_text(k.limits.daily),
-            limit_text(k.limits.monthly),
+            limit_text(k.limits().daily),
+            limit_text(k.limits().monthly),
             identity_of(k),
             k.expires_at
                 .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))

@@ -184,7 +184,7 @@ impl KeyAdmin {
 
     /// The per-minute limit in force for `key` (`None`: unlimited).
     pub fn effective_per_minute(&self, key: &ApiKey) -> Option<u64> {
-        key.limits.per_minute.or(self.default_per_minute)
+        key.limits().per_minute.or(self.default_per_minute)
     }
 
     pub fn default_per_minute(&self) -> Option<u64> {

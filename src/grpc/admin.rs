@@ -560,22 +560,22 @@ pub(crate) fn key_message(
     let count = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
     pb::Key {
         id: key.id,
-        name: key.name.clone(),
-        prefix: key.prefix.clone(),
+        name: key.name.to_string(),
+        prefix: key.prefix.to_string(),
         status: match status_at(key, now) {
             StatusFilter::Active => pb::KeyStatus::Active,
             StatusFilter::Revoked => pb::KeyStatus::Revoked,
             StatusFilter::Expired => pb::KeyStatus::Expired,
         } as i32,
         limits: Some(pb::Limits {
-            per_minute: key.limits.per_minute.map(count),
-            daily: key.limits.daily.map(count),
-            monthly: key.limits.monthly.map(count),
-            refund_5xx: Some(key.limits.refund_5xx),
+            per_minute: key.limits().per_minute.map(count),
+            daily: key.limits().daily.map(count),
+            monthly: key.limits().monthly.map(count),
+            refund_5xx: Some(key.limits().refund_5xx),
         }),
         effective_per_minute: effective_per_minute.map(count),
         expires_at: key.expires_at.map(timestamp),
-        permissions: key.permissions.clone(),
+        permissions: key.permissions.to_vec(),
         metadata: key
             .metadata
             .iter()

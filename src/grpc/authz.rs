@@ -181,7 +181,7 @@ impl AuthzGrpc {
             fields.insert(k.clone(), string_value(v.clone()));
         }
         fields.insert("key_id".to_string(), string_value(key.id.to_string()));
-        fields.insert("key_name".to_string(), string_value(key.name.clone()));
+        fields.insert("key_name".to_string(), string_value(key.name.to_string()));
         if let Some(identity) = key.identity.as_deref().copied() {
             fields.insert(
                 "identity_id".to_string(),

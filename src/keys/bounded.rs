@@ -1,7 +1,7 @@
 //! [`BoundedMap`]: the key cache's storage, a map that never holds more than its capacity.
 //!
 //! Eviction is CLOCK (second chance), an approximation of LRU whose hit costs a read lock and at
-//! most one relaxed atomic store, where a true LRU would relink a list under a write lock. Each
+//! most one relaxed atomic write, where a true LRU would relink a list under a write lock. Each
 //! entry has a "referenced" bit that a hit sets. When a shard is full, its hand sweeps the
 //! entries as a ring: a set bit is cleared and the entry passed over; the first entry whose bit
 //! was clear, or that has expired, makes room for the new one. So an entry hit since the hand
@@ -10,11 +10,12 @@
 //! The map is split into shards by key, each behind its own lock, so hits on different keys do
 //! not contend and a write (a miss, an invalidation) blocks only one shard.
 
-use std::collections::HashMap;
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash, RandomState};
 use std::sync::RwLock;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::{Duration, Instant};
+
+use hashbrown::HashTable;
 
 /// The most shards a map is split into (a power of two).
 const MAX_SHARDS: usize = 16;
@@ -22,6 +23,8 @@ const MAX_SHARDS: usize = 16;
 const MIN_SHARD: usize = 64;
 /// How many entries an insert into a map that drops expired entries looks at, when not full.
 const EXPIRY_STEPS: usize = 2;
+/// The bit of a slot's stamp that says it was used since the hand last passed.
+const REFERENCED: u64 = 1 << 63;
 
 /// Which shard a key goes to.
 pub(crate) trait ShardKey: Hash + Eq + Copy {
@@ -49,7 +52,14 @@ pub(crate) struct BoundedMap<K, V> {
     /// The number of shards less one: a key's shard is `spread() & mask` (a power of two
     /// spares the hit a division).
     mask: u64,
-    ttl: Duration,
+    /// Hashes keys within a shard. Keyed at random, as std's `HashMap` is: the key hashes are
+    /// chosen by callers, who could otherwise grind many into one run of the table.
+    hasher: RandomState,
+    /// What slot stamps count from: a stamp is nanoseconds since then, which takes 8 bytes where
+    /// an `Instant` takes 16, and leaves a bit for "referenced".
+    epoch: Instant,
+    /// `ttl` in nanoseconds.
+    ttl: u64,
     /// Whether expired entries are dropped as the hand passes them even when there is room. An
     /// unknown key's expired entry is worth nothing; a found key's still answers while the
     /// database is away (DESIGN rule 7), so those stay until their room is needed.
@@ -58,10 +68,14 @@ pub(crate) struct BoundedMap<K, V> {
     evictions: AtomicU64,
 }
 
+/// The entries are in `slots`, in no order, which the hand sweeps as a ring; `index` finds a
+/// key's slot. The index holds only slot numbers (it compares keys in the slots), so a key is
+/// stored once, and an index entry takes 5 bytes where a `HashMap<K, usize>` entry took 41.
 struct Shard<K, V> {
     /// Where each key's slot is.
-    index: HashMap<K, usize>,
+    index: HashTable<u32>,
     slots: Vec<Slot<K, V>>,
+    /// At most `u32::MAX`, so that a slot's number fits the index.
     capacity: usize,
     /// The next slot the hand looks at (modulo the number of slots).
     hand: usize,
@@ -72,8 +86,9 @@ struct Shard<K, V> {
 struct Slot<K, V> {
     key: K,
     value: V,
-    inserted: Instant,
-    referenced: AtomicBool,
+    /// When it was inserted (nanoseconds since the map's epoch), and [`REFERENCED`]. A hit sets
+    /// the bit under the read lock; everything else changes under the write lock.
+    stamp: AtomicU64,
 }
 
 impl<K: ShardKey, V: Clone> BoundedMap<K, V> {
@@ -84,9 +99,9 @@ impl<K: ShardKey, V: Clone> BoundedMap<K, V> {
         let shards = (0..n)
             .map(|i| {
                 RwLock::new(Shard {
-                    index: HashMap::new(),
+                    index: HashTable::new(),
                     slots: Vec::new(),
-                    capacity: capacity / n + usize::from(i < capacity % n),
+                    capacity: (capacity / n + usize::from(i < capacity % n)).min(u32::MAX as usize),
                     hand: 0,
                     expiry: 0,
                 })
@@ -95,7 +110,9 @@ impl<K: ShardKey, V: Clone> BoundedMap<K, V> {
         Self {
             shards,
             mask: n as u64 - 1,
-            ttl,
+            hasher: RandomState::new(),
+            epoch: Instant::now(),
+            ttl: u64::try_from(ttl.as_nanos()).unwrap_or(u64::MAX),
             drop_expired,
             evictions: AtomicU64::new(0),
         }
@@ -105,20 +122,29 @@ impl<K: ShardKey, V: Clone> BoundedMap<K, V> {
         &self.shards[(key.spread() & self.mask) as usize]
     }
 
+    /// `now` as a stamp: nanoseconds since the epoch (0 before it), short of [`REFERENCED`]
+    /// (292 years).
+    fn stamp(&self, now: Instant) -> u64 {
+        let nanos = now.saturating_duration_since(self.epoch).as_nanos();
+        u64::try_from(nanos).unwrap_or(u64::MAX).min(REFERENCED - 1)
+    }
+
     /// The value of `key`, and whether it is still fresh at `now`. Marks it as used.
     pub(crate) fn get(&self, key: &K, now: Instant) -> Option<(V, bool)> {
         let shard = self.shard(key).read().expect("cache lock");
-        let slot = &shard.slots[*shard.index.get(key)?];
-        // Load first: a hot entry's bit is set already, and a store would bounce its cache
+        let slot = &shard.slots[shard.find(self.hasher.hash_one(key), key)?];
+        let stamp = slot.stamp.load(Relaxed);
+        // Load first: a hot entry's bit is set already, and a write would bounce its cache
         // line between cores on every hit.
-        if !slot.referenced.load(Relaxed) {
-            slot.referenced.store(true, Relaxed);
+        if stamp & REFERENCED == 0 {
+            slot.stamp.fetch_or(REFERENCED, Relaxed);
         }
-        Some((slot.value.clone(), self.is_fresh(slot, now)))
+        Some((slot.value.clone(), self.is_fresh(stamp, now)))
     }
 
-    fn is_fresh(&self, slot: &Slot<K, V>, now: Instant) -> bool {
-        now.saturating_duration_since(slot.inserted) < self.ttl
+    /// Whether an entry stamped `stamp` is still fresh at `now`.
+    fn is_fresh(&self, stamp: u64, now: Instant) -> bool {
+        self.stamp(now).saturating_sub(stamp & !REFERENCED) < self.ttl
     }
 
     /// Inserts (or replaces) `key`'s value as of `now`, if `keep()` says so; `keep` runs under
@@ -136,26 +162,29 @@ impl<K: ShardKey, V: Clone> BoundedMap<K, V> {
             return false;
         }
         let shard = &mut *guard;
-        if let Some(&i) = shard.index.get(&key) {
+        let hash = self.hasher.hash_one(key);
+        let stamp = self.stamp(now);
+        if let Some(i) = shard.find(hash, &key) {
             let slot = &mut shard.slots[i];
             slot.value = value;
-            slot.inserted = now;
+            // The bit stays as it was, as it did when the stamp was an `Instant` beside it.
+            let referenced = *slot.stamp.get_mut() & REFERENCED;
+            *slot.stamp.get_mut() = stamp | referenced;
             return true;
         }
         let slot = Slot {
             key,
             value,
-            inserted: now,
-            referenced: AtomicBool::new(false),
+            stamp: AtomicU64::new(stamp),
         };
         if self.drop_expired {
             for _ in 0..EXPIRY_STEPS.min(shard.slots.len()) {
                 let i = shard.expiry % shard.slots.len();
-                if self.is_fresh(&shard.slots[i], now) {
+                if self.is_fresh(*shard.slots[i].stamp.get_mut(), now) {
                     shard.expiry = i + 1;
                 } else {
                     // The slot moved into `i` is the next to look at.
-                    shard.remove_at(i);
+                    shard.remove_at(i, &self.hasher);
                 }
             }
         }
@@ -169,19 +198,29 @@ impl<K: ShardKey, V: Clone> BoundedMap<K, V> {
                     .min(shard.capacity - shard.slots.len());
                 shard.slots.reserve_exact(more);
             }
-            shard.index.insert(key, shard.slots.len());
             shard.slots.push(slot);
+            let i = shard.slots.len() as u32 - 1;
+            let slots = &shard.slots;
+            shard
+                .index
+                .insert_unique(hash, i, |&j| self.hasher.hash_one(slots[j as usize].key));
             return true;
         }
         // Full: the hand finds the entry to replace, within one turn (it clears what it passes).
         loop {
             let i = shard.hand % shard.slots.len();
             shard.hand = i + 1;
-            let old = &mut shard.slots[i];
-            if !self.is_fresh(old, now) || !std::mem::take(old.referenced.get_mut()) {
-                shard.index.remove(&old.key);
-                *old = slot;
-                shard.index.insert(key, i);
+            let old = shard.slots[i].stamp.get_mut();
+            let referenced = *old & REFERENCED != 0;
+            *old &= !REFERENCED;
+            if !self.is_fresh(*old, now) || !referenced {
+                let old_key = shard.slots[i].key;
+                shard.unindex(self.hasher.hash_one(old_key), &old_key);
+                shard.slots[i] = slot;
+                let slots = &shard.slots;
+                shard.index.insert_unique(hash, i as u32, |&j| {
+                    self.hasher.hash_one(slots[j as usize].key)
+                });
                 self.evictions.fetch_add(1, Relaxed);
                 return true;
             }
@@ -191,8 +230,8 @@ impl<K: ShardKey, V: Clone> BoundedMap<K, V> {
     /// Drops `key`'s entry, if there is one.
     pub(crate) fn remove(&self, key: &K) {
         let mut shard = self.shard(key).write().expect("cache lock");
-        if let Some(&i) = shard.index.get(key) {
-            shard.remove_at(i);
+        if let Some(i) = shard.find(self.hasher.hash_one(key), key) {
+            shard.remove_at(i, &self.hasher);
         }
     }
 
@@ -222,13 +261,41 @@ impl<K: ShardKey, V: Clone> BoundedMap<K, V> {
 }
 
 impl<K: ShardKey, V> Shard<K, V> {
-    /// Removes the entry in slot `i`; the last slot moves into its place.
-    fn remove_at(&mut self, i: usize) {
-        let gone = self.slots.swap_remove(i);
-        self.index.remove(&gone.key);
-        if let Some(moved) = self.slots.get(i) {
-            self.index.insert(moved.key, i);
+    /// The slot of `key`, whose hash is `hash`.
+    fn find(&self, hash: u64, key: &K) -> Option<usize> {
+        self.index
+            .find(hash, |&i| self.slots[i as usize].key == *key)
+            .map(|&i| i as usize)
+    }
+
+    /// Drops `key`'s index entry (its slot stays).
+    fn unindex(&mut self, hash: u64, key: &K) {
+        let slots = &self.slots;
+        if let Ok(entry) = self
+            .index
+            .find_entry(hash, |&i| slots[i as usize].key == *key)
+        {
+            entry.remove();
         }
+    }
+
+    /// Removes the entry in slot `i`; the last slot moves into its place.
+    fn remove_at(&mut self, i: usize, hasher: &RandomState) {
+        let gone = self.slots[i].key;
+        self.unindex(hasher.hash_one(gone), &gone);
+        let last = self.slots.len() - 1;
+        if i != last {
+            // The last slot's index entry now points at `i`.
+            let moved = self.slots[last].key;
+            let slots = &self.slots;
+            if let Some(entry) = self
+                .index
+                .find_mut(hasher.hash_one(moved), |&j| slots[j as usize].key == moved)
+            {
+                *entry = i as u32;
+            }
+        }
+        self.slots.swap_remove(i);
     }
 }
 
@@ -313,6 +380,12 @@ mod tests {
         assert!(map.len() < 600, "{} entries", map.len());
         assert_eq!(map.evictions(), 0);
         assert!((1000..1500).all(|i| map.get(&key(i), later) == Some(((), true))));
+    }
+
+    #[test]
+    fn a_key_cache_slot_takes_48_bytes() {
+        // The key cache holds 100,000 of these in the memory benchmark: 100 kB a byte.
+        assert_eq!(size_of::<Slot<[u8; 32], std::sync::Arc<()>>>(), 48);
     }
 
     #[test]

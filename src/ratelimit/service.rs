@@ -463,7 +463,7 @@ impl RateLimitService {
                 }
             };
             let Some(per_minute) =
-                key.and_then(|k| k.limits.per_minute.or(self.default_per_minute))
+                key.and_then(|k| k.limits().per_minute.or(self.default_per_minute))
             else {
                 return Ok(Plan::NoLimit);
             };

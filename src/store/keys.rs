@@ -242,18 +242,19 @@ impl TryFrom<KeyRow> for ApiKey {
                 detail: format!("status {:?}", row.status),
             })?,
             id: row.id,
-            name: row.name,
-            prefix: row.prefix,
+            name: row.name.into(),
+            prefix: row.prefix.into(),
             expires_at: row.expires_at,
             limits: Limits {
                 per_minute: limit(row.per_minute),
                 daily: limit(row.daily_limit),
                 monthly: limit(row.monthly_limit),
                 refund_5xx: row.refund_5xx,
-            },
+            }
+            .into(),
             old_secret,
             by_old_secret: row.by_old,
-            permissions,
+            permissions: permissions.into(),
             metadata,
             identity: row.identity_id.map(|id| {
                 Box::new(IdentityLimits {
