@@ -98,18 +98,17 @@ impl<'a> Headers<'a> {
         if let Some(v) = lookup(self.map, name) {
             return Some(v);
         }
+        // Names first: only a matching header's value is read as UTF-8.
         self.raw
             .iter()
-            .filter_map(|h| {
-                let value = if h.raw_value.is_empty() {
+            .filter(|h| h.key.eq_ignore_ascii_case(name.as_bytes()))
+            .find_map(|h| {
+                text(if h.raw_value.is_empty() {
                     &h.value
                 } else {
                     &h.raw_value
-                };
-                Some((text(&h.key)?, text(value)?))
+                })
             })
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v)
     }
 }
 
@@ -258,5 +257,45 @@ fn non_empty(field: &Bytes) -> Option<&str> {
 fn string_value(s: String) -> Value {
     Value {
         kind: Some(Kind::StringValue(s)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(key: &str, value: &[u8]) -> check_request::HeaderValue {
+        check_request::HeaderValue {
+            key: Bytes::copy_from_slice(key.as_bytes()),
+            value: Bytes::new(),
+            raw_value: Bytes::copy_from_slice(value),
+        }
+    }
+
+    /// The headers map wins; in the raw header map a name matches in any case, and the first
+    /// matching header whose value is UTF-8 is the one read.
+    #[test]
+    fn a_header_is_read_from_the_map_first_then_the_first_usable_raw_one() {
+        let http = HttpRequest {
+            headers: vec![Entry {
+                key: "x-api-key".into(),
+                value: "from-map".into(),
+            }],
+            header_map: Some(check_request::HeaderMap {
+                headers: vec![
+                    raw("x-api-key", b"from-raw"),
+                    raw("X-Request-Id", b"\xff"),
+                    raw("x-request-ID", b"second"),
+                    raw("x-other", b"third"),
+                ],
+            }),
+            ..Default::default()
+        };
+        let headers = Headers::of(Some(&http));
+        assert_eq!(headers.get("x-api-key"), Some("from-map"));
+        assert_eq!(headers.get("x-request-id"), Some("second"));
+        assert_eq!(headers.get("x-other"), Some("third"));
+        assert_eq!(headers.get("x-absent"), None);
+        assert_eq!(Headers::of(None).get("x-api-key"), None);
     }
 }
