@@ -140,7 +140,7 @@ pub struct KeyLimits {
 }
 
 impl From<Limits> for KeyLimits {
-    /// A limit of 0, which no store holds, would read back as unlimited.
+    /// A limit of 0, which no store holds, is kept as 1: the nearest limit, never unlimited.
     fn from(l: Limits) -> Self {
         debug_assert!(
             [l.per_minute, l.daily, l.monthly]
@@ -148,7 +148,7 @@ impl From<Limits> for KeyLimits {
                 .all(|v| *v != Some(0)),
             "limits are at least 1: {l:?}"
         );
-        let nz = |v: Option<u64>| v.and_then(NonZeroU64::new);
+        let nz = |v: Option<u64>| v.map(|v| NonZeroU64::new(v).unwrap_or(NonZeroU64::MIN));
         Self {
             per_minute: nz(l.per_minute),
             daily: nz(l.daily),
