@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{AssertSqlSafe, Row};
 
 use super::quota::{GIVE_BACK_KEYS_IDENTITY_SQL, GIVE_BACK_SQL};
-use super::{SqliteStore, TS_TEXT_LEN, ts_text, write_ts_text};
+use super::{SqliteStore, ts_text, with_ts_text};
 use crate::store::log::retention_cutoff;
 use crate::store::quota::count_i64;
 use crate::store::{
@@ -199,11 +199,7 @@ fn log_insert_sql() -> &'static [Arc<str>; LOG_STATEMENT_SIZES.len()] {
 
 /// A row's time as sqlx binds it without copying it again.
 fn ts_value(t: DateTime<Utc>) -> Arc<str> {
-    let mut buf = [0; TS_TEXT_LEN];
-    match write_ts_text(t, &mut buf) {
-        Some(text) => text.into(),
-        None => ts_text(t).into(),
-    }
+    with_ts_text(t, |text| Arc::from(text))
 }
 
 /// The fixed strings of one batch's rows (decision, reason, API) as sqlx binds them without

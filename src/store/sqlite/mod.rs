@@ -102,20 +102,26 @@ impl Database for SqliteStore {
 
 /// RFC 3339 UTC with milliseconds: the text form of times in SQLite (it sorts as time does).
 pub(crate) fn ts_text(t: DateTime<Utc>) -> String {
+    with_ts_text(t, str::to_owned)
+}
+
+/// `f` of [`ts_text`]'s text, written on the stack when it can be (so a caller that keeps it in
+/// another form copies it once).
+pub(crate) fn with_ts_text<R>(t: DateTime<Utc>, f: impl FnOnce(&str) -> R) -> R {
     let mut buf = [0; TS_TEXT_LEN];
     match write_ts_text(t, &mut buf) {
-        Some(text) => text.to_owned(),
-        None => t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        Some(text) => f(text),
+        None => f(&t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
     }
 }
 
 /// Length of [`ts_text`]'s text for years 0 to 9999: `2026-03-10T12:00:20.123Z`.
-pub(crate) const TS_TEXT_LEN: usize = 24;
+const TS_TEXT_LEN: usize = 24;
 
 /// [`ts_text`] written by hand into `buf`, for years 0 to 9999 outside a leap second (`None`
 /// otherwise: chrono writes those). It runs for every request-log row and quota statement, and
 /// chrono's formatter costs several times as much.
-pub(crate) fn write_ts_text(t: DateTime<Utc>, buf: &mut [u8; TS_TEXT_LEN]) -> Option<&str> {
+fn write_ts_text(t: DateTime<Utc>, buf: &mut [u8; TS_TEXT_LEN]) -> Option<&str> {
     use chrono::{Datelike, Timelike};
     let year = u32::try_from(t.year()).ok().filter(|y| *y <= 9999)?;
     // chrono's Millis truncates; a leap second's nanoseconds run past 1,000,000,000.
