@@ -4,7 +4,7 @@
 //! apply migrations) so a bad address or database stops the process before it serves anything.
 //! [`App::run`] serves until its shutdown future resolves, then stops in order: gRPC health and
 //! `/readyz` report not serving → stop accepting → finish in-flight checks → stop background
-//! tasks → flush the request log → close the database.
+//! tasks → flush the request log → close the database → end the gRPC serving threads.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -20,7 +20,6 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::server::NamedService;
-use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::server::HealthReporter;
@@ -34,8 +33,8 @@ use crate::config::Config;
 use crate::grpc::accesslog::AccessLogGrpc;
 use crate::grpc::authz::AuthzGrpc;
 use crate::grpc::check_request::AuthorizationServer;
-use crate::grpc::coalesce::Coalesced;
 use crate::grpc::ratelimit::RateLimitGrpc;
+use crate::grpc::serving::{Lanes, Serve};
 use crate::http::{HttpState, router};
 use crate::keys::cache::KeyCache;
 use crate::limiter::{self, WindowLimiter};
@@ -234,20 +233,23 @@ impl App {
     /// Serves until `shutdown` resolves (or a server fails), then shuts down in order.
     pub async fn run(mut self, shutdown: impl Future<Output = ()> + Send) -> anyhow::Result<()> {
         let (grpc_addr, http_addr) = (self.grpc_addr(), self.http_addr());
+        let (health, health_service) = tonic_health::server::health_reporter();
+        let mut lanes = self.grpc_lanes(health_service)?;
         let tasks = self.start_background();
         // Serve only once key changes are being heard, so no cached key can miss one.
         if !self.cache.wait_primed(Duration::from_secs(10)).await {
             tracing::warn!("key change feed not running after 10s; serving anyway");
         }
-        let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::Serving).await;
         let shutting_down = Arc::new(AtomicBool::new(false));
-        let mut grpc_server = tokio::spawn(self.grpc_server(health_service));
+        let listener = self.grpc.take().expect("an App runs once");
+        lanes.accept(listener, self.stops.serving.clone());
+        let serving_threads = lanes.count();
         let mut http_server = tokio::spawn(self.http_server(shutting_down.clone()));
         let mut admin_server = self.admin_server().map(tokio::spawn);
         match &self.tls {
             None => {
-                tracing::info!(%grpc_addr, %http_addr, admin_addr = ?self.admin_addr, database = %self.config.database.url, "tollgate serving")
+                tracing::info!(%grpc_addr, %http_addr, admin_addr = ?self.admin_addr, database = %self.config.database.url, serving_threads, "tollgate serving")
             }
             Some(tls) => {
                 let cert = tls.info();
@@ -256,6 +258,7 @@ impl App {
                     %http_addr,
                     admin_addr = ?self.admin_addr,
                     database = %self.config.database.url,
+                    serving_threads,
                     grpc_tls = if self.config.grpc_tls.client_ca_file.is_some() { "mtls" } else { "tls" },
                     serial = %cert.serial,
                     not_after = %cert.not_after_rfc3339(),
@@ -275,7 +278,7 @@ impl App {
                 tracing::info!("shutdown requested");
                 None
             }
-            r = &mut grpc_server => Some(format!("gRPC server stopped: {r:?}")),
+            r = lanes.stopped() => Some(format!("gRPC server stopped: {r:?}")),
             r = &mut http_server => Some(format!("HTTP server stopped: {r:?}")),
             r = admin_stopped => Some(format!("admin API server stopped: {r:?}")),
         };
@@ -291,9 +294,9 @@ impl App {
         // 2. Stop accepting; let in-flight checks finish.
         let deadline = self.config.shutdown_timeout.0;
         self.stops.serving.cancel();
-        if !finished(&mut grpc_server, deadline).await {
+        if !lanes.finished(deadline).await {
             tracing::warn!("in-flight checks still running after {deadline:?}; stopping");
-            grpc_server.abort();
+            lanes.abort();
         }
         if !finished(&mut http_server, deadline).await {
             http_server.abort();
@@ -321,11 +324,21 @@ impl App {
         {
             tracing::error!("access log outcomes not written within {deadline:?}");
         }
-        if let Err(e) = self.quotas.flush().await {
-            tracing::error!(error = %e, "reserved quota not given back at shutdown");
+        match tokio::time::timeout(deadline, self.quotas.flush()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "reserved quota not given back at shutdown"),
+            Err(_) => tracing::error!("reserved quota not given back within {deadline:?}"),
         }
-        // 5. The database.
-        self.stores.close().await;
+        // 5. The database (a Check still running after a forced stop may hold a connection),
+        //    then the gRPC lanes' threads: sockets the database and Redis opened on a lane are
+        //    served by its reactor until here.
+        if tokio::time::timeout(deadline, self.stores.close())
+            .await
+            .is_err()
+        {
+            tracing::error!("database connections not closed within {deadline:?}");
+        }
+        lanes.close().await;
         tracing::info!("tollgate stopped");
         match failure {
             Some(f) => anyhow::bail!(f),
@@ -370,12 +383,9 @@ impl App {
         tasks
     }
 
-    /// The gRPC port: health, Check, ShouldRateLimit and the access log, until
-    /// [`Stops::serving`]; all of them behind TLS when `grpc_tls` is set.
-    fn grpc_server<H: Health>(
-        &mut self,
-        health: HealthServer<H>,
-    ) -> std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> {
+    /// The gRPC port's lanes (`grpc::serving`): health, Check, ShouldRateLimit and the access
+    /// log, until [`Stops::serving`]; all of them behind TLS when `grpc_tls` is set.
+    fn grpc_lanes<H: Health>(&mut self, health: HealthServer<H>) -> anyhow::Result<Lanes> {
         let authz = AuthzGrpc::new(
             self.authz.clone(),
             self.config.authz.key_id_header.clone(),
@@ -383,7 +393,6 @@ impl App {
         )
         .with_metadata_headers(&self.config.authz.metadata_headers);
         let stop = self.stops.serving.clone();
-        let listener = self.grpc.take().expect("an App runs once");
         let limits = &self.config.grpc;
         let max_message = limits.max_message_bytes;
         let mut server = tonic::transport::Server::builder()
@@ -409,30 +418,20 @@ impl App {
                 ))
                 .max_decoding_message_size(max_message),
             );
-        // Each connection's answers ready at one moment leave in one write (grpc::coalesce).
-        use futures_util::StreamExt;
-        match &self.tls {
-            None => Box::pin(
-                router.serve_with_incoming_shutdown(
-                    TcpIncoming::from(listener)
-                        .with_nodelay(Some(true))
-                        .map(|conn| conn.map(Coalesced::new)),
-                    stop.cancelled_owned(),
-                ),
-            ),
-            Some(tls) => Box::pin(
-                router.serve_with_incoming_shutdown(
-                    crate::tls::incoming::incoming(
-                        listener,
-                        tls.clone(),
-                        self.metrics.clone(),
-                        stop.clone(),
-                    )
-                    .map(|conn| conn.map(Coalesced::new)),
-                    stop.cancelled_owned(),
-                ),
-            ),
-        }
+        // Each lane serves its connections with a router of its own; each connection's answers
+        // ready at one moment leave in one write (grpc::coalesce).
+        let serve: Serve = Arc::new(move |connections| {
+            let (router, stop) = (router.clone(), stop.clone());
+            Box::pin(async move {
+                router
+                    .serve_with_incoming_shutdown(connections, stop.cancelled_owned())
+                    .await
+                    .map_err(anyhow::Error::from)
+            })
+        });
+        let threads = self.config.grpc.serving_threads();
+        Lanes::start(threads, serve, self.tls.clone(), self.metrics.clone())
+            .context("cannot start the gRPC serving threads")
     }
 
     /// The HTTP port: `/healthz`, `/readyz` and `/metrics`, until [`Stops::serving`].

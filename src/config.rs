@@ -441,6 +441,9 @@ pub struct GrpcConfig {
     /// Connections older than this are closed gracefully (GOAWAY; calls in flight get
     /// `shutdown_timeout` to finish) and the client reconnects; `null` keeps them.
     pub max_connection_age: Option<Dur>,
+    /// Threads that serve the port's connections, each a whole connection on one core
+    /// (`grpc::serving`); `null`: one per core the process may use; `0`: the main runtime.
+    pub serving_threads: Option<usize>,
 }
 
 impl Default for GrpcConfig {
@@ -451,6 +454,7 @@ impl Default for GrpcConfig {
             max_concurrent_streams: 1024,
             max_message_bytes: 4 << 20,
             max_connection_age: None,
+            serving_threads: None,
         }
     }
 }
@@ -487,7 +491,25 @@ impl GrpcConfig {
                 "must be longer than 0 (null keeps connections)",
             ));
         }
+        if self
+            .serving_threads
+            .is_some_and(|n| n > crate::grpc::serving::MAX_LANES)
+        {
+            return Err(InvalidSetting::new(
+                "grpc.serving_threads",
+                "must be at most 256 (null: one per core; 0: the main runtime)",
+            ));
+        }
         Ok(())
+    }
+
+    /// The serving threads to start: as set, or one per core this process may use (its CPU
+    /// quota counted, where the platform tells it).
+    pub fn serving_threads(&self) -> usize {
+        self.serving_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map_or(1, |n| n.get().min(crate::grpc::serving::MAX_LANES))
+        })
     }
 }
 

@@ -200,6 +200,8 @@ pub struct Metrics {
     pub checks_cancelled: Counter,
     /// Admin API calls by operation, transport and answer.
     pub admin: AdminCalls,
+    /// gRPC connections open on each serving thread (`grpc::serving`), set when they start.
+    pub grpc_connections: std::sync::OnceLock<Vec<std::sync::Arc<std::sync::atomic::AtomicUsize>>>,
 }
 
 /// Admin API calls counted by (operation, transport, code). Every label comes from a fixed set
@@ -438,6 +440,24 @@ impl Metrics {
              # TYPE tollgate_limiter_counters_evicted_total counter\ntollgate_limiter_counters_evicted_total {}",
             self.limiter_counters_evicted.get()
         );
+        out.push_str(
+            "# HELP tollgate_grpc_connections gRPC connections open, per serving thread \
+             (grpc.serving_threads; one \"0\" when that is 0).\n\
+             # TYPE tollgate_grpc_connections gauge\n",
+        );
+        for (thread, open) in self
+            .grpc_connections
+            .get()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            let _ = writeln!(
+                out,
+                "tollgate_grpc_connections{{thread=\"{thread}\"}} {}",
+                open.load(Relaxed)
+            );
+        }
         out.push_str("# HELP tollgate_backend_errors_total Failed calls to a backend.\n");
         out.push_str("# TYPE tollgate_backend_errors_total counter\n");
         let _ = writeln!(

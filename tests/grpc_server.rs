@@ -140,3 +140,145 @@ async fn a_message_larger_than_the_limit_is_refused_and_the_port_keeps_answering
     assert!(resp.status.is_some());
     tg.stop().await;
 }
+
+/// The open connections per serving thread that `/metrics` shows, by thread.
+async fn connections_per_thread(tg: &Tollgate) -> Vec<u64> {
+    tg.metrics_text()
+        .await
+        .lines()
+        .filter_map(|l| l.strip_prefix("tollgate_grpc_connections{thread=\""))
+        .map(|l| l.split_once("\"} ").unwrap().1.parse().unwrap())
+        .collect()
+}
+
+/// Waits up to 5 s for `/metrics` to show `want` open connections per serving thread.
+async fn wait_for_connections(tg: &Tollgate, want: &[u64]) {
+    let mut seen = Vec::new();
+    for _ in 0..100 {
+        seen = connections_per_thread(tg).await;
+        if seen == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("connections per serving thread: {seen:?}, expected {want:?}");
+}
+
+async fn checked_connection(tg: &Tollgate) -> tonic::transport::Channel {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", tg.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client =
+        envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::new(
+            channel.clone(),
+        );
+    client.check(key_header("tg_none")).await.unwrap();
+    channel
+}
+
+/// New connections go to the serving thread with the fewest open, so Envoy's (one per worker)
+/// spread evenly, also after some close; every thread answers.
+#[tokio::test]
+async fn connections_spread_evenly_over_the_serving_threads() {
+    let tg = Tollgate::start_with(|c| c.grpc.serving_threads = Some(3)).await;
+    wait_for_connections(&tg, &[0, 0, 0]).await;
+    let mut open = Vec::new();
+    for _ in 0..6 {
+        open.push(checked_connection(&tg).await);
+    }
+    wait_for_connections(&tg, &[2, 2, 2]).await;
+    // The first and fourth went to thread 0, the second and fifth to thread 1.
+    drop(open.remove(0));
+    drop(open.remove(0));
+    drop(open.remove(1));
+    drop(open.remove(1));
+    wait_for_connections(&tg, &[0, 0, 2]).await;
+    // The next two go to the idle threads, not the busy one.
+    open.push(checked_connection(&tg).await);
+    open.push(checked_connection(&tg).await);
+    wait_for_connections(&tg, &[1, 1, 2]).await;
+    let (key, _) = tg
+        .create_key("lanes", harness::server::limits(None, None, None))
+        .await;
+    for channel in &open {
+        let mut c =
+            envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::new(
+                channel.clone(),
+            );
+        let answer = c.check(key_header(&key)).await.unwrap().into_inner();
+        assert_eq!(answer.status.unwrap().code, 0);
+    }
+    drop(open);
+    tg.stop().await;
+}
+
+/// `grpc.serving_threads: 0` serves on the main runtime, with the same answers and one gauge.
+#[tokio::test]
+async fn with_no_serving_threads_the_main_runtime_serves() {
+    let tg = Tollgate::start_with(|c| c.grpc.serving_threads = Some(0)).await;
+    let (key, _) = tg
+        .create_key("main", harness::server::limits(Some(2), None, None))
+        .await;
+    let first = checked_connection(&tg).await;
+    let second = checked_connection(&tg).await;
+    wait_for_connections(&tg, &[2]).await;
+    let mut c =
+        envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient::new(
+            first,
+        );
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(
+            c.check(key_header(&key))
+                .await
+                .unwrap()
+                .into_inner()
+                .status
+                .unwrap()
+                .code,
+        );
+    }
+    // Two a minute: the third is refused (RESOURCE_EXHAUSTED).
+    assert_eq!(got, [0, 0, 8]);
+    drop(second);
+    tg.stop().await;
+}
+
+/// A stop whose Checks outlast `shutdown_timeout` is forced: `run` ends, the port is released,
+/// and the caller still waiting hears that its connection is gone rather than waiting on.
+#[tokio::test]
+async fn a_stop_whose_checks_outlast_the_shutdown_timeout_is_forced() {
+    let tg = Tollgate::start_with(|c| {
+        c.shutdown_timeout = Dur(Duration::from_secs(1));
+        // The Check below would wait this long for the database.
+        c.database.timeout = Dur(Duration::from_secs(60));
+    })
+    .await;
+    let (key, _) = tg
+        .create_key("stuck", harness::server::limits(None, Some(100), None))
+        .await;
+    let mut c = tg.client().await;
+    let answer = c.check(key_header(&key)).await.unwrap().into_inner();
+    assert_eq!(answer.status.unwrap().code, 0);
+    let blocker = tg.db.lock_quota_writes().await;
+    let stuck = tokio::spawn(async move { c.check(key_header(&key)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!stuck.is_finished(), "the check should be waiting");
+    let addr = tg.grpc;
+    let started = Instant::now();
+    let _db = tg.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "stopped after {:?}",
+        started.elapsed()
+    );
+    std::net::TcpListener::bind(addr).expect("the gRPC port is released");
+    let answer = tokio::time::timeout(Duration::from_secs(5), stuck)
+        .await
+        .expect("the waiting caller is let go")
+        .unwrap();
+    assert!(answer.is_err(), "{answer:?}");
+    blocker.release().await;
+}

@@ -7,3 +7,4 @@ pub mod authz;
 pub mod check_request;
 pub mod coalesce;
 pub mod ratelimit;
+pub mod serving;

@@ -1,14 +1,14 @@
 //! The TLS ports' connections: accepted, each handshaken in a task of its own (a slow or silent
 //! client holds up no one else, and gives up after [`HANDSHAKE_TIMEOUT`]), with the
-//! configuration served at the moment it was accepted. Only connections whose handshake
+//! configuration served when its handshake starts. Only connections whose handshake
 //! succeeded reach the server behind; a refused one is closed without an answer and counted.
-//! [`incoming`] feeds the gRPC port, [`handshaken`] the admin port.
+//! [`handshaken`] feeds the admin port; the gRPC port's serving lanes call [`handshake`] on the
+//! thread that serves the connection (`grpc::serving`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::Stream;
 use rustls::ServerConfig;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc};
@@ -22,8 +22,8 @@ use crate::telemetry::{Counter, Metrics};
 /// The longest a client may take to complete its handshake.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Handshakes in progress at most; past it, accepting waits for one to end.
-const MAX_HANDSHAKES: usize = 256;
+/// Handshakes in progress at most, per port; past it, accepting waits for one to end.
+pub(crate) const MAX_HANDSHAKES: usize = 256;
 
 /// Which port a connection came to: the configuration it is handshaken with, the counter of
 /// refused handshakes, the name logs give it.
@@ -54,20 +54,6 @@ impl Port {
             Port::Admin => "admin port",
         }
     }
-}
-
-/// The gRPC port's connections whose TLS handshake succeeded, until `stop`.
-pub(crate) fn incoming(
-    listener: TcpListener,
-    tls: Arc<GrpcTls>,
-    metrics: Arc<Metrics>,
-    stop: CancellationToken,
-) -> impl Stream<Item = Result<TlsStream<TcpStream>, std::io::Error>> + Send + 'static {
-    let connections = handshaken(listener, Port::Grpc, tls, metrics, stop);
-    futures_util::stream::unfold(connections, |mut connections| async move {
-        let (conn, _) = connections.recv().await?;
-        Some((Ok(conn), connections))
-    })
 }
 
 /// The connections to `port` on `listener` whose TLS handshake succeeded, with the peer's
@@ -114,23 +100,38 @@ async fn accept(
             },
         };
         let _ = tcp.set_nodelay(true);
-        let acceptor = TlsAcceptor::from(port.server_config(&tls));
-        let (ready, metrics) = (ready.clone(), metrics.clone());
+        let (tls, ready, metrics) = (tls.clone(), ready.clone(), metrics.clone());
         tokio::spawn(async move {
             let _permit = permit;
-            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(conn)) => {
-                    let _ = ready.send((conn, peer)).await;
-                }
-                Ok(Err(e)) => {
-                    port.failures(&metrics).inc();
-                    tracing::debug!(%peer, error = %e, "{name}: TLS handshake refused");
-                }
-                Err(_) => {
-                    port.failures(&metrics).inc();
-                    tracing::debug!(%peer, "{name}: TLS handshake not done within {HANDSHAKE_TIMEOUT:?}");
-                }
+            if let Some(conn) = handshake(port, &tls, &metrics, tcp, peer).await {
+                let _ = ready.send((conn, peer)).await;
             }
         });
+    }
+}
+
+/// `tcp`'s TLS handshake with the configuration `port` serves now, or `None` (counted and
+/// logged) when it fails or takes longer than [`HANDSHAKE_TIMEOUT`].
+pub(crate) async fn handshake(
+    port: Port,
+    tls: &GrpcTls,
+    metrics: &Metrics,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Option<TlsStream<TcpStream>> {
+    let name = port.name();
+    let acceptor = TlsAcceptor::from(port.server_config(tls));
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(conn)) => Some(conn),
+        Ok(Err(e)) => {
+            port.failures(metrics).inc();
+            tracing::debug!(%peer, error = %e, "{name}: TLS handshake refused");
+            None
+        }
+        Err(_) => {
+            port.failures(metrics).inc();
+            tracing::debug!(%peer, "{name}: TLS handshake not done within {HANDSHAKE_TIMEOUT:?}");
+            None
+        }
     }
 }
