@@ -150,7 +150,12 @@ impl App {
             stops.outcomes.clone(),
         );
         let cache = Arc::new(KeyCache::new(stores.keys.clone(), &config.cache));
-        let limiter = limiter::open(&config.redis, config.limits.max_counters, metrics.clone())?;
+        let limiter = limiter::open(
+            &config.redis,
+            config.limits.max_counters,
+            config.grpc.serving_threads(),
+            metrics.clone(),
+        )?;
         let quotas = Arc::new(QuotaCounter::new(stores.quotas.clone(), &config.quota));
         let failures = crate::failure::FailurePolicies::new(
             config.database.failure_mode,

@@ -442,7 +442,8 @@ pub struct GrpcConfig {
     /// `shutdown_timeout` to finish) and the client reconnects; `null` keeps them.
     pub max_connection_age: Option<Dur>,
     /// Threads that serve the port's connections, each a whole connection on one core
-    /// (`grpc::serving`); `null`: one per core the process may use; `0`: the main runtime.
+    /// (`grpc::serving`); `0`: none, the main runtime serves them; `null`: one per core the
+    /// process may use.
     pub serving_threads: Option<usize>,
 }
 
@@ -454,7 +455,7 @@ impl Default for GrpcConfig {
             max_concurrent_streams: 1024,
             max_message_bytes: 4 << 20,
             max_connection_age: None,
-            serving_threads: None,
+            serving_threads: Some(0),
         }
     }
 }
@@ -497,7 +498,7 @@ impl GrpcConfig {
         {
             return Err(InvalidSetting::new(
                 "grpc.serving_threads",
-                "must be at most 256 (null: one per core; 0: the main runtime)",
+                "must be at most 256 (0: none, the main runtime serves; null: one per core)",
             ));
         }
         Ok(())

@@ -362,3 +362,48 @@ async fn two_replicas_share_an_identitys_per_minute_limit_in_redis() {
         delete_redis_keys(&url, &prefix).await;
     }
 }
+
+/// Each gRPC serving thread counts in Redis on a connection of its own, and the rest of
+/// tollgate (`/readyz`) on one more; all of them count in the same windows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_serving_thread_has_its_own_redis_connection_and_all_count_in_one_window() {
+    let redis = PrivateRedis::start().await;
+    let url = redis.url();
+    let tg = Tollgate::start_with(|c| {
+        c.redis.url = Some(SecretUrl(url.clone()));
+        c.grpc.serving_threads = Some(3);
+    })
+    .await;
+    let (key, _) = tg.create_key("lanes", per_minute(6)).await;
+    // One gRPC connection per serving thread (each goes to the one with the fewest open).
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(tg.client().await);
+    }
+    let mut allowed = 0;
+    for _ in 0..3 {
+        for c in &mut clients {
+            let answer = c.check(key_header(&key)).await.unwrap().into_inner();
+            allowed += (answer.status.unwrap().code == 0) as u32;
+        }
+    }
+    assert_eq!(allowed, 6, "nine checks against one limit of six a minute");
+    let ready = reqwest::get(format!("http://{}/readyz", tg.http))
+        .await
+        .unwrap();
+    assert!(ready.status().is_success());
+    let mut admin = redis::Client::open(url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let list: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    // Every client but this one is tollgate's.
+    assert_eq!(list.lines().count() - 1, 4, "{list}");
+    drop(clients);
+    tg.stop().await;
+}

@@ -104,10 +104,24 @@ fn metric(text: &str, name: &str) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_a_client_from_the_ca_with_an_allowed_san_gets_an_answer() {
+    only_allowed_clients_are_answered(Some(0)).await;
+}
+
+/// The same on two serving threads, where each connection is handshaken on its own thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_serving_threads_only_a_client_from_the_ca_with_an_allowed_san_gets_an_answer() {
+    only_allowed_clients_are_answered(Some(2)).await;
+}
+
+async fn only_allowed_clients_are_answered(serving_threads: Option<usize>) {
     let dir = tempfile::tempdir().unwrap();
     let ca = TestCa::new("tollgate test CA");
     let tls = mtls_files(dir.path(), &ca, &[ENVOY_SPIFFE_ID]);
-    let tg = Tollgate::start_with(|c| c.grpc_tls = tls).await;
+    let tg = Tollgate::start_with(|c| {
+        c.grpc_tls = tls;
+        c.grpc.serving_threads = serving_threads;
+    })
+    .await;
     let (key, _) = tg.create_key("k", Limits::default()).await;
     let envoy = ca.client("envoy", &[ENVOY_SPIFFE_ID]);
 

@@ -1,10 +1,13 @@
 //! The gRPC port's connections, each served from its first byte to its last on one core.
 //!
-//! tollgate serves the gRPC port on `grpc.serving_threads` lanes, one per core by default. A lane
-//! is a thread with a single-threaded tokio runtime of its own: a connection's reads, its calls
-//! and its writes all run there, with no hand-offs between threads and no work stealing. On
-//! Envoy's few busy connections those cost a ShouldRateLimit 15–25% of its CPU (BENCHMARKS.md,
-//! "Per-core lanes"). One accept loop hands each new connection to the lane with the fewest
+//! With `grpc.serving_threads` set, tollgate serves the gRPC port on that many lanes (`null`: one
+//! per core). A lane is a thread with a single-threaded tokio runtime of its own: a connection's
+//! reads, its calls and its writes all run there, with no hand-offs between threads and no work
+//! stealing, which cost a ShouldRateLimit 10–30% of its CPU (BENCHMARKS.md, "Per-core serving
+//! threads"). A Check with quotas on SQLite costs 15–40% more on a lane, though: its quota
+//! statement goes to the one SQLite writer, a task of the main runtime, and its answer comes
+//! back, two wake-ups of another thread a Check. So the default is `0`: one lane, a task of the
+//! main runtime, as before lanes. One accept loop hands each new connection to the lane with the fewest
 //! open connections, ties in turn: Envoy opens one connection per worker, and the kernel's
 //! `SO_REUSEPORT` hash would put a two-worker Envoy's two connections on one lane half the time.
 //! With TLS the handshake runs on the lane too, so the connection's socket is the lane's from the
@@ -13,8 +16,7 @@
 //! A socket belongs to the reactor of the runtime that opened it, and the database and Redis
 //! connections a call opens on a lane are shared with every other lane and the main runtime. So
 //! a lane lives until [`Lanes::close`], at the very end of the shutdown, not only until its own
-//! connections end. `grpc.serving_threads: 0` serves every connection on the main runtime
-//! instead, on one lane that is a task of it.
+//! connections end.
 
 use std::io::IoSlice;
 use std::net::SocketAddr;
@@ -44,6 +46,17 @@ pub const MAX_LANES: usize = 256;
 
 /// Connections handed to a lane and not yet taken by it, at most; past it, accepting waits.
 const HANDOFF_QUEUE: usize = 64;
+
+thread_local! {
+    /// The lane this thread serves, on a lane's thread.
+    static LANE: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// The lane whose thread this is: `None` off the lanes' threads (and so always with
+/// `grpc.serving_threads: 0`). What a lane opens for itself (its Redis connection) stays on it.
+pub fn current_lane() -> Option<usize> {
+    LANE.with(|lane| lane.get())
+}
 
 /// How long a lane's runtime may take to end its tasks once the lanes close.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(1);
@@ -143,6 +156,7 @@ impl Lanes {
                 std::thread::Builder::new()
                     .name(format!("tollgate-grpc-{i}"))
                     .spawn(move || {
+                        LANE.with(|lane| lane.set(Some(i)));
                         runtime.block_on(async {
                             lane.await;
                             exit.cancelled().await;

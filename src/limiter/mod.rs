@@ -110,20 +110,23 @@ impl RedisConfig {
     }
 }
 
-/// The window store, chosen once at start: Redis when `redis.url` is set, else this process,
-/// holding at most `max_counters` counters (evictions counted in `metrics`).
+/// The window store, chosen once at start: Redis when `redis.url` is set (with a connection for
+/// each of `lanes` gRPC serving threads), else this process, holding at most `max_counters`
+/// counters (evictions counted in `metrics`).
 /// Redis is not contacted here: if it is down at start, tollgate serves anyway, follows
 /// `redis.failure_mode`, and the connection comes up when Redis does. Must run inside a Tokio
 /// runtime.
 pub fn open(
     config: &RedisConfig,
     max_counters: usize,
+    lanes: usize,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<Arc<dyn WindowLimiter>> {
     Ok(match &config.url {
         Some(url) => {
-            let redis = RedisLimiter::new(url.expose(), &config.key_prefix, config.timeout.0)
-                .with_context(|| format!("cannot use redis.url {url}"))?;
+            let redis =
+                RedisLimiter::for_lanes(url.expose(), &config.key_prefix, config.timeout.0, lanes)
+                    .with_context(|| format!("cannot use redis.url {url}"))?;
             tracing::info!(redis = %url, "rate-limit windows in Redis");
             Arc::new(redis)
         }

@@ -16,10 +16,15 @@
 //! Keys are `<key_prefix>{<counter key>}:<algorithm>:<window s>[:<window start>]`. The counter
 //! key sits in a hash tag, so every key of one counter is in one Redis Cluster slot.
 //!
-//! Connections are multiplexed: one `ConnectionManager` (which reconnects by itself) for a
-//! single node, one async cluster connection (which follows the cluster's slots and reconnects
-//! to nodes) for a cluster. Neither connects at start: tollgate starts while Redis is down and
-//! follows `redis.failure_mode` until it is back. Every call is bounded by `redis.timeout`.
+//! Connections are multiplexed: a `ConnectionManager` (which reconnects by itself) for a
+//! single node, an async cluster connection (which follows the cluster's slots and reconnects
+//! to nodes) for a cluster. Each gRPC serving thread (`grpc::serving`) has one of its own, up to
+//! [`MAX_LANE_CONNECTIONS`], and everything else shares one more: a connection's driver task
+//! runs where it was first used, so a call, its write and its reply all stay on the serving
+//! thread that made it, with no wake-up of another thread. (A cluster connection is shared:
+//! it holds one connection per node already.) None connects at start: tollgate
+//! starts while Redis is down and follows `redis.failure_mode` until it is back. Every call is
+//! bounded by `redis.timeout`.
 
 use std::time::Duration;
 
@@ -41,6 +46,9 @@ const TOKEN_BUCKET: &str = include_str!("token_bucket.lua");
 /// Keys live this much longer than their state matters, for replicas whose clocks are a little
 /// behind (and for tests, whose clocks jump while Redis's runs).
 const EXPIRY_GRACE_MS: i64 = 5000;
+
+/// Serving threads with a Redis connection of their own, at most; more share them in turn.
+pub const MAX_LANE_CONNECTIONS: usize = 16;
 
 /// URL schemes of `redis.url`.
 pub const SCHEMES: &[&str] = &["redis", "rediss", "redis+cluster", "rediss+cluster"];
@@ -113,7 +121,8 @@ enum Conn {
 
 /// Counters in Redis.
 pub struct RedisLimiter {
-    conn: Conn,
+    /// `[0]`: off the serving threads; `[1 + lane % (len - 1)]`: a serving thread's.
+    conns: Box<[Conn]>,
     prefix: String,
     timeout: Duration,
     fixed: Script,
@@ -159,14 +168,51 @@ impl std::fmt::Debug for RedisLimiter {
 }
 
 impl RedisLimiter {
-    /// Sets up the connection without connecting (Redis may be down at start); must run inside
+    /// Sets up one connection without connecting (Redis may be down at start); must run inside
     /// a Tokio runtime. `timeout` bounds every call, connecting included.
     pub fn new(url: &str, key_prefix: &str, timeout: Duration) -> Result<Self, LimiterError> {
+        Self::for_lanes(url, key_prefix, timeout, 0)
+    }
+
+    /// Like [`RedisLimiter::new`], with a connection of its own for each of `lanes` gRPC serving
+    /// threads (at most [`MAX_LANE_CONNECTIONS`]) besides the shared one.
+    pub fn for_lanes(
+        url: &str,
+        key_prefix: &str,
+        timeout: Duration,
+        lanes: usize,
+    ) -> Result<Self, LimiterError> {
         let fail = LimiterError::Config;
         // rediss://: TLS by rustls with the ring provider, trusting the system's roots (or
         // the file named by SSL_CERT_FILE). Err only means a provider is already installed.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let conn = match parse_url(url).map_err(fail)? {
+        let target = parse_url(url).map_err(fail)?;
+        // A cluster connection is one per node already, with its own task: only a single
+        // node's connections are per lane.
+        let lanes = match target {
+            Target::Node(_) => lanes.min(MAX_LANE_CONNECTIONS),
+            Target::Cluster(_) => 0,
+        };
+        let conns = (0..=lanes)
+            .map(|_| Self::connection(&target, timeout))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            conns,
+            prefix: key_prefix.to_string(),
+            timeout,
+            fixed: Script::new(FIXED_WINDOW),
+            sliding: Script::new(SLIDING_WINDOW),
+            bucket: Script::new(TOKEN_BUCKET),
+            fixed_pair: Script::new(&pair_script(FIXED_WINDOW)),
+            sliding_pair: Script::new(&pair_script(SLIDING_WINDOW)),
+            bucket_pair: Script::new(&pair_script(TOKEN_BUCKET)),
+        })
+    }
+
+    /// One connection to `target`, not connected yet.
+    fn connection(target: &Target, timeout: Duration) -> Result<Conn, LimiterError> {
+        let fail = LimiterError::Config;
+        Ok(match target.clone() {
             Target::Node(url) => {
                 let client = redis::Client::open(url).map_err(|e| fail(e.to_string()))?;
                 let config = redis::aio::ConnectionManagerConfig::new()
@@ -190,18 +236,16 @@ impl RedisLimiter {
                     .set_response_timeout(timeout);
                 Conn::Cluster(client.get_pending_async_connection_with_config(config))
             }
-        };
-        Ok(Self {
-            conn,
-            prefix: key_prefix.to_string(),
-            timeout,
-            fixed: Script::new(FIXED_WINDOW),
-            sliding: Script::new(SLIDING_WINDOW),
-            bucket: Script::new(TOKEN_BUCKET),
-            fixed_pair: Script::new(&pair_script(FIXED_WINDOW)),
-            sliding_pair: Script::new(&pair_script(SLIDING_WINDOW)),
-            bucket_pair: Script::new(&pair_script(TOKEN_BUCKET)),
         })
+    }
+
+    /// The connection of the serving thread this runs on, or the shared one.
+    fn conn(&self) -> Conn {
+        let i = match crate::grpc::serving::current_lane() {
+            Some(lane) if self.conns.len() > 1 => 1 + lane % (self.conns.len() - 1),
+            _ => 0,
+        };
+        self.conns[i].clone()
     }
 
     /// The Redis key of `counter`'s state for `rate` at `now_ms`.
@@ -243,7 +287,7 @@ impl RedisLimiter {
             }
             _ => call.arg(rate.window_ms()).arg(now_ms).arg(EXPIRY_GRACE_MS),
         };
-        let conn = self.conn.clone();
+        let conn = self.conn();
         let answer = async move {
             match conn {
                 Conn::Node(mut c) => call.invoke_async::<Vec<i64>>(&mut c).await,
@@ -296,7 +340,7 @@ impl RedisLimiter {
         for a in &a2 {
             call.arg(*a);
         }
-        let conn = self.conn.clone();
+        let conn = self.conn();
         let answer = async move {
             match conn {
                 Conn::Node(mut c) => call.invoke_async::<Vec<Vec<i64>>>(&mut c).await,
@@ -364,7 +408,7 @@ fn field(v: &[i64], i: usize) -> Result<u64, LimiterError> {
 #[async_trait]
 impl WindowLimiter for RedisLimiter {
     async fn ping(&self) -> Result<(), LimiterError> {
-        let conn = self.conn.clone();
+        let conn = self.conn();
         let answer = async move {
             let cmd = redis::cmd("PING");
             match conn {
@@ -401,7 +445,7 @@ impl WindowLimiter for RedisLimiter {
         cost: u64,
         now: DateTime<Utc>,
     ) -> Result<(WindowState, Option<WindowState>), LimiterError> {
-        if matches!(self.conn, Conn::Cluster(_)) || first.1.algorithm != second.1.algorithm {
+        if matches!(self.conns[0], Conn::Cluster(_)) || first.1.algorithm != second.1.algorithm {
             return hit_both_in_steps(self, first, second, cost, now).await;
         }
         let now_ms = now.timestamp_millis();
