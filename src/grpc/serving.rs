@@ -4,7 +4,7 @@
 //! per core). A lane is a thread with a single-threaded tokio runtime of its own: a connection's
 //! reads, its calls and its writes all run there, with no hand-offs between threads and no work
 //! stealing, which cost a ShouldRateLimit 10–30% of its CPU (BENCHMARKS.md, "Per-core serving
-//! threads"). A Check with quotas on SQLite costs 15–40% more on a lane, though: its quota
+//! threads"). A Check with quotas on SQLite costs about a quarter more on a lane, though: its quota
 //! statement goes to the one SQLite writer, a task of the main runtime, and its answer comes
 //! back, two wake-ups of another thread a Check. So the default is `0`: one lane, a task of the
 //! main runtime, as before lanes. One accept loop hands each new connection to the lane with the fewest
