@@ -39,7 +39,7 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 use crate::grpc::coalesce::Coalesced;
 use crate::telemetry::Metrics;
 use crate::tls::GrpcTls;
-use crate::tls::incoming::{MAX_HANDSHAKES, Port, handshake};
+use crate::tls::incoming::{MAX_HANDSHAKES, Port, handshake, next_connection};
 
 /// The most lanes `grpc.serving_threads` may ask for.
 pub const MAX_LANES: usize = 256;
@@ -271,16 +271,7 @@ async fn accept(
         };
         let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors, a connection reset before it was accepted: the
-                    // listener is fine, so wait a moment and go on.
-                    tracing::warn!(error = %e, "gRPC port: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+            accepted = next_connection(&listener, "gRPC port") => accepted,
         };
         let _ = tcp.set_nodelay(true);
         let tcp = match tcp.into_std() {

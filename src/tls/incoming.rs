@@ -88,16 +88,7 @@ async fn accept(
         let (tcp, peer) = tokio::select! {
             _ = stop.cancelled() => return,
             _ = ready.closed() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors, a connection reset before it was accepted: the
-                    // listener is fine, so wait a moment and go on.
-                    tracing::warn!(error = %e, "{name}: accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+            accepted = next_connection(&listener, name) => accepted,
         };
         let _ = tcp.set_nodelay(true);
         let (tls, ready, metrics) = (tls.clone(), ready.clone(), metrics.clone());
@@ -107,6 +98,21 @@ async fn accept(
                 let _ = ready.send((conn, peer)).await;
             }
         });
+    }
+}
+
+/// The next connection `listener` accepts. A failed accept (out of file descriptors, a
+/// connection reset before it was taken) leaves the listener fine: it is logged, and the next
+/// one is tried a moment later.
+pub(crate) async fn next_connection(listener: &TcpListener, name: &str) -> (TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(accepted) => return accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, "{name}: accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
     }
 }
 
