@@ -249,7 +249,8 @@ impl App {
         let shutting_down = Arc::new(AtomicBool::new(false));
         let listener = self.grpc.take().expect("an App runs once");
         lanes.accept(listener, self.stops.serving.clone());
-        let serving_threads = lanes.count();
+        // As configured: 0 is the main runtime (one lane, a task of it), not one thread.
+        let serving_threads = self.config.grpc.serving_threads();
         let mut http_server = tokio::spawn(self.http_server(shutting_down.clone()));
         let mut admin_server = self.admin_server().map(tokio::spawn);
         match &self.tls {

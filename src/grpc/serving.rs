@@ -73,7 +73,6 @@ pub struct Lanes {
     ended: mpsc::Receiver<anyhow::Result<()>>,
     /// Lanes whose server has not ended.
     running: usize,
-    count: usize,
     /// Whether TLS handshakes need a turn (bounded across lanes).
     tls: bool,
     /// Cancelled: every lane's server is dropped (its connections' tasks run on until exit).
@@ -126,7 +125,6 @@ impl Lanes {
             lanes: Vec::with_capacity(count),
             ended,
             running: 0,
-            count,
             tls: tls.is_some(),
             force: CancellationToken::new(),
             exit: CancellationToken::new(),
@@ -177,11 +175,6 @@ impl Lanes {
             .grpc_connections
             .set(lanes.lanes.iter().map(|l| l.open.clone()).collect());
         Ok(lanes)
-    }
-
-    /// How many lanes serve the port.
-    pub fn count(&self) -> usize {
-        self.count
     }
 
     /// Hands `listener`'s connections to the lanes until `stop`.
