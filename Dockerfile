@@ -21,6 +21,7 @@ WORKDIR /src
 # rust-toolchain.toml names clippy and rustfmt too; a build needs neither.
 ENV RUSTUP_TOOLCHAIN=1.95.0 CARGO_INCREMENTAL=0
 COPY Cargo.toml Cargo.lock build.rs rust-toolchain.toml ./
+COPY .cargo .cargo
 COPY tests/harness/Cargo.toml tests/harness/Cargo.toml
 COPY src src
 COPY proto proto

@@ -179,6 +179,22 @@ pub(crate) mod tests {
         }
     }
 
+    /// `.cargo/config.toml` builds SQLite without its memory statistics (a global mutex around
+    /// every allocation): the SQLite this build runs says so itself.
+    #[tokio::test]
+    async fn sqlite_is_built_without_memory_statistics() {
+        let (_dir, store) = migrated_store().await;
+        let options: Vec<String> =
+            sqlx::query_scalar("SELECT compile_options FROM pragma_compile_options")
+                .fetch_all(&store.read)
+                .await
+                .unwrap();
+        assert!(
+            options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"),
+            "{options:?}"
+        );
+    }
+
     /// A migrated store in a temporary directory (kept while the directory lives).
     pub(crate) async fn migrated_store() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().unwrap();
