@@ -57,6 +57,9 @@ pub struct App {
     grpc_addr: SocketAddr,
     http_addr: SocketAddr,
     admin_addr: Option<SocketAddr>,
+    /// `grpc.serving_threads` as resolved once at build (`null` reads the CPU limit): the Redis
+    /// connection count, the lanes and the start log all use this one number.
+    serving_threads: usize,
     stores: Stores,
     cache: Arc<KeyCache>,
     authz: Arc<AuthzService>,
@@ -150,10 +153,11 @@ impl App {
             stops.outcomes.clone(),
         );
         let cache = Arc::new(KeyCache::new(stores.keys.clone(), &config.cache));
+        let serving_threads = config.grpc.serving_threads();
         let limiter = limiter::open(
             &config.redis,
             config.limits.max_counters,
-            config.grpc.serving_threads(),
+            serving_threads,
             metrics.clone(),
         )?;
         let quotas = Arc::new(QuotaCounter::new(stores.quotas.clone(), &config.quota));
@@ -197,6 +201,7 @@ impl App {
             grpc_addr: grpc.local_addr()?,
             http_addr: http.local_addr()?,
             admin_addr: admin.as_ref().map(TcpListener::local_addr).transpose()?,
+            serving_threads,
             grpc: Some(grpc),
             http: Some(http),
             admin,
@@ -250,7 +255,7 @@ impl App {
         let listener = self.grpc.take().expect("an App runs once");
         lanes.accept(listener, self.stops.serving.clone());
         // As configured: 0 is the main runtime (one lane, a task of it), not one thread.
-        let serving_threads = self.config.grpc.serving_threads();
+        let serving_threads = self.serving_threads;
         let mut http_server = tokio::spawn(self.http_server(shutting_down.clone()));
         let mut admin_server = self.admin_server().map(tokio::spawn);
         match &self.tls {
@@ -435,9 +440,13 @@ impl App {
                     .map_err(anyhow::Error::from)
             })
         });
-        let threads = self.config.grpc.serving_threads();
-        Lanes::start(threads, serve, self.tls.clone(), self.metrics.clone())
-            .context("cannot start the gRPC serving threads")
+        Lanes::start(
+            self.serving_threads,
+            serve,
+            self.tls.clone(),
+            self.metrics.clone(),
+        )
+        .context("cannot start the gRPC serving threads")
     }
 
     /// The HTTP port: `/healthz`, `/readyz` and `/metrics`, until [`Stops::serving`].
