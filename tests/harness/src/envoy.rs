@@ -54,11 +54,27 @@ impl Envoy {
 
     /// Like [`Envoy::start`], with each `(from, to)` of `replace` replaced in the config too
     /// (where its certificate files are, say).
+    ///
+    /// Its ports are picked free and then handed to Envoy, so another test can take one in
+    /// between; an Envoy that could not bind is started again on other ports (three tries).
     pub async fn start_with(
         file: &str,
         tollgate_grpc: SocketAddr,
         replace: &[(&str, &str)],
     ) -> Envoy {
+        for attempt in 1..=3 {
+            let mut envoy = Self::spawn(file, tollgate_grpc, replace);
+            match envoy.wait_ready().await {
+                Ok(()) => return envoy,
+                Err(log) if attempt < 3 && log.contains("Address already in use") => continue,
+                Err(log) => panic!("envoy not ready:\n{log}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    /// Envoy on `file` with free ports, not yet ready.
+    fn spawn(file: &str, tollgate_grpc: SocketAddr, replace: &[(&str, &str)]) -> Envoy {
         let dir = tempfile::tempdir().unwrap();
         let source = repository().join("envoy").join(file);
         let (port, upstream, admin_port) = (free_port(), free_port(), free_port());
@@ -97,21 +113,23 @@ impl Envoy {
             .stderr(Stdio::from(log))
             .spawn()
             .expect("envoy starts");
-        let envoy = Envoy {
+        Envoy {
             child,
             port,
             admin_port,
             access_log,
             dir,
-        };
-        envoy.wait_ready().await;
-        envoy
+        }
     }
 
-    async fn wait_ready(&self) {
+    /// Waits up to 30 s for Envoy's admin `/ready`; its log if it exits or is not ready by then.
+    async fn wait_ready(&mut self) -> Result<(), String> {
         let client = http_client();
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(format!("envoy exited ({status}):\n{}", self.log()));
+            }
             let ready = client
                 .get(format!("http://127.0.0.1:{}/ready", self.admin_port))
                 .send()
@@ -119,10 +137,10 @@ impl Envoy {
                 .map(|r| r.status().is_success())
                 .unwrap_or(false);
             if ready {
-                return;
+                return Ok(());
             }
             if Instant::now() > deadline {
-                panic!("envoy not ready after 30s:\n{}", self.log());
+                return Err(format!("not ready after 30s:\n{}", self.log()));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
