@@ -24,8 +24,22 @@ pub struct Replica {
 
 impl Replica {
     /// Starts `tollgate serve` with these environment variables (on top of free ports) and
-    /// waits until `/readyz` answers 200.
+    /// waits until `/readyz` answers 200. The ports are picked free and then handed to the
+    /// process, so another test can take one in between: a tollgate that could not listen is
+    /// started again on other ports (three tries).
     pub async fn spawn(dir: &Path, env: &[(&str, &str)]) -> Replica {
+        for attempt in 1..=3 {
+            let mut replica = Self::start(dir, env);
+            match replica.wait_ready().await {
+                Ok(()) => return replica,
+                Err(log) if attempt < 3 && log.contains("cannot listen on") => continue,
+                Err(log) => panic!("tollgate serve not ready: {log}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    fn start(dir: &Path, env: &[(&str, &str)]) -> Replica {
         let (grpc, http) = (free_port(), free_port());
         let log = dir.join(format!("tollgate-{grpc}.log"));
         let mut cmd = tollgate_command(dir);
@@ -37,28 +51,33 @@ impl Replica {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let replica = Replica {
+        Replica {
             child: cmd.spawn().expect("tollgate serve starts"),
             grpc: format!("http://127.0.0.1:{grpc}"),
             http: format!("http://127.0.0.1:{http}"),
             log,
-        };
-        replica.wait_ready().await;
-        replica
+        }
     }
 
-    async fn wait_ready(&self) {
+    /// Waits up to 20 s for `/readyz`; what the process logged if it exits or is not ready.
+    async fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                return Err(format!("it exited ({status}):\n{log}"));
+            }
             if let Ok(r) = http_client()
                 .get(format!("{}/readyz", self.http))
                 .send()
                 .await
                 && r.status().is_success()
             {
-                return;
+                return Ok(());
             }
-            assert!(Instant::now() < deadline, "tollgate serve not ready in 20s");
+            if Instant::now() > deadline {
+                return Err("not ready in 20s".into());
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
